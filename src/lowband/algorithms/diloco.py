@@ -1,0 +1,111 @@
+"""``diloco``: Distributed Low-Communication training (Douillard et al., arXiv:2311.08105).
+
+Workers train alone for ``H`` inner steps with their own inner optimizer (AdamW in the
+paper), then synchronise once:
+
+1. every rank keeps the global parameters theta_g of the last synchronisation;
+2. after H inner steps, each rank forms its outer gradient (pseudo-gradient)
+   delta_i = theta_g - theta_i;
+3. the outer gradients are all-reduced and averaged: delta = mean_i delta_i;
+4. the outer optimizer (SGD with Nesterov momentum, lr 0.7, momentum 0.9 in the paper)
+   steps theta_g with gradient delta;
+5. every rank copies theta_g into its model and continues; the inner optimizer state is
+   kept across rounds, as in the paper.
+
+Communication drops by a factor of H against data parallel. All ranks apply the same
+outer step to the same averaged delta, so parameters are identical after each round.
+
+Example::
+
+    algo = DiLoCo(model, torch.optim.AdamW(model.parameters(), lr=3e-3), comm,
+                  DiLoCoOptions(inner_steps=20))
+"""
+
+from __future__ import annotations
+
+import contextlib
+from dataclasses import dataclass
+from typing import Any, Iterator
+
+import torch
+
+from lowband.algorithms.base import ALGORITHMS, Algorithm, Options, flatten, views
+
+
+@dataclass(frozen=True)
+class DiLoCoOptions(Options):
+    inner_steps: int = 20  # H: inner steps between synchronisations
+    outer_lr: float = 0.7
+    outer_momentum: float = 0.9
+    nesterov: bool = True
+
+    def __post_init__(self) -> None:
+        if self.inner_steps < 1:
+            raise ValueError(f"inner_steps (H) must be >= 1, got {self.inner_steps}")
+        if self.outer_lr <= 0:
+            raise ValueError(f"outer_lr must be > 0, got {self.outer_lr}")
+        if not 0 <= self.outer_momentum < 1:
+            raise ValueError(f"outer_momentum must be in [0, 1), got {self.outer_momentum}")
+        if self.nesterov and self.outer_momentum == 0:
+            raise ValueError("nesterov needs outer_momentum > 0; set nesterov=False for plain SGD")
+
+
+@ALGORITHMS.register("diloco")
+class DiLoCo(Algorithm):
+    name = "diloco"
+    Options = DiLoCoOptions
+    options: DiLoCoOptions
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        o = self.options
+        self.global_params = [p.detach().clone() for p in self.params]  # theta_g
+        self.outer_optimizer = torch.optim.SGD(self.global_params, lr=o.outer_lr,
+                                               momentum=o.outer_momentum, nesterov=o.nesterov)
+        self.outer_steps = 0
+
+    @torch.no_grad()
+    def after_step(self) -> None:
+        if self.step_count % self.options.inner_steps == 0:
+            self.synchronise()
+
+    @torch.no_grad()
+    def synchronise(self) -> None:
+        """Steps 2-5: outer gradient, average, outer step, copy back."""
+        delta = flatten([g - p for g, p in zip(self.global_params, self.params)])
+        self.comm.all_reduce(delta, average=True, tag="outer")
+        for g, d in zip(self.global_params, views(delta, self.global_params)):
+            g.grad = d
+        self.outer_optimizer.step()
+        self.outer_optimizer.zero_grad(set_to_none=True)
+        for p, g in zip(self.params, self.global_params):
+            p.copy_(g)
+        self.outer_steps += 1
+
+    @contextlib.contextmanager
+    def evaluation_parameters(self) -> Iterator[None]:
+        """The global model of the last synchronisation (what every rank agrees on)."""
+        local = [p.detach().clone() for p in self.params]
+        with torch.no_grad():
+            for p, g in zip(self.params, self.global_params):
+                p.copy_(g)
+        try:
+            yield
+        finally:
+            with torch.no_grad():
+                for p, saved in zip(self.params, local):
+                    p.copy_(saved)
+
+    def state_dict(self) -> dict[str, Any]:
+        return {**super().state_dict(), "outer_steps": self.outer_steps,
+                "global_params": [g.clone() for g in self.global_params],
+                "outer_optimizer": self.outer_optimizer.state_dict()}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        super().load_state_dict(state)
+        self.outer_steps = int(state["outer_steps"])
+        with torch.no_grad():
+            for g, saved in zip(self.global_params, state["global_params"]):
+                g.copy_(saved)
+        self.outer_optimizer.load_state_dict(state["outer_optimizer"])
+

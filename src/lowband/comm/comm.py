@@ -1,0 +1,162 @@
+"""``Comm``: the only code in lowband that talks to torch.distributed.
+
+Every operation runs on one background thread per ``Comm``, in the order it was issued,
+so synchronous and asynchronous collectives keep the same order on every rank (which
+collectives require) and the emulated link is busy with one transfer at a time. Each
+operation:
+
+1. runs the real collective on the process group (gloo on CPU, NCCL on GPU);
+2. when a network is emulated, sleeps until ``end_of_real_op + modelled_cost`` so it
+   completes no earlier than the alpha-beta model allows (:mod:`lowband.net.cost`);
+   the real transfer (loopback, usually milliseconds) is added on top, never hidden;
+3. appends a :class:`~lowband.comm.ledger.Record` with the exact bytes to the ledger.
+
+Synchronous calls block the caller until step 3; ``async_op=True`` returns a
+:class:`Handle` whose ``wait()`` blocks and returns the result, so overlap is real
+wall-clock overlap. Time the caller spends blocked is summed in ``wait_seconds``.
+With ``world_size == 1`` (or no process group) nothing is sent and nothing recorded.
+"""
+
+from __future__ import annotations
+
+import time
+from concurrent.futures import Future, ThreadPoolExecutor
+from typing import Any, Callable
+
+import torch
+import torch.distributed as dist
+
+from lowband.comm.ledger import Ledger, Record
+from lowband.net import cost
+from lowband.net.link import Link, Network
+
+
+class Handle:
+    """An operation in flight; ``wait()`` returns its result (a tensor or list of tensors)."""
+
+    def __init__(self, comm: "Comm", future: Future | None, result: Any = None) -> None:
+        self._comm, self._future, self._result = comm, future, result
+
+    def done(self) -> bool:
+        return self._future is None or self._future.done()
+
+    def wait(self) -> Any:
+        if self._future is not None:
+            started = time.perf_counter()
+            self._result = self._future.result()
+            self._comm.wait_seconds += time.perf_counter() - started
+            self._future = None
+        return self._result
+
+
+class Comm:
+    """Collectives over a process group, charged to a ledger, optionally over an emulated network.
+
+    Example::
+
+        comm = Comm(network=Network.parse("100mbit", "20ms", dist.get_world_size()))
+        comm.all_reduce(grad, average=True, tag="grads")   # in place, blocks
+        h = comm.all_reduce(delta, async_op=True); ...; h.wait()
+    """
+
+    def __init__(self, group: dist.ProcessGroup | None = None, network: Network | None = None) -> None:
+        active = dist.is_available() and dist.is_initialized()
+        self.group = group
+        self.rank = dist.get_rank(group) if active else 0
+        self.world_size = dist.get_world_size(group) if active else 1
+        if network is not None and len(network.links) != self.world_size:
+            raise ValueError(f"network has {len(network.links)} links for {self.world_size} ranks")
+        self.network = network
+        self.link = network.bottleneck() if network is not None else Link()
+        self.ledger = Ledger()
+        self.wait_seconds = 0.0
+        self._pool = ThreadPoolExecutor(1, thread_name_prefix="lowband-comm") if self.world_size > 1 else None
+
+    # -- collectives -------------------------------------------------------------------
+    def all_reduce(self, tensor: torch.Tensor, average: bool = False, async_op: bool = False,
+                   tag: str = "") -> Handle | torch.Tensor:
+        """Sum (or average) ``tensor`` in place across ranks."""
+        def run() -> torch.Tensor:
+            dist.all_reduce(tensor, group=self.group)
+            if average:
+                tensor.div_(self.world_size)
+            return tensor
+
+        transfer = cost.ring_all_reduce(_nbytes(tensor), self.world_size, self.link)
+        return self._submit("all_reduce", tag, _nbytes(tensor), transfer, run, tensor, async_op)
+
+    def all_gather(self, tensor: torch.Tensor, async_op: bool = False, tag: str = "") -> Handle | list[torch.Tensor]:
+        """Every rank's ``tensor`` (same shape on all ranks), in rank order."""
+        out = [torch.empty_like(tensor) for _ in range(self.world_size)]
+
+        def run() -> list[torch.Tensor]:
+            dist.all_gather(out, tensor, group=self.group)
+            return out
+
+        transfer = cost.ring_all_gather(_nbytes(tensor), self.world_size, self.link)
+        return self._submit("all_gather", tag, _nbytes(tensor), transfer, run, [tensor], async_op)
+
+    def broadcast(self, tensor: torch.Tensor, src: int = 0, async_op: bool = False,
+                  tag: str = "") -> Handle | torch.Tensor:
+        """Copy ``src``'s ``tensor`` into every rank's ``tensor``."""
+        def run() -> torch.Tensor:
+            dist.broadcast(tensor, src=src, group=self.group)
+            return tensor
+
+        transfer = cost.tree_broadcast(_nbytes(tensor), self.world_size, self.link, self.rank, src)
+        return self._submit("broadcast", tag, _nbytes(tensor), transfer, run, tensor, async_op)
+
+    def send(self, tensor: torch.Tensor, dst: int, async_op: bool = False, tag: str = "") -> Handle | torch.Tensor:
+        link = self._pair(dst)
+        transfer = cost.point_to_point(_nbytes(tensor), link, sending=True)
+        return self._submit("send", tag, _nbytes(tensor), transfer,
+                            lambda: (dist.send(tensor, dst, group=self.group), tensor)[1], tensor, async_op, peers=2)
+
+    def recv(self, tensor: torch.Tensor, src: int, async_op: bool = False, tag: str = "") -> Handle | torch.Tensor:
+        link = self._pair(src)
+        transfer = cost.point_to_point(_nbytes(tensor), link, sending=False)
+        return self._submit("recv", tag, _nbytes(tensor), transfer,
+                            lambda: (dist.recv(tensor, src, group=self.group), tensor)[1], tensor, async_op, peers=2)
+
+    def barrier(self) -> None:
+        """Wait for every rank (control traffic: not emulated, not charged)."""
+        if self._pool is not None:
+            self._pool.submit(dist.barrier, group=self.group).result()
+
+    def close(self) -> None:
+        if self._pool is not None:
+            self._pool.shutdown(wait=True)
+            self._pool = None
+
+    # -- internals ---------------------------------------------------------------------
+    def _pair(self, peer: int) -> Link:
+        if self.network is None:
+            return Link()
+        return self.network.bottleneck([self.rank, peer])
+
+    def _submit(self, op: str, tag: str, payload: int, transfer: cost.Transfer, run: Callable[[], Any],
+                local_result: Any, async_op: bool, peers: int | None = None) -> Any:
+        if self._pool is None:  # world_size 1: nothing crosses a wire
+            return Handle(self, None, local_result) if async_op else local_result
+        emulate = self.network is not None and self.network.emulated
+
+        def execute() -> Any:
+            start = time.perf_counter()
+            result = run()
+            if emulate:
+                _sleep_until(time.perf_counter() + transfer.seconds)
+            self.ledger.add(Record(op, tag, payload, transfer.sent, transfer.received,
+                                   peers or self.world_size, start, time.perf_counter(), transfer.seconds))
+            return result
+
+        handle = Handle(self, self._pool.submit(execute))
+        return handle if async_op else handle.wait()
+
+
+def _nbytes(tensor: torch.Tensor) -> int:
+    return tensor.numel() * tensor.element_size()
+
+
+def _sleep_until(deadline: float) -> None:
+    while (left := deadline - time.perf_counter()) > 0:
+        time.sleep(left)

@@ -1,0 +1,54 @@
+"""Process-group lifecycle and control-plane agreement (the engine is torch.distributed).
+
+Workers are started by torchrun (or its launcher API, :mod:`lowband.train.launch`), which
+sets RANK, WORLD_SIZE, MASTER_ADDR and MASTER_PORT. Control traffic here (agreeing on a
+run name, barriers) is not charged to the ledger: it is not training communication.
+"""
+
+from __future__ import annotations
+
+import os
+from datetime import timedelta
+from typing import TypeVar
+
+import torch.distributed as dist
+
+T = TypeVar("T")
+
+
+def init_from_env(backend: str = "gloo", timeout_s: float = 300.0) -> tuple[int, int]:
+    """Join the process group torchrun describes in the environment; returns (rank, world_size).
+
+    Without torchrun's variables (a plain ``python`` process) this is a world of one.
+    """
+    world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    if world_size > 1 and not dist.is_initialized():
+        dist.init_process_group(backend, timeout=timedelta(seconds=timeout_s))
+    return rank(), world_size
+
+
+def rank() -> int:
+    return dist.get_rank() if dist.is_initialized() else 0
+
+
+def world_size() -> int:
+    return dist.get_world_size() if dist.is_initialized() else 1
+
+
+def agree(value: T, src: int = 0) -> T:
+    """Every rank gets ``src``'s ``value`` (any picklable object)."""
+    if not dist.is_initialized():
+        return value
+    box = [value]
+    dist.broadcast_object_list(box, src=src)
+    return box[0]
+
+
+def barrier() -> None:
+    if dist.is_initialized():
+        dist.barrier()
+
+
+def shutdown() -> None:
+    if dist.is_initialized():
+        dist.destroy_process_group()

@@ -1,0 +1,135 @@
+"""Training configuration: one frozen dataclass, one argparse parser for every entry point.
+
+``lowband train`` and ``torchrun -m lowband.train`` read the same flags. Values are
+validated on construction; a bad value raises one line saying what is wrong.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Sequence
+
+from lowband.algorithms import ALGORITHMS
+from lowband.net.link import Network
+from lowband.train.data import DATASETS, SHARDINGS
+from lowband.train.models import MODELS
+
+SCHEDULES = ("cosine", "constant")
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """Everything one training run needs; defaults are the main job (`lowband train`)."""
+
+    algos: tuple[str, ...] = ("ddp", "diloco")
+    model: str = "gpt"
+    data: str = "shakespeare"
+    workers: int = 4
+    steps: int = 400
+    batch_size: int = 16
+    lr: float = 3e-3
+    min_lr_ratio: float = 0.1
+    warmup_steps: int = 20
+    schedule: str = "cosine"
+    weight_decay: float = 0.1
+    grad_clip: float = 1.0
+    inner_steps: int = 20
+    outer_lr: float = 0.7
+    outer_momentum: float = 0.9
+    nesterov: bool = True
+    bucket_mb: float = 25.0
+    bandwidth: str = "100mbit"
+    latency: str = "20ms"
+    sharding: str = "iid"
+    seed: int = 0
+    eval_every: int = 25
+    eval_batches: int = 8
+    target_loss: float | None = None
+    threads: int = 1
+    out: str = "runs"
+    name: str | None = None
+    progress: bool = True
+
+    def __post_init__(self) -> None:
+        if not self.algos:
+            raise ValueError("give at least one algorithm with --algo")
+        for algo in self.algos:
+            ALGORITHMS.get(algo)  # raises with the valid names
+        MODELS.get(self.model)
+        if self.data not in DATASETS and not Path(self.data).expanduser().exists():
+            raise ValueError(f"data file not found: {self.data} (or use one of: {', '.join(DATASETS.names())})")
+        positive = ("workers", "steps", "batch_size", "inner_steps", "eval_every", "eval_batches", "threads")
+        for name in positive:
+            if getattr(self, name) < 1:
+                raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(self, name)}")
+        for name in ("lr", "outer_lr", "bucket_mb"):
+            if getattr(self, name) <= 0:
+                raise ValueError(f"--{name.replace('_', '-')} must be > 0, got {getattr(self, name)}")
+        if self.schedule not in SCHEDULES:
+            raise ValueError(f"unknown schedule {self.schedule!r}; choose one of: {', '.join(SCHEDULES)}")
+        if self.sharding not in SHARDINGS:
+            raise ValueError(f"unknown sharding {self.sharding!r}; choose one of: {', '.join(SHARDINGS)}")
+        if not 0 <= self.min_lr_ratio <= 1:
+            raise ValueError(f"--min-lr-ratio must be in [0, 1], got {self.min_lr_ratio}")
+        if self.warmup_steps < 0:
+            raise ValueError(f"--warmup-steps must be >= 0, got {self.warmup_steps}")
+        Network.parse(self.bandwidth, self.latency, self.workers)  # validates units and per-rank lists
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    def options_for(self, options_cls: type) -> Any:
+        """The algorithm's options dataclass, filled from the same-named config fields."""
+        names = {f.name for f in dataclasses.fields(options_cls)}
+        return options_cls(**{k: v for k, v in self.to_dict().items() if k in names})
+
+
+def build_parser(prog: str = "lowband train") -> argparse.ArgumentParser:
+    d = TrainConfig()
+    p = argparse.ArgumentParser(prog=prog, description="Train a model across workers over an emulated slow link.",
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--algo", default=",".join(d.algos),
+                   help=f"comma-separated algorithms, run one after the other: {', '.join(ALGORITHMS.names())}")
+    p.add_argument("--model", default=d.model, help=f"one of: {', '.join(MODELS.names())}")
+    p.add_argument("--data", default=d.data, help="shakespeare, mnist, or a path to a text file or folder")
+    p.add_argument("--workers", type=int, default=d.workers, help="worker processes (ignored under torchrun)")
+    p.add_argument("--steps", type=int, default=d.steps, help="training steps per worker (same token budget for every algorithm)")
+    p.add_argument("--batch-size", type=int, default=d.batch_size, help="sequences (or images) per worker per step")
+    p.add_argument("--lr", type=float, default=d.lr, help="peak (inner) learning rate, AdamW")
+    p.add_argument("--min-lr-ratio", type=float, default=d.min_lr_ratio, help="final lr / peak lr for cosine")
+    p.add_argument("--warmup-steps", type=int, default=d.warmup_steps)
+    p.add_argument("--schedule", default=d.schedule, choices=SCHEDULES)
+    p.add_argument("--weight-decay", type=float, default=d.weight_decay)
+    p.add_argument("--grad-clip", type=float, default=d.grad_clip, help="clip the local gradient norm (0: off)")
+    p.add_argument("--inner-steps", "-H", type=int, default=d.inner_steps, help="DiLoCo: inner steps per round")
+    p.add_argument("--outer-lr", type=float, default=d.outer_lr, help="DiLoCo: outer Nesterov learning rate")
+    p.add_argument("--outer-momentum", type=float, default=d.outer_momentum)
+    p.add_argument("--no-nesterov", dest="nesterov", action="store_false", help="DiLoCo: plain momentum SGD outside")
+    p.add_argument("--bucket-mb", type=float, default=d.bucket_mb, help="DDP: gradient bucket size")
+    p.add_argument("--bandwidth", default=d.bandwidth, help="per-worker link: 100mbit, 1gbit, 12.5MB/s, 'none'; or one per worker, comma-separated")
+    p.add_argument("--latency", default=d.latency, help="per-hop latency: 20ms, 'none'; or one per worker")
+    p.add_argument("--sharding", default=d.sharding, choices=SHARDINGS, help="how ranks split the training data")
+    p.add_argument("--seed", type=int, default=d.seed)
+    p.add_argument("--eval-every", type=int, default=d.eval_every, help="steps between held-out evaluations")
+    p.add_argument("--eval-batches", type=int, default=d.eval_batches)
+    p.add_argument("--target-loss", type=float, default=None, help="validation loss for time-to-target (default: the best loss every algorithm reaches)")
+    p.add_argument("--threads", type=int, default=d.threads, help="torch threads per worker")
+    p.add_argument("--out", default=d.out, help="folder for run folders")
+    p.add_argument("--name", default=None, help="run folder name (default: a timestamp)")
+    p.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bar")
+    return p
+
+
+def config_from_args(argv: Sequence[str] | None = None, prog: str = "lowband train") -> TrainConfig:
+    """Parse flags into a validated :class:`TrainConfig` (errors exit with one line)."""
+    parser = build_parser(prog)
+    ns = vars(parser.parse_args(argv))
+    ns["algos"] = tuple(a.strip() for a in ns.pop("algo").split(",") if a.strip())
+    try:
+        return TrainConfig(**ns)
+    except ValueError as err:
+        parser.error(str(err))
+        raise  # unreachable: parser.error exits

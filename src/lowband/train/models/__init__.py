@@ -1,0 +1,31 @@
+"""Models by name: ``MODELS.get('gpt')(dataset)`` builds a model sized for the dataset."""
+
+from __future__ import annotations
+
+from typing import Callable
+
+from torch import nn
+
+from lowband.registry import Registry
+from lowband.train.data import Dataset
+from lowband.train.models.cnn import CNN
+from lowband.train.models.gpt import GPT, GPTConfig
+
+MODELS: Registry[Callable[[Dataset], nn.Module]] = Registry("model")
+
+
+@MODELS.register("gpt")
+def build_gpt(data: Dataset) -> nn.Module:
+    if data.kind != "text":
+        raise ValueError(f"model 'gpt' needs a text dataset, got {data.name!r} ({data.kind}); try --model cnn")
+    return GPT(GPTConfig(vocab_size=data.vocab_size, block_size=data.block_size))
+
+
+@MODELS.register("cnn")
+def build_cnn(data: Dataset) -> nn.Module:
+    if data.kind != "image":
+        raise ValueError(f"model 'cnn' needs an image dataset, got {data.name!r} ({data.kind}); try --data mnist")
+    return CNN(num_classes=data.vocab_size)
+
+
+__all__ = ["MODELS", "GPT", "GPTConfig", "CNN"]

@@ -1,0 +1,144 @@
+"""The worker: what every rank runs, under torchrun or lowband's own launch.
+
+For each algorithm of the config, in order and from the same seed and token budget:
+
+1. build the model (same initialisation on every rank), AdamW, the lr schedule, a
+   :class:`~lowband.comm.Comm` over the emulated network, and the algorithm;
+2. for each step: draw this rank's batch, forward, backward, ``algo.step()``; time
+   compute and communication apart; append one JSON line to ``<run>/<algo>/rank<r>.jsonl``;
+3. every ``eval_every`` steps evaluate the held-out loss of the model all ranks agree on
+   (evaluation time is kept out of the training clock);
+4. at the end write this rank's ledger, and rank 0 writes the report.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+from torch.distributed.elastic.multiprocessing.errors import record
+
+from lowband.algorithms import ALGORITHMS, Algorithm
+from lowband.comm import Comm, group
+from lowband.net.link import Network
+from lowband.train.config import TrainConfig
+from lowband.train.data import Batch, Dataset, load_dataset
+from lowband.train.metrics import MetricsWriter
+from lowband.train.models import MODELS
+from lowband.train.progress import TrainProgress
+
+
+@record
+def main(cfg: TrainConfig) -> str:
+    """Entry point of one worker; returns the run folder. Rank 0 writes the report."""
+    rank, world_size = group.init_from_env()
+    torch.set_num_threads(cfg.threads)
+    try:
+        data = load_dataset(cfg.data)
+        network = Network.parse(cfg.bandwidth, cfg.latency, world_size)
+        run_dir = Path(cfg.out) / group.agree(cfg.name or time.strftime("%Y%m%d-%H%M%S"))
+        if rank == 0:
+            write_run_info(run_dir, cfg, world_size, network, data)
+        for name in cfg.algos:
+            train_one(cfg, name, data, network, run_dir)
+        group.barrier()
+        if rank == 0:
+            from lowband.bench.report import show_report  # matplotlib: rank 0 only
+
+            show_report(run_dir, cfg.target_loss)
+        return str(run_dir)
+    finally:
+        group.shutdown()
+
+
+def build_model(cfg: TrainConfig, data: Dataset) -> nn.Module:
+    torch.manual_seed(cfg.seed)  # identical initialisation on every rank and for every algorithm
+    return MODELS.get(cfg.model)(data)
+
+
+def lr_lambda(cfg: TrainConfig) -> Any:
+    """Linear warm-up, then cosine decay to ``min_lr_ratio`` (or constant)."""
+    def factor(step: int) -> float:
+        if step < cfg.warmup_steps:
+            return (step + 1) / cfg.warmup_steps
+        if cfg.schedule == "constant":
+            return 1.0
+        progress = (step - cfg.warmup_steps) / max(1, cfg.steps - cfg.warmup_steps)
+        return cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
+    return factor
+
+
+def build_algorithm(cfg: TrainConfig, name: str, model: nn.Module, comm: Comm) -> Algorithm:
+    cls = ALGORITHMS.get(name)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, betas=(0.9, 0.95), weight_decay=cfg.weight_decay)
+    return cls(model, optimizer, comm, cfg.options_for(cls.Options), grad_clip=cfg.grad_clip)
+
+
+@torch.no_grad()
+def evaluate(model: nn.Module, algo: Algorithm, batches: list[Batch]) -> float:
+    model.eval()
+    with algo.evaluation_parameters():
+        losses = [model(x, y)[1].item() for x, y in batches]
+    model.train()
+    return sum(losses) / len(losses)
+
+
+def train_one(cfg: TrainConfig, name: str, data: Dataset, network: Network, run_dir: Path) -> dict[str, Any]:
+    """Train with algorithm ``name`` for ``cfg.steps`` steps; returns this rank's final numbers."""
+    model = build_model(cfg, data)
+    comm = Comm(network=network)
+    rank, world_size = comm.rank, comm.world_size
+    algo = build_algorithm(cfg, name, model, comm)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(algo.optimizer, lr_lambda(cfg))
+    generator = torch.Generator().manual_seed(cfg.seed * 1_000_003 + rank)
+    val_batches = data.val_batches(cfg.batch_size, cfg.eval_batches)
+    tokens_per_step = cfg.batch_size * (data.block_size if data.kind == "text" else 1)
+    clock = 0.0
+    val_loss = float("nan")
+    algo_dir = run_dir / name
+    with MetricsWriter(algo_dir / f"rank{rank}.jsonl") as metrics, \
+            TrainProgress(name, cfg.steps, cfg.progress and rank == 0) as progress:
+        for step in range(1, cfg.steps + 1):
+            started, waited = time.perf_counter(), comm.wait_seconds
+            x, y = data.batch(generator, cfg.batch_size, rank, world_size, cfg.sharding)
+            _, loss = model(x, y)
+            loss.backward()
+            algo.step()
+            algo.zero_grad()
+            scheduler.step()
+            elapsed, comm_s = time.perf_counter() - started, comm.wait_seconds - waited
+            clock += elapsed
+            row: dict[str, Any] = {
+                "step": step, "loss": loss.item(), "tokens": step * tokens_per_step,
+                "bytes_sent": comm.ledger.bytes_sent, "bytes_received": comm.ledger.bytes_received,
+                "compute_s": elapsed - comm_s, "comm_s": comm_s, "time_s": clock,
+                "lr": scheduler.get_last_lr()[0],
+            }
+            if step % cfg.eval_every == 0 or step == cfg.steps:
+                val_loss = row["val_loss"] = evaluate(model, algo, val_batches)
+                progress.evaluation(step, cfg.steps, row["loss"], val_loss, comm.ledger.bytes_sent, clock)
+            metrics.write(row)
+            progress.update(step, row["loss"], comm.ledger.bytes_sent, clock)
+    algo.finish()
+    comm.close()
+    with MetricsWriter(algo_dir / f"ledger_rank{rank}.jsonl") as ledger_out:
+        for rec in comm.ledger.records:
+            ledger_out.write(rec.to_dict())
+    return {"val_loss": val_loss, "bytes_sent": comm.ledger.bytes_sent, "time_s": clock}
+
+
+def write_run_info(run_dir: Path, cfg: TrainConfig, world_size: int, network: Network, data: Dataset) -> None:
+    """``run.json``: the config, world size, network and each algorithm's options."""
+    run_dir.mkdir(parents=True, exist_ok=True)
+    params = sum(p.numel() for p in build_model(cfg, data).parameters())
+    info = {
+        "config": cfg.to_dict(), "world_size": world_size, "network": network.describe(), "params": params,
+        "dataset": {"name": data.name, "kind": data.kind, "vocab_size": data.vocab_size},
+        "algorithms": {a: vars(cfg.options_for(ALGORITHMS.get(a).Options)) for a in cfg.algos},
+    }
+    (run_dir / "run.json").write_text(json.dumps(info, indent=2))

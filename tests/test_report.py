@@ -1,0 +1,206 @@
+"""Summary numbers and report files from small synthetic run folders with known values."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import pytest
+from rich.console import Console
+
+from lowband.bench import load_run, print_summary, summarize, write_report
+from lowband.bench.report import format_seconds, smooth
+
+STEPS = 20
+VAL_STEPS = (5, 10, 15, 20)
+# algorithm -> per-step bytes sent and seconds by rank 0/1, comm s/step, val losses
+SPEC: dict[str, dict[str, Any]] = {
+    "ddp": {"bytes": (1000, 1200), "dt": (1.0, 1.1), "comm": 0.6, "val": (2.5, 2.0, 1.6, 1.5)},
+    "diloco": {"bytes": (100, 120), "dt": (0.5, 0.55), "comm": 0.1, "val": (2.6, 2.1, 1.8, 1.7)},
+}
+
+
+def _records(algo: str, rank: int) -> list[dict[str, Any]]:
+    spec = SPEC[algo]
+    vals = dict(zip(VAL_STEPS, spec["val"]))
+    out = []
+    for step in range(1, STEPS + 1):
+        record = {
+            "step": step, "loss": 3.0 - 0.05 * step + 0.01 * rank, "tokens": 100 * step,
+            "bytes_sent": spec["bytes"][rank] * step, "bytes_received": spec["bytes"][rank] * step,
+            "compute_s": 0.4, "comm_s": spec["comm"], "time_s": spec["dt"][rank] * step,
+        }
+        if step in vals:
+            record["val_loss"] = vals[step]
+        out.append(record)
+    return out
+
+
+def make_run(root: Path, config: dict[str, Any] | None = None) -> Path:
+    """runs/<name> with ddp (baseline) and diloco, 2 ranks each, 20 steps."""
+    run_dir = root / "demo"
+    meta = {
+        "config": {"target_loss": None, "steps": STEPS, "workers": 2, "bandwidth": "100mbit",
+                   "latency": "20ms", "model": "cnn", "data": "digits", **(config or {})},
+        "world_size": 2, "network": "100mbit, 20 ms", "params": 820480,
+        "algorithms": {"ddp": {}, "diloco": {"inner_steps": 20}},
+    }
+    run_dir.mkdir(parents=True)
+    (run_dir / "run.json").write_text(json.dumps(meta))
+    for algo in SPEC:
+        (run_dir / algo).mkdir()
+        for rank in (0, 1):
+            lines = [json.dumps(r) for r in _records(algo, rank)]
+            (run_dir / algo / f"rank{rank}.jsonl").write_text("\n".join(lines) + "\n")
+    return run_dir
+
+
+@pytest.fixture
+def run_dir(tmp_path: Path) -> Path:
+    return make_run(tmp_path)
+
+
+def test_rows_are_exact(run_dir: Path) -> None:
+    summary = summarize(load_run(run_dir))
+    assert [r.name for r in summary.rows] == ["ddp", "diloco"]
+    ddp, diloco = summary.row("ddp"), summary.row("diloco")
+    assert ddp.bytes_sent_per_worker == pytest.approx(22_000)  # mean(20_000, 24_000)
+    assert diloco.bytes_sent_per_worker == pytest.approx(2_200)
+    assert ddp.wall_clock_s == pytest.approx(22.0)  # max over ranks of final time_s
+    assert diloco.wall_clock_s == pytest.approx(11.0)
+    assert ddp.compute_s == pytest.approx(8.0) and ddp.comm_s == pytest.approx(12.0)
+    assert ddp.comm_fraction == pytest.approx(0.6)
+    assert diloco.comm_s == pytest.approx(2.0)
+    # last 10 losses of rank r: mean = 3.0 - 0.05 * 15.5 + 0.01 r; mean over ranks
+    assert ddp.final_train_loss == pytest.approx(2.23)
+    assert ddp.final_val_loss == 1.5 and ddp.best_val_loss == 1.5
+    assert diloco.final_val_loss == 1.7
+    assert ddp.steps == 20 and ddp.tokens == 4_000 and ddp.ranks == 2
+
+
+def test_auto_target_and_ratios(run_dir: Path) -> None:
+    summary = summarize(load_run(run_dir))
+    assert summary.target_auto is True
+    assert summary.target_loss == 1.7  # max(best ddp 1.5, best diloco 1.7)
+    assert summary.baseline == "ddp"
+    ddp, diloco = summary.row("ddp"), summary.row("diloco")
+    assert ddp.time_to_target_s == pytest.approx(15.0)  # first val <= 1.7 is 1.6 at step 15
+    assert ddp.bytes_to_target == pytest.approx(15_000)
+    assert diloco.time_to_target_s == pytest.approx(10.0)  # 1.7 at step 20, 0.5 s/step
+    assert diloco.bytes_to_target == pytest.approx(2_000)
+    ratio = summary.ratio("diloco")
+    assert ratio.bytes_ratio == pytest.approx(10.0)
+    assert ratio.wall_clock_speedup == pytest.approx(2.0)
+    assert ratio.time_to_target_speedup == pytest.approx(1.5)
+    assert ratio.bytes_to_target_ratio == pytest.approx(7.5)
+    assert ratio.val_loss_ratio == pytest.approx(1.7 / 1.5)
+    assert summary.ratio("ddp").bytes_ratio == pytest.approx(1.0)
+
+
+def test_target_from_argument_and_config(tmp_path: Path) -> None:
+    run = load_run(make_run(tmp_path, {"target_loss": 2.0}))
+    summary = summarize(run)
+    assert summary.target_loss == 2.0 and summary.target_auto is False
+    assert summary.row("ddp").time_to_target_s == pytest.approx(10.0)
+    assert summary.row("diloco").time_to_target_s == pytest.approx(7.5)  # 1.8 at step 15
+    assert summarize(run, target_loss=1.6).row("ddp").time_to_target_s == pytest.approx(15.0)
+
+
+def test_target_never_reached_is_none(run_dir: Path) -> None:
+    summary = summarize(load_run(run_dir), target_loss=1.0)
+    assert summary.target_loss == 1.0 and summary.target_auto is False
+    for row in summary.rows:
+        assert row.time_to_target_s is None and row.bytes_to_target is None
+    assert summary.ratio("diloco").time_to_target_speedup is None
+    assert summary.ratio("diloco").bytes_ratio == pytest.approx(10.0)
+
+
+def test_truncated_line_and_missing_rank(run_dir: Path) -> None:
+    (run_dir / "ddp" / "rank1.jsonl").unlink()
+    log = run_dir / "diloco" / "rank1.jsonl"
+    lines = log.read_text().splitlines()[:12]  # crashed after step 12 ...
+    log.write_text("\n".join(lines) + '\n{"step": 13, "loss": 2.3, "tok')  # ... mid-write
+    run = load_run(run_dir)
+    assert [len(r) for r in run.records["ddp"]] == [20, 0]
+    assert [len(r) for r in run.records["diloco"]] == [20, 12]
+    summary = summarize(run)
+    ddp, diloco = summary.row("ddp"), summary.row("diloco")
+    assert ddp.ranks == 1 and ddp.bytes_sent_per_worker == pytest.approx(20_000)
+    assert ddp.wall_clock_s == pytest.approx(20.0)
+    assert diloco.bytes_sent_per_worker == pytest.approx((2_000 + 120 * 12) / 2)
+    assert diloco.wall_clock_s == pytest.approx(10.0)  # rank 0 at 20 s beats rank 1 at 6.6 s
+    assert diloco.tokens == 2_000 + 1_200
+    assert summary.ratio("diloco").bytes_ratio == pytest.approx(20_000 / 1_720)
+
+
+def test_corrupt_middle_line_is_an_error(run_dir: Path) -> None:
+    log = run_dir / "ddp" / "rank0.jsonl"
+    lines = log.read_text().splitlines()
+    lines[3] = "{not json"
+    log.write_text("\n".join(lines) + "\n")
+    with pytest.raises(ValueError, match="rank0.jsonl:4"):
+        load_run(run_dir)
+
+
+def test_missing_files_raise_file_not_found(tmp_path: Path, run_dir: Path) -> None:
+    empty = tmp_path / "nothing"
+    with pytest.raises(FileNotFoundError, match=r"no run\.json in .*nothing") as info:
+        load_run(empty)
+    assert "\n" not in str(info.value)
+    for algo in SPEC:
+        for log in (run_dir / algo).glob("*.jsonl"):
+            log.unlink()
+    with pytest.raises(FileNotFoundError, match=f"no rank logs in {run_dir}"):
+        load_run(run_dir)
+
+
+def test_print_summary_table(run_dir: Path) -> None:
+    console = Console(record=True, width=250)
+    print_summary(summarize(load_run(run_dir)), console=console)
+    text = console.export_text()
+    assert "2 workers" in text and "100mbit, 20 ms" in text and "target loss 1.700 (auto)" in text
+    assert "22.00 kB" in text and "2.20 kB" in text
+    assert "10.0x fewer bytes" in text and "2.0x faster" in text and "1.5x faster to target" in text
+    assert "diloco vs ddp:" in text
+
+
+def test_write_report(run_dir: Path) -> None:
+    out = write_report(run_dir)
+    assert out == run_dir / "report.html"
+    page = out.read_text()
+    assert page.count("data:image/png;base64,") == 3
+    assert "http://" not in page and "https://" not in page and "<link" not in page
+    assert "10.0x fewer bytes" in page and "inner_steps" in page
+    for stem in ("loss_vs_steps", "loss_vs_bytes", "loss_vs_time"):
+        assert (run_dir / f"{stem}.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    data = json.loads((run_dir / "summary.json").read_text())
+    assert {"rows", "ratios", "target_loss", "target_auto", "baseline"} <= set(data)
+    assert data["target_loss"] == 1.7 and data["target_auto"] is True
+    assert [r["name"] for r in data["rows"]] == ["ddp", "diloco"]
+    assert data["rows"][1]["time_to_target_s"] == pytest.approx(10.0)
+    assert data["ratios"][1]["bytes_ratio"] == pytest.approx(10.0)
+    md = (run_dir / "summary.md").read_text().splitlines()
+    assert sum(line.startswith("| ddp |") for line in md) == 1
+    assert sum(line.startswith("| diloco |") for line in md) == 1
+    assert any(line.startswith("|:---|") for line in md)
+
+
+def test_write_report_with_diverged_run_keeps_json_strict(run_dir: Path) -> None:
+    log = run_dir / "diloco" / "rank0.jsonl"
+    records = [json.loads(line) for line in log.read_text().splitlines()]
+    records[-1]["loss"] = float("nan")  # json writes a bare NaN, as a diverged worker would
+    log.write_text("\n".join(json.dumps(r) for r in records) + "\n")
+    write_report(run_dir, target_loss=1.0)
+    data = json.loads((run_dir / "summary.json").read_text(), parse_constant=pytest.fail)
+    assert data["rows"][1]["final_train_loss"] is None
+    assert data["rows"][0]["final_train_loss"] == pytest.approx(2.23)
+    assert data["rows"][0]["time_to_target_s"] is None
+
+
+def test_helpers() -> None:
+    assert smooth([2.0, 2.0, 2.0]) == pytest.approx([2.0, 2.0, 2.0])  # debiased: no pull to 0
+    assert format_seconds(12.34) == "12.3 s"
+    assert format_seconds(245) == "4m 05s"
+    assert format_seconds(3725) == "1h 02m"
+    assert format_seconds(None) == "-"

@@ -1,0 +1,61 @@
+"""Flags, validation and bad input: one clear line, naming the fix."""
+
+from __future__ import annotations
+
+import pytest
+
+from lowband.cli import main as cli_main
+from lowband.train.config import TrainConfig, config_from_args
+from lowband.algorithms.diloco import DiLoCoOptions
+
+
+def test_defaults_are_the_main_job() -> None:
+    cfg = config_from_args([])
+    assert cfg.algos == ("ddp", "diloco")
+    assert (cfg.model, cfg.data, cfg.workers, cfg.bandwidth, cfg.latency) == ("gpt", "shakespeare", 4, "100mbit", "20ms")
+    assert cfg.options_for(DiLoCoOptions) == DiLoCoOptions(inner_steps=20, outer_lr=0.7, outer_momentum=0.9)
+
+
+def test_flags_reach_the_algorithm_options() -> None:
+    cfg = config_from_args(["--algo", "diloco", "-H", "50", "--outer-lr", "0.5", "--no-nesterov"])
+    assert cfg.algos == ("diloco",)
+    assert cfg.options_for(DiLoCoOptions) == DiLoCoOptions(inner_steps=50, outer_lr=0.5, nesterov=False)
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--algo", "dilco"], "unknown algorithm 'dilco'; choose one of: ddp, diloco"),
+    (["--model", "resnet"], "unknown model 'resnet'; choose one of: cnn, gpt"),
+    (["--workers", "0"], "--workers must be >= 1, got 0"),
+    (["--inner-steps", "0"], "--inner-steps must be >= 1, got 0"),
+    (["--bandwidth=-5mbit"], "cannot read bandwidth '-5mbit'"),
+    (["--bandwidth", "0mbit"], "bandwidth must be positive"),
+    (["--bandwidth", "fast"], "cannot read bandwidth 'fast': use a number and one of"),
+    (["--bandwidth", "1gbit,1gbit,1gbit"], "--bandwidth lists 3 values for 4 workers"),
+    (["--latency", "20 parsecs"], "cannot read latency"),
+])
+def test_bad_flags_fail_with_one_line(argv: list[str], message: str, capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as exit_info:
+        config_from_args(argv)
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert message in err
+
+
+def test_options_are_validated_on_construction() -> None:
+    with pytest.raises(ValueError, match="inner_steps"):
+        DiLoCoOptions(inner_steps=0)
+    with pytest.raises(ValueError, match="nesterov needs outer_momentum > 0"):
+        DiLoCoOptions(outer_momentum=0.0)
+    with pytest.raises(ValueError, match="--steps must be >= 1"):
+        TrainConfig(steps=0)
+
+
+def test_cli_unknown_command_lists_commands(capsys: pytest.CaptureFixture[str]) -> None:
+    assert cli_main(["trian"]) == 2
+    assert "unknown command 'trian'; choose one of: report, train" in capsys.readouterr().err
+
+
+def test_cli_report_on_missing_folder_names_it(tmp_path, capsys: pytest.CaptureFixture[str]) -> None:
+    missing = tmp_path / "nope"
+    assert cli_main(["report", str(missing)]) == 1
+    assert str(missing) in capsys.readouterr().err
