@@ -12,7 +12,7 @@ from __future__ import annotations
 import re
 
 _NUMBER = r"([0-9]*\.?[0-9]+(?:[eE][-+]?[0-9]+)?)"
-_DISABLED = {"none", "off", "inf", "unlimited", ""}
+_DISABLED = {"none", "off", "inf", "unlimited"}
 
 _BANDWIDTH = {  # -> bytes per second per unit
     "bit": 1 / 8, "kbit": 1e3 / 8, "mbit": 1e6 / 8, "gbit": 1e9 / 8, "tbit": 1e12 / 8,
@@ -31,7 +31,8 @@ def _parse(text: str, table: dict[str, float], what: str, example: str, allow_ze
         )
     value = float(match.group(1)) * table[match.group(2)]
     if value < 0 or (value == 0 and not allow_zero):
-        raise ValueError(f"{what} must be positive, got {text!r} (use 'none' to disable)")
+        hint = " (use 'none' to disable)" if what != "size" else ""
+        raise ValueError(f"{what} must be positive, got {text!r}{hint}")
     return value
 
 
@@ -44,7 +45,7 @@ def parse_bandwidth(text: str) -> float | None:
 
 def parse_latency(text: str) -> float:
     """``'20ms'`` -> 0.02 seconds; ``'none'`` and ``'0'`` -> 0.0."""
-    if text.strip().lower() in _DISABLED | {"0"}:
+    if text.strip().lower() in _DISABLED | {"0", ""}:
         return 0.0
     return _parse(text, _TIME, "latency", "20ms", allow_zero=True)
 

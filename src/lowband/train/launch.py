@@ -8,7 +8,6 @@ restarts. ``fn`` must be importable (a module-level function). A failed worker s
 
 from __future__ import annotations
 
-import os
 import uuid
 from typing import Any, Callable
 
@@ -29,7 +28,6 @@ def launch(fn: Callable[..., Any], nprocs: int, *args: Any) -> dict[int, Any]:
         rdzv_backend="c10d", rdzv_endpoint="localhost:0", rdzv_configs={"timeout": 120},
         max_restarts=0, monitor_interval=0.1, start_method="spawn",
     )
-    os.environ.setdefault("OMP_NUM_THREADS", "1")
     try:
         return elastic_launch(config, fn)(*args)
     except ChildFailedError as err:
