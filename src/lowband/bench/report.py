@@ -180,7 +180,7 @@ def show_report(run_dir: Path | str, target_loss: float | None = None, console: 
     html_path, summary = _write(Path(run_dir), target_loss)
     from rich.console import Console
 
-    console = console or Console()
+    console = console or Console(soft_wrap=True)
     print_summary(summary, console)
     console.print(f"report: {html_path}", highlight=False)
     return html_path
