@@ -13,6 +13,8 @@ The CLI and configs resolve names through a registry, never through if/elif chai
 
 from __future__ import annotations
 
+import importlib
+import pkgutil
 from typing import Callable, Generic, Iterator, TypeVar
 
 T = TypeVar("T")
@@ -52,3 +54,12 @@ class Registry(Generic[T]):
 
     def __iter__(self) -> Iterator[str]:
         return iter(self.names())
+
+
+def import_submodules(package: str, path: list[str]) -> None:
+    """Import every module of a package so that each registers itself (one algorithm per file).
+
+    Called from a package's ``__init__``: ``import_submodules(__name__, __path__)``.
+    """
+    for module in pkgutil.iter_modules(path):
+        importlib.import_module(f"{package}.{module.name}")

@@ -1,6 +1,8 @@
-"""How and when workers synchronise. Importing this package registers every algorithm."""
+"""How and when workers synchronise. Every module of this package registers itself in ALGORITHMS."""
 
-from lowband.algorithms import ddp, diloco  # noqa: F401  (registration)
-from lowband.algorithms.base import ALGORITHMS, Algorithm, Options
+from lowband.algorithms.base import ALGORITHMS, Algorithm, Options, SyncOptions
+from lowband.registry import import_submodules
 
-__all__ = ["ALGORITHMS", "Algorithm", "Options"]
+import_submodules(__name__, __path__)
+
+__all__ = ["ALGORITHMS", "Algorithm", "Options", "SyncOptions"]

@@ -25,12 +25,33 @@ import torch
 from torch import nn
 
 from lowband.comm import Comm
+from lowband.comm.aggregate import Aggregator
+from lowband.compress import COMPRESSORS, build, parse_spec
+from lowband.feedback import FEEDBACK
 from lowband.registry import Registry
 
 
 @dataclass(frozen=True)
 class Options:
     """Base for algorithm options: frozen, validated in ``__post_init__``."""
+
+
+@dataclass(frozen=True)
+class SyncOptions(Options):
+    """Options of an algorithm that averages tensors through an :class:`Aggregator`."""
+
+    compress: str = "identity"  # a compressor spec: 'topk:ratio=0.01', 'powersgd:rank=2'
+    feedback: str = "none"  # 'none', 'ef', ...
+    small_numel: int = 4096  # tensors smaller than this are bucketed together before compressing
+    bucket_mb: float = 25.0  # largest single collective
+
+    def __post_init__(self) -> None:
+        parse_spec(self.compress, COMPRESSORS)  # raises with the valid names and options
+        parse_spec(self.feedback, FEEDBACK)
+        if self.small_numel < 0:
+            raise ValueError(f"small_numel must be >= 0, got {self.small_numel}")
+        if self.bucket_mb <= 0:
+            raise ValueError(f"bucket_mb must be > 0, got {self.bucket_mb}")
 
 
 class Algorithm:
@@ -44,7 +65,8 @@ class Algorithm:
         self.model, self.optimizer, self.comm = model, optimizer, comm
         self.options = options if options is not None else type(self).Options()
         self.grad_clip = grad_clip
-        self.params = [p for p in model.parameters() if p.requires_grad]
+        self.named_params = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+        self.params = [p for _, p in self.named_params]
         self.step_count = 0
         self.broadcast_parameters()
 
@@ -83,6 +105,13 @@ class Algorithm:
         self.step_count = int(state["step_count"])
 
     # -- helpers ------------------------------------------------------------------------
+    def build_aggregator(self, tag: str) -> Aggregator:
+        """The compress/feedback pipeline of this algorithm's :class:`SyncOptions`."""
+        o = self.options
+        assert isinstance(o, SyncOptions), f"{type(self).__name__} options do not configure compression"
+        return Aggregator(self.comm, build(o.compress, COMPRESSORS), build(o.feedback, FEEDBACK), tag=tag,
+                          small_numel=o.small_numel, bucket_mb=o.bucket_mb)
+
     @torch.no_grad()
     def broadcast_parameters(self) -> None:
         """Start every rank from rank 0's parameters and buffers (as torch DDP does)."""

@@ -4,8 +4,9 @@ Li et al., "PyTorch Distributed: Experiences on Accelerating Data Parallel Train
 (VLDB 2020, arXiv:2006.15704). Each step:
 
 1. every rank computes gradients on its own batch;
-2. gradients are packed into buckets of at most ``bucket_mb`` megabytes and all-reduced
-   (sum), then divided by the world size, so every rank holds the average gradient;
+2. gradients are averaged across ranks through the aggregator: uncompressed (fp32,
+   one all-reduce per ``bucket_mb`` megabytes) by default, or any compressor with error
+   feedback (``DDPOptions(compress="topk:ratio=0.01", feedback="ef")``);
 3. every rank applies the same inner optimizer step, so parameters stay identical.
 
 Example::
@@ -16,19 +17,16 @@ Example::
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 
-from lowband.algorithms.base import ALGORITHMS, Algorithm, Options, flatten, unflatten_into
+from lowband.algorithms.base import ALGORITHMS, Algorithm, SyncOptions
 
 
 @dataclass(frozen=True)
-class DDPOptions(Options):
-    bucket_mb: float = 25.0  # as torch DDP's bucket_cap_mb
-
-    def __post_init__(self) -> None:
-        if self.bucket_mb <= 0:
-            raise ValueError(f"bucket_mb must be > 0, got {self.bucket_mb}")
+class DDPOptions(SyncOptions):
+    """``compress``/``feedback`` choose what the gradients become on the wire (default: fp32)."""
 
 
 @ALGORITHMS.register("ddp")
@@ -37,28 +35,22 @@ class DDP(Algorithm):
     Options = DDPOptions
     options: DDPOptions
 
-    def _buckets(self) -> list[list[torch.Tensor]]:
-        """Gradients grouped into buckets of at most ``bucket_mb`` (same dtype per bucket)."""
-        limit = self.options.bucket_mb * 1e6
-        buckets: list[list[torch.Tensor]] = []
-        size = 0.0
-        for p in self.params:
-            if p.grad is None:
-                p.grad = torch.zeros_like(p)
-            grad = p.grad
-            nbytes = grad.numel() * grad.element_size()
-            if not buckets or size + nbytes > limit or grad.dtype != buckets[-1][0].dtype:
-                buckets.append([])
-                size = 0
-            buckets[-1].append(grad)
-            size += nbytes
-        return buckets
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.aggregator = self.build_aggregator("grads")
 
     @torch.no_grad()
     def reduce_gradients(self) -> None:
-        if self.comm.world_size == 1:
-            return
-        for bucket in self._buckets():
-            flat = flatten(bucket)
-            self.comm.all_reduce(flat, average=True, tag="grads")
-            unflatten_into(flat, bucket)
+        for _, p in self.named_params:
+            if p.grad is None:
+                p.grad = torch.zeros_like(p)
+        self.aggregator.mean_([(name, p.grad) for name, p in self.named_params])
+
+    def state_dict(self) -> dict[str, Any]:
+        return {**super().state_dict(), "compressor": self.aggregator.compressor.state_dict(),
+                "feedback": self.aggregator.feedback.state_dict()}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        super().load_state_dict(state)
+        self.aggregator.compressor.load_state_dict(state["compressor"])
+        self.aggregator.feedback.load_state_dict(state["feedback"])

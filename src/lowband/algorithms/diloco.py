@@ -6,7 +6,8 @@ paper), then synchronise once:
 1. every rank keeps the global parameters theta_g of the last synchronisation;
 2. after H inner steps, each rank forms its outer gradient (pseudo-gradient)
    delta_i = theta_g - theta_i;
-3. the outer gradients are all-reduced and averaged: delta = mean_i delta_i;
+3. the outer gradients are averaged over ranks: delta = mean_i delta_i (all-reduced in
+   fp32, or through any compressor with error feedback: ``compress="qsgd:bits=4"``);
 4. the outer optimizer (SGD with Nesterov momentum, lr 0.7, momentum 0.9 in the paper)
    steps theta_g with gradient delta;
 5. every rank copies theta_g into its model and continues; the inner optimizer state is
@@ -29,17 +30,20 @@ from typing import Any, Iterator
 
 import torch
 
-from lowband.algorithms.base import ALGORITHMS, Algorithm, Options, flatten, views
+from lowband.algorithms.base import ALGORITHMS, Algorithm, SyncOptions
 
 
 @dataclass(frozen=True)
-class DiLoCoOptions(Options):
+class DiLoCoOptions(SyncOptions):
+    """``compress``/``feedback`` apply to the outer gradient (``compress="qsgd:bits=4"``)."""
+
     inner_steps: int = 20  # H: inner steps between synchronisations
     outer_lr: float = 0.7
     outer_momentum: float = 0.9
     nesterov: bool = True
 
     def __post_init__(self) -> None:
+        super().__post_init__()
         if self.inner_steps < 1:
             raise ValueError(f"inner_steps (H) must be >= 1, got {self.inner_steps}")
         if self.outer_lr <= 0:
@@ -63,6 +67,7 @@ class DiLoCo(Algorithm):
         self.outer_optimizer = torch.optim.SGD(self.global_params, lr=o.outer_lr,
                                                momentum=o.outer_momentum, nesterov=o.nesterov)
         self.outer_steps = 0
+        self.aggregator = self.build_aggregator("outer")
 
     @torch.no_grad()
     def after_step(self) -> None:
@@ -72,9 +77,9 @@ class DiLoCo(Algorithm):
     @torch.no_grad()
     def synchronise(self) -> None:
         """Steps 2-5: outer gradient, average, outer step, copy back."""
-        delta = flatten([g - p for g, p in zip(self.global_params, self.params)])
-        self.comm.all_reduce(delta, average=True, tag="outer")
-        for g, d in zip(self.global_params, views(delta, self.global_params)):
+        deltas = [(name, g - p) for (name, p), g in zip(self.named_params, self.global_params)]
+        self.aggregator.mean_(deltas)
+        for g, (_, d) in zip(self.global_params, deltas):
             g.grad = d
         self.outer_optimizer.step()
         self.outer_optimizer.zero_grad(set_to_none=True)
@@ -99,7 +104,9 @@ class DiLoCo(Algorithm):
     def state_dict(self) -> dict[str, Any]:
         return {**super().state_dict(), "outer_steps": self.outer_steps,
                 "global_params": [g.clone() for g in self.global_params],
-                "outer_optimizer": self.outer_optimizer.state_dict()}
+                "outer_optimizer": self.outer_optimizer.state_dict(),
+                "compressor": self.aggregator.compressor.state_dict(),
+                "feedback": self.aggregator.feedback.state_dict()}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         super().load_state_dict(state)
@@ -108,4 +115,6 @@ class DiLoCo(Algorithm):
             for g, saved in zip(self.global_params, state["global_params"]):
                 g.copy_(saved)
         self.outer_optimizer.load_state_dict(state["outer_optimizer"])
+        self.aggregator.compressor.load_state_dict(state["compressor"])
+        self.aggregator.feedback.load_state_dict(state["feedback"])
 

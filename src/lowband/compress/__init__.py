@@ -1,8 +1,12 @@
-"""What a tensor becomes on the wire. Pure: no process group inside (issue #3 fills this layer).
+"""What a tensor becomes on the wire. Pure: no process group inside.
 
-Contract (see ``shared/DESIGN.md``): a ``Compressor`` has ``encode(x) -> Payload`` and
-``decode(payload) -> Tensor``; a ``Payload`` holds the tensors that cross the wire and a
-local context that never does, and its ``nbytes`` is the exact byte count the ledger
-charges. Each compressor declares whether payloads can be summed in an all-reduce or must
-be all-gathered; compressors register by name in a ``lowband.registry.Registry``.
+Every module of this package is imported here and registers its compressors in
+``COMPRESSORS`` (one family per file); see :mod:`lowband.compress.base` for the contract.
 """
+
+from lowband.compress.base import COMPRESSORS, Compressor, CompressorOptions, Payload, build, parse_spec
+from lowband.registry import import_submodules
+
+import_submodules(__name__, __path__)
+
+__all__ = ["COMPRESSORS", "Compressor", "CompressorOptions", "Payload", "build", "parse_spec"]

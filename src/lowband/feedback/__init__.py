@@ -1,6 +1,8 @@
-"""What a worker remembers between rounds: error feedback (issue #3 fills this layer).
+"""What a worker remembers between rounds: error feedback. Every module registers itself in FEEDBACK."""
 
-Contract: ``compensate(name, x) -> x'`` before encoding and ``update(name, x', decoded)``
-after; state keyed by parameter name so it survives re-bucketing, checkpoints and
-membership changes, and saved by ``state_dict()``.
-"""
+from lowband.feedback.base import FEEDBACK, Feedback, FeedbackOptions
+from lowband.registry import import_submodules
+
+import_submodules(__name__, __path__)
+
+__all__ = ["FEEDBACK", "Feedback", "FeedbackOptions"]

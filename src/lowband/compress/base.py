@@ -1,0 +1,138 @@
+"""The compressor contract: what a tensor becomes on the wire, and back. Pure: never communicates.
+
+A compressor turns a tensor into a :class:`Payload` — the tensors that cross the wire
+plus a local context that never does (shape, dtype: what every receiver knows already) —
+and decodes payloads back. Its ``nbytes`` is the exact byte count the ledger charges.
+
+Two kinds, declared by ``summable``:
+
+* summable (fp16, PowerSGD factors, shared-seed random-k): payloads of all ranks can be
+  summed element-wise by an all-reduce and ``decode(sum of payloads) == sum of decodes``;
+* not summable (top-k, sign, QSGD): every rank's payload is all-gathered and decoded one
+  by one.
+
+Multi-round compressors (PowerSGD) override :meth:`Compressor.exchange`, a generator that
+yields one payload per communication round and receives the reduced result; the caller
+(:class:`lowband.comm.aggregate.Aggregator`) does the communicating.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from abc import ABC, abstractmethod
+from dataclasses import dataclass
+from typing import Any, ClassVar, Generator, Union
+
+import torch
+
+from lowband.registry import Registry
+
+
+@dataclass
+class Payload:
+    """``tensors`` cross the wire; ``ctx`` stays local (it must not depend on the rank's data)."""
+
+    tensors: list[torch.Tensor]
+    ctx: Any = None
+
+    @property
+    def nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in self.tensors)
+
+
+@dataclass(frozen=True)
+class CompressorOptions:
+    """Base for compressor options (frozen, validated in ``__post_init__``)."""
+
+
+Received = Union[Payload, list[Payload]]  # the summed payload, or every rank's payload in rank order
+Exchange = Generator[Payload, Received, tuple[torch.Tensor, torch.Tensor]]
+
+
+class Compressor(ABC):
+    """Base class. Subclasses set ``name``, ``summable``, ``Options`` and register in COMPRESSORS."""
+
+    name: ClassVar[str] = ""
+    summable: ClassVar[bool] = False
+    Options: ClassVar[type[CompressorOptions]] = CompressorOptions
+
+    def __init__(self, options: CompressorOptions | None = None) -> None:
+        self.options = options if options is not None else type(self).Options()
+
+    @abstractmethod
+    def encode(self, x: torch.Tensor, key: str) -> Payload:
+        """Compress ``x`` (any shape, float dtype); ``key`` names the tensor (state is kept per key)."""
+
+    @abstractmethod
+    def decode(self, payload: Payload) -> torch.Tensor:
+        """The tensor a payload stands for (shape and dtype of the encoded input)."""
+
+    def exchange(self, x: torch.Tensor, key: str, world_size: int) -> Exchange:
+        """Rounds of communication for one tensor; returns (mean over ranks, own decoded).
+
+        Single round by default. Summable: encode x / n, so the summed payload decodes to
+        the mean (and fp16 sums cannot overflow where fp32 would not). Otherwise: decode
+        every rank's payload and average.
+        """
+        if self.summable:
+            own = self.encode(x / world_size, key)
+            summed = yield own
+            assert isinstance(summed, Payload)
+            return self.decode(summed), self.decode(own) * world_size
+        own = self.encode(x, key)
+        everyone = yield own
+        assert isinstance(everyone, list)
+        decoded = [self.decode(p) for p in everyone]
+        return torch.stack(decoded).mean(0), self.decode(own)
+
+    def state_dict(self) -> dict[str, Any]:
+        return {}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        pass
+
+
+COMPRESSORS: Registry[type[Compressor]] = Registry("compressor")
+
+
+def parse_spec(spec: str, registry: Registry[Any]) -> tuple[type, dict[str, Any]]:
+    """``'powersgd:rank=2,warmup=10'`` -> (PowerSGD class, {'rank': 2, 'warmup': 10}).
+
+    Values are converted to the type of the options field of the same name; unknown
+    options fail with the valid ones.
+    """
+    name, _, rest = spec.partition(":")
+    cls = registry.get(name.strip())
+    fields = {f.name: f for f in dataclasses.fields(cls.Options)}
+    kwargs: dict[str, Any] = {}
+    for item in filter(None, (part.strip() for part in rest.split(","))):
+        key, eq, value = item.partition("=")
+        key = key.strip()
+        if not eq or key not in fields:
+            valid = ", ".join(fields) or "none"
+            raise ValueError(f"{registry.kind} {name!r}: cannot read option {item!r}; options are: {valid}")
+        kwargs[key] = _convert(value.strip(), fields[key].type, f"{name}:{key}")
+    return cls, kwargs
+
+
+def _convert(value: str, annotation: Any, where: str) -> Any:
+    kind = str(annotation)
+    try:
+        if "bool" in kind:
+            if value.lower() not in ("true", "false", "1", "0", "yes", "no"):
+                raise ValueError(value)
+            return value.lower() in ("true", "1", "yes")
+        if "int" in kind and "float" not in kind:
+            return int(value)
+        if "float" in kind:
+            return float(value)
+    except ValueError:
+        raise ValueError(f"{where} must be a {kind}, got {value!r}") from None
+    return value
+
+
+def build(spec: str, registry: Registry[Any]) -> Any:
+    """An instance from a spec string (``'qsgd:bits=4'``), options validated on construction."""
+    cls, kwargs = parse_spec(spec, registry)
+    return cls(cls.Options(**kwargs))
+

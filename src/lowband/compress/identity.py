@@ -1,0 +1,19 @@
+"""``identity``: no compression (fp32 on the wire). The reference every compressor is measured against."""
+
+from __future__ import annotations
+
+import torch
+
+from lowband.compress.base import COMPRESSORS, Compressor, Payload
+
+
+@COMPRESSORS.register("identity")
+class Identity(Compressor):
+    name = "identity"
+    summable = True
+
+    def encode(self, x: torch.Tensor, key: str) -> Payload:
+        return Payload([x.contiguous()], ctx=x.shape)
+
+    def decode(self, payload: Payload) -> torch.Tensor:
+        return payload.tensors[0].view(payload.ctx)
