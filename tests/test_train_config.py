@@ -6,20 +6,31 @@ import pytest
 
 from lowband.cli import main as cli_main
 from lowband.train.config import TrainConfig, config_from_args
+from lowband.algorithms.ddp import DDPOptions
 from lowband.algorithms.diloco import DiLoCoOptions
+from lowband.train.config import Variant
 
 
 def test_defaults_are_the_main_job() -> None:
     cfg = config_from_args([])
     assert cfg.algos == ("ddp", "diloco")
     assert (cfg.model, cfg.data, cfg.workers, cfg.bandwidth, cfg.latency) == ("gpt", "shakespeare", 4, "100mbit", "20ms")
-    assert cfg.options_for(DiLoCoOptions) == DiLoCoOptions(inner_steps=20, outer_lr=0.7, outer_momentum=0.9)
+    assert cfg.variants() == [Variant("ddp"), Variant("diloco")]
+    assert cfg.options_for(Variant("diloco")) == DiLoCoOptions(inner_steps=20, outer_lr=0.7, outer_momentum=0.9)
 
 
 def test_flags_reach_the_algorithm_options() -> None:
     cfg = config_from_args(["--algo", "diloco", "-H", "50", "--outer-lr", "0.5", "--no-nesterov"])
     assert cfg.algos == ("diloco",)
-    assert cfg.options_for(DiLoCoOptions) == DiLoCoOptions(inner_steps=50, outer_lr=0.5, nesterov=False)
+    assert cfg.options_for(Variant("diloco")) == DiLoCoOptions(inner_steps=50, outer_lr=0.5, nesterov=False)
+
+
+def test_compressors_and_feedback_make_variants_with_labels() -> None:
+    cfg = config_from_args(["--algo", "ddp", "--compress", "identity;fp16;bf16", "--feedback", "none;ef"])
+    labels = [v.label for v in cfg.variants()]
+    assert labels == ["ddp", "ddp+fp16", "ddp+fp16+ef", "ddp+bf16", "ddp+bf16+ef"]
+    assert cfg.options_for(cfg.variants()[2]) == DDPOptions(compress="fp16", feedback="ef")
+    assert Variant("diloco", "qsgd:bits=4,seed=1", "ef").folder == "diloco+qsgd-bits=4_seed=1+ef"
 
 
 @pytest.mark.parametrize("argv, message", [
@@ -32,6 +43,9 @@ def test_flags_reach_the_algorithm_options() -> None:
     (["--bandwidth", "fast"], "cannot read bandwidth 'fast': use a number and one of"),
     (["--bandwidth", "1gbit,1gbit,1gbit"], "--bandwidth lists 3 values for 4 workers"),
     (["--latency", "20 parsecs"], "cannot read latency"),
+    (["--compress", "zip"], "unknown compressor 'zip'; choose one of:"),
+    (["--compress", "fp16:level=3"], "compressor 'fp16': cannot read option 'level=3'; options are: none"),
+    (["--feedback", "ef3"], "unknown feedback 'ef3'; choose one of:"),
 ])
 def test_bad_flags_fail_with_one_line(argv: list[str], message: str, capsys: pytest.CaptureFixture[str]) -> None:
     with pytest.raises(SystemExit) as exit_info:

@@ -32,11 +32,11 @@ if TYPE_CHECKING:
     from rich.console import Console
 
 HEADERS = (
-    "algorithm", "final train loss", "final val loss", "bytes sent/worker", "wall-clock",
+    "algorithm", "final train loss", "final val loss", "bytes sent/worker", "bytes/step", "wall-clock",
     "compute s", "comm s", "time to target", "bytes to target", "vs baseline",
 )
 CONSOLE_HEADERS = (  # HEADERS without "vs baseline", folded to fit 80 columns
-    "algo", "train\nloss", "val\nloss", "sent/\nworker", "wall-\nclock", "compute\ns",
+    "algo", "train\nloss", "val\nloss", "sent/\nworker", "bytes/\nstep", "wall-\nclock", "compute\ns",
     "comm\ns", "time to\ntarget", "bytes to\ntarget",
 )
 PLOTS = (  # (file stem, record key for x, axis label)
@@ -106,6 +106,7 @@ def table_rows(summary: Summary) -> list[list[str]]:
             format_loss(row.final_train_loss),
             format_loss(row.final_val_loss),
             format_bytes(row.bytes_sent_per_worker),
+            format_bytes(row.bytes_sent_per_worker / max(row.steps, 1)),
             format_seconds(row.wall_clock_s),
             f"{row.compute_s:.1f}",
             f"{row.comm_s:.1f}",

@@ -4,7 +4,9 @@ A run folder looks like::
 
     runs/<name>/run.json                 {"config": {...}, "world_size": 4, "network": "...",
                                           "params": 820480, "algorithms": {"ddp": {...}, ...}}
-    runs/<name>/<algorithm>/rank<r>.jsonl one JSON object per training step per rank
+    runs/<name>/<folder>/rank<r>.jsonl    one JSON object per training step per rank; run.json's
+                                          "folders" maps each algorithm label to its folder
+                                          (labels like "ddp+topk:ratio=0.01" are not paths)
 
 The order of ``algorithms`` in ``run.json`` is the run order and the first algorithm is the
 baseline every ratio is taken against. Logs of a crashed run may stop early, miss whole
@@ -153,10 +155,12 @@ def load_run(run_dir: Path | str) -> Run:
     except json.JSONDecodeError as err:
         raise ValueError(f"{meta_path} is not valid JSON: {err}") from None
     listed = list(meta.get("algorithms") or {})
+    folders = {label: (meta.get("folders") or {}).get(label, label) for label in listed}
     on_disk = sorted(p.name for p in run_dir.iterdir() if p.is_dir() and _rank_files(p))
+    folders.update({name: name for name in on_disk if name not in folders.values()})
     records: dict[str, list[list[Record]]] = {}
-    for algo in listed + [a for a in on_disk if a not in listed]:
-        per_rank = _load_algorithm(run_dir / algo, int(meta.get("world_size") or 0))
+    for algo, folder in folders.items():
+        per_rank = _load_algorithm(run_dir / folder, int(meta.get("world_size") or 0))
         if any(per_rank):
             records[algo] = per_rank
     if not records:

@@ -13,6 +13,8 @@ from pathlib import Path
 from typing import Any, Sequence
 
 from lowband.algorithms import ALGORITHMS
+from lowband.compress import COMPRESSORS, build
+from lowband.feedback import FEEDBACK
 from lowband.net.link import Network
 from lowband.train.data import DATASETS, SHARDINGS
 from lowband.train.models import MODELS
@@ -25,6 +27,8 @@ class TrainConfig:
     """Everything one training run needs; defaults are the main job (`lowband train`)."""
 
     algos: tuple[str, ...] = ("ddp", "diloco")
+    compress: tuple[str, ...] = ("identity",)
+    feedback: tuple[str, ...] = ("none",)
     model: str = "gpt"
     data: str = "shakespeare"
     workers: int = 4
@@ -59,6 +63,10 @@ class TrainConfig:
         for algo in self.algos:
             ALGORITHMS.get(algo)  # raises with the valid names
         MODELS.get(self.model)
+        for spec in self.compress:
+            build(spec, COMPRESSORS)  # raises with the valid names, options and ranges
+        for spec in self.feedback:
+            build(spec, FEEDBACK)
         if self.data not in DATASETS and not Path(self.data).expanduser().exists():
             raise ValueError(f"data file not found: {self.data} (or use one of: {', '.join(DATASETS.names())})")
         positive = ("workers", "steps", "batch_size", "inner_steps", "eval_every", "eval_batches", "threads")
@@ -81,10 +89,43 @@ class TrainConfig:
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
 
-    def options_for(self, options_cls: type) -> Any:
-        """The algorithm's options dataclass, filled from the same-named config fields."""
+    def variants(self) -> list["Variant"]:
+        """Every (algorithm, compressor, feedback) to run, in order; feedback only with compression."""
+        out = []
+        for algo in self.algos:
+            for compress in self.compress:
+                for feedback in self.feedback:
+                    if compress == "identity" and feedback != "none" and "none" in self.feedback:
+                        continue  # uncompressed with feedback is uncompressed
+                    out.append(Variant(algo, compress, feedback))
+        return out
+
+    def options_for(self, variant: "Variant") -> Any:
+        """The variant's algorithm options, filled from the same-named config fields."""
+        options_cls = ALGORITHMS.get(variant.algo).Options
         names = {f.name for f in dataclasses.fields(options_cls)}
-        return options_cls(**{k: v for k, v in self.to_dict().items() if k in names})
+        values = {**self.to_dict(), "compress": variant.compress, "feedback": variant.feedback}
+        return options_cls(**{k: v for k, v in values.items() if k in names})
+
+
+@dataclass(frozen=True)
+class Variant:
+    """One training run of a comparison: an algorithm with a compressor and a feedback."""
+
+    algo: str
+    compress: str = "identity"
+    feedback: str = "none"
+
+    @property
+    def label(self) -> str:
+        """``ddp``, ``ddp+topk:ratio=0.01``, ``diloco+qsgd:bits=4+ef``."""
+        parts = [self.algo] + [p for p, plain in ((self.compress, "identity"), (self.feedback, "none")) if p != plain]
+        return "+".join(parts)
+
+    @property
+    def folder(self) -> str:
+        """The label as a folder name (``:`` and ``,`` are not portable in paths)."""
+        return self.label.replace(":", "-").replace(",", "_")
 
 
 def build_parser(prog: str = "lowband train") -> argparse.ArgumentParser:
@@ -93,6 +134,11 @@ def build_parser(prog: str = "lowband train") -> argparse.ArgumentParser:
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--algo", default=",".join(d.algos),
                    help=f"comma-separated algorithms, run one after the other: {', '.join(ALGORITHMS.names())}")
+    p.add_argument("--compress", default=";".join(d.compress),
+                   help=f"what gradients (ddp) or outer gradients (diloco) become on the wire: {', '.join(COMPRESSORS.names())}, "
+                        "with options ('topk:ratio=0.01', 'powersgd:rank=2'); several separated by ';' run one after the other")
+    p.add_argument("--feedback", default=";".join(d.feedback),
+                   help=f"error feedback: {', '.join(FEEDBACK.names())}; several separated by ';'")
     p.add_argument("--model", default=d.model, help=f"one of: {', '.join(MODELS.names())}")
     p.add_argument("--data", default=d.data, help="shakespeare, mnist, or a path to a text file or folder")
     p.add_argument("--workers", type=int, default=d.workers, help="worker processes (ignored under torchrun)")
@@ -128,6 +174,8 @@ def config_from_args(argv: Sequence[str] | None = None, prog: str = "lowband tra
     parser = build_parser(prog)
     ns = vars(parser.parse_args(argv))
     ns["algos"] = tuple(a.strip() for a in ns.pop("algo").split(",") if a.strip())
+    ns["compress"] = tuple(c.strip() for c in ns["compress"].split(";") if c.strip()) or ("identity",)
+    ns["feedback"] = tuple(f.strip() for f in ns["feedback"].split(";") if f.strip()) or ("none",)
     try:
         return TrainConfig(**ns)
     except ValueError as err:

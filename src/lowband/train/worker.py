@@ -26,7 +26,7 @@ from torch.distributed.elastic.multiprocessing.errors import record
 from lowband.algorithms import ALGORITHMS, Algorithm
 from lowband.comm import Comm, group
 from lowband.net.link import Network
-from lowband.train.config import TrainConfig
+from lowband.train.config import TrainConfig, Variant
 from lowband.train.data import Batch, Dataset, load_dataset
 from lowband.train.metrics import MetricsWriter
 from lowband.train.models import MODELS
@@ -44,8 +44,8 @@ def main(cfg: TrainConfig) -> str:
         run_dir = Path(cfg.out) / group.agree(cfg.name or time.strftime("%Y%m%d-%H%M%S"))
         if rank == 0:
             write_run_info(run_dir, cfg, world_size, network, data)
-        for name in cfg.algos:
-            train_one(cfg, name, data, network, run_dir)
+        for variant in cfg.variants():
+            train_one(cfg, variant, data, network, run_dir)
         group.barrier()
         if rank == 0:
             from lowband.bench.report import show_report  # matplotlib: rank 0 only
@@ -73,10 +73,9 @@ def lr_lambda(cfg: TrainConfig) -> Any:
     return factor
 
 
-def build_algorithm(cfg: TrainConfig, name: str, model: nn.Module, comm: Comm) -> Algorithm:
-    cls = ALGORITHMS.get(name)
+def build_algorithm(cfg: TrainConfig, variant: Variant, model: nn.Module, comm: Comm) -> Algorithm:
     optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, betas=(0.9, 0.95), weight_decay=cfg.weight_decay)
-    return cls(model, optimizer, comm, cfg.options_for(cls.Options), grad_clip=cfg.grad_clip)
+    return ALGORITHMS.get(variant.algo)(model, optimizer, comm, cfg.options_for(variant), grad_clip=cfg.grad_clip)
 
 
 @torch.no_grad()
@@ -88,21 +87,21 @@ def evaluate(model: nn.Module, algo: Algorithm, batches: list[Batch]) -> float:
     return sum(losses) / len(losses)
 
 
-def train_one(cfg: TrainConfig, name: str, data: Dataset, network: Network, run_dir: Path) -> dict[str, Any]:
-    """Train with algorithm ``name`` for ``cfg.steps`` steps; returns this rank's final numbers."""
+def train_one(cfg: TrainConfig, variant: Variant, data: Dataset, network: Network, run_dir: Path) -> dict[str, Any]:
+    """Train ``variant`` for ``cfg.steps`` steps; returns this rank's final numbers."""
     model = build_model(cfg, data)
     comm = Comm(network=network)
     rank, world_size = comm.rank, comm.world_size
-    algo = build_algorithm(cfg, name, model, comm)
+    algo = build_algorithm(cfg, variant, model, comm)
     scheduler = torch.optim.lr_scheduler.LambdaLR(algo.optimizer, lr_lambda(cfg))
     generator = torch.Generator().manual_seed(cfg.seed * 1_000_003 + rank)
     val_batches = data.val_batches(cfg.batch_size, cfg.eval_batches)
     tokens_per_step = cfg.batch_size * (data.block_size if data.kind == "text" else 1)
     clock = 0.0
     val_loss = float("nan")
-    algo_dir = run_dir / name
+    algo_dir = run_dir / variant.folder
     with MetricsWriter(algo_dir / f"rank{rank}.jsonl") as metrics, \
-            TrainProgress(name, cfg.steps, cfg.progress and rank == 0) as progress:
+            TrainProgress(variant.label, cfg.steps, cfg.progress and rank == 0) as progress:
         for step in range(1, cfg.steps + 1):
             started, waited = time.perf_counter(), comm.wait_seconds
             x, y = data.batch(generator, cfg.batch_size, rank, world_size, cfg.sharding)
@@ -139,6 +138,7 @@ def write_run_info(run_dir: Path, cfg: TrainConfig, world_size: int, network: Ne
     info = {
         "config": cfg.to_dict(), "world_size": world_size, "network": network.describe(), "params": params,
         "dataset": {"name": data.name, "kind": data.kind, "vocab_size": data.vocab_size},
-        "algorithms": {a: vars(cfg.options_for(ALGORITHMS.get(a).Options)) for a in cfg.algos},
+        "algorithms": {v.label: vars(cfg.options_for(v)) for v in cfg.variants()},
+        "folders": {v.label: v.folder for v in cfg.variants()},
     }
     (run_dir / "run.json").write_text(json.dumps(info, indent=2))

@@ -1,0 +1,100 @@
+"""The compress/feedback/communicate pipeline: grouping, errors, and real multi-rank means."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch.distributed.elastic.multiprocessing.errors import record
+
+from lowband.comm import Comm
+from lowband.comm.aggregate import Aggregator, NonFiniteError
+from lowband.comm.group import init_from_env, shutdown
+from lowband.compress import COMPRESSORS, build
+from lowband.feedback import FEEDBACK
+from lowband.train.launch import launch
+
+SHAPES = {"w": (64, 80), "b": (80,), "odd": (3, 7), "scalar": (1,), "empty": (0,)}
+
+
+def tensors(seed: int) -> list[tuple[str, torch.Tensor]]:
+    g = torch.Generator().manual_seed(seed)
+    return [(name, torch.randn(shape, generator=g)) for name, shape in SHAPES.items()]
+
+
+def aggregator(compress: str, feedback: str = "none", comm: Comm | None = None) -> Aggregator:
+    return Aggregator(comm or Comm(), build(compress, COMPRESSORS), build(feedback, FEEDBACK))
+
+
+def test_world_of_one_identity_is_exact_and_small_tensors_share_a_bucket() -> None:
+    named = tensors(0)
+    expected = [t.clone() for _, t in named]
+    agg = aggregator("identity", "ef")
+    agg.mean_(named)
+    for (_, got), want in zip(named, expected):
+        assert torch.equal(got, want)
+    assert set(agg.feedback.state) == {"w", "small.float32"}  # b, odd, scalar, empty bucketed
+
+
+@pytest.mark.parametrize("spec, dtype", [("fp16", torch.float16), ("bf16", torch.bfloat16)])
+def test_world_of_one_half_precision_is_the_cast(spec: str, dtype: torch.dtype) -> None:
+    named = tensors(1)
+    expected = [t.to(dtype).float() for _, t in named]
+    aggregator(spec).mean_(named)
+    for (_, got), want in zip(named, expected):
+        assert torch.equal(got, want)
+
+
+def test_error_feedback_keeps_what_was_not_sent() -> None:
+    (name, x), = [t for t in tensors(2) if t[0] == "w"]
+    original = x.clone()
+    agg = aggregator("bf16", "ef")
+    agg.mean_([(name, x)])
+    residual = agg.feedback.state["w"]["residual"]
+    assert residual.abs().max() > 0
+    assert torch.equal(x + residual, original)  # decoded + residual == compensated input
+
+
+def test_non_finite_input_is_refused_with_its_name() -> None:
+    named = tensors(3)
+    named[0][1][5, 5] = float("nan")
+    with pytest.raises(NonFiniteError, match=r"w holds 1 non-finite values of 5120; not sent"):
+        aggregator("identity").mean_(named)
+
+
+def test_impossible_pairings_are_refused() -> None:
+    with pytest.raises(ValueError, match="'fp16' is summable: all_gather would move n times the bytes"):
+        Aggregator(Comm(), build("fp16", COMPRESSORS), build("none", FEEDBACK), collective="all_gather")
+    with pytest.raises(ValueError, match="unknown collective 'ring'"):
+        Aggregator(Comm(), build("fp16", COMPRESSORS), build("none", FEEDBACK), collective="ring")
+
+
+@record
+def means_on_ranks(specs: list[str]) -> dict[str, tuple[float, int]]:
+    """Per spec: max |aggregated - exact fp64 mean| and the bytes this rank sent."""
+    rank, world = init_from_env()
+    try:
+        out = {}
+        for spec in specs:
+            comm = Comm()
+            named = tensors(10 + rank)
+            exact = [torch.stack([tensors(10 + r)[i][1].double() for r in range(world)]).mean(0)
+                     for i in range(len(named))]
+            aggregator(spec, comm=comm).mean_(named)
+            err = max(float((t.double() - e).abs().max()) if t.numel() else 0.0 for (_, t), e in zip(named, exact))
+            out[spec] = (err, comm.ledger.bytes_sent)
+            comm.close()
+        return out
+    finally:
+        shutdown()
+
+
+def test_identity_fp16_bf16_equal_plain_mean_on_two_ranks() -> None:
+    results = launch(means_on_ranks, 2, ["identity", "fp16", "bf16"])
+    numel = sum(torch.Size(s).numel() for s in SHAPES.values())
+    for rank, out in results.items():
+        assert out["identity"][0] < 1e-6
+        assert out["fp16"][0] < 5e-3
+        assert out["bf16"][0] < 3e-2
+        # 2 ranks, ring all-reduce: each rank sends its whole payload once.
+        assert out["identity"][1] == 4 * numel
+        assert out["fp16"][1] == out["bf16"][1] == 2 * numel
