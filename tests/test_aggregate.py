@@ -98,3 +98,23 @@ def test_identity_fp16_bf16_equal_plain_mean_on_two_ranks() -> None:
         # 2 ranks, ring all-reduce: each rank sends its whole payload once.
         assert out["identity"][1] == 4 * numel
         assert out["fp16"][1] == out["bf16"][1] == 2 * numel
+
+
+def test_gathered_payloads_with_odd_byte_lengths_stay_aligned() -> None:
+    """A 3-byte tensor followed by a float32 one: the float must not be viewed at offset 3."""
+    from lowband.compress.base import Compressor, Payload
+
+    class OddBytes(Compressor):
+        name = "odd-bytes"
+
+        def encode(self, x: torch.Tensor, key: str) -> Payload:
+            return Payload([torch.tensor([1, 2, 3], dtype=torch.uint8), x.float().reshape(-1)], ctx=x.shape)
+
+        def decode(self, payload: Payload) -> torch.Tensor:
+            return payload.tensors[1].view(payload.ctx)
+
+    named = [("a", torch.randn(5000)), ("b", torch.randn(6000))]
+    expected = [t.clone() for _, t in named]
+    Aggregator(Comm(), OddBytes(), build("none", FEEDBACK)).mean_(named)
+    for (_, got), want in zip(named, expected):
+        assert torch.equal(got, want)

@@ -147,7 +147,10 @@ class Aggregator:
                 for t in payload.tensors:
                     count = int(sizes[r, i])
                     nbytes = count * t.element_size()
-                    piece = buf[offset:offset + nbytes].view(t.dtype)
+                    raw = buf[offset:offset + nbytes]
+                    if offset % t.element_size():  # misaligned after an odd-length byte tensor
+                        raw = raw.clone()
+                    piece = raw.view(t.dtype)
                     decoded.append(piece.view(t.shape) if count == t.numel() else piece)
                     offset, i = offset + nbytes, i + 1
                 out[key].append(Payload(decoded, payload.ctx))

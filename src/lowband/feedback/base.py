@@ -53,7 +53,7 @@ class Feedback(ABC):
     def _get(self, key: str, slot: str, like: torch.Tensor) -> torch.Tensor:
         """The ``slot`` tensor of ``key`` (zeros like ``like`` the first time)."""
         tensors = self.state.setdefault(key, {})
-        if slot not in tensors or tensors[slot].shape != like.shape:
+        if slot not in tensors or tensors[slot].shape != like.shape or tensors[slot].dtype != like.dtype:
             tensors[slot] = torch.zeros_like(like)
         return tensors[slot]
 
