@@ -181,7 +181,10 @@ def show_report(run_dir: Path | str, target_loss: float | None = None, console: 
     html_path, summary = _write(Path(run_dir), target_loss)
     from rich.console import Console
 
-    console = console or Console(soft_wrap=True)
+    if console is None:  # a log (CI, a file) gets a wide table instead of truncated cells
+        console = Console(soft_wrap=True)
+        if not console.is_terminal:
+            console = Console(soft_wrap=True, width=160)
     print_summary(summary, console)
     console.print(f"report: {html_path}", highlight=False)
     return html_path
