@@ -32,7 +32,7 @@ def test_world_of_one_identity_is_exact_and_small_tensors_share_a_bucket() -> No
     agg.mean_(named)
     for (_, got), want in zip(named, expected):
         assert torch.equal(got, want)
-    assert set(agg.feedback.state) == {"w", "small.float32"}  # b, odd, scalar, empty bucketed
+    assert set(agg.feedback.state) == {"w", "small.float32[b..empty]"}  # b, odd, scalar, empty bucketed
 
 
 @pytest.mark.parametrize("spec, dtype", [("fp16", torch.float16), ("bf16", torch.bfloat16)])

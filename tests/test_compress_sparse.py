@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from lowband.comm import Comm
-from lowband.comm.aggregate import Aggregator
+from lowband.comm.aggregate import Aggregator, small_key
 from lowband.compress import COMPRESSORS, Compressor, build
 from lowband.compress.dgc import DGC, DGCOptions, density
 from lowband.compress.indices import (count_from_nbytes, decode_indices, encode_indices, index_dtype,
@@ -287,10 +287,11 @@ def test_aggregator_single_process_equals_decode_of_encode(spec: str, small_nume
     for round_ in range(2):
         named = [(name, rand(shape, 10 * round_ + i)) for i, (name, shape) in enumerate(NAMED_SHAPES)]
         residual = {key: t["residual"].clone() for key, t in agg.feedback.state.items()}
-        small = [t for _, t in named if t.numel() < small_numel]  # the aggregator's documented grouping
+        small_named = [(n, t) for n, t in named if t.numel() < small_numel]  # the aggregator's grouping
+        small = [t for _, t in small_named]
         groups = {name: [t] for name, t in named if t.numel() >= small_numel}
         if small:
-            groups["small.float32"] = small
+            groups[small_key(torch.float32, [n for n, _ in small_named])] = small
         expected = {}
         for key, members in groups.items():
             x = torch.cat([m.reshape(-1) for m in members]) if len(members) > 1 else members[0]

@@ -8,7 +8,7 @@ import torch
 from torch.distributed.elastic.multiprocessing.errors import record
 
 from lowband.comm import Comm
-from lowband.comm.aggregate import Aggregator
+from lowband.comm.aggregate import Aggregator, small_key
 from lowband.comm.group import init_from_env, shutdown
 from lowband.compress import COMPRESSORS, build
 from lowband.feedback import FEEDBACK
@@ -49,7 +49,8 @@ def worker() -> dict[str, Any]:
                 small = [x for _, x in named if x.numel() < 100]
                 for r, replica in enumerate(replicas):  # the bucket of small tensors, as the aggregator builds it
                     cat = torch.cat([x.reshape(-1) for _, x in inputs(r, round_) if x.numel() < 100])
-                    bucket = replica.decode(replica.encode(cat, "small.float32")) / world
+                    key = small_key(torch.float32, [n for n, x in inputs(r, round_) if x.numel() < 100])
+                    bucket = replica.decode(replica.encode(cat, key)) / world
                     expected["small"] = expected.get("small", 0) + bucket
                 agg.mean_(named)
                 got_small = torch.cat([x.reshape(-1) for x in small])

@@ -60,4 +60,5 @@ def test_lowband_hooks_match_plain_ddp_with_several_gloo_buckets() -> None:
         assert out["bf16"] < 2e-2, rank
         assert out["identity buckets per step"] > 1  # several DDP buckets (after the rebuild), no abort on gloo
         # feedback state is keyed by parameter name; tensors under 4096 elements share one key
-        assert out["fp16+ef keys"] == ["2.weight", "small.float32"]
+        assert out["fp16+ef keys"][0] == "2.weight" and len(out["fp16+ef keys"]) >= 2
+        assert all(k.startswith("small.float32[") for k in out["fp16+ef keys"][1:])  # one key per DDP bucket

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from lowband.comm import Comm
-from lowband.comm.aggregate import Aggregator
+from lowband.comm.aggregate import Aggregator, small_key
 from lowband.compress import COMPRESSORS, Payload, build
 from lowband.compress.powersgd import PowerSGD, PowerSGDOptions, orthogonalize
 from lowband.feedback import FEEDBACK
@@ -223,11 +223,12 @@ def test_through_the_aggregator_in_one_process() -> None:
             sums_out[k] += grads[k]
             if k in ("conv.weight", "fc.weight"):  # >= small_numel: compressed to rank 2
                 assert torch.linalg.matrix_rank(grads[k].reshape(shapes[k][0], -1)) <= 2
-            else:  # bucketed as the 1-D "small.float32" tensor: sent raw
+            else:  # bucketed as the 1-D small-tensor bucket: sent raw
                 assert torch.equal(grads[k], originals[k]), k
     state = agg.compressor.state_dict()
     assert set(state["q"]) == {"conv.weight", "fc.weight"}
-    assert state["steps"] == {"conv.weight": 4, "fc.weight": 4, "small.float32": 4}
+    small = small_key(torch.float32, [k for k in shapes if k not in ("conv.weight", "fc.weight")])
+    assert state["steps"] == {"conv.weight": 4, "fc.weight": 4, small: 4}
     for k in ("conv.weight", "fc.weight"):  # error feedback: sent + residual == input
         residual = agg.feedback.state[k]["residual"].view(shapes[k])
         torch.testing.assert_close(sums_out[k] + residual, sums_in[k], atol=1e-4, rtol=1e-4)

@@ -5,7 +5,7 @@ with their mean over ranks, as it crosses the wire in compressed form:
 
 1. refuse non-finite input, naming the tensor (never send NaN/inf silently);
 2. group: tensors of fewer than ``small_numel`` elements are concatenated into one
-   bucket per dtype (compressing a 128-element bias alone is waste);
+   bucket per dtype, keyed by :func:`small_key` (compressing a 128-element bias alone is waste);
 3. per group: ``feedback.compensate`` then ``compressor.exchange`` (a generator with one
    payload per round);
 4. per round, every group's payload travels in one flat buffer (chunked to
@@ -92,14 +92,14 @@ class Aggregator:
     # -- grouping -------------------------------------------------------------------------
     def _groups(self, named: Sequence[tuple[str, torch.Tensor]]) -> dict[str, list[torch.Tensor]]:
         groups: dict[str, list[torch.Tensor]] = {}
-        small: dict[torch.dtype, list[torch.Tensor]] = defaultdict(list)
+        small: dict[torch.dtype, list[tuple[str, torch.Tensor]]] = defaultdict(list)
         for name, t in named:
             if t.numel() < self.small_numel:
-                small[t.dtype].append(t)
+                small[t.dtype].append((name, t))
             else:
                 groups[name] = [t]
         for dtype, members in small.items():
-            groups[f"small.{str(dtype).removeprefix('torch.')}"] = members
+            groups[small_key(dtype, [name for name, _ in members])] = [t for _, t in members]
         return groups
 
     # -- communication --------------------------------------------------------------------
@@ -162,6 +162,15 @@ class Aggregator:
         if getattr(self.compressor, "fixed_size", True) or self.comm.world_size == 1:
             return own.expand(self.comm.world_size, -1)
         return torch.stack(self.comm.all_gather(own, tag=f"{self.tag}.sizes"))
+
+
+def small_key(dtype: torch.dtype, names: Sequence[str]) -> str:
+    """The key of a bucket of small tensors: ``small.float32[0.bias..4.bias]``.
+
+    It names its first and last members, so the buckets of different calls (one per DDP
+    bucket in :mod:`lowband.comm.ddp_hook`) keep separate feedback and compressor state.
+    """
+    return f"small.{str(dtype).removeprefix('torch.')}[{names[0]}..{names[-1]}]"
 
 
 def _flat_or_self(members: list[torch.Tensor]) -> torch.Tensor:
