@@ -59,6 +59,7 @@ class Aggregator:
         if small_numel < 0 or bucket_mb <= 0:
             raise ValueError(f"small_numel must be >= 0 and bucket_mb > 0, got {small_numel} and {bucket_mb}")
         self.comm, self.compressor, self.feedback, self.tag = comm, compressor, feedback, tag
+        compressor.for_rank(comm.rank)
         self.small_numel, self.bucket_bytes = small_numel, int(bucket_mb * 1e6)
 
     @torch.no_grad()

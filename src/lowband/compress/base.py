@@ -85,6 +85,10 @@ class Compressor(ABC):
         decoded = [self.decode(p) for p in everyone]
         return torch.stack(decoded).mean(0), self.decode(own)
 
+    def for_rank(self, rank: int) -> None:
+        """Called once by the aggregator with this process's rank (seeded compressors draw
+        independent noise per rank; shared-seed ones, like random-k, must not)."""
+
     def state_dict(self) -> dict[str, Any]:
         return {}
 
