@@ -1,0 +1,586 @@
+"""How fast is each compressor, and how much does it save on real models? Two tables.
+
+(a) Throughput. Every registered compressor at its recommended setting encodes and decodes
+one float32 tensor of ``--numel`` elements (25M by default, 1M with ``--quick``); powersgd
+runs one full exchange in a world of one (the generator driven with ``world_size=1``, each
+payload sent straight back) on a matrix view of the tensor, (5000, 5000) at 25M. Per
+repeat, three things are timed back to back on the same tensor:
+
+* ``memcpy``: ``x.clone()``, the cost of touching the data once;
+* ``lowband``: ``decode(encode(x))`` through :mod:`lowband.compress`;
+* ``reference``: a plain torch implementation of the same algorithm in this file (no bit
+  packing, no index-width tricks: e.g. QSGD codes kept as int8, top-k as ``torch.topk``
+  + scatter, sign as a float tensor, one P = MQ, QR, Q = M^T P, P Q^T for PowerSGD).
+
+Reported: GB/s of input (``numel * 4`` bytes / median lowband time), ``vs memcpy`` =
+memcpy time / lowband time (the fraction of memcpy speed; 0.1 means an encode + decode
+costs ten copies), ``vs reference`` = reference time / lowband time (> 1: lowband is
+faster), each ratio the median of the per-repeat ratios, so a noisy machine slows both
+sides of a ratio alike. Also the exact payload bytes per element (``payload.nbytes``, all
+rounds summed for powersgd) and the relative error ||C(x) - x|| / ||x|| of both sides,
+which shows that the two compute the same thing. ``identity`` neither copies nor
+computes (its payload is a view), so its row measures call overhead only. Every
+allocation of a large tensor costs page faults here, memcpy included: the ratios, not the
+GB/s, are what carries over to another machine.
+
+(b) Compression ratio: uncompressed fp32 bytes / payload bytes, summed over the parameters
+of lowband's char-GPT (vocab 84), its MNIST CNN and a CIFAR ResNet-18 (shapes listed in
+this file, 11.17M parameters). As lowband's aggregator does, every tensor of fewer than
+4096 elements goes into one flat bucket, every larger tensor is compressed alone in its own
+shape; payload bytes are what ``exchange`` yields, round by round, in a world of one.
+
+Data: N(0, std^2) with ``--std`` 1e-3 (a gradient-like scale). Every compressor but
+``threshold`` is scale-invariant in what it sends; ``threshold:tau=1e-3`` keeps the
+elements with |x| >= tau, 32% of them at std 1e-3 (at std 1 it would keep 99.9% and send
+more bytes than fp32: its ratio says as much about the data as about the method).
+
+A compressor that is missing from the registry or fails on a small tensor is skipped with
+a printed note (and listed under ``skipped`` in the JSON).
+
+Run: ``python benchmarks/compressors.py`` (about 2 minutes on 2 cores) or ``--quick``
+(5-15 s). Writes ``benchmarks/results/compressors.json`` (``--out``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import importlib.util
+import json
+import math
+import pkgutil
+import statistics
+import sys
+import time
+import types
+from pathlib import Path
+from typing import Any, Callable, Optional
+
+import torch
+
+DEFAULT_OUT = Path(__file__).resolve().parent / "results" / "compressors.json"
+DEFAULT_NUMEL = 25_000_000
+QUICK_NUMEL = 1_000_000
+SMALL_NUMEL = 4096  # lowband.comm.aggregate.Aggregator's default small_numel: smaller tensors share a bucket
+
+# The recommended settings, in table order; a registered compressor not listed here runs at its defaults.
+SPECS = (
+    "identity", "fp16", "bf16", "int8", "qsgd:bits=2", "qsgd:bits=4", "qsgd:bits=8", "terngrad", "sign",
+    "topk:ratio=0.01", "randomk:ratio=0.01", "threshold:tau=1e-3", "dgc:ratio=0.01", "powersgd:rank=2",
+)
+MODELS = ("gpt", "cnn", "resnet18")
+# Data are drawn from their own stream: a compressor seeded 0 (qsgd, terngrad) drawing its rounding
+# noise from the very numbers that made the data would round with noise correlated to the data.
+DATA_SEED_OFFSET = 982_451_653
+RESNET18_PARAMS = 11_173_962  # torchvision-style CIFAR ResNet-18 with a 3x3 stem and 10 classes
+
+Roundtrip = Callable[[torch.Tensor], torch.Tensor]
+
+
+# -- loading the compressors -----------------------------------------------------------------
+
+
+def load_compressors(notes: list[str]) -> Any:
+    """The ``COMPRESSORS`` registry; if one compressor module breaks the package import, the others still load."""
+    try:
+        import lowband.compress as package
+        return package.COMPRESSORS
+    except Exception as err:  # noqa: BLE001 - a half-written module must not take the benchmark down
+        notes.append(f"lowband.compress failed to import ({type(err).__name__}: {err}); loading its modules one by one")
+    spec = importlib.util.find_spec("lowband.compress")
+    assert spec is not None and spec.submodule_search_locations is not None
+    package = types.ModuleType("lowband.compress")  # the package without its __init__ (which imports them all)
+    package.__path__ = list(spec.submodule_search_locations)
+    sys.modules["lowband.compress"] = package
+    base = importlib.import_module("lowband.compress.base")
+    for module in pkgutil.iter_modules(package.__path__):
+        try:
+            importlib.import_module(f"lowband.compress.{module.name}")
+        except Exception as err:  # noqa: BLE001
+            notes.append(f"module lowband.compress.{module.name} skipped: {type(err).__name__}: {err}")
+    return base.COMPRESSORS
+
+
+def multi_round(compressor: Any) -> bool:
+    """Whether the compressor has its own ``exchange`` (PowerSGD): measured through it, not encode/decode."""
+    from lowband.compress.base import Compressor
+
+    return type(compressor).exchange is not Compressor.exchange
+
+
+def run_exchange(compressor: Any, x: torch.Tensor, key: str) -> tuple[torch.Tensor, int]:
+    """One exchange in a world of one, each payload sent straight back: (mean, payload bytes of all rounds)."""
+    gen = compressor.exchange(x, key, 1)
+    payload = next(gen)
+    nbytes = 0
+    while True:
+        nbytes += payload.nbytes
+        try:
+            payload = gen.send(payload if compressor.summable else [payload])
+        except StopIteration as done:
+            return done.value[0], nbytes
+
+
+def lowband_roundtrip(compressor: Any, key: str) -> Roundtrip:
+    if multi_round(compressor):
+        return lambda x: run_exchange(compressor, x, key)[0]
+    return lambda x: compressor.decode(compressor.encode(x, key))
+
+
+def payload_nbytes(compressor: Any, x: torch.Tensor, key: str) -> int:
+    """Bytes lowband sends for ``x`` (all rounds of an exchange)."""
+    if multi_round(compressor):
+        return run_exchange(compressor, x, key)[1]
+    return compressor.encode(x, key).nbytes
+
+
+def fresh(spec: str, registry: Any) -> Any:
+    """A new compressor from ``spec``, told it is rank 0 as the aggregator would tell it."""
+    from lowband.compress.base import build
+
+    compressor = build(spec, registry)
+    if hasattr(compressor, "for_rank"):
+        compressor.for_rank(0)
+    return compressor
+
+
+def build_checked(spec: str, registry: Any, notes: list[str]) -> Optional[Any]:
+    """``build(spec)``, checked on a small tensor; None (and a note) if it is unknown or broken."""
+    name = spec.partition(":")[0]
+    if name not in registry:
+        notes.append(f"{spec} skipped: {name!r} is not registered")
+        return None
+    try:
+        compressor = fresh(spec, registry)
+        probe = torch.randn(64, 96)
+        out = run_exchange(compressor, probe, "probe")[0]
+        if out.shape != probe.shape or not torch.isfinite(out).all():
+            raise ValueError(f"exchange returned shape {tuple(out.shape)} / non-finite values")
+        probe = probe.reshape(-1)
+        if not multi_round(compressor):
+            out = compressor.decode(compressor.encode(probe, "probe.flat"))
+            if out.shape != probe.shape:
+                raise ValueError(f"decode returned shape {tuple(out.shape)} for {tuple(probe.shape)}")
+        return fresh(spec, registry)  # fresh state for the benchmark
+    except Exception as err:  # noqa: BLE001
+        notes.append(f"{spec} skipped: {type(err).__name__}: {err}")
+        return None
+
+
+# -- reference implementations (plain torch, one function per algorithm) ---------------------
+
+
+def ref_identity(x: torch.Tensor) -> torch.Tensor:
+    return x.reshape(-1).view(x.shape)
+
+
+def ref_cast(dtype: torch.dtype) -> Roundtrip:
+    return lambda x: x.to(dtype).to(torch.float32)
+
+
+def ref_int8(x: torch.Tensor) -> torch.Tensor:
+    """Min-max quantisation per tensor, 256 levels, round to nearest."""
+    lo, hi = x.min(), x.max()
+    step = (hi - lo) / 255
+    q = ((x - lo) / step).round().to(torch.uint8)
+    return lo + q.to(torch.float32) * step
+
+
+def ref_qsgd(bits: int, bucket: int) -> Roundtrip:
+    """Stochastic rounding of s |x| / ||x_bucket||, sign folded in, codes as int8 (unpacked).
+
+    ``bucket`` consecutive elements share a norm (the paper's bucketing; 0: the whole tensor).
+    """
+    s = 2 ** (bits - 1) - 1
+
+    def roundtrip(x: torch.Tensor) -> torch.Tensor:
+        n = x.numel()
+        d = bucket or n
+        pad = -n % d
+        rows = (torch.cat([x.reshape(-1), x.new_zeros(pad)]) if pad else x.reshape(-1)).view(-1, d)
+        norms = rows.norm(dim=1, keepdim=True)
+        r = rows.abs() / norms.clamp_min(1e-30) * s
+        level = r.floor()
+        level = level + (torch.rand(rows.shape) < r - level).float()
+        codes = (torch.sign(rows) * level).to(torch.int8)
+        return (codes.to(torch.float32) * (norms / s)).reshape(-1)[:n].view(x.shape)
+
+    return roundtrip
+
+
+def ref_terngrad(clip: float) -> Roundtrip:
+    """Clip at clip * std, then s * sign(x) * Bernoulli(|x| / s), ternary codes as int8."""
+
+    def roundtrip(x: torch.Tensor) -> torch.Tensor:
+        bound = clip * x.std()
+        x = x.clamp(-bound, bound)
+        s = x.abs().max()
+        codes = (torch.bernoulli(x.abs() / s) * torch.sign(x)).to(torch.int8)
+        return codes.to(torch.float32) * s
+
+    return roundtrip
+
+
+def ref_sign(x: torch.Tensor) -> torch.Tensor:
+    """torch.sign as a float tensor times mean |x|."""
+    signs = torch.sign(x)
+    scale = x.abs().mean()
+    return signs * scale
+
+
+def ref_topk(ratio: float) -> Roundtrip:
+    """torch.topk of |x| (exact), values gathered, scattered into zeros."""
+
+    def roundtrip(x: torch.Tensor) -> torch.Tensor:
+        flat = x.reshape(-1)
+        k = max(1, round(ratio * flat.numel()))
+        idx = torch.topk(flat.abs(), k).indices
+        values = flat[idx]
+        return torch.zeros_like(flat).scatter_(0, idx, values).view(x.shape)
+
+    return roundtrip
+
+
+def ref_randomk(ratio: float) -> Roundtrip:
+    """randperm(n)[:k], gather, scatter back scaled by n / k (unbiased)."""
+
+    def roundtrip(x: torch.Tensor) -> torch.Tensor:
+        flat = x.reshape(-1)
+        n = flat.numel()
+        k = max(1, round(ratio * n))
+        idx = torch.randperm(n)[:k]
+        values = flat[idx]
+        return torch.zeros_like(flat).scatter_(0, idx, values * (n / k)).view(x.shape)
+
+    return roundtrip
+
+
+def ref_threshold(tau: float) -> Roundtrip:
+    """Mask |x| >= tau, nonzero, gather, scatter back."""
+
+    def roundtrip(x: torch.Tensor) -> torch.Tensor:
+        flat = x.reshape(-1)
+        idx = (flat.abs() >= tau).nonzero().squeeze(1)
+        values = flat[idx]
+        out = torch.zeros_like(flat)
+        out[idx] = values
+        return out.view(x.shape)
+
+    return roundtrip
+
+
+def ref_powersgd(rank: int, cols: int) -> Roundtrip:
+    """One power iteration from a fixed Q: P = MQ, P = QR(P).Q, Q = M^T P, result P Q^T."""
+    q0 = torch.randn(cols, rank, generator=torch.Generator().manual_seed(0))
+
+    def roundtrip(m: torch.Tensor) -> torch.Tensor:
+        p = torch.linalg.qr(m @ q0).Q
+        q = m.t() @ p
+        return p @ q.t()
+
+    return roundtrip
+
+
+def reference_for(compressor: Any, cols: int) -> Optional[Roundtrip]:
+    """The plain implementation matching ``compressor`` at its options, or None if there is none."""
+    name, opts = compressor.name, compressor.options
+    if name == "identity":
+        return ref_identity
+    if name in ("fp16", "bf16"):
+        return ref_cast(torch.float16 if name == "fp16" else torch.bfloat16)
+    if name == "int8":
+        return ref_int8
+    if name == "qsgd":
+        return ref_qsgd(int(opts.bits), int(getattr(opts, "bucket", 0)))
+    if name == "terngrad":
+        return ref_terngrad(float(opts.clip))
+    if name == "sign":
+        return ref_sign
+    if name in ("topk", "dgc"):  # DGC's reference is the exact top-k its sampled threshold approximates
+        ratio = opts.ratio if opts.ratio is not None else 0.01
+        return ref_topk(ratio)
+    if name == "randomk":
+        return ref_randomk(opts.ratio if opts.ratio is not None else 0.01)
+    if name == "threshold":
+        return ref_threshold(float(opts.tau))
+    if name == "powersgd":
+        return ref_powersgd(int(opts.rank), cols)
+    return None
+
+
+# -- (a) throughput --------------------------------------------------------------------------
+
+
+def matrix_shape(numel: int) -> tuple[int, int]:
+    """The squarest (rows, cols) with rows * cols == numel, rows <= cols: (5000, 5000) for 25M."""
+    rows = math.isqrt(numel)
+    while numel % rows:
+        rows -= 1
+    return rows, numel // rows
+
+
+def _timed(fn: Roundtrip, x: torch.Tensor) -> float:
+    start = time.perf_counter()
+    out = fn(x)
+    elapsed = time.perf_counter() - start
+    del out
+    return elapsed
+
+
+def relative_error(fn: Roundtrip, x: torch.Tensor) -> float:
+    """||fn(x) - x|| / ||x||: shows that lowband and the reference compute the same thing."""
+    out = fn(x)
+    return float((out - x).norm() / x.norm())
+
+
+def measure_throughput(spec: str, compressor: Any, x: torch.Tensor, repeats: int) -> dict[str, Any]:
+    """Median times and ratios of memcpy, lowband and the reference on ``x`` (after a warm-up round)."""
+    rows, cols = matrix_shape(x.numel())
+    data = x.view(rows, cols) if compressor.name == "powersgd" else x
+    key = f"bench.{spec}"
+    nbytes = payload_nbytes(compressor, data, key)
+    lowband = lowband_roundtrip(compressor, key)
+    reference = reference_for(compressor, cols)
+    # warm-up round, untimed: also the error of each side
+    data.clone()
+    errors = {"lowband": relative_error(lowband, data),
+              "reference": relative_error(reference, data) if reference is not None else None}
+    runs: dict[str, list[float]] = {"memcpy": [], "lowband": [], "reference": []}
+    for _ in range(repeats):
+        runs["memcpy"].append(_timed(torch.Tensor.clone, data))
+        runs["lowband"].append(_timed(lowband, data))
+        runs["reference"].append(_timed(reference, data) if reference is not None else math.nan)
+    low = statistics.median(runs["lowband"])
+    vs_memcpy = statistics.median(c / t for c, t in zip(runs["memcpy"], runs["lowband"]))
+    vs_ref = (statistics.median(r / t for r, t in zip(runs["reference"], runs["lowband"]))
+              if reference is not None else None)
+    return {
+        "compressor": compressor.name, "spec": spec, "numel": x.numel(),
+        "shape": list(data.shape),
+        "gbps": x.numel() * 4 / low / 1e9,
+        "lowband_s": low, "memcpy_s": statistics.median(runs["memcpy"]),
+        "reference_s": statistics.median(runs["reference"]) if reference is not None else None,
+        "vs_memcpy": vs_memcpy, "vs_reference": vs_ref,
+        "payload_bytes": nbytes, "bytes_per_element": nbytes / x.numel(),
+        "rel_error": errors["lowband"], "reference_rel_error": errors["reference"],
+        "samples_s": runs["lowband"],
+    }
+
+
+# -- (b) compression ratio on real parameter shapes ------------------------------------------
+
+
+def resnet18_cifar_shapes(num_classes: int = 10) -> list[tuple[str, tuple[int, ...]]]:
+    """Parameter shapes of the CIFAR ResNet-18 (He et al. 2016; 3x3 stem, no max-pool), in module order."""
+    shapes: list[tuple[str, tuple[int, ...]]] = [
+        ("conv1.weight", (64, 3, 3, 3)), ("bn1.weight", (64,)), ("bn1.bias", (64,)),
+    ]
+    cin = 64
+    for stage, cout in enumerate((64, 128, 256, 512), start=1):
+        for block in range(2):
+            p = f"layer{stage}.{block}"
+            first_in = cin if block == 0 else cout
+            shapes += [
+                (f"{p}.conv1.weight", (cout, first_in, 3, 3)), (f"{p}.bn1.weight", (cout,)), (f"{p}.bn1.bias", (cout,)),
+                (f"{p}.conv2.weight", (cout, cout, 3, 3)), (f"{p}.bn2.weight", (cout,)), (f"{p}.bn2.bias", (cout,)),
+            ]
+            if block == 0 and cin != cout:  # stage transition: 1x1 stride-2 projection + BN
+                shapes += [(f"{p}.downsample.0.weight", (cout, cin, 1, 1)),
+                           (f"{p}.downsample.1.weight", (cout,)), (f"{p}.downsample.1.bias", (cout,))]
+        cin = cout
+    shapes += [("fc.weight", (num_classes, 512)), ("fc.bias", (num_classes,))]
+    return shapes
+
+
+def model_shapes() -> dict[str, list[tuple[str, tuple[int, ...]]]]:
+    from lowband.train.models.cnn import CNN
+    from lowband.train.models.gpt import GPT, GPTConfig
+
+    def of(model: torch.nn.Module) -> list[tuple[str, tuple[int, ...]]]:
+        return [(name, tuple(p.shape)) for name, p in model.named_parameters()]  # tied weights once
+
+    return {"gpt": of(GPT(GPTConfig(vocab_size=84))), "cnn": of(CNN()), "resnet18": resnet18_cifar_shapes()}
+
+
+def wire_groups(shapes: list[tuple[str, tuple[int, ...]]], std: float, seed: int) -> list[tuple[str, torch.Tensor]]:
+    """Random normal tensors grouped as the aggregator groups them: small ones in one flat bucket."""
+    gen = torch.Generator().manual_seed(DATA_SEED_OFFSET + seed)
+    groups: list[tuple[str, torch.Tensor]] = []
+    small: list[torch.Tensor] = []
+    for name, shape in shapes:
+        t = torch.randn(shape, generator=gen) * std
+        if t.numel() < SMALL_NUMEL:
+            small.append(t.reshape(-1))
+        else:
+            groups.append((name, t))
+    if small:
+        groups.append(("small.float32", torch.cat(small)))
+    return groups
+
+
+def compression_ratio(compressor: Any, groups: list[tuple[str, torch.Tensor]]) -> tuple[float, int, int]:
+    """(fp32 bytes / payload bytes, fp32 bytes, payload bytes) over every group."""
+    raw = sum(t.numel() * 4 for _, t in groups)
+    sent = sum(run_exchange(compressor, t, key)[1] for key, t in groups)
+    return (raw / sent if sent else math.inf), raw, sent
+
+
+# -- output ----------------------------------------------------------------------------------
+
+
+def _fmt(value: Optional[float], digits: int = 2) -> str:
+    if value is None or (isinstance(value, float) and math.isnan(value)):
+        return "-"
+    if value != 0 and abs(value) < 10 ** -digits:
+        return f"{value:.1e}"
+    return f"{value:,.{digits}f}"
+
+
+def print_table(title: str, headers: list[str], lines: list[list[str]], plain: bool) -> None:
+    try:
+        if plain:
+            raise ImportError
+        from rich.console import Console
+        from rich.table import Table
+    except ImportError:
+        widths = [max(len(h), *(len(line[i]) for line in lines)) if lines else len(h) for i, h in enumerate(headers)]
+        print(title)
+        print("  ".join(h.rjust(w) if i else h.ljust(w) for i, (h, w) in enumerate(zip(headers, widths))))
+        for line in lines:
+            print("  ".join(c.rjust(w) if i else c.ljust(w) for i, (c, w) in enumerate(zip(line, widths))))
+        return
+    table = Table(title=title)
+    for i, header in enumerate(headers):
+        table.add_column(header, justify="right" if i else "left")
+    for line in lines:
+        table.add_row(*line)
+    Console(width=max(120, len(title) + 4)).print(table)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="compressors.py",
+        description=("Encode+decode throughput of every compressor (vs memcpy and vs a plain reference "
+                     "implementation) and its compression ratio on the parameters of char-GPT, CNN and "
+                     "ResNet-18. About 2 minutes at the defaults on 2 cores; --quick 5-15 s."),
+    )
+    parser.add_argument("--numel", type=int, default=None,
+                        help=f"elements of the throughput tensor (default {DEFAULT_NUMEL:,}; {QUICK_NUMEL:,} with --quick)")
+    parser.add_argument("--quick", action="store_true", help=f"throughput on {QUICK_NUMEL:,} elements")
+    parser.add_argument("--repeats", type=int, default=5, help="timed runs per point, median reported (default 5)")
+    parser.add_argument("--std", type=float, default=1e-3, help="standard deviation of the random data (default 1e-3)")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--compress", default=None,
+                        help="';'-separated specs (default: every registered compressor, recommended settings)")
+    parser.add_argument("--out", type=Path, default=DEFAULT_OUT, help="JSON output (default benchmarks/results/compressors.json)")
+    parser.add_argument("--plain", action="store_true", help="plain-text tables instead of rich")
+    return parser
+
+
+def _skip(spec: str, why: str, compressors: dict[str, Any], notes: list[str]) -> None:
+    """Drop ``spec`` from the run with a printed note."""
+    compressors.pop(spec, None)
+    notes.append(f"{spec} skipped: {why}")
+    print(f"note: {notes[-1]}", file=sys.stderr)
+
+
+def default_specs(registry: Any) -> list[str]:
+    """SPECS for the registered names, then every other registered compressor at its defaults."""
+    covered = {s.partition(":")[0] for s in SPECS}
+    return list(SPECS) + [name for name in registry.names() if name not in covered]
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run both tables; returns the process exit code."""
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.repeats < 1:
+        parser.error("--repeats must be >= 1")
+    numel = args.numel if args.numel is not None else (QUICK_NUMEL if args.quick else DEFAULT_NUMEL)
+    if numel < 1:
+        parser.error("--numel must be >= 1")
+    if not (args.std > 0 and math.isfinite(args.std)):
+        parser.error("--std must be a finite number > 0")
+    started = time.perf_counter()
+    notes: list[str] = []
+    registry = load_compressors(notes)
+    specs = [s.strip() for s in args.compress.split(";") if s.strip()] if args.compress else default_specs(registry)
+    compressors = {spec: c for spec in specs if (c := build_checked(spec, registry, notes)) is not None}
+    for note in notes:
+        print(f"note: {note}", file=sys.stderr)
+
+    # (a) throughput
+    torch.manual_seed(args.seed)  # the references' torch.rand / randperm / bernoulli
+    x = torch.randn(numel, generator=torch.Generator().manual_seed(DATA_SEED_OFFSET + args.seed)) * args.std
+    throughput = []
+    for spec, compressor in list(compressors.items()):
+        print(f"throughput {spec} ...", file=sys.stderr, flush=True)
+        try:
+            throughput.append(measure_throughput(spec, compressor, x, args.repeats))
+        except Exception as err:  # noqa: BLE001 - one broken compressor must not hide the others
+            _skip(spec, f"failed on {numel:,} elements: {type(err).__name__}: {err}", compressors, notes)
+    del x
+    rows, cols = matrix_shape(numel)
+    print_table(
+        f"encode+decode of {numel:,} float32 (powersgd: one exchange of a ({rows}, {cols}) matrix), "
+        f"median of {args.repeats}; vs memcpy = clone time / lowband time, vs reference = reference time / "
+        f"lowband time (>1: lowband faster)",
+        ["compressor", "GB/s", "lowband ms", "vs memcpy", "reference ms", "vs reference", "bytes/elem",
+         "rel. error (lowband / ref)"],
+        [[r["spec"], _fmt(r["gbps"]), _fmt(r["lowband_s"] * 1e3, 1), _fmt(r["vs_memcpy"], 3),
+          _fmt(r["reference_s"] * 1e3 if r["reference_s"] is not None else None, 1),
+          _fmt(r["vs_reference"]), _fmt(r["bytes_per_element"], 4),
+          f"{_fmt(r['rel_error'], 3)} / {_fmt(r['reference_rel_error'], 3)}"] for r in throughput],
+        args.plain,
+    )
+
+    # (b) compression ratio
+    shapes = model_shapes()
+    params = {name: sum(math.prod(s) for _, s in model) for name, model in shapes.items()}
+    groups = {name: wire_groups(model, args.std, args.seed) for name, model in shapes.items()}
+    compression = []
+    for spec in list(compressors):
+        print(f"compression {spec} ...", file=sys.stderr, flush=True)
+        row: dict[str, Any] = {"compressor": compressors[spec].name, "spec": spec, "ratio": {}, "fp32_bytes": {},
+                               "payload_bytes": {}}
+        try:
+            for model in MODELS:
+                compressor = fresh(spec, registry)  # new state (warm starts, step counters) per model
+                ratio, raw, sent = compression_ratio(compressor, groups[model])
+                row["ratio"][model], row["fp32_bytes"][model], row["payload_bytes"][model] = ratio, raw, sent
+        except Exception as err:  # noqa: BLE001
+            _skip(spec, f"failed on the {model} parameters: {type(err).__name__}: {err}", compressors, notes)
+            throughput = [r for r in throughput if r["spec"] != spec]
+            continue
+        compression.append(row)
+    print_table(
+        "compression ratio = fp32 bytes / payload bytes over all parameters (tensors < 4096 elements in one bucket); "
+        + ", ".join(f"{m} {params[m]:,} params in {len(groups[m])} groups" for m in MODELS),
+        ["compressor", *MODELS],
+        [[r["spec"], *(_fmt(r["ratio"][m]) for m in MODELS)] for r in compression],
+        args.plain,
+    )
+    total = params["resnet18"]
+    print(f"ResNet-18 (CIFAR) parameters: {total:,} "
+          f"({'the standard count' if total == RESNET18_PARAMS else f'expected {RESNET18_PARAMS:,}'})")
+    elapsed = time.perf_counter() - started
+    for note in notes:
+        print(f"note: {note}")
+
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps({
+        "config": {"numel": numel, "matrix_shape": [rows, cols], "repeats": args.repeats, "std": args.std,
+                   "seed": args.seed, "small_numel": SMALL_NUMEL, "torch": torch.__version__,
+                   "threads": torch.get_num_threads(), "specs": specs},
+        "models": {m: {"params": params[m], "tensors": len(shapes[m]), "groups": len(groups[m])} for m in MODELS},
+        "throughput": throughput,
+        "compression": compression,
+        "skipped": notes,
+        "seconds": elapsed,
+    }, indent=1) + "\n")
+    print(f"wrote {args.out} ({elapsed:.0f} s)")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,53 @@
+"""Smoke test of benchmarks/compressors.py: a tiny run writes a JSON row per registered compressor."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import math
+from pathlib import Path
+
+from lowband.compress import COMPRESSORS
+
+BENCHMARK = Path(__file__).resolve().parent.parent / "benchmarks" / "compressors.py"
+
+
+def _load_benchmark():
+    spec = importlib.util.spec_from_file_location("benchmark_compressors", BENCHMARK)
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_compressors_benchmark_quick(tmp_path: Path, capsys) -> None:
+    bench = _load_benchmark()
+    out = tmp_path / "c.json"
+    assert bench.main(["--quick", "--numel", "100000", "--repeats", "1", "--out", str(out)]) == 0
+    printed = capsys.readouterr().out
+    assert "ResNet-18 (CIFAR) parameters: 11,173,962" in printed
+    data = json.loads(out.read_text())
+
+    assert data["skipped"] == [], data["skipped"]
+    assert abs(data["models"]["resnet18"]["params"] - 11.17e6) <= 0.01 * 11.17e6
+    assert data["config"]["numel"] == 100_000
+
+    throughput = {row["spec"]: row for row in data["throughput"]}
+    compression = {row["spec"]: row for row in data["compression"]}
+    assert set(throughput) == set(compression)
+    names = {row["compressor"] for row in data["throughput"]}
+    assert names == set(COMPRESSORS.names()), f"rows for {sorted(names)}, registered {COMPRESSORS.names()}"
+
+    for spec, row in throughput.items():
+        assert row["gbps"] > 0 and math.isfinite(row["gbps"]), spec
+        assert row["lowband_s"] > 0 and row["memcpy_s"] > 0, spec
+        assert row["payload_bytes"] > 0, spec
+        assert row["vs_reference"] is None or row["vs_reference"] > 0, spec
+    for spec, row in compression.items():
+        for model in ("gpt", "cnn", "resnet18"):
+            ratio = row["ratio"][model]
+            if row["compressor"] == "identity":
+                assert ratio == 1.0, (spec, model, ratio)
+            else:
+                assert ratio > 1, (spec, model, ratio)
+    assert compression["fp16"]["ratio"]["resnet18"] == 2.0
