@@ -62,7 +62,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         algos=(args.algo,), compress=compress, feedback=tuple(args.feedback.split(";")),
         workers=2 if args.quick else args.workers, steps=20 if args.quick else args.steps,
         eval_every=10 if args.quick else 25, warmup_steps=5 if args.quick else 20,
-        bandwidth=args.bandwidth, latency=args.latency, out=args.runs, name=args.name, progress=False,
+        bandwidth=args.bandwidth, latency=args.latency, out=args.runs, name=args.name,
     )
     print(f"convergence: {len(cfg.variants())} runs of {cfg.steps} steps on {cfg.workers} workers", file=sys.stderr)
     launch(worker_main, cfg.workers, cfg)

@@ -64,6 +64,8 @@ def test_non_finite_input_is_refused_with_its_name() -> None:
 def test_impossible_pairings_are_refused() -> None:
     with pytest.raises(ValueError, match="'fp16' is summable: all_gather would move n times the bytes"):
         Aggregator(Comm(), build("fp16", COMPRESSORS), build("none", FEEDBACK), collective="all_gather")
+    with pytest.raises(ValueError, match="'topk' cannot use all_reduce: its payloads from different ranks cannot be summed"):
+        Aggregator(Comm(), build("topk", COMPRESSORS), build("none", FEEDBACK), collective="all_reduce")
     with pytest.raises(ValueError, match="unknown collective 'ring'"):
         Aggregator(Comm(), build("fp16", COMPRESSORS), build("none", FEEDBACK), collective="ring")
 

@@ -141,8 +141,8 @@ class Summary:
 def load_run(run_dir: Path | str) -> Run:
     """Load ``run.json`` and every ``<algorithm>/rank<r>.jsonl`` under ``run_dir``.
 
-    Algorithms are ordered as in ``run.json``; folders with logs that ``run.json`` does not
-    list follow in name order, listed algorithms without logs are left out. A half-written
+    Algorithms are ordered as in ``run.json`` (folders it does not list, e.g. from an earlier
+    run under the same name, are ignored); listed algorithms without logs are left out. A half-written
     last line is ignored. Raises ``FileNotFoundError`` if ``run.json`` is missing or no
     rank log exists, ``ValueError`` if ``run.json`` or a complete log line is not JSON.
     """
@@ -156,8 +156,8 @@ def load_run(run_dir: Path | str) -> Run:
         raise ValueError(f"{meta_path} is not valid JSON: {err}") from None
     listed = list(meta.get("algorithms") or {})
     folders = {label: (meta.get("folders") or {}).get(label, label) for label in listed}
-    on_disk = sorted(p.name for p in run_dir.iterdir() if p.is_dir() and _rank_files(p))
-    folders.update({name: name for name in on_disk if name not in folders.values()})
+    if not folders:  # no list in run.json: every folder with rank logs, by name
+        folders = {p.name: p.name for p in sorted(run_dir.iterdir()) if p.is_dir() and _rank_files(p)}
     records: dict[str, list[list[Record]]] = {}
     for algo, folder in folders.items():
         per_rank = _load_algorithm(run_dir / folder, int(meta.get("world_size") or 0))
