@@ -120,3 +120,37 @@ def test_gathered_payloads_with_odd_byte_lengths_stay_aligned() -> None:
     Aggregator(Comm(), OddBytes(), build("none", FEEDBACK)).mean_(named)
     for (_, got), want in zip(named, expected):
         assert torch.equal(got, want)
+
+
+@record
+def async_overlap() -> tuple[float, float, float, bool]:
+    """(modelled s, wall s of mean_async + 0.6 s of 'compute' + wait, blocked s charged, correct)."""
+    import time
+
+    from lowband.net.link import Network
+
+    rank, world = init_from_env()
+    try:
+        comm = Comm(network=Network.parse("20mbit", "0ms", world))
+        agg = aggregator("identity", comm=comm)
+        x = torch.full((250_000,), float(rank))  # 1 MB
+        started = time.perf_counter()
+        pending = agg.mean_async([("x", x)])
+        time.sleep(0.6)  # the training thread computes meanwhile
+        pending.wait()
+        wall = time.perf_counter() - started
+        modelled = comm.ledger.records[-1].modelled
+        ok = bool(torch.all(x == sum(range(world)) / world))
+        agg.close()
+        comm.close()
+        return modelled, wall, comm.wait_seconds, ok
+    finally:
+        shutdown()
+
+
+def test_mean_async_overlaps_compute_and_charges_only_exposed_time() -> None:
+    for rank, (modelled, wall, blocked, ok) in launch(async_overlap, 2).items():
+        assert ok, rank
+        assert modelled == pytest.approx(0.4)  # 1 MB ring all-reduce over 20 Mbit/s, 2 ranks
+        assert wall < 0.6 + modelled * 0.5, (rank, wall)  # overlapped, not 1.0 s
+        assert blocked < 0.15, (rank, blocked)  # only the exposed part is charged

@@ -33,8 +33,17 @@ def test_compressors_and_feedback_make_variants_with_labels() -> None:
     assert Variant("diloco", "qsgd:bits=4,seed=1", "ef").folder == "diloco+qsgd-bits=4_seed=1+ef"
 
 
+def test_algorithm_specs_carry_their_own_options() -> None:
+    cfg = config_from_args(["--algo", "diloco:inner_steps=50;diloco", "-H", "10"])
+    assert cfg.algos == ("diloco:inner_steps=50", "diloco")
+    assert [cfg.options_for(v).inner_steps for v in cfg.variants()] == [50, 10]
+    assert cfg.variants()[0].algorithm == "diloco" and cfg.variants()[0].label == "diloco:inner_steps=50"
+
+
 @pytest.mark.parametrize("argv, message", [
     (["--algo", "dilco"], "unknown algorithm 'dilco'; choose one of: ddp, diloco"),
+    (["--algo", "diloco:inner=5"], "algorithm 'diloco': cannot read option 'inner=5'; options are: compress, feedback"),
+    (["--algo", "diloco:inner_steps=0"], "inner_steps (H) must be >= 1, got 0"),
     (["--model", "resnet"], "unknown model 'resnet'; choose one of: cnn, gpt"),
     (["--workers", "0"], "--workers must be >= 1, got 0"),
     (["--inner-steps", "0"], "--inner-steps must be >= 1, got 0"),

@@ -1,6 +1,7 @@
 """A tiny name -> factory registry, shared by compressors, feedback and algorithms.
 
-The CLI and configs resolve names through a registry, never through if/elif chains::
+The CLI and configs resolve names through a registry, never through if/elif chains, and
+read options from specs (``parse_spec('powersgd:rank=2', COMPRESSORS)``)::
 
     ALGORITHMS = Registry[type[Algorithm]]("algorithm")
 
@@ -13,9 +14,10 @@ The CLI and configs resolve names through a registry, never through if/elif chai
 
 from __future__ import annotations
 
+import dataclasses
 import importlib
 import pkgutil
-from typing import Callable, Generic, Iterator, TypeVar
+from typing import Any, Callable, Generic, Iterator, TypeVar
 
 T = TypeVar("T")
 
@@ -63,3 +65,46 @@ def import_submodules(package: str, path: list[str]) -> None:
     """
     for module in pkgutil.iter_modules(path):
         importlib.import_module(f"{package}.{module.name}")
+
+
+def parse_spec(spec: str, registry: "Registry[Any]") -> tuple[type, dict[str, Any]]:
+    """``'powersgd:rank=2,warmup=10'`` -> (PowerSGD class, {'rank': 2, 'warmup': 10}).
+
+    Values are converted to the type of the options field of the same name; unknown
+    options fail with the valid ones.
+    """
+    name, _, rest = spec.partition(":")
+    cls = registry.get(name.strip())
+    fields = {f.name: f for f in dataclasses.fields(cls.Options)}
+    kwargs: dict[str, Any] = {}
+    for item in filter(None, (part.strip() for part in rest.split(","))):
+        key, eq, value = item.partition("=")
+        key = key.strip()
+        if not eq or key not in fields:
+            valid = ", ".join(fields) or "none"
+            raise ValueError(f"{registry.kind} {name!r}: cannot read option {item!r}; options are: {valid}")
+        kwargs[key] = _convert(value.strip(), fields[key].type, f"{name}:{key}")
+    return cls, kwargs
+
+
+def _convert(value: str, annotation: Any, where: str) -> Any:
+    kind = str(annotation)
+    try:
+        if "bool" in kind:
+            if value.lower() not in ("true", "false", "1", "0", "yes", "no"):
+                raise ValueError(value)
+            return value.lower() in ("true", "1", "yes")
+        if "int" in kind and "float" not in kind:
+            return int(value)
+        if "float" in kind:
+            return float(value)
+    except ValueError:
+        raise ValueError(f"{where} must be a {kind}, got {value!r}") from None
+    return value
+
+
+def build(spec: str, registry: "Registry[Any]") -> Any:
+    """An instance from a spec string (``'qsgd:bits=4'``), options validated on construction."""
+    cls, kwargs = parse_spec(spec, registry)
+    return cls(cls.Options(**kwargs))
+

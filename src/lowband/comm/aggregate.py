@@ -21,7 +21,9 @@ pipeline runs without communicating, so compression error is visible in one proc
 
 from __future__ import annotations
 
+import time
 from collections import defaultdict
+from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Sequence
 
 import torch
@@ -35,6 +37,21 @@ COLLECTIVES = ("auto", "all_reduce", "all_gather")
 
 class NonFiniteError(ValueError):
     """A tensor about to be sent holds NaN or inf."""
+
+
+class PendingMean:
+    """A mean in flight (:meth:`Aggregator.mean_async`); ``wait()`` blocks until it is written back."""
+
+    def __init__(self, comm: Comm, future: Future) -> None:
+        self._comm, self._future = comm, future
+
+    def done(self) -> bool:
+        return self._future.done()
+
+    def wait(self) -> None:
+        started = time.perf_counter()
+        self._future.result()
+        self._comm.account_wait(time.perf_counter() - started)
 
 
 class Aggregator:
@@ -61,15 +78,38 @@ class Aggregator:
         self.comm, self.compressor, self.feedback, self.tag = comm, compressor, feedback, tag
         compressor.for_rank(comm.rank)
         self.small_numel, self.bucket_bytes = small_numel, int(bucket_mb * 1e6)
+        self._pool: ThreadPoolExecutor | None = None
 
-    @torch.no_grad()
     def mean_(self, named: Sequence[tuple[str, torch.Tensor]]) -> None:
-        """Replace every tensor of ``named`` in place with its mean over ranks."""
+        """Replace every tensor of ``named`` in place with its mean over ranks (blocks)."""
+        self.mean_async(named).wait()
+
+    def mean_async(self, named: Sequence[tuple[str, torch.Tensor]]) -> "PendingMean":
+        """Start :meth:`mean_` on the aggregator's thread; ``wait()`` on the result finishes it.
+
+        The tensors must not be touched until then. Every call, sync or async, runs on one
+        thread in call order, so collectives keep the same order on every rank. Non-finite
+        input is refused here, before anything is sent.
+        """
         for name, t in named:
             if not torch.isfinite(t).all():
                 bad = int((~torch.isfinite(t)).sum())
                 raise NonFiniteError(f"{name} holds {bad} non-finite values of {t.numel()}; not sent "
                                      "(lower the learning rate, or clip gradients with --grad-clip)")
+        if self._pool is None:
+            self._pool = ThreadPoolExecutor(1, thread_name_prefix="lowband-aggregate")
+        return PendingMean(self.comm, self._pool.submit(self._run, list(named)))
+
+    def _run(self, named: list[tuple[str, torch.Tensor]]) -> None:
+        with torch.no_grad(), self.comm.background():
+            self._mean(named)
+
+    def close(self) -> None:
+        if self._pool is not None:
+            self._pool.shutdown(wait=True)
+            self._pool = None
+
+    def _mean(self, named: Sequence[tuple[str, torch.Tensor]]) -> None:
         groups = self._groups(named)
         n = self.comm.world_size
         inputs = {key: self.feedback.compensate(key, _flat_or_self(members)) for key, members in groups.items()}

@@ -19,9 +19,11 @@ With ``world_size == 1`` (or no process group) nothing is sent and nothing recor
 
 from __future__ import annotations
 
+import contextlib
+import threading
 import time
 from concurrent.futures import Future, ThreadPoolExecutor
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 import torch
 import torch.distributed as dist
@@ -44,7 +46,7 @@ class Handle:
         if self._future is not None:
             started = time.perf_counter()
             self._result = self._future.result()
-            self._comm.wait_seconds += time.perf_counter() - started
+            self._comm.account_wait(time.perf_counter() - started)
             self._future = None
         return self._result
 
@@ -69,7 +71,8 @@ class Comm:
         self.network = network
         self.link = network.bottleneck() if network is not None else Link()
         self.ledger = Ledger()
-        self.wait_seconds = 0.0
+        self.wait_seconds = 0.0  # time the training thread spent blocked on communication
+        self._local = threading.local()
         self._pool = ThreadPoolExecutor(1, thread_name_prefix="lowband-comm") if self.world_size > 1 else None
 
     # -- collectives -------------------------------------------------------------------
@@ -117,6 +120,20 @@ class Comm:
         transfer = cost.point_to_point(_nbytes(tensor), link, sending=False)
         return self._submit("recv", tag, _nbytes(tensor), transfer,
                             lambda: (dist.recv(tensor, src, group=self.group), tensor)[1], tensor, async_op, peers=2)
+
+    def account_wait(self, seconds: float) -> None:
+        """Charge ``seconds`` of blocking to ``wait_seconds`` (not from background threads)."""
+        if not getattr(self._local, "background", False):
+            self.wait_seconds += seconds
+
+    @contextlib.contextmanager
+    def background(self) -> Iterator[None]:
+        """Within this context, waits on this thread are not the training thread's: not charged."""
+        self._local.background = True
+        try:
+            yield
+        finally:
+            self._local.background = False
 
     def barrier(self) -> None:
         """Wait for every rank (control traffic: not emulated, not charged)."""

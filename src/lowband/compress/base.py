@@ -18,14 +18,13 @@ yields one payload per communication round and receives the reduced result; the 
 
 from __future__ import annotations
 
-import dataclasses
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
 from typing import Any, ClassVar, Generator, Union
 
 import torch
 
-from lowband.registry import Registry
+from lowband.registry import Registry, build, parse_spec  # noqa: F401  (re-exported)
 
 
 @dataclass
@@ -97,46 +96,3 @@ class Compressor(ABC):
 
 
 COMPRESSORS: Registry[type[Compressor]] = Registry("compressor")
-
-
-def parse_spec(spec: str, registry: Registry[Any]) -> tuple[type, dict[str, Any]]:
-    """``'powersgd:rank=2,warmup=10'`` -> (PowerSGD class, {'rank': 2, 'warmup': 10}).
-
-    Values are converted to the type of the options field of the same name; unknown
-    options fail with the valid ones.
-    """
-    name, _, rest = spec.partition(":")
-    cls = registry.get(name.strip())
-    fields = {f.name: f for f in dataclasses.fields(cls.Options)}
-    kwargs: dict[str, Any] = {}
-    for item in filter(None, (part.strip() for part in rest.split(","))):
-        key, eq, value = item.partition("=")
-        key = key.strip()
-        if not eq or key not in fields:
-            valid = ", ".join(fields) or "none"
-            raise ValueError(f"{registry.kind} {name!r}: cannot read option {item!r}; options are: {valid}")
-        kwargs[key] = _convert(value.strip(), fields[key].type, f"{name}:{key}")
-    return cls, kwargs
-
-
-def _convert(value: str, annotation: Any, where: str) -> Any:
-    kind = str(annotation)
-    try:
-        if "bool" in kind:
-            if value.lower() not in ("true", "false", "1", "0", "yes", "no"):
-                raise ValueError(value)
-            return value.lower() in ("true", "1", "yes")
-        if "int" in kind and "float" not in kind:
-            return int(value)
-        if "float" in kind:
-            return float(value)
-    except ValueError:
-        raise ValueError(f"{where} must be a {kind}, got {value!r}") from None
-    return value
-
-
-def build(spec: str, registry: Registry[Any]) -> Any:
-    """An instance from a spec string (``'qsgd:bits=4'``), options validated on construction."""
-    cls, kwargs = parse_spec(spec, registry)
-    return cls(cls.Options(**kwargs))
-

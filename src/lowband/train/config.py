@@ -13,7 +13,8 @@ from pathlib import Path
 from typing import Any, Sequence
 
 from lowband.algorithms import ALGORITHMS
-from lowband.compress import COMPRESSORS, build
+from lowband.compress import COMPRESSORS
+from lowband.registry import build, parse_spec
 from lowband.feedback import FEEDBACK
 from lowband.net.link import Network
 from lowband.train.data import DATASETS, SHARDINGS
@@ -60,8 +61,6 @@ class TrainConfig:
     def __post_init__(self) -> None:
         if not self.algos:
             raise ValueError("give at least one algorithm with --algo")
-        for algo in self.algos:
-            ALGORITHMS.get(algo)  # raises with the valid names
         MODELS.get(self.model)
         for spec in self.compress:
             build(spec, COMPRESSORS)  # raises with the valid names, options and ranges
@@ -85,6 +84,8 @@ class TrainConfig:
         if self.warmup_steps < 0:
             raise ValueError(f"--warmup-steps must be >= 0, got {self.warmup_steps}")
         Network.parse(self.bandwidth, self.latency, self.workers)  # validates units and per-rank lists
+        for algo in self.algos:
+            self.options_for(Variant(algo))  # raises with the valid names, options and ranges
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -101,20 +102,26 @@ class TrainConfig:
         return out
 
     def options_for(self, variant: "Variant") -> Any:
-        """The variant's algorithm options, filled from the same-named config fields."""
-        options_cls = ALGORITHMS.get(variant.algo).Options
-        names = {f.name for f in dataclasses.fields(options_cls)}
+        """The variant's algorithm options: same-named config fields, then the spec's own options
+        (``diloco:inner_steps=50`` overrides ``--inner-steps``)."""
+        cls, spec_kwargs = parse_spec(variant.algo, ALGORITHMS)
+        names = {f.name for f in dataclasses.fields(cls.Options)}
         values = {**self.to_dict(), "compress": variant.compress, "feedback": variant.feedback}
-        return options_cls(**{k: v for k, v in values.items() if k in names})
+        return cls.Options(**{**{k: v for k, v in values.items() if k in names}, **spec_kwargs})
 
 
 @dataclass(frozen=True)
 class Variant:
     """One training run of a comparison: an algorithm with a compressor and a feedback."""
 
-    algo: str
+    algo: str  # an algorithm spec: 'diloco' or 'diloco:inner_steps=50'
     compress: str = "identity"
     feedback: str = "none"
+
+    @property
+    def algorithm(self) -> str:
+        """The registered name: ``diloco`` for ``diloco:inner_steps=50``."""
+        return self.algo.partition(":")[0].strip()
 
     @property
     def label(self) -> str:
@@ -133,7 +140,8 @@ def build_parser(prog: str = "lowband train") -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog=prog, description="Train a model across workers over an emulated slow link.",
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--algo", default=",".join(d.algos),
-                   help=f"comma-separated algorithms, run one after the other: {', '.join(ALGORITHMS.names())}")
+                   help=f"algorithms, run one after the other: {', '.join(ALGORITHMS.names())}; separated by ';' "
+                        "(or ',' when none has options), each with options: 'diloco:inner_steps=50;localsgd'")
     p.add_argument("--compress", default=";".join(d.compress),
                    help=f"what gradients (ddp) or outer gradients (diloco) become on the wire: {', '.join(COMPRESSORS.names())}, "
                         "with options ('topk:ratio=0.01', 'powersgd:rank=2'); several separated by ';' run one after the other")
@@ -169,11 +177,17 @@ def build_parser(prog: str = "lowband train") -> argparse.ArgumentParser:
     return p
 
 
+def split_specs(text: str) -> tuple[str, ...]:
+    """``'ddp;diloco:inner_steps=50'`` -> two specs; ``'ddp,diloco'`` (no options) too."""
+    sep = ";" if (";" in text or ":" in text) else ","
+    return tuple(part.strip() for part in text.split(sep) if part.strip())
+
+
 def config_from_args(argv: Sequence[str] | None = None, prog: str = "lowband train") -> TrainConfig:
     """Parse flags into a validated :class:`TrainConfig` (errors exit with one line)."""
     parser = build_parser(prog)
     ns = vars(parser.parse_args(argv))
-    ns["algos"] = tuple(a.strip() for a in ns.pop("algo").split(",") if a.strip())
+    ns["algos"] = split_specs(ns.pop("algo"))
     ns["compress"] = tuple(c.strip() for c in ns["compress"].split(";") if c.strip()) or ("identity",)
     ns["feedback"] = tuple(f.strip() for f in ns["feedback"].split(";") if f.strip()) or ("none",)
     try:

@@ -75,7 +75,7 @@ def lr_lambda(cfg: TrainConfig) -> Any:
 
 def build_algorithm(cfg: TrainConfig, variant: Variant, model: nn.Module, comm: Comm) -> Algorithm:
     optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, betas=(0.9, 0.95), weight_decay=cfg.weight_decay)
-    return ALGORITHMS.get(variant.algo)(model, optimizer, comm, cfg.options_for(variant), grad_clip=cfg.grad_clip)
+    return ALGORITHMS.get(variant.algorithm)(model, optimizer, comm, cfg.options_for(variant), grad_clip=cfg.grad_clip)
 
 
 @torch.no_grad()
