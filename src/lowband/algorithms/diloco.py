@@ -62,23 +62,35 @@ class DiLoCo(Algorithm):
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
-        o = self.options
         self.global_params = [p.detach().clone() for p in self.params]  # theta_g
-        self.outer_optimizer = torch.optim.SGD(self.global_params, lr=o.outer_lr,
-                                               momentum=o.outer_momentum, nesterov=o.nesterov)
+        self.outer_optimizer = self.build_outer_optimizer()
         self.outer_steps = 0
+        self.local_steps = 0  # inner steps since the last synchronisation
         self.aggregator = self.build_aggregator("outer")
+
+    # -- hooks for the DiLoCo family (local SGD, QSR, streaming, eager, delayed) ------------
+    def build_outer_optimizer(self) -> torch.optim.Optimizer:
+        o = self.options
+        return torch.optim.SGD(self.global_params, lr=o.outer_lr, momentum=o.outer_momentum, nesterov=o.nesterov)
+
+    def period(self) -> int:
+        """Inner steps in the current round (H; QSR makes it grow as the lr decays)."""
+        return self.options.inner_steps
 
     @torch.no_grad()
     def after_step(self) -> None:
-        if self.step_count % self.options.inner_steps == 0:
+        self.local_steps += 1
+        if self.local_steps >= self.period():
             self.synchronise()
+            self.local_steps = 0
+
+    def outer_gradients(self) -> list[tuple[str, torch.Tensor]]:
+        """Step 2: delta_i = theta_g - theta_i per parameter (fresh tensors)."""
+        return [(name, g - p) for (name, p), g in zip(self.named_params, self.global_params)]
 
     @torch.no_grad()
-    def synchronise(self) -> None:
-        """Steps 2-5: outer gradient, average, outer step, copy back."""
-        deltas = [(name, g - p) for (name, p), g in zip(self.named_params, self.global_params)]
-        self.aggregator.mean_(deltas)
+    def apply_outer(self, deltas: list[tuple[str, torch.Tensor]]) -> None:
+        """Steps 4-5: outer optimizer step on theta_g with the averaged delta, copy into the model."""
         for g, (_, d) in zip(self.global_params, deltas):
             g.grad = d
         self.outer_optimizer.step()
@@ -86,6 +98,13 @@ class DiLoCo(Algorithm):
         for p, g in zip(self.params, self.global_params):
             p.copy_(g)
         self.outer_steps += 1
+
+    @torch.no_grad()
+    def synchronise(self) -> None:
+        """Steps 2-5: outer gradient, average, outer step, copy back."""
+        deltas = self.outer_gradients()
+        self.aggregator.mean_(deltas)
+        self.apply_outer(deltas)
 
     @contextlib.contextmanager
     def evaluation_parameters(self) -> Iterator[None]:
@@ -102,7 +121,7 @@ class DiLoCo(Algorithm):
                     p.copy_(saved)
 
     def state_dict(self) -> dict[str, Any]:
-        return {**super().state_dict(), "outer_steps": self.outer_steps,
+        return {**super().state_dict(), "outer_steps": self.outer_steps, "local_steps": self.local_steps,
                 "global_params": [g.clone() for g in self.global_params],
                 "outer_optimizer": self.outer_optimizer.state_dict(),
                 "compressor": self.aggregator.compressor.state_dict(),
@@ -111,6 +130,7 @@ class DiLoCo(Algorithm):
     def load_state_dict(self, state: dict[str, Any]) -> None:
         super().load_state_dict(state)
         self.outer_steps = int(state["outer_steps"])
+        self.local_steps = int(state["local_steps"])
         with torch.no_grad():
             for g, saved in zip(self.global_params, state["global_params"]):
                 g.copy_(saved)
