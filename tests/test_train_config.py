@@ -82,3 +82,18 @@ def test_cli_report_on_missing_folder_names_it(tmp_path, capsys: pytest.CaptureF
     missing = tmp_path / "nope"
     assert cli_main(["report", str(missing)]) == 1
     assert str(missing) in capsys.readouterr().err
+
+
+def test_outer_optimizer_choices() -> None:
+    import torch
+
+    from lowband.algorithms.diloco import DiLoCo
+    from lowband.comm import Comm
+
+    model = torch.nn.Linear(3, 2)
+    algo = DiLoCo(model, torch.optim.SGD(model.parameters(), lr=0.1), Comm(),
+                  config_from_args(["--algo", "diloco:outer_optimizer=adam,outer_lr=0.01"]).options_for(
+                      Variant("diloco:outer_optimizer=adam,outer_lr=0.01")))
+    assert isinstance(algo.outer_optimizer, torch.optim.Adam)
+    with pytest.raises(ValueError, match="outer_optimizer must be one of sgd, adam, got 'lamb'"):
+        DiLoCoOptions(outer_optimizer="lamb")

@@ -8,8 +8,9 @@ paper), then synchronise once:
    delta_i = theta_g - theta_i;
 3. the outer gradients are averaged over ranks: delta = mean_i delta_i (all-reduced in
    fp32, or through any compressor with error feedback: ``compress="qsgd:bits=4"``);
-4. the outer optimizer (SGD with Nesterov momentum, lr 0.7, momentum 0.9 in the paper)
-   steps theta_g with gradient delta;
+4. the outer optimizer (SGD with Nesterov momentum, lr 0.7, momentum 0.9 in the paper;
+   ``outer_optimizer="adam"`` or ``nesterov=False`` for the alternatives the paper
+   compares) steps theta_g with gradient delta;
 5. every rank copies theta_g into its model and continues; the inner optimizer state is
    kept across rounds, as in the paper.
 
@@ -33,13 +34,17 @@ import torch
 from lowband.algorithms.base import ALGORITHMS, Algorithm, SyncOptions
 
 
+OUTER_OPTIMIZERS = ("sgd", "adam")
+
+
 @dataclass(frozen=True)
 class DiLoCoOptions(SyncOptions):
     """``compress``/``feedback`` apply to the outer gradient (``compress="qsgd:bits=4"``)."""
 
     inner_steps: int = 20  # H: inner steps between synchronisations
+    outer_optimizer: str = "sgd"  # "sgd" (Nesterov by default, as the paper) or "adam"
     outer_lr: float = 0.7
-    outer_momentum: float = 0.9
+    outer_momentum: float = 0.9  # sgd: momentum; adam: beta1
     nesterov: bool = True
 
     def __post_init__(self) -> None:
@@ -50,7 +55,9 @@ class DiLoCoOptions(SyncOptions):
             raise ValueError(f"outer_lr must be > 0, got {self.outer_lr}")
         if not 0 <= self.outer_momentum < 1:
             raise ValueError(f"outer_momentum must be in [0, 1), got {self.outer_momentum}")
-        if self.nesterov and self.outer_momentum == 0:
+        if self.outer_optimizer not in OUTER_OPTIMIZERS:
+            raise ValueError(f"outer_optimizer must be one of {', '.join(OUTER_OPTIMIZERS)}, got {self.outer_optimizer!r}")
+        if self.outer_optimizer == "sgd" and self.nesterov and self.outer_momentum == 0:
             raise ValueError("nesterov needs outer_momentum > 0; set nesterov=False for plain SGD")
 
 
@@ -71,7 +78,10 @@ class DiLoCo(Algorithm):
     # -- hooks for the DiLoCo family (local SGD, QSR, streaming, eager, delayed) ------------
     def build_outer_optimizer(self) -> torch.optim.Optimizer:
         o = self.options
-        return torch.optim.SGD(self.global_params, lr=o.outer_lr, momentum=o.outer_momentum, nesterov=o.nesterov)
+        if o.outer_optimizer == "adam":
+            return torch.optim.Adam(self.global_params, lr=o.outer_lr, betas=(o.outer_momentum, 0.999))
+        return torch.optim.SGD(self.global_params, lr=o.outer_lr, momentum=o.outer_momentum,
+                               nesterov=o.nesterov and o.outer_momentum > 0)
 
     def period(self) -> int:
         """Inner steps in the current round (H; QSR makes it grow as the lr decays)."""

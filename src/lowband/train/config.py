@@ -42,6 +42,7 @@ class TrainConfig:
     weight_decay: float = 0.1
     grad_clip: float = 1.0
     inner_steps: int = 20
+    outer_optimizer: str = "sgd"
     outer_lr: float = 0.7
     outer_momentum: float = 0.9
     nesterov: bool = True
@@ -159,7 +160,9 @@ def build_parser(prog: str = "lowband train") -> argparse.ArgumentParser:
     p.add_argument("--weight-decay", type=float, default=d.weight_decay)
     p.add_argument("--grad-clip", type=float, default=d.grad_clip, help="clip the local gradient norm (0: off)")
     p.add_argument("--inner-steps", "-H", type=int, default=d.inner_steps, help="DiLoCo: inner steps per round")
-    p.add_argument("--outer-lr", type=float, default=d.outer_lr, help="DiLoCo: outer Nesterov learning rate")
+    p.add_argument("--outer-optimizer", default=d.outer_optimizer, choices=("sgd", "adam"),
+                   help="DiLoCo: outer optimizer (sgd is Nesterov unless --no-nesterov)")
+    p.add_argument("--outer-lr", type=float, default=d.outer_lr, help="DiLoCo: outer learning rate")
     p.add_argument("--outer-momentum", type=float, default=d.outer_momentum)
     p.add_argument("--no-nesterov", dest="nesterov", action="store_false", help="DiLoCo: plain momentum SGD outside")
     p.add_argument("--bucket-mb", type=float, default=d.bucket_mb, help="DDP: gradient bucket size")
