@@ -204,3 +204,16 @@ def test_helpers() -> None:
     assert format_seconds(245) == "4m 05s"
     assert format_seconds(3725) == "1h 02m"
     assert format_seconds(None) == "-"
+
+
+def test_peak_step_bytes_and_overlap_from_the_ledger(run_dir: Path) -> None:
+    # diloco's rank 0 ledger: the link carried traffic for 8 s; it blocked 20 x 0.1 = 2 s of them
+    ledger = [{"op": "all_reduce", "start": 10.0 * i, "end": 10.0 * i + 4.0} for i in range(2)]
+    (run_dir / "diloco" / "ledger_rank0.jsonl").write_text("\n".join(json.dumps(r) for r in ledger) + "\n")
+    (run_dir / "diloco" / "ledger_rank1.jsonl").write_text("\n".join(json.dumps(r) for r in ledger) + "\n")
+    summary = summarize(load_run(run_dir))
+    diloco, ddp = summary.row("diloco"), summary.row("ddp")
+    assert diloco.peak_step_bytes == 120  # rank 1 sends 120 bytes a step
+    assert diloco.link_busy_s == pytest.approx(8.0)
+    assert diloco.overlap_fraction == pytest.approx(0.75)  # 1 - 2 s exposed / 8 s busy
+    assert ddp.link_busy_s == 0.0 and ddp.overlap_fraction is None  # no ledger written

@@ -32,12 +32,12 @@ if TYPE_CHECKING:
     from rich.console import Console
 
 HEADERS = (
-    "algorithm", "final train loss", "final val loss", "bytes sent/worker", "bytes/step", "wall-clock",
-    "compute s", "comm s", "time to target", "bytes to target", "vs baseline",
+    "algorithm", "final train loss", "final val loss", "bytes sent/worker", "bytes/step", "peak bytes/step",
+    "wall-clock", "compute s", "comm s", "overlap", "time to target", "bytes to target", "vs baseline",
 )
 CONSOLE_HEADERS = (  # HEADERS without "vs baseline", folded to fit 80 columns
-    "algo", "train\nloss", "val\nloss", "sent/\nworker", "bytes/\nstep", "wall-\nclock", "compute\ns",
-    "comm\ns", "time to\ntarget", "bytes to\ntarget",
+    "algo", "train\nloss", "val\nloss", "sent/\nworker", "bytes/\nstep", "peak\nbytes/step", "wall-\nclock",
+    "compute\ns", "comm\ns", "over-\nlap", "time to\ntarget", "bytes to\ntarget",
 )
 PLOTS = (  # (file stem, record key for x, axis label)
     ("loss_vs_steps", "step", "training step"),
@@ -107,9 +107,11 @@ def table_rows(summary: Summary) -> list[list[str]]:
             format_loss(row.final_val_loss),
             format_bytes(row.bytes_sent_per_worker),
             format_bytes(row.bytes_sent_per_worker / max(row.steps, 1)),
+            format_bytes(row.peak_step_bytes),
             format_seconds(row.wall_clock_s),
             f"{row.compute_s:.1f}",
             f"{row.comm_s:.1f}",
+            "-" if row.overlap_fraction is None else f"{row.overlap_fraction:.0%}",
             format_seconds(row.time_to_target_s),
             "-" if row.bytes_to_target is None else format_bytes(row.bytes_to_target),
             ratio_text(ratio, row),

@@ -46,6 +46,7 @@ class Run:
     path: Path
     meta: dict[str, Any]
     records: dict[str, list[list[Record]]] = field(default_factory=dict)
+    link_busy: dict[str, list[float]] = field(default_factory=dict)  # per rank: seconds the link was busy
 
     @property
     def name(self) -> str:
@@ -79,6 +80,9 @@ class AlgorithmSummary:
     compute_s: float
     comm_s: float
     comm_fraction: float | None
+    peak_step_bytes: float  # most bytes one rank sent in one step (steps after the first)
+    link_busy_s: float  # mean over ranks: seconds the link carried traffic
+    overlap_fraction: float | None  # share of link time hidden behind compute: 1 - exposed / busy
     time_to_target_s: float | None
     bytes_to_target: float | None
 
@@ -159,14 +163,16 @@ def load_run(run_dir: Path | str) -> Run:
     if not folders:  # no list in run.json: every folder with rank logs, by name
         folders = {p.name: p.name for p in sorted(run_dir.iterdir()) if p.is_dir() and _rank_files(p)}
     records: dict[str, list[list[Record]]] = {}
+    link_busy: dict[str, list[float]] = {}
     for algo, folder in folders.items():
         per_rank = _load_algorithm(run_dir / folder, int(meta.get("world_size") or 0))
         if any(per_rank):
             records[algo] = per_rank
+            link_busy[algo] = [_link_busy(run_dir / folder / f"ledger_rank{r}.jsonl") for r in range(len(per_rank))]
     if not records:
         expected = f"{run_dir}/<algorithm>/rank<r>.jsonl"
         raise FileNotFoundError(f"no rank logs in {run_dir} (expected {expected})")
-    return Run(path=run_dir, meta=meta, records=records)
+    return Run(path=run_dir, meta=meta, records=records, link_busy=link_busy)
 
 
 def _rank_files(folder: Path) -> dict[int, Path]:
@@ -179,6 +185,13 @@ def _rank_files(folder: Path) -> dict[int, Path]:
     return found
 
 
+def _link_busy(path: Path) -> float:
+    """Seconds the rank's link carried traffic (sum of ledger ``end - start``; 0 if no ledger)."""
+    if not path.is_file():
+        return 0.0
+    return sum(float(r["end"]) - float(r["start"]) for r in _read_jsonl(path, key="op"))
+
+
 def _load_algorithm(folder: Path, world_size: int) -> list[list[Record]]:
     """Per-rank records of one algorithm, index = rank; missing ranks are empty lists."""
     files = _rank_files(folder) if folder.is_dir() else {}
@@ -186,7 +199,7 @@ def _load_algorithm(folder: Path, world_size: int) -> list[list[Record]]:
     return [_read_jsonl(files[r]) if r in files else [] for r in range(size)]
 
 
-def _read_jsonl(path: Path) -> list[Record]:
+def _read_jsonl(path: Path, key: str = "step") -> list[Record]:
     """The JSON objects of ``path``, one a line; a broken *last* line (crash) is dropped."""
     lines = [line for line in path.read_text().splitlines() if line.strip()]
     records: list[Record] = []
@@ -197,7 +210,7 @@ def _read_jsonl(path: Path) -> list[Record]:
             if number == len(lines):
                 break
             raise ValueError(f"{path}:{number} is not valid JSON: {err}") from None
-        if isinstance(record, dict) and "step" in record:
+        if isinstance(record, dict) and key in record:
             records.append(record)
     return records
 
@@ -212,7 +225,7 @@ def summarize(run: Run, target_loss: float | None = None) -> Summary:
     ``config["target_loss"]`` if set, else automatic: the largest of the algorithms' best
     validation losses, i.e. the lowest loss every algorithm reaches.
     """
-    stats = {algo: _base_stats(run.records[algo]) for algo in run.algorithms}
+    stats = {algo: _base_stats(run.records[algo], run.link_busy.get(algo, [])) for algo in run.algorithms}
     target, auto = _choose_target(run, target_loss, stats)
     rows = tuple(
         _row(algo, run.records[algo], stats[algo], target) for algo in run.algorithms
@@ -257,7 +270,13 @@ def _val_points(records: list[Record]) -> list[Record]:
     return [r for r in records if _is_finite(r.get("val_loss"))]
 
 
-def _base_stats(per_rank: list[list[Record]]) -> dict[str, Any]:
+def _peak_step_bytes(records: list[Record]) -> float:
+    """The most bytes sent in one step, leaving out step 1 (it carries the initial broadcast)."""
+    sent = [float(r.get("bytes_sent", 0)) for r in records]
+    return max((b - a for a, b in zip(sent, sent[1:])), default=sent[0] if sent else 0.0)
+
+
+def _base_stats(per_rank: list[list[Record]], link_busy: list[float]) -> dict[str, Any]:
     """Target-independent numbers of one algorithm."""
     ranks = _present(per_rank)
     reference = ranks[0]  # rank 0, or the lowest rank that logged
@@ -266,6 +285,7 @@ def _base_stats(per_rank: list[list[Record]]) -> dict[str, Any]:
     tails = [tail for tail in tails if tail]
     compute = _mean([sum(float(r.get("compute_s", 0.0)) for r in records) for records in ranks])
     comm = _mean([sum(float(r.get("comm_s", 0.0)) for r in records) for records in ranks])
+    busy = _mean(link_busy) if link_busy else 0.0
     return {
         "ranks": len(ranks),
         "steps": max(int(records[-1]["step"]) for records in ranks),
@@ -278,6 +298,9 @@ def _base_stats(per_rank: list[list[Record]]) -> dict[str, Any]:
         "compute_s": compute,
         "comm_s": comm,
         "comm_fraction": comm / (compute + comm) if compute + comm > 0 else None,
+        "peak_step_bytes": max(_peak_step_bytes(records) for records in ranks),
+        "link_busy_s": busy,
+        "overlap_fraction": max(0.0, 1.0 - comm / busy) if busy > 0 else None,
     }
 
 
