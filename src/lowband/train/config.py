@@ -21,6 +21,7 @@ from lowband.train.data import DATASETS, SHARDINGS
 from lowband.train.models import MODELS
 
 SCHEDULES = ("cosine", "constant")
+DEFAULT = "default"  # --compress/--feedback: the algorithm's own default
 
 
 @dataclass(frozen=True)
@@ -28,8 +29,8 @@ class TrainConfig:
     """Everything one training run needs; defaults are the main job (`lowband train`)."""
 
     algos: tuple[str, ...] = ("ddp", "diloco")
-    compress: tuple[str, ...] = ("identity",)
-    feedback: tuple[str, ...] = ("none",)
+    compress: tuple[str, ...] = (DEFAULT,)  # DEFAULT: each algorithm's own default (identity for ddp)
+    feedback: tuple[str, ...] = (DEFAULT,)
     model: str = "gpt"
     data: str = "shakespeare"
     workers: int = 4
@@ -64,9 +65,11 @@ class TrainConfig:
             raise ValueError("give at least one algorithm with --algo")
         MODELS.get(self.model)
         for spec in self.compress:
-            build(spec, COMPRESSORS)  # raises with the valid names, options and ranges
+            if spec != DEFAULT:
+                build(spec, COMPRESSORS)  # raises with the valid names, options and ranges
         for spec in self.feedback:
-            build(spec, FEEDBACK)
+            if spec != DEFAULT:
+                build(spec, FEEDBACK)
         if self.data not in DATASETS and not Path(self.data).expanduser().exists():
             raise ValueError(f"data file not found: {self.data} (or use one of: {', '.join(DATASETS.names())})")
         positive = ("workers", "steps", "batch_size", "inner_steps", "eval_every", "eval_batches", "threads")
@@ -97,7 +100,8 @@ class TrainConfig:
         for algo in self.algos:
             for compress in self.compress:
                 for feedback in self.feedback:
-                    if compress == "identity" and feedback != "none" and "none" in self.feedback:
+                    if compress == "identity" and feedback not in ("none", DEFAULT) and \
+                            {"none", DEFAULT} & set(self.feedback):
                         continue  # uncompressed with feedback is uncompressed
                     out.append(Variant(algo, compress, feedback))
         return out
@@ -107,8 +111,10 @@ class TrainConfig:
         (``diloco:inner_steps=50`` overrides ``--inner-steps``)."""
         cls, spec_kwargs = parse_spec(variant.algo, ALGORITHMS)
         names = {f.name for f in dataclasses.fields(cls.Options)}
-        values = {**self.to_dict(), "compress": variant.compress, "feedback": variant.feedback}
-        return cls.Options(**{**{k: v for k, v in values.items() if k in names}, **spec_kwargs})
+        values = {k: v for k, v in self.to_dict().items() if k in names and k not in ("compress", "feedback")}
+        values.update({k: v for k, v in (("compress", variant.compress), ("feedback", variant.feedback))
+                       if v != DEFAULT and k in names})
+        return cls.Options(**{**values, **spec_kwargs})
 
 
 @dataclass(frozen=True)
@@ -116,8 +122,8 @@ class Variant:
     """One training run of a comparison: an algorithm with a compressor and a feedback."""
 
     algo: str  # an algorithm spec: 'diloco' or 'diloco:inner_steps=50'
-    compress: str = "identity"
-    feedback: str = "none"
+    compress: str = DEFAULT
+    feedback: str = DEFAULT
 
     @property
     def algorithm(self) -> str:
@@ -127,7 +133,10 @@ class Variant:
     @property
     def label(self) -> str:
         """``ddp``, ``ddp+topk:ratio=0.01``, ``diloco+qsgd:bits=4+ef``."""
-        parts = [self.algo] + [p for p, plain in ((self.compress, "identity"), (self.feedback, "none")) if p != plain]
+        defaults = ALGORITHMS.get(self.algorithm).Options()
+        own = {"compress": getattr(defaults, "compress", "identity"), "feedback": getattr(defaults, "feedback", "none")}
+        parts = [self.algo] + [v for k, v in (("compress", self.compress), ("feedback", self.feedback))
+                               if v not in (DEFAULT, own[k])]
         return "+".join(parts)
 
     @property
@@ -144,10 +153,11 @@ def build_parser(prog: str = "lowband train") -> argparse.ArgumentParser:
                    help=f"algorithms, run one after the other: {', '.join(ALGORITHMS.names())}; separated by ';' "
                         "(or ',' when none has options), each with options: 'diloco:inner_steps=50;localsgd'")
     p.add_argument("--compress", default=";".join(d.compress),
-                   help=f"what gradients (ddp) or outer gradients (diloco) become on the wire: {', '.join(COMPRESSORS.names())}, "
+                   help=f"what gradients (ddp) or outer gradients (diloco) become on the wire: 'default' (the algorithm's own: "
+                        f"fp32 for most, 4-bit for streaming-diloco), {', '.join(COMPRESSORS.names())}, "
                         "with options ('topk:ratio=0.01', 'powersgd:rank=2'); several separated by ';' run one after the other")
     p.add_argument("--feedback", default=";".join(d.feedback),
-                   help=f"error feedback: {', '.join(FEEDBACK.names())}; several separated by ';'")
+                   help=f"error feedback: 'default' (the algorithm's own), {', '.join(FEEDBACK.names())}; several separated by ';'")
     p.add_argument("--model", default=d.model, help=f"one of: {', '.join(MODELS.names())}")
     p.add_argument("--data", default=d.data, help="shakespeare, mnist, or a path to a text file or folder")
     p.add_argument("--workers", type=int, default=d.workers, help="worker processes (ignored under torchrun)")
@@ -191,8 +201,8 @@ def config_from_args(argv: Sequence[str] | None = None, prog: str = "lowband tra
     parser = build_parser(prog)
     ns = vars(parser.parse_args(argv))
     ns["algos"] = split_specs(ns.pop("algo"))
-    ns["compress"] = tuple(c.strip() for c in ns["compress"].split(";") if c.strip()) or ("identity",)
-    ns["feedback"] = tuple(f.strip() for f in ns["feedback"].split(";") if f.strip()) or ("none",)
+    ns["compress"] = tuple(c.strip() for c in ns["compress"].split(";") if c.strip()) or (DEFAULT,)
+    ns["feedback"] = tuple(f.strip() for f in ns["feedback"].split(";") if f.strip()) or (DEFAULT,)
     try:
         return TrainConfig(**ns)
     except ValueError as err:

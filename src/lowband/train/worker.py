@@ -109,6 +109,8 @@ def train_one(cfg: TrainConfig, variant: Variant, data: Dataset, network: Networ
             loss.backward()
             algo.step()
             algo.zero_grad()
+            if step == cfg.steps:
+                algo.finish()  # land what is in flight: the last row and evaluation see the final model
             scheduler.step()
             elapsed, comm_s = time.perf_counter() - started, comm.wait_seconds - waited
             clock += elapsed
@@ -123,7 +125,6 @@ def train_one(cfg: TrainConfig, variant: Variant, data: Dataset, network: Networ
                 progress.evaluation(step, cfg.steps, row["loss"], val_loss, comm.ledger.bytes_sent, clock)
             metrics.write(row)
             progress.update(step, row["loss"], comm.ledger.bytes_sent, clock)
-    algo.finish()
     comm.close()
     with MetricsWriter(algo_dir / f"ledger_rank{rank}.jsonl") as ledger_out:
         for rec in comm.ledger.records:
