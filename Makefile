@@ -6,7 +6,7 @@ BIN    := $(VENV)/bin
 TORCH  ?= torch==2.13.0
 ARGS   ?=
 
-.PHONY: setup run test test-slow bench clean
+.PHONY: setup run test test-slow bench peers clean
 
 $(BIN)/lowband: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -29,6 +29,12 @@ test-slow: setup
 
 bench: setup
 	$(BIN)/python benchmarks/emulation.py $(ARGS)
+
+# Optional peer for comparisons (docs/peers.md): torchft, installed without touching the pinned torch.
+peers: setup
+	$(BIN)/pip install -q --no-deps torchft==0.2.0
+	$(BIN)/pip install -q opentelemetry-api opentelemetry-sdk opentelemetry-exporter-otlp-proto-http
+	$(BIN)/python -c "import torch; assert torch.__version__.startswith('2.13.0'), torch.__version__"
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache

@@ -90,7 +90,10 @@ class Algorithm:
         """After the inner step; default: nothing."""
 
     def finish(self) -> None:
-        """At the end of training: complete anything in flight."""
+        """At the end of training: complete anything in flight, stop background threads."""
+        aggregator = getattr(self, "aggregator", None)
+        if aggregator is not None:
+            aggregator.close()
 
     @contextlib.contextmanager
     def evaluation_parameters(self) -> Iterator[None]:

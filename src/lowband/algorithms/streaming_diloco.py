@@ -193,7 +193,7 @@ class StreamingDiLoCo(DiLoCo):
     def finish(self) -> None:
         """End of training: apply the fragments still in flight, stop the aggregator's thread."""
         self.synchronise()
-        self.aggregator.close()
+        super().finish()
 
     # -- state ----------------------------------------------------------------------------
     def wait_in_flight(self) -> None:

@@ -186,10 +186,11 @@ def _rank_files(folder: Path) -> dict[int, Path]:
 
 
 def _link_busy(path: Path) -> float:
-    """Seconds the rank's link carried traffic (sum of ledger ``end - start``; 0 if no ledger)."""
+    """Seconds the rank's link carried training traffic (sum of ledger ``end - start``; 0 if no ledger)."""
     if not path.is_file():
         return 0.0
-    return sum(float(r["end"]) - float(r["start"]) for r in _read_jsonl(path, key="op"))
+    records = _read_jsonl(path, key="op")  # the initial broadcast happens before the step clock starts
+    return sum(float(r["end"]) - float(r["start"]) for r in records if r.get("tag") != "init")
 
 
 def _load_algorithm(folder: Path, world_size: int) -> list[list[Record]]:

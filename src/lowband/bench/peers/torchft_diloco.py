@@ -1,0 +1,532 @@
+"""torchft's DiLoCo and Streaming DiLoCo on lowband's task, over lowband's emulated link.
+
+torchft (github.com/pytorch/torchft, version 0.2.0) is the fault-tolerance library whose
+``torchft.local_sgd.DiLoCo`` implements DiLoCo (arXiv:2311.08105) and, given several model
+fragments, Streaming DiLoCo (arXiv:2501.18512). This runner:
+
+1. starts torchft's lighthouse (``torchft_lighthouse --bind 127.0.0.1:PORT``) as a
+   subprocess, always terminated at the end;
+2. starts ``cfg.workers`` processes through lowband's :func:`~lowband.train.launch.launch`;
+   each is its own replica group of size 1 (its own TCPStore on 127.0.0.1, replica id
+   ``lowband_<r>``) with a ``Manager(pg=<emulated gloo>, use_async_quorum=False,
+   init_sync=False)`` -- every replica builds the same initial model from the seed, so no
+   checkpoint is ever sent; the HTTP checkpoint server is replaced by one that refuses
+   (recovery would move bytes past the emulated link, so it fails the run with one line);
+3. trains exactly what ``lowband train`` trains (``build_model``, AdamW, ``lr_lambda``, the
+   per-rank batch generator, gradient clipping, the same validation batches), with torchft's
+   ``DiLoCo`` hooked onto the inner optimizer: H = ``--inner-steps``, outer SGD with
+   Nesterov momentum (``--outer-lr``/``--outer-momentum``), and for streaming ``fragments``
+   contiguous parameter fragments (cut as lowband's ``streaming-diloco`` cuts them),
+   ``fragment_sync_delay=tau`` and ``fragment_update_alpha=alpha``;
+4. every allreduce torchft issues goes through :class:`EmulatedLink`: the real gloo
+   collective, then a sleep until its end + the ring all-reduce time of the alpha-beta model
+   (one transfer at a time, as :class:`lowband.comm.Comm` does), and a ledger record with the
+   ring's bytes (:func:`lowband.net.cost.ring_all_reduce`);
+5. writes ``<run>/<label>/rank<r>.jsonl`` (lowband's per-step rows) and
+   ``ledger_rank<r>.jsonl``, and adds ``label`` to ``run.json``.
+
+``comm_s`` is the time the training thread is blocked in torchft's communication: waiting
+for allreduces, and its control plane (``start_quorum``: the lighthouse round trip, which
+also waits for the slower replica, and ``should_commit``), which runs on real loopback.
+
+Example::
+
+    python -m lowband.bench.peers.torchft_diloco --streaming --workers 2 --steps 60 \\
+        --out runs --name t --no-progress
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import functools
+import importlib.metadata
+import json
+import logging
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import asdict, dataclass
+from datetime import timedelta
+from pathlib import Path
+from typing import Any, Iterator, Sequence
+
+import torch
+from torch import nn
+from torch.distributed.elastic.multiprocessing.errors import record
+
+from lowband.comm.ledger import Ledger, Record
+from lowband.net import cost
+from lowband.net.link import Link, Network
+from lowband.train.config import TrainConfig, config_from_args
+from lowband.train.data import load_dataset
+from lowband.train.launch import WorkerFailed, launch
+from lowband.train.metrics import MetricsWriter
+from lowband.train.worker import build_model, lr_lambda
+
+TORCHFT_VERSION = "0.2.0"
+INSTALL = (f"pip install --no-deps torchft=={TORCHFT_VERSION} && "
+           "pip install opentelemetry-api opentelemetry-sdk opentelemetry-exporter-otlp-proto-http")
+TIMEOUT = timedelta(seconds=600)  # collectives, quorum and RPCs: generous on a loaded 2-core machine
+SAME_TASK = ("model", "data", "steps", "batch_size", "lr", "min_lr_ratio", "warmup_steps", "schedule",
+             "weight_decay", "grad_clip", "sharding", "seed", "eval_every", "eval_batches")
+
+
+class PeerError(RuntimeError):
+    """The peer cannot run here; the message is one line saying why."""
+
+
+@dataclass(frozen=True)
+class PeerOptions:
+    """What torchft's ``DiLoCo`` is given besides lowband's config (H, outer optimizer)."""
+
+    streaming: bool = False
+    fragments: int = 1  # torchft model fragments (Streaming DiLoCo's P)
+    tau: int = 0  # fragment_sync_delay: inner steps an allreduce may overlap
+    alpha: float = 0.0  # fragment_update_alpha: share of the local fragment kept on arrival
+    bucketize: bool = True  # one flat allreduce per fragment (torchft's default is one per tensor)
+    quantize: bool = False  # should_quantize: needs triton (and a GPU); refused without it
+
+    @property
+    def label(self) -> str:
+        return "torchft-streaming" if self.streaming else "torchft-diloco"
+
+    @classmethod
+    def for_mode(cls, streaming: bool, fragments: int | None = None, tau: int | None = None,
+                 alpha: float | None = None, bucketize: bool = True, quantize: bool = False) -> "PeerOptions":
+        """Defaults as lowband's ``streaming-diloco`` (P=4, tau=1, alpha=0.5) or plain DiLoCo (1, 0, 0)."""
+        d = (4, 1, 0.5) if streaming else (1, 0, 0.0)
+        return cls(streaming, d[0] if fragments is None else fragments, d[1] if tau is None else tau,
+                   d[2] if alpha is None else alpha, bucketize, quantize)
+
+
+# ----------------------------------------------------------------------------- the emulated link
+
+
+class EmulatedLink:
+    """Charges collectives as :class:`lowband.comm.Comm` does, for a process group it does not own.
+
+    ``submit(work, tensors, n)`` takes a real collective in flight; a single background thread
+    waits for it, sleeps until its end + the modelled ring all-reduce time (when the network
+    is emulated), records it in ``ledger`` and completes the returned work's future.
+    """
+
+    def __init__(self, link: Link, emulate: bool, tag: str = "outer") -> None:
+        self.link, self.emulate, self.tag = link, emulate, tag
+        self.ledger = Ledger()
+        self.wait_seconds = 0.0  # training thread blocked on this link
+        self._pool = ThreadPoolExecutor(1, thread_name_prefix="lowband-link")
+
+    def submit(self, work: Any, tensors: list[torch.Tensor], n: int) -> torch.futures.Future:
+        payload = sum(t.numel() * t.element_size() for t in tensors)
+        transfer = cost.ring_all_reduce(payload, n, self.link)
+        future: torch.futures.Future = torch.futures.Future()
+
+        def execute() -> None:
+            start = time.perf_counter()
+            try:
+                work.wait()
+            except Exception as err:  # torchft reports it and discards the step
+                future.set_exception(err)
+                return
+            if self.emulate:
+                _sleep_until(time.perf_counter() + transfer.seconds)
+            self.ledger.add(Record("all_reduce", self.tag, payload, transfer.sent, transfer.received, n,
+                                   start, time.perf_counter(), transfer.seconds))
+            future.set_result(tensors)
+
+        self._pool.submit(execute)
+        return future
+
+    def account_wait(self, seconds: float) -> None:
+        if threading.current_thread() is threading.main_thread():
+            self.wait_seconds += seconds
+
+    def close(self) -> None:
+        """Complete every transfer in flight."""
+        self._pool.shutdown(wait=True)
+
+
+def _sleep_until(deadline: float) -> None:
+    while (left := deadline - time.perf_counter()) > 0:
+        time.sleep(left)
+
+
+@functools.cache
+def _torchft_classes() -> tuple[type, type, type, type]:
+    """``(EmulatedGloo, TimedManager, NoCheckpoints, DiLoCo)``, defined once torchft is importable."""
+    import torch.distributed as dist
+    from torchft.checkpointing.transport import CheckpointTransport
+    from torchft.local_sgd import DiLoCo
+    from torchft.manager import Manager
+    from torchft.process_group import ProcessGroupGloo
+
+    class LinkWork(dist._Work):
+        def __init__(self, link: EmulatedLink, future: torch.futures.Future) -> None:
+            super().__init__()
+            self._link, self._future = link, future
+
+        def wait(self, timeout: timedelta | None = None) -> bool:
+            started = time.perf_counter()
+            self._future.wait()
+            self._link.account_wait(time.perf_counter() - started)
+            return True
+
+        def get_future(self) -> torch.futures.Future:
+            return self._future
+
+    class EmulatedGloo(ProcessGroupGloo):
+        """torchft's reconfigurable gloo group; every allreduce is charged to ``link``."""
+
+        def __init__(self, link: EmulatedLink, timeout: timedelta) -> None:
+            super().__init__(timeout=timeout)
+            self.link = link
+
+        def allreduce(self, tensors: list[torch.Tensor], opts: object) -> Any:
+            work = super().allreduce(tensors, opts)
+            return LinkWork(self.link, self.link.submit(work, tensors, self.size()))
+
+    class TimedManager(Manager):
+        """Manager whose blocking control-plane calls are timed; healing is refused."""
+
+        blocked_s = 0.0
+
+        def start_quorum(self, *args: Any, **kwargs: Any) -> None:
+            started = time.perf_counter()
+            super().start_quorum(*args, **kwargs)
+            self.blocked_s += time.perf_counter() - started
+
+        def should_commit(self, *args: Any, **kwargs: Any) -> bool:
+            started = time.perf_counter()
+            try:
+                return super().should_commit(*args, **kwargs)
+            finally:
+                self.blocked_s += time.perf_counter() - started
+
+        def _apply_pending_state_dict(self) -> None:
+            raise PeerError("torchft asked to heal this replica from another's checkpoint; this runner does "
+                            "not support recovery (checkpoint transfers would bypass the emulated link)")
+
+    class NoCheckpoints(CheckpointTransport):
+        """No checkpoint server: replicas start identical (init_sync=False) and never heal here.
+
+        Replaces torchft's default HTTPTransport, which would listen on every interface."""
+
+        def metadata(self) -> str:
+            return "lowband: no checkpoint transport"
+
+        def send_checkpoint(self, dst_ranks: list[int], step: int, state_dict: Any, timeout: timedelta) -> None:
+            raise PeerError(f"torchft asked to send a checkpoint to replica(s) {dst_ranks}; recovery is not supported")
+
+        def recv_checkpoint(self, src_rank: int, metadata: str, step: int, timeout: timedelta) -> Any:
+            raise PeerError(f"torchft asked to fetch a checkpoint from replica {src_rank}; recovery is not supported")
+
+    return EmulatedGloo, TimedManager, NoCheckpoints, DiLoCo
+
+
+# ----------------------------------------------------------------------------- one replica
+
+
+class _Fragment(nn.Module):
+    """Some of a model's parameters (the same tensors), as the module torchft wants per fragment."""
+
+    def __init__(self, params: list[nn.Parameter]) -> None:
+        super().__init__()
+        self.params = nn.ParameterList(params)
+
+
+def model_fragments(model: nn.Module, parts: int) -> list[nn.Module]:
+    """``[model]``, or ``parts`` runs of contiguous tensors cut as lowband's ``streaming-diloco`` cuts."""
+    if parts == 1:
+        return [model]
+    from lowband.algorithms.streaming_diloco import contiguous_fragments
+
+    params = [p for p in model.parameters() if p.requires_grad]
+    return [_Fragment([params[i] for i in run]) for run in contiguous_fragments([p.numel() for p in params], parts)]
+
+
+@contextlib.contextmanager
+def global_parameters(diloco: Any) -> Iterator[None]:
+    """The model holds the last synchronised (global) parameters of every fragment."""
+    saved = []
+    with torch.no_grad():
+        for fragment in diloco._fragments:
+            for name, p in fragment._model_fragment.named_parameters():
+                saved.append((p, p.detach().clone()))
+                p.copy_(fragment.original_parameters[name])
+    try:
+        yield
+    finally:
+        with torch.no_grad():
+            for p, local in saved:
+                p.copy_(local)
+
+
+@torch.no_grad()
+def evaluate(model: nn.Module, diloco: Any, batches: list) -> float:
+    model.eval()
+    with global_parameters(diloco):
+        losses = [model(x, y)[1].item() for x, y in batches]
+    model.train()
+    return sum(losses) / len(losses)
+
+
+@record
+def replica_main(cfg: TrainConfig, options: PeerOptions, run_dir: str, lighthouse: str) -> dict[str, Any]:
+    """One replica group (one process): train with torchft's DiLoCo, write lowband's rows."""
+    from torch.distributed import TCPStore
+
+    EmulatedGloo, TimedManager, NoCheckpoints, DiLoCo = _torchft_classes()
+    logging.getLogger("torchft.manager").addFilter(lambda r: "flight recorder" not in r.getMessage())  # NCCL only
+    rank, n = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
+    os.environ["TORCHFT_LIGHTHOUSE"] = lighthouse
+    torch.set_num_threads(cfg.threads)
+    data = load_dataset(cfg.data)
+    network = Network.parse(cfg.bandwidth, cfg.latency, n)
+    link = EmulatedLink(network.bottleneck(), network.emulated)
+    store = TCPStore("127.0.0.1", 0, is_master=True, wait_for_workers=False)  # this replica group's own
+    model = build_model(cfg, data)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, betas=(0.9, 0.95), weight_decay=cfg.weight_decay)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(cfg))
+    manager = TimedManager(
+        pg=EmulatedGloo(link, TIMEOUT), min_replica_size=n, use_async_quorum=False, init_sync=False,
+        load_state_dict=lambda s: (model.load_state_dict(s["model"]), optimizer.load_state_dict(s["optim"])),
+        state_dict=lambda: {"model": model.state_dict(), "optim": optimizer.state_dict()},
+        rank=0, world_size=1, store_addr="127.0.0.1", store_port=store.port, lighthouse_addr=lighthouse,
+        replica_id=f"lowband_{rank}", hostname="127.0.0.1", checkpoint_transport=NoCheckpoints(),
+        timeout=TIMEOUT, quorum_timeout=TIMEOUT, connect_timeout=TIMEOUT)
+    try:
+        fragments = model_fragments(model, options.fragments)
+        outer = [_outer_optimizer(cfg, f.parameters()) for f in fragments]
+        diloco = DiLoCo(manager, fragments, optimizer, outer, sync_every=cfg.inner_steps,
+                        use_bucketization=options.bucketize, bucket_cap_mb=cfg.bucket_mb * 1e6 / 2**20,
+                        should_quantize=options.quantize, fragment_sync_delay=options.tau,
+                        fragment_update_alpha=options.alpha)
+        manager.start_quorum()  # set-up (joins the lighthouse, forms the gloo group): off the clock, as
+        manager.blocked_s = 0.0  # lowband's init_process_group is
+        with diloco:
+            result = _train(cfg, rank, n, data, model, optimizer, scheduler, diloco, manager, link,
+                            Path(run_dir) / options.label)
+    finally:
+        link.close()
+        manager.shutdown(wait=False)
+    return result
+
+
+def _outer_optimizer(cfg: TrainConfig, params: Any) -> torch.optim.Optimizer:
+    """lowband's DiLoCo outer optimizer (Nesterov SGD by default, or Adam)."""
+    if cfg.outer_optimizer == "adam":
+        return torch.optim.Adam(params, lr=cfg.outer_lr, betas=(cfg.outer_momentum, 0.999))
+    return torch.optim.SGD(params, lr=cfg.outer_lr, momentum=cfg.outer_momentum,
+                           nesterov=cfg.nesterov and cfg.outer_momentum > 0)
+
+
+def _wait_in_flight(diloco: Any) -> None:
+    """Wait for fragment allreduces still in flight (started tau steps before a sync the run
+    does not reach). torchft has no call to apply them early; like torchft, they stay unapplied."""
+    for fragment in diloco._fragments:
+        for work in fragment._allreduce_work:
+            work.wait()
+
+
+def _train(cfg: TrainConfig, rank: int, n: int, data: Any, model: nn.Module, optimizer: torch.optim.Optimizer,
+           scheduler: Any, diloco: Any, manager: Any, link: EmulatedLink, out: Path) -> dict[str, Any]:
+    """lowband's training loop (:func:`lowband.train.worker.train_one`), the step driven by torchft's hooks."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    generator = torch.Generator().manual_seed(cfg.seed * 1_000_003 + rank)
+    val_batches = data.val_batches(cfg.batch_size, cfg.eval_batches)
+    tokens_per_step = cfg.batch_size * (data.block_size if data.kind == "text" else 1)
+    clock, val_loss = 0.0, float("nan")
+    with MetricsWriter(out / f"rank{rank}.jsonl") as metrics:
+        for step in range(1, cfg.steps + 1):
+            started, waited = time.perf_counter(), link.wait_seconds + manager.blocked_s
+            x, y = data.batch(generator, cfg.batch_size, rank, n, cfg.sharding)
+            _, loss = model(x, y)
+            loss.backward()
+            if cfg.grad_clip > 0:
+                nn.utils.clip_grad_norm_(params, cfg.grad_clip)
+            optimizer.step()  # torchft's post-step hook: quorum, allreduce, outer step every H/P steps
+            optimizer.zero_grad(set_to_none=True)
+            if step == cfg.steps:
+                _wait_in_flight(diloco)  # the last row counts every byte sent (torchft discards the result)
+            scheduler.step()
+            elapsed = time.perf_counter() - started
+            comm_s = link.wait_seconds + manager.blocked_s - waited
+            clock += elapsed
+            row: dict[str, Any] = {
+                "step": step, "loss": loss.item(), "tokens": step * tokens_per_step,
+                "bytes_sent": link.ledger.bytes_sent, "bytes_received": link.ledger.bytes_received,
+                "compute_s": elapsed - comm_s, "comm_s": comm_s, "time_s": clock,
+                "lr": scheduler.get_last_lr()[0],
+            }
+            if step % cfg.eval_every == 0 or step == cfg.steps:
+                val_loss = row["val_loss"] = evaluate(model, diloco, val_batches)
+            metrics.write(row)
+            if cfg.progress and rank == 0 and "val_loss" in row:
+                print(f"{out.name} step {step}/{cfg.steps}: loss {row['loss']:.3f} val {val_loss:.3f} "
+                      f"sent {link.ledger.bytes_sent / 1e6:.1f} MB time {clock:.1f} s", file=sys.stderr, flush=True)
+    link.close()  # anything still in flight is charged before the ledger is written
+    with MetricsWriter(out / f"ledger_rank{rank}.jsonl") as ledger_out:
+        for rec in link.ledger.records:
+            ledger_out.write(rec.to_dict())
+    return {"val_loss": val_loss, "bytes_sent": link.ledger.bytes_sent, "time_s": clock}
+
+
+# ----------------------------------------------------------------------------- the runner
+
+
+def check_torchft(options: PeerOptions) -> None:
+    """Raise :class:`PeerError` (one line) unless torchft 0.2.0 can run these options here."""
+    try:
+        version = importlib.metadata.version("torchft")
+    except importlib.metadata.PackageNotFoundError:
+        raise PeerError(f"torchft is not installed; install it with: {INSTALL}") from None
+    if version != TORCHFT_VERSION:
+        raise PeerError(f"torchft {version} is installed, this runner is written against {TORCHFT_VERSION}: {INSTALL}")
+    try:
+        import torchft.manager
+    except ImportError as err:
+        raise PeerError(f"torchft does not import ({err}); install its runtime dependencies: {INSTALL}") from None
+    if options.quantize and not torchft.manager.IS_TRITON_AVAILABLE:
+        raise PeerError("torchft 0.2.0 quantizes allreduces only with triton (GPU kernels); without it "
+                        "should_quantize is silently ignored, so --quantize is refused here")
+
+
+def check_options(cfg: TrainConfig, options: PeerOptions) -> None:
+    """torchft's own constraints, checked before any process starts (same rules, clearer words)."""
+    h, p = cfg.inner_steps, options.fragments
+    if not options.streaming and (p, options.tau, options.alpha) != (1, 0, 0.0):
+        raise ValueError("--fragments, --tau and --alpha are Streaming DiLoCo's: add --streaming")
+    if p < 1 or h % p:
+        raise ValueError(f"torchft needs fragments ({p}) to divide H = --inner-steps ({h})")
+    if not 0 <= options.tau < h // p:
+        raise ValueError(f"torchft needs 0 <= tau < H / fragments = {h // p}, got tau={options.tau}")
+    if not 0.0 <= options.alpha <= 1.0:
+        raise ValueError(f"alpha must be in [0, 1], got {options.alpha}")
+    if p > 1:  # cut as lowband's streaming-diloco cuts: same fragments for both
+        from lowband.algorithms.streaming_diloco import contiguous_fragments
+
+        model = build_model(cfg, load_dataset(cfg.data))
+        contiguous_fragments([q.numel() for q in model.parameters() if q.requires_grad], p)  # raises if too many
+
+
+def register(run_dir: Path, cfg: TrainConfig, options: PeerOptions) -> None:
+    """Add ``options.label`` to ``run_dir/run.json`` (creating it as ``lowband train`` would)."""
+    data = load_dataset(cfg.data)
+    network = Network.parse(cfg.bandwidth, cfg.latency, cfg.workers)
+    path = run_dir / "run.json"
+    if path.is_file():
+        info = json.loads(path.read_text())
+        theirs = info.get("config") or {}
+        differs = [f"{k} {theirs[k]!r} != {getattr(cfg, k)!r}" for k in SAME_TASK
+                   if k in theirs and theirs[k] != getattr(cfg, k)]
+        if info.get("world_size") not in (None, cfg.workers):
+            differs.append(f"workers {info['world_size']} != {cfg.workers}")
+        if info.get("network") not in (None, network.describe()):
+            differs.append(f"network {info['network']!r} != {network.describe()!r}")
+        if differs:
+            raise ValueError(f"{path} is a different task; give the same flags ({'; '.join(differs)})")
+    else:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        info = {"config": cfg.to_dict(), "world_size": cfg.workers, "network": network.describe(),
+                "params": sum(p.numel() for p in build_model(cfg, data).parameters()),
+                "dataset": {"name": data.name, "kind": data.kind, "vocab_size": data.vocab_size}}
+    info.setdefault("algorithms", {})[options.label] = {
+        "peer": f"torchft {TORCHFT_VERSION}", "inner_steps": cfg.inner_steps, "outer_optimizer": cfg.outer_optimizer,
+        "outer_lr": cfg.outer_lr, "outer_momentum": cfg.outer_momentum, "nesterov": cfg.nesterov,
+        "bucket_mb": cfg.bucket_mb, **asdict(options)}
+    info.setdefault("folders", {})[options.label] = options.label
+    path.write_text(json.dumps(info, indent=2))
+
+
+def run_torchft(cfg: TrainConfig, run_dir: Path, streaming: bool, fragments: int | None = None,
+                tau: int | None = None, alpha: float | None = None, bucketize: bool = True,
+                quantize: bool = False) -> None:
+    """Train ``cfg.workers`` torchft replicas into ``run_dir/<label>`` (label: ``torchft-diloco`` or
+    ``torchft-streaming``) and list them in ``run_dir/run.json``. Raises :class:`PeerError` or
+    ``ValueError`` (one line) before starting anything, :class:`WorkerFailed` if a replica fails."""
+    options = PeerOptions.for_mode(streaming, fragments, tau, alpha, bucketize, quantize)
+    check_torchft(options)
+    check_options(cfg, options)
+    register(run_dir, cfg, options)
+    (run_dir / options.label).mkdir(parents=True, exist_ok=True)
+    os.environ.setdefault("RUST_LOG", "warn")  # torchft's Rust side logs every quorum at INFO otherwise
+    with lighthouse(cfg.workers, run_dir / options.label / "lighthouse.log") as address:
+        launch(replica_main, cfg.workers, cfg, options, str(run_dir), address)
+
+
+@contextlib.contextmanager
+def lighthouse(min_replicas: int, log: Path, timeout_s: float = 30.0) -> Iterator[str]:
+    """torchft's lighthouse on 127.0.0.1 (a free port), yielding its address; always terminated."""
+    exe = Path(sys.executable).with_name("torchft_lighthouse")
+    exe_path = str(exe) if exe.exists() else shutil.which("torchft_lighthouse")
+    if exe_path is None:
+        raise PeerError(f"torchft_lighthouse is not on PATH (it comes with torchft): {INSTALL}")
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    with log.open("w") as out:
+        proc = subprocess.Popen([exe_path, "--bind", f"127.0.0.1:{port}", "--min_replicas", str(min_replicas)],
+                                stdout=out, stderr=subprocess.STDOUT)
+    try:
+        deadline = time.monotonic() + timeout_s
+        while True:
+            if proc.poll() is not None:
+                raise PeerError(f"torchft_lighthouse exited with code {proc.returncode}; see {log}")
+            with contextlib.suppress(OSError), socket.create_connection(("127.0.0.1", port), timeout=1):
+                break
+            if time.monotonic() > deadline:
+                raise PeerError(f"torchft_lighthouse did not listen on 127.0.0.1:{port} within {timeout_s:g} s")
+            time.sleep(0.05)
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+
+
+# ----------------------------------------------------------------------------- command line
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """``python -m lowband.bench.peers.torchft_diloco [--streaming ...] [lowband train flags]``."""
+    parser = argparse.ArgumentParser(
+        prog="python -m lowband.bench.peers.torchft_diloco", add_help=False,
+        description="Run torchft's DiLoCo (or Streaming DiLoCo) on lowband's task into a lowband run folder; "
+                    "every other flag is a `lowband train` flag.")
+    parser.add_argument("--streaming", action="store_true", help="Streaming DiLoCo (label torchft-streaming)")
+    parser.add_argument("--fragments", type=int, default=None, help="streaming fragments P (default 4; 1 without --streaming)")
+    parser.add_argument("--tau", type=int, default=None, help="fragment_sync_delay (default 1 streaming, else 0)")
+    parser.add_argument("--alpha", type=float, default=None, help="fragment_update_alpha (default 0.5 streaming, else 0)")
+    parser.add_argument("--no-bucketize", dest="bucketize", action="store_false",
+                        help="torchft's default: one allreduce per parameter tensor")
+    parser.add_argument("--quantize", action="store_true", help="should_quantize (needs triton; refused on CPU)")
+    parser.add_argument("--no-report", dest="report", action="store_false", help="do not print the report")
+    ns, rest = parser.parse_known_args(argv)
+    if "-h" in rest or "--help" in rest:
+        parser.print_help()
+        print("\nlowband train flags:")
+    cfg = config_from_args(rest, prog="python -m lowband.bench.peers.torchft_diloco")
+    run_dir = Path(cfg.out) / (cfg.name or time.strftime("%Y%m%d-%H%M%S"))
+    try:
+        run_torchft(cfg, run_dir, ns.streaming, ns.fragments, ns.tau, ns.alpha, ns.bucketize, ns.quantize)
+    except (PeerError, ValueError, WorkerFailed) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 1
+    if ns.report:
+        from lowband.bench.report import show_report
+
+        show_report(run_dir, cfg.target_loss)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
