@@ -47,7 +47,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     cfg = TrainConfig(
         algos=tuple(a for a in args.algo.split(";") if a), workers=2 if args.quick else args.workers,
         steps=40 if args.quick else args.steps, eval_every=10 if args.quick else 25,
-        warmup_steps=5 if args.quick else 20, inner_steps=10 if args.quick else 20,
+        warmup_steps=5 if args.quick else 20, inner_steps=8 if args.quick else 20,
         bandwidth=args.bandwidth, latency=args.latency, out=args.runs, name=args.name,
     )
     run_dir = Path(args.runs) / args.name
