@@ -21,25 +21,15 @@ from lowband.comm.group import init_from_env, shutdown
 from lowband.net.link import Network
 from lowband.registry import parse_spec
 from lowband.train.launch import launch
-from lowband.train.models.gpt import GPT, GPTConfig
-
-VOCAB, T, B = 17, 16, 4
-PLAIN_SGD = dict(outer_lr=1.0, outer_momentum=0.0, nesterov=False)  # outer step: theta_g -= Delta
+from lowband.train.models.gpt import GPT
+from tiny import batch, flat
+from tiny import tiny_gpt as _tiny
 
 
 def tiny_gpt(seed: int = 0) -> GPT:
-    torch.manual_seed(seed)
-    return GPT(GPTConfig(vocab_size=VOCAB, block_size=T, n_layer=1, n_head=2, n_embd=16))
+    return _tiny(seed, n_layer=1, n_embd=16)
 
-
-def batch(rank: int, step: int) -> tuple[torch.Tensor, torch.Tensor]:
-    g = torch.Generator().manual_seed(1000 * step + rank)
-    x = torch.randint(0, VOCAB, (B, T + 1), generator=g)
-    return x[:, :-1], x[:, 1:]
-
-
-def flat(tensors: Any) -> torch.Tensor:
-    return torch.cat([t.detach().reshape(-1) for t in tensors]).clone()
+PLAIN_SGD = dict(outer_lr=1.0, outer_momentum=0.0, nesterov=False)  # outer step: theta_g -= Delta
 
 
 def make(name: str, options: DiLoCoOptions, comm: Comm | None = None, seed: int = 0) -> tuple[GPT, Any]:

@@ -16,24 +16,9 @@ from lowband.comm import Comm
 from lowband.comm.group import init_from_env, shutdown
 from lowband.train.config import TrainConfig, Variant
 from lowband.train.launch import launch
-from lowband.train.models.gpt import GPT, GPTConfig
+from lowband.train.models.gpt import GPT
+from tiny import batch, flat, tiny_gpt
 
-VOCAB, T, B = 17, 16, 4
-
-
-def tiny_gpt(seed: int = 0) -> GPT:
-    torch.manual_seed(seed)
-    return GPT(GPTConfig(vocab_size=VOCAB, block_size=T, n_layer=2, n_head=2, n_embd=32))
-
-
-def batch(rank: int, step: int) -> tuple[torch.Tensor, torch.Tensor]:
-    g = torch.Generator().manual_seed(1000 * step + rank)
-    x = torch.randint(0, VOCAB, (B, T + 1), generator=g)
-    return x[:, :-1], x[:, 1:]
-
-
-def flat(tensors: Any) -> torch.Tensor:
-    return torch.cat([t.detach().reshape(-1) for t in tensors]).clone()
 
 
 def make(cls: type, options: Any, seed: int = 0, comm: Comm | None = None) -> tuple[GPT, Any]:
