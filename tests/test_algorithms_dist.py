@@ -144,3 +144,29 @@ def test_diloco_state_dict_resumes_exactly() -> None:
     assert a3.outer_steps == a1.outer_steps == 3
     for (name, p1), p3 in zip(m1.named_parameters(), m3.parameters()):
         assert torch.equal(p1, p3), name
+
+
+@pytest.mark.parametrize("name", ["ddp", "diloco", "localsgd", "streaming-diloco"])
+def test_context_manager_equals_step_calls(name: str) -> None:
+    """``with algo: optimizer.step()`` gives bit-identical parameters to ``algo.step()``."""
+    options = ALGORITHMS.get(name).Options(inner_steps=2) if name != "ddp" else None
+
+    def run(use_context: bool) -> torch.Tensor:
+        m = tiny_gpt()
+        opt = torch.optim.AdamW(m.parameters(), lr=1e-2)
+        algo = ALGORITHMS.get(name)(m, opt, Comm(), options, grad_clip=1.0)
+        if use_context:
+            with algo:
+                for step in range(5):
+                    m(*batch(0, step))[1].backward()
+                    opt.step()
+                    opt.zero_grad()
+        else:
+            for step in range(5):
+                m(*batch(0, step))[1].backward()
+                algo.step()
+                algo.zero_grad()
+            algo.finish()
+        return torch.cat([p.detach().reshape(-1) for p in m.parameters()])
+
+    assert torch.equal(run(True), run(False))

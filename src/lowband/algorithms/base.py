@@ -73,12 +73,36 @@ class Algorithm:
     # -- driven by the training loop ---------------------------------------------------
     def step(self) -> None:
         """One training step after ``loss.backward()``: reduce, clip, inner step, synchronise."""
+        self._before_inner_step()
+        self.optimizer.step()
+        self._after_inner_step()
+
+    def _before_inner_step(self, *_: Any) -> None:
         self.reduce_gradients()
         if self.grad_clip > 0:
             nn.utils.clip_grad_norm_(self.params, self.grad_clip)
-        self.optimizer.step()
+
+    def _after_inner_step(self, *_: Any) -> None:
         self.step_count += 1
         self.after_step()
+
+    def __enter__(self) -> "Algorithm":
+        """Context-manager use (torchft's style): inside, plain ``optimizer.step()`` does it all.
+
+            with ALGORITHMS.get("diloco")(model, opt, comm) as algo:
+                for x, y in batches:
+                    model(x, y)[1].backward(); opt.step(); opt.zero_grad()
+        """
+        self._hooks = [self.optimizer.register_step_pre_hook(self._before_inner_step),
+                       self.optimizer.register_step_post_hook(self._after_inner_step)]
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        for handle in getattr(self, "_hooks", []):
+            handle.remove()
+        self._hooks = []
+        if exc[0] is None:
+            self.finish()
 
     def zero_grad(self) -> None:
         self.optimizer.zero_grad(set_to_none=True)
