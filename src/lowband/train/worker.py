@@ -24,7 +24,7 @@ from torch import nn
 from torch.distributed.elastic.multiprocessing.errors import record
 
 from lowband.algorithms import ALGORITHMS, Algorithm
-from lowband.comm import Comm, group
+from lowband.comm import Comm, Ledger, group
 from lowband.net.link import Network
 from lowband.train.config import TrainConfig, Variant
 from lowband.train.data import Batch, Dataset, load_dataset
@@ -114,12 +114,8 @@ def train_one(cfg: TrainConfig, variant: Variant, data: Dataset, network: Networ
             scheduler.step()
             elapsed, comm_s = time.perf_counter() - started, comm.wait_seconds - waited
             clock += elapsed
-            row: dict[str, Any] = {
-                "step": step, "loss": loss.item(), "tokens": step * tokens_per_step,
-                "bytes_sent": comm.ledger.bytes_sent, "bytes_received": comm.ledger.bytes_received,
-                "compute_s": elapsed - comm_s, "comm_s": comm_s, "time_s": clock,
-                "lr": scheduler.get_last_lr()[0],
-            }
+            row = step_row(step, loss.item(), step * tokens_per_step, comm.ledger, elapsed, comm_s, clock,
+                           scheduler.get_last_lr()[0])
             if step % cfg.eval_every == 0 or step == cfg.steps:
                 val_loss = row["val_loss"] = evaluate(model, algo, val_batches)
                 progress.evaluation(step, cfg.steps, row["loss"], val_loss, comm.ledger.bytes_sent, clock)
@@ -130,6 +126,14 @@ def train_one(cfg: TrainConfig, variant: Variant, data: Dataset, network: Networ
         for rec in comm.ledger.records:
             ledger_out.write(rec.to_dict())
     return {"val_loss": val_loss, "bytes_sent": comm.ledger.bytes_sent, "time_s": clock}
+
+
+def step_row(step: int, loss: float, tokens: int, ledger: Ledger, elapsed: float, comm_s: float,
+             clock: float, lr: float) -> dict[str, Any]:
+    """One JSONL metrics row (the format :mod:`lowband.bench.summary` reads)."""
+    return {"step": step, "loss": loss, "tokens": tokens, "bytes_sent": ledger.bytes_sent,
+            "bytes_received": ledger.bytes_received, "compute_s": elapsed - comm_s, "comm_s": comm_s,
+            "time_s": clock, "lr": lr}
 
 
 def write_run_info(run_dir: Path, cfg: TrainConfig, world_size: int, network: Network, data: Dataset) -> None:

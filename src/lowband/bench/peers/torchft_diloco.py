@@ -67,7 +67,7 @@ from lowband.train.config import TrainConfig, config_from_args
 from lowband.train.data import load_dataset
 from lowband.train.launch import WorkerFailed, launch
 from lowband.train.metrics import MetricsWriter
-from lowband.train.worker import build_model, lr_lambda
+from lowband.train.worker import build_model, lr_lambda, step_row
 
 TORCHFT_VERSION = "0.2.0"
 INSTALL = (f"pip install --no-deps torchft=={TORCHFT_VERSION} && "
@@ -358,12 +358,8 @@ def _train(cfg: TrainConfig, rank: int, n: int, data: Any, model: nn.Module, opt
             elapsed = time.perf_counter() - started
             comm_s = link.wait_seconds + manager.blocked_s - waited
             clock += elapsed
-            row: dict[str, Any] = {
-                "step": step, "loss": loss.item(), "tokens": step * tokens_per_step,
-                "bytes_sent": link.ledger.bytes_sent, "bytes_received": link.ledger.bytes_received,
-                "compute_s": elapsed - comm_s, "comm_s": comm_s, "time_s": clock,
-                "lr": scheduler.get_last_lr()[0],
-            }
+            row = step_row(step, loss.item(), step * tokens_per_step, link.ledger, elapsed, comm_s, clock,
+                           scheduler.get_last_lr()[0])
             if step % cfg.eval_every == 0 or step == cfg.steps:
                 val_loss = row["val_loss"] = evaluate(model, diloco, val_batches)
             metrics.write(row)
