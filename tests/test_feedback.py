@@ -11,6 +11,7 @@ from lowband.compress import COMPRESSORS, Compressor, Payload, build
 from lowband.feedback import FEEDBACK, Feedback
 from lowband.feedback.econtrol import EControl, EControlOptions
 from lowband.feedback.ef21 import EF21
+from tiny import simulate
 
 
 class TopK(Compressor):
@@ -146,17 +147,7 @@ def test_shared_estimate_is_the_mean_of_worker_estimates(name: str) -> None:
     shared = "h" if name == "econtrol" else "g"
     for step in range(5):
         compensated = [fb.compensate("w", xs[r][step]) for r, fb in enumerate(fbs)]
-        gens = [c.exchange(x, "w", n) for c, x in zip(comps, compensated)]
-        pending, results = [next(g) for g in gens], {}
-        while pending:
-            summed = Payload([sum(p.tensors[0] for p in pending)], pending[0].ctx)
-            nxt = []
-            for r, g in enumerate(gens):
-                try:
-                    nxt.append(g.send(summed))
-                except StopIteration as done:
-                    results[r] = done.value
-            pending = nxt
+        results, _ = simulate(comps, compensated, "w")
         outs = []
         for r, fb in enumerate(fbs):
             mean, own = results[r]

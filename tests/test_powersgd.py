@@ -15,27 +15,7 @@ from lowband.compress import COMPRESSORS, Payload, build
 from lowband.compress.powersgd import PowerSGD, PowerSGDOptions, orthogonalize
 from lowband.feedback import FEEDBACK
 from lowband.feedback.ef import ErrorFeedback
-
-
-def simulate(comps: list[PowerSGD], xs: list[torch.Tensor], key: str) -> tuple[list[torch.Tensor], list[Payload]]:
-    """Run one exchange on len(xs) simulated ranks; returns (per-rank (mean, own), round payloads of rank 0)."""
-    n = len(xs)
-    gens = [c.exchange(x, key, n) for c, x in zip(comps, xs)]
-    pending = [next(g) for g in gens]
-    rounds, results = [pending[0]], [None] * n
-    while pending:
-        summed = Payload([sum(p.tensors[i] for p in pending) for i in range(len(pending[0].tensors))],
-                         pending[0].ctx)
-        nxt = []
-        for r, g in enumerate(gens):
-            try:
-                nxt.append(g.send(summed))
-            except StopIteration as done:
-                results[r] = done.value
-        pending = nxt
-        if pending:
-            rounds.append(pending[0])
-    return results, rounds
+from tiny import simulate
 
 
 def one(comp: PowerSGD, x: torch.Tensor, key: str = "w") -> tuple[torch.Tensor, torch.Tensor, list[Payload]]:

@@ -6,6 +6,7 @@ from typing import Any
 
 import torch
 
+from lowband.compress import Payload
 from lowband.train.models.gpt import GPT, GPTConfig
 
 VOCAB, T, B = 17, 16, 4
@@ -26,3 +27,25 @@ def batch(rank: int, step: int) -> tuple[torch.Tensor, torch.Tensor]:
 def flat(tensors: Any) -> torch.Tensor:
     """All tensors as one detached 1-D copy."""
     return torch.cat([t.detach().reshape(-1) for t in tensors]).clone()
+
+
+def simulate(comps: list[Any], xs: list[torch.Tensor], key: str) -> tuple[list[Any], list[Payload]]:
+    """One summable exchange on len(xs) simulated ranks (all-reduce = summing the payloads);
+    returns (per-rank (mean, own decoded), rank 0's payload of each round)."""
+    n = len(xs)
+    gens = [c.exchange(x, key, n) for c, x in zip(comps, xs)]
+    pending = [next(g) for g in gens]
+    rounds, results = [pending[0]], [None] * n
+    while pending:
+        summed = Payload([sum(p.tensors[i] for p in pending) for i in range(len(pending[0].tensors))],
+                         pending[0].ctx)
+        nxt = []
+        for r, g in enumerate(gens):
+            try:
+                nxt.append(g.send(summed))
+            except StopIteration as done:
+                results[r] = done.value
+        pending = nxt
+        if pending:
+            rounds.append(pending[0])
+    return results, rounds
