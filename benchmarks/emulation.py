@@ -20,6 +20,7 @@ Run: ``python benchmarks/emulation.py [--quick]`` (or ``make bench ARGS=--quick`
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import statistics
 import sys
@@ -88,7 +89,8 @@ def bench_worker(config: dict[str, Any]) -> list[dict[str, Any]]:
     rank, world = init_from_env(timeout_s=3600)
     control = Comm()
     raw = Comm(network=Network.parse("none", "none", world))
-    emulated = Comm(network=Network.parse(config["bandwidth"], config["latency"], world))
+    network = Network.parse(config["bandwidth"], config["latency"], world)
+    emulated = Comm(network=dataclasses.replace(network, shaped=config.get("shaped", False)))
     rows: list[dict[str, Any]] = []
     try:
         for op in config["ops"]:
@@ -96,7 +98,9 @@ def bench_worker(config: dict[str, Any]) -> list[dict[str, Any]]:
                 numel = max(1, size // 4)
                 if rank == 0:
                     print(f"[{world} ranks] {op:<10} {format_bytes(numel * 4):>9}", file=sys.stderr, flush=True)
-                for mode, comm, warmup in (("raw", raw, 1), ("emulated", emulated, 0)):
+                modes = (("raw", raw, 1), ("emulated", emulated, 0)) if config.get("raw", True) else \
+                    (("emulated", emulated, 1),)
+                for mode, comm, warmup in modes:
                     timed = _time_op(comm, control, op, numel, rank, config["repeats"], warmup)
                     rows.append({"op": op, "bytes": numel * 4, "mode": mode, "rank": rank, **timed})
     finally:

@@ -9,6 +9,7 @@
 from __future__ import annotations
 
 import argparse
+import signal
 import sys
 from pathlib import Path
 from typing import Callable
@@ -25,20 +26,26 @@ console = Console(stderr=True, highlight=False, soft_wrap=True)
 def train(argv: list[str]) -> int:
     """Start ``--workers`` processes through torchrun's launcher API and train."""
     from lowband.train.config import config_from_args
-    from lowband.train.launch import WorkerFailed, launch
-    from lowband.train.worker import main as worker_main
+    from lowband.net.netns import NetnsUnavailable
+    from lowband.train.launch import WorkerFailed
+    from torch.distributed.elastic.multiprocessing.api import SignalException
+
+    from lowband.train.run import run
 
     cfg = config_from_args(argv)
     console.print(f"[bold]lowband[/bold]: {cfg.model} on {cfg.data}, {cfg.workers} workers, "
-                  f"link {cfg.bandwidth} / {cfg.latency}, {cfg.steps} steps each of: {', '.join(cfg.algos)}")
+                  f"link {cfg.bandwidth} / {cfg.latency} ({cfg.net}), {cfg.steps} steps each of: {', '.join(cfg.algos)}")
     try:
-        launch(worker_main, cfg.workers, cfg)
+        run(cfg)
+    except NetnsUnavailable as err:
+        console.print(f"[red]error[/red]: {err}")
+        return 2
     except WorkerFailed as err:
         console.print(f"[red]error[/red]: {err}")
         return 1
-    except KeyboardInterrupt:
+    except (KeyboardInterrupt, SignalException) as err:  # Ctrl-C; SIGTERM through torchrun's agent
         console.print("[red]interrupted[/red]: per-rank metrics written so far are kept in the run folder")
-        return 130
+        return 128 + int(getattr(err, "sigval", signal.SIGINT))
     return 0
 
 

@@ -85,8 +85,8 @@ class Comm:
                 tensor.div_(self.world_size)
             return tensor
 
-        transfer = cost.ring_all_reduce(_nbytes(tensor), self.world_size, self.link)
-        return self._submit("all_reduce", tag, _nbytes(tensor), transfer, run, tensor, async_op)
+        price = lambda link: cost.ring_all_reduce(_nbytes(tensor), self.world_size, link)  # noqa: E731
+        return self._submit("all_reduce", tag, _nbytes(tensor), price, run, tensor, async_op)
 
     def all_gather(self, tensor: torch.Tensor, async_op: bool = False, tag: str = "") -> Handle | list[torch.Tensor]:
         """Every rank's ``tensor`` (same shape on all ranks), in rank order."""
@@ -96,8 +96,8 @@ class Comm:
             dist.all_gather(out, tensor, group=self.group)
             return out
 
-        transfer = cost.ring_all_gather(_nbytes(tensor), self.world_size, self.link)
-        return self._submit("all_gather", tag, _nbytes(tensor), transfer, run, [tensor], async_op)
+        price = lambda link: cost.ring_all_gather(_nbytes(tensor), self.world_size, link)  # noqa: E731
+        return self._submit("all_gather", tag, _nbytes(tensor), price, run, [tensor], async_op)
 
     def broadcast(self, tensor: torch.Tensor, src: int = 0, async_op: bool = False,
                   tag: str = "") -> Handle | torch.Tensor:
@@ -106,20 +106,20 @@ class Comm:
             dist.broadcast(tensor, src=src, group=self.group)
             return tensor
 
-        transfer = cost.tree_broadcast(_nbytes(tensor), self.world_size, self.link, self.rank, src)
-        return self._submit("broadcast", tag, _nbytes(tensor), transfer, run, tensor, async_op)
+        price = lambda link: cost.tree_broadcast(_nbytes(tensor), self.world_size, link, self.rank, src)  # noqa: E731
+        return self._submit("broadcast", tag, _nbytes(tensor), price, run, tensor, async_op)
 
     def send(self, tensor: torch.Tensor, dst: int, async_op: bool = False, tag: str = "") -> Handle | torch.Tensor:
-        link = self._pair(dst)
-        transfer = cost.point_to_point(_nbytes(tensor), link, sending=True)
-        return self._submit("send", tag, _nbytes(tensor), transfer,
-                            lambda: (dist.send(tensor, dst, group=self.group), tensor)[1], tensor, async_op, peers=2)
+        price = lambda link: cost.point_to_point(_nbytes(tensor), link, sending=True)  # noqa: E731
+        return self._submit("send", tag, _nbytes(tensor), price,
+                            lambda: (dist.send(tensor, dst, group=self.group), tensor)[1], tensor, async_op, peers=2,
+                            link=self._pair(dst))
 
     def recv(self, tensor: torch.Tensor, src: int, async_op: bool = False, tag: str = "") -> Handle | torch.Tensor:
-        link = self._pair(src)
-        transfer = cost.point_to_point(_nbytes(tensor), link, sending=False)
-        return self._submit("recv", tag, _nbytes(tensor), transfer,
-                            lambda: (dist.recv(tensor, src, group=self.group), tensor)[1], tensor, async_op, peers=2)
+        price = lambda link: cost.point_to_point(_nbytes(tensor), link, sending=False)  # noqa: E731
+        return self._submit("recv", tag, _nbytes(tensor), price,
+                            lambda: (dist.recv(tensor, src, group=self.group), tensor)[1], tensor, async_op, peers=2,
+                            link=self._pair(src))
 
     def all_to_all(self, tensor: torch.Tensor, async_op: bool = False, tag: str = "") -> Handle | torch.Tensor:
         """Chunk j of ``tensor`` (split into ``world_size`` equal chunks) goes to rank j; returns a
@@ -133,8 +133,8 @@ class Comm:
             dist.all_to_all_single(out, tensor, group=self.group)
             return out
 
-        transfer = cost.all_to_all(_nbytes(tensor), self.world_size, self.link)
-        return self._submit("all_to_all", tag, _nbytes(tensor), transfer, run, tensor.clone(), async_op)
+        price = lambda link: cost.all_to_all(_nbytes(tensor), self.world_size, link)  # noqa: E731
+        return self._submit("all_to_all", tag, _nbytes(tensor), price, run, tensor.clone(), async_op)
 
     def sendrecv(self, sends: dict[int, torch.Tensor], recvs: dict[int, torch.Tensor], async_op: bool = False,
                  tag: str = "") -> Handle | dict[int, torch.Tensor]:
@@ -155,9 +155,9 @@ class Comm:
             return recvs
 
         link = self.network.bottleneck([self.rank, *peers]) if self.network is not None and peers else self.link
-        transfer = cost.neighbor_exchange(sent, received, link)
-        return self._submit("sendrecv", tag, max(sent, received), transfer, run, recvs, async_op,
-                            peers=len(peers) + 1)
+        price = lambda link: cost.neighbor_exchange(sent, received, link)  # noqa: E731
+        return self._submit("sendrecv", tag, max(sent, received), price, run, recvs, async_op,
+                            peers=len(peers) + 1, link=link)
 
     def monitor_all_reduce(self, tensor: torch.Tensor) -> torch.Tensor:
         """Sum ``tensor`` in place across ranks for monitoring (e.g. consensus distance): control
@@ -197,11 +197,19 @@ class Comm:
             return Link()
         return self.network.bottleneck([self.rank, peer])
 
-    def _submit(self, op: str, tag: str, payload: int, transfer: cost.Transfer, run: Callable[[], Any],
-                local_result: Any, async_op: bool, peers: int | None = None) -> Any:
+    def _submit(self, op: str, tag: str, payload: int, price: Callable[[Link], cost.Transfer],
+                run: Callable[[], Any], local_result: Any, async_op: bool, peers: int | None = None,
+                link: Link | None = None) -> Any:
+        """Run ``run`` on the comm thread; ``price(link)`` is the op's modelled cost on ``link``
+        (default: the bottleneck of the group), charged to the ledger and slept out after the
+        real op. Under kernel shaping (netns) only the latency part is slept out."""
         if self._pool is None:  # world_size 1: nothing crosses a wire
             return Handle(self, None, local_result) if async_op else local_result
+        link = self.link if link is None else link
+        transfer = price(link)
         emulate = self.network is not None and self.network.emulated
+        delay = price(Link(None, link.latency)).seconds if self.network is not None and self.network.shaped \
+            else transfer.seconds
 
         issued = getattr(self._local, "step", None)
         issued = self.ledger.step if issued is None else issued
@@ -210,7 +218,7 @@ class Comm:
             start = time.perf_counter()
             result = run()
             if emulate:
-                _sleep_until(time.perf_counter() + transfer.seconds)
+                _sleep_until(time.perf_counter() + delay)
             self.ledger.add(Record(op, tag, payload, transfer.sent, transfer.received,
                                    peers or self.world_size, start, time.perf_counter(), transfer.seconds, step))
             return result

@@ -3,6 +3,8 @@
 A collective over a set of ranks is bounded by its slowest member: the ring moves at the
 lowest bandwidth and pays the highest per-hop latency among them. ``bandwidth=None`` means
 unlimited; a network whose links are all unlimited with zero latency is not emulated.
+``shaped=True`` (``--net netns``, :mod:`lowband.net.netns`): real links carry the traffic at
+the kernel-shaped rate, and the emulation adds only the modelled latency.
 """
 
 from __future__ import annotations
@@ -41,6 +43,7 @@ class Network:
     comma-separated values (``'100mbit,100mbit,10mbit,10mbit'``) give one link per rank."""
 
     links: tuple[Link, ...]
+    shaped: bool = False  # the kernel shapes the bandwidth (``--net netns``); Comm adds only latency
 
     def __post_init__(self) -> None:
         if not self.links:
@@ -71,8 +74,10 @@ class Network:
             return "not emulated"
         distinct = set(self.links)
         if len(distinct) == 1:
-            return self.links[0].describe()
-        return "; ".join(f"rank {r}: {link.describe()}" for r, link in enumerate(self.links))
+            text = self.links[0].describe()
+        else:
+            text = "; ".join(f"rank {r}: {link.describe()}" for r, link in enumerate(self.links))
+        return text + (" (netns: tc-shaped veth links, user-space latency)" if self.shaped else "")
 
 
 def _per_rank(values: list, world_size: int, flag: str) -> list:

@@ -23,6 +23,7 @@ from lowband.train.data import DATASETS, SHARDINGS
 from lowband.train.models import MODELS
 
 SCHEDULES = ("cosine", "constant")
+NET_MODES = ("model", "netns")  # in-process emulation; real namespaces + tc-shaped links (root)
 DEFAULT = "default"  # --compress/--feedback: the algorithm's own default
 
 
@@ -55,6 +56,7 @@ class TrainConfig:
     aggregate: str | None = None  # a robust rule for every averaging algorithm: 'median', 'centered-clip:tau=1'
     bandwidth: str = "100mbit"
     latency: str = "20ms"
+    net: str = "model"  # 'model': in-process emulation; 'netns': real shaped links (lowband.net.netns)
     sharding: str = "iid"
     seed: int = 0
     eval_every: int = 25
@@ -95,6 +97,8 @@ class TrainConfig:
         if self.warmup_steps < 0:
             raise ValueError(f"--warmup-steps must be >= 0, got {self.warmup_steps}")
         Network.parse(self.bandwidth, self.latency, self.workers)  # validates units and per-rank lists
+        if self.net not in NET_MODES:
+            raise ValueError(f"unknown --net {self.net!r}; choose one of: {', '.join(NET_MODES)}")
         if self.aggregate is not None:
             build(self.aggregate, RULES)  # raises with the valid rules and options
             alone = [a for a in self.algos if "aggregate" not in
@@ -214,6 +218,9 @@ def build_parser(prog: str = "lowband train") -> argparse.ArgumentParser:
                         "('trimmed-mean:trim=0.25', 'centered-clip:tau=1,iters=3'; docs/robustness.md) (default: mean)")
     p.add_argument("--bandwidth", default=d.bandwidth, help="per-worker link: 100mbit, 1gbit, 12.5MB/s, 'none'; or one per worker, comma-separated")
     p.add_argument("--latency", default=d.latency, help="per-hop latency: 20ms, 'none'; or one per worker")
+    p.add_argument("--net", default=d.net, choices=NET_MODES,
+                   help="model: in-process link emulation; netns: each worker in a network namespace behind a "
+                        "tc-shaped veth link (Linux, root; docs/emulation.md)")
     p.add_argument("--sharding", default=d.sharding, choices=SHARDINGS, help="how ranks split the training data")
     p.add_argument("--seed", type=int, default=d.seed)
     p.add_argument("--eval-every", type=int, default=d.eval_every, help="steps between held-out evaluations")

@@ -16,8 +16,10 @@ For each algorithm of the config, in order and from the same seed and token budg
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
+import os
 import time
 from pathlib import Path
 from typing import Any
@@ -45,6 +47,11 @@ def main(cfg: TrainConfig) -> str:
     try:
         data = load_dataset(cfg.data)
         network = Network.parse(cfg.bandwidth, cfg.latency, world_size)
+        if cfg.net == "netns":
+            if "GLOO_SOCKET_IFNAME" not in os.environ:
+                raise ValueError("--net netns is for `lowband train` on one machine (it builds the namespaces "
+                                 "and starts the workers in them); under torchrun use --net model")
+            network = dataclasses.replace(network, shaped=True)  # the kernel shapes; Comm adds latency
         run_dir = Path(cfg.out) / group.agree(cfg.name or time.strftime("%Y%m%d-%H%M%S"))
         if rank == 0:
             write_run_info(run_dir, cfg, world_size, network, data)
