@@ -126,10 +126,12 @@ class Algorithm:
         if aggregator is not None:
             aggregator.close()
 
-    def metrics(self) -> dict[str, float]:
-        """Extra numbers for the metrics row at each evaluation (gossip: consensus distance).
-        Collective on every rank; monitoring traffic goes through ``Comm.monitor_all_reduce``."""
-        return {}
+    def metrics(self) -> dict[str, Any]:
+        """Extra numbers for the metrics row at each evaluation (gossip: consensus distance;
+        by default the aggregator's compressor's, e.g. lgreco's choices). Collective on every
+        rank; monitoring traffic goes through ``Comm.monitor_all_reduce``."""
+        aggregator = getattr(self, "aggregator", None)
+        return aggregator.metrics() if aggregator is not None else {}
 
     @contextlib.contextmanager
     def evaluation_parameters(self) -> Iterator[None]:

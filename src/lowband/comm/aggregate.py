@@ -130,6 +130,10 @@ class Aggregator:
         return {"compressor": self.compressor.state_dict(), "feedback": self.feedback.state_dict(),
                 "rule": self.rule.state_dict()}
 
+    def metrics(self) -> dict[str, Any]:
+        """The compressor's numbers for the metrics row (:meth:`Compressor.metrics`)."""
+        return self.compressor.metrics()
+
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.compressor.load_state_dict(state["compressor"])
         self.feedback.load_state_dict(state["feedback"])

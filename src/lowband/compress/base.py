@@ -88,6 +88,10 @@ class Compressor(ABC):
         """Called once by the aggregator with this process's rank (seeded compressors draw
         independent noise per rank; shared-seed ones, like random-k, must not)."""
 
+    def metrics(self) -> dict[str, Any]:
+        """Numbers for the metrics row at each evaluation (lgreco: its per-layer choices); default none."""
+        return {}
+
     def state_dict(self) -> dict[str, Any]:
         return {}
 
