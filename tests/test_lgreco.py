@@ -6,8 +6,10 @@ from __future__ import annotations
 
 import copy
 import itertools
+import json
 import math
 import random
+from pathlib import Path
 from typing import Any, Optional
 
 import pytest
@@ -15,6 +17,7 @@ import torch
 from torch.distributed.elastic.multiprocessing.errors import record
 
 from lowband.algorithms.base import Algorithm
+from lowband.bench.report import write_report
 from lowband.algorithms.ddp import DDP, DDPOptions
 from lowband.comm import Comm
 from lowband.comm.group import init_from_env, shutdown
@@ -23,6 +26,7 @@ from lowband.compress.knapsack import Candidate, assign, discretise, solve, tota
 from lowband.compress.lgreco import LGreCo
 from lowband.train.launch import launch
 from lowband.train.models.gpt import GPT
+from test_report import make_run
 from tiny import tiny_gpt, train
 
 # ----------------------------------------------------------------------------- the knapsack
@@ -205,3 +209,25 @@ def test_every_rank_chooses_alike_and_stays_identical(world: int) -> None:
         lgreco, uniform = (results[0][s]["bytes"] for s in SPECS[2])
         assert lgreco < 0.9 * uniform, f"lgreco sent {lgreco} bytes, uniform rank 4 {uniform}"
         assert math.isfinite(lgreco)
+
+
+# ----------------------------------------------------------------------------- the report
+
+
+def test_report_shows_per_layer_choices_when_logged(tmp_path: Path) -> None:
+    run_dir = make_run(tmp_path)
+    write_report(run_dir)
+    assert not (run_dir / "layer_choices.md").exists() and "Per-layer" not in (run_dir / "report.html").read_text()
+    log = run_dir / "diloco" / "rank0.jsonl"  # as lgreco logs them: on evaluation steps, through metrics()
+    records = [json.loads(line) for line in log.read_text().splitlines()]
+    plan = {5: {"a.weight": 4, "b.weight": 4}, 10: {"a.weight": 2, "b.weight": 8}, 15: {"a.weight": 2, "b.weight": 8}}
+    for r in records:
+        if r["step"] in plan:
+            r.update(lgreco_choices=plan[r["step"]], lgreco_bytes_ratio=0.5 + r["step"] / 100)
+    log.write_text("\n".join(json.dumps(r) for r in records) + "\n")
+    page = write_report(run_dir).read_text()
+    assert "Per-layer compression settings over time: diloco" in page
+    table = (run_dir / "layer_choices.md").read_text()
+    assert "| layer | step 5 | step 10 |" in table, "a column per change, not per logged step"
+    assert "| a.weight | 4 | 2 |" in table and "| b.weight | 4 | 8 |" in table
+    assert "| bytes vs default | 0.55 | 0.60 |" in table

@@ -10,6 +10,8 @@ and one self-contained ``report.html``.
     loss_vs_time.png    loss against wall-clock seconds
     consensus.png       consensus distance against step (only when an algorithm logs
                         ``consensus_distance``, as gossip does)
+    layer_choices.md    per-layer compression settings over time (only when an algorithm
+                        logs ``lgreco_choices``, as the lgreco compressor does)
     report.html         all of the above in one page, images inlined as data URIs
 
 matplotlib is imported inside the plotting code only (it is slow to import).
@@ -47,6 +49,7 @@ PLOTS = (  # (file stem, record key for x, axis label)
     ("loss_vs_time", "time_s", "wall-clock (s, evaluation excluded)"),
 )
 CONSENSUS = ("consensus", "consensus_distance")  # (file stem, record key) of the consensus plot
+CHOICES = ("layer_choices", "lgreco_choices", "lgreco_bytes_ratio")  # (file stem, per-layer dict, bytes ratio)
 EMA_BETA = 0.9
 """Smoothing of the plotted train loss (debiased exponential moving average)."""
 
@@ -203,9 +206,37 @@ def _write(run_dir: Path, target_loss: float | None) -> tuple[Path, Summary]:
     images = render_plots(run, summary)
     for stem, png in images.items():
         (run_dir / f"{stem}.png").write_bytes(png)
+    choices = choice_tables(run)
+    if choices:
+        (run_dir / f"{CHOICES[0]}.md").write_text("".join(
+            f"### {algo}\n\n{_markdown(headers, rows)}\n" for algo, (headers, rows) in choices.items()))
     out = run_dir / "report.html"
-    out.write_text(html_report(summary, images))
+    out.write_text(html_report(summary, images, choices))
     return out, summary
+
+
+def choice_tables(run: Run) -> dict[str, tuple[list[str], list[list[str]]]]:
+    """Per algorithm whose rank 0 logs ``lgreco_choices``: (headers, rows), one row per layer and
+    one column per logged step at which some layer's setting changed; last row: bytes vs default."""
+    tables = {}
+    for algo in run.algorithms:
+        records = next((r for r in run.records[algo] if r), [])  # rank 0, or lowest rank that logged
+        points, last = [], None
+        for r in records:
+            current = r.get(CHOICES[1])
+            if isinstance(current, dict) and current != last:
+                points.append((r["step"], current, r.get(CHOICES[2])))
+                last = current
+        if points:
+            layers = sorted({k for _, c, _ in points for k in c})
+            rows = [[k] + [f"{c[k]:g}" if k in c else "" for _, c, _ in points] for k in layers]
+            rows.append(["bytes vs default"] + [f"{b:.2f}" if isinstance(b, (int, float)) else "" for *_, b in points])
+            tables[algo] = (["layer"] + [f"step {step}" for step, *_ in points], rows)
+    return tables
+
+
+def _markdown(headers: list[str], rows: list[list[str]]) -> str:
+    return "".join("| " + " | ".join(cells) + " |\n" for cells in [headers, ["---"] * len(headers), *rows])
 
 
 # ----------------------------------------------------------------------------- plots
@@ -367,8 +398,10 @@ def _target_note(summary: Summary) -> str:
     return f"Target loss {summary.target_loss:.4f} ({origin}). Baseline: {summary.baseline}."
 
 
-def html_report(summary: Summary, images: dict[str, bytes]) -> str:
-    """A self-contained HTML page: inline CSS, plots as base64 PNG data URIs."""
+def html_report(summary: Summary, images: dict[str, bytes],
+                choices: dict[str, tuple[list[str], list[list[str]]]] | None = None) -> str:
+    """A self-contained HTML page: inline CSS, plots as base64 PNG data URIs, and
+    :func:`choice_tables` when given."""
     ratios = "".join(
         f"<li><b>{html.escape(r.name)}</b>: {html.escape(ratio_text(r, row))}</li>"
         for row, r in zip(summary.rows, summary.ratios) if r.name != summary.baseline
@@ -389,7 +422,9 @@ def html_report(summary: Summary, images: dict[str, bytes]) -> str:
         f'<p class="note">{html.escape(_target_note(summary))}</p>'
         + (f"<h2>Against {html.escape(summary.baseline)}</h2><ul>{ratios}</ul>" if ratios else "")
         + f"<h2>Loss curves</h2>{plots}"
-        f'<h2>Run configuration</h2>{_html_table(None, _config_rows(summary), "kv")}'
+        + "".join(f"<h2>Per-layer compression settings over time: {html.escape(algo)}</h2>"
+                  f"{_html_table(headers, rows)}" for algo, (headers, rows) in (choices or {}).items())
+        + f'<h2>Run configuration</h2>{_html_table(None, _config_rows(summary), "kv")}'
         "</body></html>\n"
     )
 
