@@ -63,6 +63,16 @@ def test_ring_all_gather_by_hand() -> None:
     assert t2 == Transfer(0.5, 500, 500)
 
 
+def test_gloo_broadcast_by_hand() -> None:
+    # n=4: d = 2 rounds of latency, the root's two overlapping sends (2 S/B) then one forward (S/B)
+    t = cost.gloo_broadcast(MB, 4, LINK, rank=0, root=0)
+    assert t.seconds == pytest.approx(2 * 0.001 + 3 * 0.08)
+    assert (t.sent, t.received) == (2 * MB, 0)  # bytes as the binomial tree's
+    assert cost.gloo_broadcast(MB, 2, LINK, rank=1, root=0) == cost.tree_broadcast(MB, 2, LINK, rank=1, root=0)
+    assert cost.gloo_broadcast(MB, 8, LINK, rank=5, root=0).seconds == pytest.approx(3 * 0.001 + 6 * 0.08)
+    assert cost.gloo_broadcast(MB, 1, LINK, rank=0, root=0) == Transfer(0.0, 0, 0)
+
+
 def test_tree_broadcast_by_hand() -> None:
     # n=4: ceil(log2 4) = 2 rounds of (0.001 + 0.08) = 0.162 s
     root = cost.tree_broadcast(MB, 4, LINK, rank=0, root=0)

@@ -106,7 +106,7 @@ class Comm:
             dist.broadcast(tensor, src=src, group=self.group)
             return tensor
 
-        price = lambda link: cost.tree_broadcast(_nbytes(tensor), self.world_size, link, self.rank, src)  # noqa: E731
+        price = lambda link: cost.gloo_broadcast(_nbytes(tensor), self.world_size, link, self.rank, src)  # noqa: E731
         return self._submit("broadcast", tag, _nbytes(tensor), price, run, tensor, async_op)
 
     def send(self, tensor: torch.Tensor, dst: int, async_op: bool = False, tag: str = "") -> Handle | torch.Tensor:

@@ -10,6 +10,7 @@ ring all-reduce    2(n-1) (a + S/(nB))                         2(n-1) S/n
 ring all-gather    (n-1) (a + S/B), S = one rank's part        (n-1) S
 ring reduce-scat.  (n-1) (a + S/(nB))                          (n-1) S/n
 tree broadcast     ceil(log2 n) (a + S/B)                      S x (children in binomial tree)
+gloo broadcast     d a + d(d+1)/2 S/B, d = ceil(log2 n)        as the tree (its sends overlap)
 all-to-all         (n-1) (a + S/(nB))                          (n-1) S/n
 point-to-point     a + S/B                                     S (sender), 0 (receiver)
 neighbour exch.    a + max(sent, received)/B                   what it sends (full-duplex NIC)
@@ -28,8 +29,8 @@ level): with heterogeneous links, pass the bottleneck of the participants
 (``Network.bottleneck(ranks)``), as :mod:`lowband.comm` does. A world of one rank (or a
 gossip step without neighbours) costs nothing.
 
-The emulation (:mod:`lowband.comm`) makes each collective it runs (the first seven rows)
-complete no earlier than this time, and the ledger charges these byte counts; the last five
+The emulation (:mod:`lowband.comm`) makes each collective it runs (the first eight rows; for
+a broadcast, gloo's, not the ideal tree) complete no earlier than this time, and the ledger charges these byte counts; the last five
 are alternatives for planning (:mod:`lowband.net.plan`). Thakur, Rabenseifner & Gropp,
 "Optimization of Collective Communication Operations in MPICH" (2005) derive the same
 formulas.
@@ -94,6 +95,22 @@ def tree_broadcast(nbytes: int, n: int, link: Link, rank: int, root: int) -> Tra
     sent = binomial_children(rank, root, n) * nbytes
     received = 0 if rank == root else nbytes
     return Transfer(rounds * link.transfer_seconds(nbytes), sent, received)
+
+
+def gloo_broadcast(nbytes: int, n: int, link: Link, rank: int, root: int) -> Transfer:
+    """gloo's binomial-tree broadcast, whose sends do not wait for each other.
+
+    With d = ceil(log2 n) rounds, the root starts its d sends at once, so they share its
+    link and all land after d S/B; the first child then starts its d - 1 sends, and so on
+    down the deepest path: d a + d (d + 1) / 2 S/B in all (n = 2: a + S/B; n = 4: 2a + 3 S/B,
+    measured on tc-shaped links by ``benchmarks/emulation_validation.py``). Bytes as
+    :func:`tree_broadcast`."""
+    tree = tree_broadcast(nbytes, n, link, rank, root)
+    if n <= 1:
+        return tree
+    d = math.ceil(math.log2(n))
+    wire = 0.0 if link.bandwidth is None else d * (d + 1) / 2 * nbytes / link.bandwidth
+    return Transfer(d * link.latency + wire, tree.sent, tree.received)
 
 
 def point_to_point(nbytes: int, link: Link, sending: bool) -> Transfer:

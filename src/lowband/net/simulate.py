@@ -206,7 +206,7 @@ def _all_gather(op: Op, n: int, link: Link, scale: float) -> tuple[float, float]
 
 def _broadcast(op: Op, n: int, link: Link, scale: float) -> tuple[float, float]:
     size = round(op.payload * scale)
-    t = cost.tree_broadcast(size, n, link, 0, 0)
+    t = cost.gloo_broadcast(size, n, link, 0, 0)
     return t.seconds, size * (n - 1) / n  # the binomial tree's n - 1 sends, averaged over ranks
 
 
