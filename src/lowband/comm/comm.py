@@ -191,6 +191,19 @@ class Comm:
             self._pool.shutdown(wait=True)
             self._pool = None
 
+    def rebind(self, network: Network | None = None) -> None:
+        """Point this Comm at the current default process group (an elastic run rebuilt it over
+        new members) with ``network``'s links; the ledger and ``wait_seconds`` carry on."""
+        self.close()
+        active = dist.is_available() and dist.is_initialized()
+        self.rank = dist.get_rank(self.group) if active else 0
+        self.world_size = dist.get_world_size(self.group) if active else 1
+        if network is not None and len(network.links) != self.world_size:
+            raise ValueError(f"network has {len(network.links)} links for {self.world_size} ranks")
+        self.network = network
+        self.link = network.bottleneck() if network is not None else Link()
+        self._pool = ThreadPoolExecutor(1, thread_name_prefix="lowband-comm") if self.world_size > 1 else None
+
     # -- internals ---------------------------------------------------------------------
     def _pair(self, peer: int) -> Link:
         if self.network is None:

@@ -52,3 +52,24 @@ def barrier() -> None:
 def shutdown() -> None:
     if dist.is_initialized():
         dist.destroy_process_group()
+
+
+# -- elastic runs (lowband.fault.elastic): a store of the driver, a default group per membership --------
+def serve_store(host: str = "127.0.0.1", port: int = 0) -> dist.TCPStore:
+    """A TCPStore server (``port=0``: a free port, read it from ``.port``); loopback unless told."""
+    return dist.TCPStore(host, port, is_master=True, wait_for_workers=False, timeout=timedelta(seconds=60))
+
+
+def connect_store(address: str, timeout_s: float = 60.0) -> dist.TCPStore:
+    """A client of the store at ``host:port``."""
+    host, _, port = address.rpartition(":")
+    return dist.TCPStore(host, int(port), is_master=False, timeout=timedelta(seconds=timeout_s))
+
+
+def init_from_store(store: dist.Store, prefix: str, rank: int, world_size: int, timeout_s: float,
+                    backend: str = "gloo") -> None:
+    """(Re)build the default process group over ``store`` under ``prefix``: the previous one,
+    if any, is destroyed first (its peers may be dead: gloo's teardown does not wait for them)."""
+    shutdown()
+    dist.init_process_group(backend, store=dist.PrefixStore(prefix, store), rank=rank, world_size=world_size,
+                            timeout=timedelta(seconds=timeout_s))

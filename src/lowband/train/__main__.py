@@ -13,6 +13,9 @@ from lowband.train.worker import main as worker_main
 
 def main(argv: list[str] | None = None) -> int:
     cfg = config_from_args(argv, prog="torchrun ... -m lowband.train")
+    if cfg.elastic:
+        raise SystemExit("--elastic is for `lowband train`: it starts, supervises and restarts the workers "
+                         "(each its own torchrun job); drop --elastic under torchrun")
     worker_main(cfg)
     return 0
 

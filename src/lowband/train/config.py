@@ -68,6 +68,11 @@ class TrainConfig:
     progress: bool = True
     checkpoint_every: int = 0  # steps between checkpoints (0: none); see lowband.fault.checkpoint
     resume: bool = False  # continue the run folder --name from each algorithm's last complete checkpoint
+    # elastic membership (docs/elastic.md): workers may die, hang, restart and join while training goes on
+    elastic: bool = False
+    min_workers: int = 1  # --elastic: fewer members than this stops the run with one line
+    elastic_timeout: float = 30.0  # --elastic: seconds to wait for a silent worker (quorum, collectives)
+    rejoin_after: float | None = None  # --elastic: restart a departed worker after this many seconds
 
     def __post_init__(self) -> None:
         if not self.algos:
@@ -112,6 +117,22 @@ class TrainConfig:
             raise ValueError(f"--checkpoint-every must be >= 0 (0: no checkpoints), got {self.checkpoint_every}")
         if self.resume:
             self.check_resumable()
+        self.check_elastic()
+
+    def check_elastic(self) -> None:
+        """``--elastic`` options are consistent (and only given with ``--elastic``)."""
+        from lowband.fault.elastic import check_elastic
+
+        if not self.elastic:
+            if self.min_workers != 1 or self.rejoin_after is not None:
+                raise ValueError("--min-workers and --rejoin-after need --elastic")
+            return
+        check_elastic(self.algos, self.workers, self.min_workers)
+        if len(self.variants()) != 1 or self.net != "model" or self.resume or self.checkpoint_every:
+            raise ValueError("--elastic runs one --algo/--compress/--feedback with --net model, "
+                             "without --resume or --checkpoint-every")
+        if self.elastic_timeout <= 0 or (self.rejoin_after is not None and self.rejoin_after < 0):
+            raise ValueError("--elastic-timeout must be > 0 and --rejoin-after >= 0")
 
     def check_resumable(self) -> None:
         """``--resume`` needs ``--name``, and the run folder's task-defining flags must be these."""
@@ -235,6 +256,15 @@ def build_parser(prog: str = "lowband train") -> argparse.ArgumentParser:
     p.add_argument("--resume", action="store_true",
                    help="continue the run folder --name from each algorithm's last complete checkpoint "
                         "(an algorithm without one starts from scratch)")
+    p.add_argument("--elastic", action="store_true",
+                   help="elastic membership (diloco, localsgd): survivors go on when workers die or hang, "
+                        "restarted workers join at the next outer step (docs/elastic.md)")
+    p.add_argument("--min-workers", type=int, default=d.min_workers,
+                   help="--elastic: stop with an error when fewer workers are left")
+    p.add_argument("--elastic-timeout", type=float, default=d.elastic_timeout,
+                   help="--elastic: seconds before a silent worker is dropped from the quorum")
+    p.add_argument("--rejoin-after", type=float, default=None, metavar="SECONDS",
+                   help="--elastic: restart a worker that left after this many seconds (default: never)")
     return p
 
 

@@ -23,6 +23,10 @@ def run(cfg: TrainConfig) -> dict[int, Any]:
     :class:`lowband.net.netns.NetnsUnavailable` when ``--net netns`` cannot be built here."""
     from lowband.train.worker import main as worker_main
 
+    if cfg.elastic:
+        from lowband.train.elastic import run_elastic
+
+        return run_elastic(cfg)  # each worker its own torchrun job; docs/elastic.md
     if cfg.net == "netns":
         with ShapedNetwork(Network.parse(cfg.bandwidth, cfg.latency, cfg.workers)) as spec:
             return launch(netns_worker, cfg.workers, worker_main, spec, cfg)

@@ -1,0 +1,320 @@
+"""Elastic membership for the local-update family: quorum, commit or skip, join with a verified state.
+
+:class:`ElasticSync` takes over an algorithm's ``synchronise`` (DiLoCo's outer step, local
+SGD's averaging). At every outer step, on every worker:
+
+1. **quorum**: arrive at the :class:`~lowband.fault.quorum.QuorumService` and get the
+   members of this attempt (:class:`~lowband.fault.quorum.Decision`);
+2. **group**: if the membership changed (or the last attempt failed), rebuild the default
+   process group over the members (``pg/<epoch>/`` in the driver's store) and re-point the
+   :class:`~lowband.comm.Comm` at it (one ledger across groups);
+3. **join**: members that do not hold the committed state (joiners, restarted or
+   late workers) receive it from the lowest-ranked holder by broadcast, with a CRC-32
+   checked before use (:func:`pack_state`, :func:`unpack_state`): global model, outer
+   optimizer, inner optimizer, lr schedule, counters, training step and clock;
+4. **average**: the outer gradients are all-reduced; joiners contribute zeros and the
+   holders scale theirs by members/holders, so the mean is over the workers that trained;
+5. **commit or skip**: every member reports to the service; the outer step is applied only
+   if every member succeeded. Otherwise nothing was applied (the compressor/feedback state is
+   restored too) and the round is redone with a new quorum.
+
+Fault injection (tests and benchmarks) comes from ``LOWBAND_FAULT``, faults separated by
+``;``: ``kill:rank=1,step=30`` (SIGKILL at the start of step 30), ``kill:rank=1,step=30,at=sync``
+(at the first outer step from step 30 on, after the quorum, before the all-reduce),
+``at=commit`` (after the all-reduce, before voting), ``hang:rank=1,step=30,seconds=20``,
+``corrupt:rank=2`` (the next state replica 2 receives has one byte flipped). ``rank`` is the
+replica id (a worker's rank at the start); kills and hangs apply to a replica's first
+incarnation only, so a restarted worker does not die again.
+"""
+
+from __future__ import annotations
+
+import copy
+import hashlib
+import io
+import logging
+import os
+import signal
+import time
+import zlib
+from dataclasses import dataclass, field
+from typing import Any, Callable, Sequence
+
+import torch
+
+from lowband.comm import group
+from lowband.fault.quorum import Decision, QuorumClient
+from lowband.feedback import FEEDBACK
+from lowband.net.link import Network
+from lowband.registry import build
+
+ELASTIC_ALGORITHMS = ("diloco", "localsgd")
+FAULT_KINDS = ("kill", "hang", "corrupt")
+FAULT_POINTS = ("step", "sync", "commit")
+log = logging.getLogger("lowband.fault.elastic")
+
+
+class StateChecksumError(RuntimeError):
+    """A transferred state did not match its checksum: it is refused, the attempt is skipped."""
+
+
+def check_elastic(algos: Sequence[str], workers: int, min_workers: int) -> None:
+    """Raise one line if ``--elastic`` cannot run these algorithms with these worker counts."""
+    names = [a.partition(":")[0].strip() for a in algos]
+    unsupported = [n for n in names if n not in ELASTIC_ALGORITHMS]
+    if unsupported:
+        raise ValueError(f"--elastic supports {', '.join(ELASTIC_ALGORITHMS)}, not {', '.join(unsupported)}")
+    if len(algos) != 1:
+        raise ValueError("--elastic runs one algorithm at a time: give one --algo (and one --compress/--feedback)")
+    if not 1 <= min_workers <= workers:
+        raise ValueError(f"--min-workers must be in [1, --workers={workers}], got {min_workers}")
+
+
+# -- fault injection ----------------------------------------------------------------------------
+@dataclass(frozen=True)
+class Fault:
+    kind: str
+    replica: int
+    step: int = 0
+    at: str = "step"
+    seconds: float = 30.0
+
+
+def parse_faults(text: str) -> tuple[Fault, ...]:
+    """``"kill:rank=1,step=30;corrupt:rank=2"`` -> faults; bad input raises one line."""
+    faults = []
+    for part in filter(None, (p.strip() for p in text.split(";"))):
+        kind, _, rest = part.partition(":")
+        opts = dict(kv.split("=", 1) for kv in rest.split(",") if kv)
+        if kind not in FAULT_KINDS or "rank" not in opts or opts.get("at", "step") not in FAULT_POINTS:
+            raise ValueError(f"bad LOWBAND_FAULT {part!r}: use kill|hang|corrupt:rank=R[,step=S][,at=step|sync|commit]"
+                             "[,seconds=T]")
+        faults.append(Fault(kind, int(opts["rank"]), int(opts.get("step", 0)), opts.get("at", "step"),
+                            float(opts.get("seconds", 30.0))))
+    return tuple(faults)
+
+
+@dataclass
+class FaultPlan:
+    """The faults that apply to this process (replica, incarnation)."""
+
+    faults: list[Fault] = field(default_factory=list)
+
+    @classmethod
+    def from_env(cls, replica: int, incarnation: int) -> "FaultPlan":
+        faults = parse_faults(os.environ.get("LOWBAND_FAULT", ""))
+        return cls([f for f in faults if f.replica == replica and (f.kind == "corrupt" or incarnation == 0)])
+
+    def trigger(self, point: str, step: int) -> None:
+        """Kill or hang here if a fault says so (``point``: step, sync or commit)."""
+        for fault in list(self.faults):
+            if fault.kind in ("kill", "hang") and fault.at == point and step >= fault.step:
+                self.faults.remove(fault)
+                if fault.kind == "kill":
+                    log.warning("fault injection: SIGKILL at step %d (%s)", step, point)
+                    os.kill(os.getpid(), signal.SIGKILL)
+                time.sleep(fault.seconds)
+
+    def corrupt(self, payload: torch.Tensor) -> None:
+        for fault in list(self.faults):
+            if fault.kind == "corrupt":
+                self.faults.remove(fault)
+                payload[len(payload) // 2] ^= 0xFF
+
+
+# -- state transfer -----------------------------------------------------------------------------
+def pack_state(state: dict[str, Any]) -> tuple[torch.Tensor, int]:
+    """``state`` serialised (``torch.save``) as a uint8 tensor, and its CRC-32."""
+    buffer = io.BytesIO()
+    torch.save(state, buffer)
+    raw = buffer.getvalue()
+    return torch.frombuffer(bytearray(raw), dtype=torch.uint8), zlib.crc32(raw)
+
+
+def unpack_state(payload: torch.Tensor, crc: int) -> dict[str, Any]:
+    """The state in ``payload``; raises :class:`StateChecksumError` if its CRC-32 is not ``crc``."""
+    raw = payload.numpy().tobytes()
+    got = zlib.crc32(raw)
+    if got != crc:
+        raise StateChecksumError(f"state transfer refused: CRC-32 {got:08x} != sent {crc:08x} "
+                                 "(corrupted in transit; the round is redone)")
+    return torch.load(io.BytesIO(raw), map_location="cpu", weights_only=True)
+
+
+@dataclass
+class LoopState:
+    """The training loop's counters, shared with :class:`ElasticSync` (and sent to joiners)."""
+
+    step: int = 0
+    clock: float = 0.0
+    val_loss: float = float("nan")
+
+
+class ElasticSync:
+    """Runs a DiLoCo-family algorithm's outer steps over a changing membership (module docstring).
+
+    Example (what :mod:`lowband.train.elastic_worker` does)::
+
+        sync = ElasticSync(client, store, algo, scheduler, network, loop, faults, timeout=30)
+        sync.join()            # first quorum: the start, or a running job's next outer step
+        for step in ...:       # algo.step() calls sync.synchronise() every H steps
+    """
+
+    def __init__(self, client: QuorumClient, store: Any, algo: Any, scheduler: Any, network: Network,
+                 loop: LoopState, faults: FaultPlan, timeout: float,
+                 on_event: Callable[[dict[str, Any]], None] | None = None) -> None:
+        self.client, self.store, self.algo, self.scheduler = client, store, algo, scheduler
+        self.network, self.loop, self.faults, self.timeout = network, loop, faults, timeout
+        self.on_event = on_event or (lambda event: None)
+        self.comm = algo.comm
+        self.epoch = 0
+        self.decision: Decision | None = None
+        self.elastic_s = 0.0  # seconds spent in quorums, votes, group rebuilds and state transfers
+        self.redone = 0  # attempts that did not commit
+        algo.synchronise = self.synchronise  # the algorithm's after_step now syncs through here
+
+    @property
+    def members(self) -> int:
+        return len(self.decision.members) if self.decision else 1
+
+    def join(self) -> None:
+        """The first quorum of this worker: the start of training, or a running job's next outer step
+        (then the state comes from a holder and the loop continues at its step)."""
+        joined = self._until_committed()
+        if joined.kind == "sync" and self.client.token in joined.joiners:
+            self.algo.local_steps = 0
+            self.scheduler.step()  # the holders step their schedule after this step too
+            self.on_event({"event": "synced", "replica": self.client.token, "round": joined.round,
+                           "outer_steps": self.algo.outer_steps, "params_sha": self.fingerprint()})
+
+    @torch.no_grad()
+    def synchronise(self) -> None:
+        """One outer step over the current quorum, redone until it commits."""
+        self._until_committed()
+
+    def _until_committed(self) -> Decision:
+        while True:
+            started = time.perf_counter()
+            d = self.client.arrive({"outer_steps": getattr(self.algo, "outer_steps", 0), "step": self.loop.step})
+            self._charge(time.perf_counter() - started)
+            self.decision = d
+            deltas, ok = None, True
+            snapshot = copy.deepcopy(self.algo.aggregator.state_dict())
+            try:
+                self._regroup(d)
+                if d.kind == "sync":
+                    deltas = self._average(d)
+            except Exception as err:  # a peer died or hung mid-collective, or the state was refused
+                ok = False
+                log.warning("replica %s, quorum %d (round %d attempt %d): %s: %s", self.client.token, d.number,
+                            d.round, d.attempt, type(err).__name__, str(err).splitlines()[0] if str(err) else "")
+            self.faults.trigger("commit", self.loop.step)
+            started = time.perf_counter()
+            committed = self.client.commit(d.number, ok)
+            self._charge(time.perf_counter() - started)
+            if committed:
+                if deltas is not None:
+                    self.algo.apply_outer(deltas)
+                self._report(d)
+                return d
+            self.redone += 1
+            self.algo.aggregator.load_state_dict(snapshot)  # never half-applied: compressor/feedback too
+
+    def _regroup(self, d: Decision) -> None:
+        if d.epoch == self.epoch:
+            return
+        started = time.perf_counter()
+        self.epoch = 0  # a failed rebuild must be retried
+        replicas = [int(t.split(".")[0]) for t in d.members]
+        group.init_from_store(self.store, f"pg/{d.epoch}/", d.rank(self.client.token), len(d.members), self.timeout)
+        self.comm.rebind(Network(tuple(self.network.links[r] for r in replicas), self.network.shaped))
+        self.epoch = d.epoch
+        self._charge(time.perf_counter() - started)
+
+    def _average(self, d: Decision) -> list[tuple[str, torch.Tensor]]:
+        token, refused = self.client.token, None
+        if d.joiners:
+            try:
+                self._transfer(d)
+            except StateChecksumError as err:  # still take part in the all-reduce: peers must not wait
+                refused = err
+        self.faults.trigger("sync", self.loop.step)
+        deltas = self.algo.outer_gradients()
+        scale = len(d.members) / len(d.contributors)
+        for _, delta in deltas:
+            if token not in d.contributors:
+                delta.zero_()
+            elif scale != 1.0:
+                delta.mul_(scale)
+        self.algo.aggregator.mean_(deltas)
+        if refused is not None:
+            raise refused  # this member votes to skip: the round is redone, the state sent again
+        return deltas
+
+    def _transfer(self, d: Decision) -> None:
+        """Broadcast the committed state from ``d.src`` to the members; joiners verify and load it."""
+        started = time.perf_counter()
+        token, src = self.client.token, d.rank(d.src)
+        header = torch.zeros(2, dtype=torch.int64)
+        payload = torch.empty(0, dtype=torch.uint8)
+        if token == d.src:
+            payload, crc = pack_state(self.shared_state())
+            header[0], header[1] = payload.numel(), crc
+        self.comm.broadcast(header, src=src, tag="elastic.header")
+        if token != d.src:
+            payload = torch.empty(int(header[0]), dtype=torch.uint8)
+        self.comm.broadcast(payload, src=src, tag="elastic.state")
+        if token in d.joiners:
+            self.faults.corrupt(payload)
+            self.load_shared_state(unpack_state(payload, int(header[1])))
+        self.elastic_s += time.perf_counter() - started  # the broadcasts' waits are charged by Comm
+
+    def shared_state(self) -> dict[str, Any]:
+        """What a joiner needs: everything the holders agree on, plus the loop's position."""
+        model = self.algo.model
+        params = {id(p) for p in model.parameters()}
+        return {"algorithm": self.algo.state_dict(), "optimizer": self.algo.optimizer.state_dict(),
+                "scheduler": self.scheduler.state_dict(),
+                "buffers": {n: b for n, b in model.named_buffers() if id(b) not in params},
+                "loop": {"step": self.loop.step, "clock": self.loop.clock, "val_loss": self.loop.val_loss}}
+
+    @torch.no_grad()
+    def load_shared_state(self, state: dict[str, Any]) -> None:
+        """Become a copy of the sender: its global model (also as this worker's local model, so
+        this round's contribution is zero), optimizers, schedule and counters; error feedback
+        starts empty (residuals are per worker)."""
+        self.algo.load_state_dict(state["algorithm"])
+        self.algo.optimizer.load_state_dict(state["optimizer"])
+        self.scheduler.load_state_dict(state["scheduler"])
+        buffers = dict(self.algo.model.named_buffers())
+        for name, value in state["buffers"].items():
+            buffers[name].copy_(value)
+        for p, g in zip(self.algo.params, self.algo.global_params):
+            p.copy_(g)
+        self.algo.aggregator.feedback = build(self.algo.options.feedback, FEEDBACK)
+        loop = state["loop"]
+        self.loop.step, self.loop.clock, self.loop.val_loss = int(loop["step"]), float(loop["clock"]), \
+            float(loop["val_loss"])
+
+    @torch.no_grad()
+    def fingerprint(self) -> str:
+        """SHA-256 (first 16 hex digits) of the global model: equal on every member after a commit."""
+        digest = hashlib.sha256()
+        for g in self.algo.global_params:
+            digest.update(g.detach().contiguous().numpy().tobytes())
+        return digest.hexdigest()[:16]
+
+    def _charge(self, seconds: float) -> None:
+        self.elastic_s += seconds
+        self.comm.account_wait(seconds)
+
+    def _report(self, d: Decision) -> None:
+        if d.rank(self.client.token) != 0:
+            return
+        base = {"round": d.round, "attempt": d.attempt, "members": len(d.members)}
+        for token in d.left:
+            self.on_event({"event": "leave", "replica": token, **base})
+        for token in d.joined:
+            self.on_event({"event": "join", "replica": token, **base})
+        if d.attempt:
+            self.on_event({"event": "redo", "replica": None, **base})
