@@ -25,6 +25,7 @@ from lowband.algorithms.gossip import neighbours
 from lowband.algorithms.onebit_adam import padded_numel
 from lowband.compress import COMPRESSORS
 from lowband.compress.indices import index_nbytes
+from lowband.compress.sketch import sketch_size
 from lowband.net import cost
 from lowband.net.cost import Transfer
 from lowband.net.link import Link
@@ -209,6 +210,7 @@ WIRES: dict[str, WireModel] = {
     "topk": _per_matrix(_sparse), "dgc": _per_matrix(_sparse),
     "randomk": _per_matrix(lambda o, n, d: 4 * o.count(n)),
     "powersgd": _powersgd, "threshold": _threshold,
+    "sketch": _per_matrix(lambda o, n, d: 4 * sketch_size(n, o)),
 }
 
 
