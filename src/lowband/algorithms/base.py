@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import contextlib
 from dataclasses import dataclass
-from typing import Any, ClassVar, Iterator
+from typing import Any, Callable, ClassVar, Iterator
 
 import torch
 from torch import nn
@@ -66,6 +66,7 @@ class Algorithm:
 
     name: ClassVar[str] = ""
     Options: ClassVar[type[Options]] = Options
+    zeroth_order: ClassVar[bool] = False  # True: driven by zo_step(closure) instead of backward + step()
 
     def __init__(self, model: nn.Module, optimizer: torch.optim.Optimizer, comm: Comm,
                  options: Options | None = None, grad_clip: float = 0.0) -> None:
@@ -83,6 +84,11 @@ class Algorithm:
         self._before_inner_step()
         self.optimizer.step()
         self._after_inner_step()
+
+    def zo_step(self, closure: Callable[[], torch.Tensor]) -> torch.Tensor:
+        """One step of a zeroth-order algorithm (``zeroth_order``) from a closure returning the loss
+        (no backward); returns the loss to report. Gradient-based algorithms have none."""
+        raise TypeError(f"{self.name} is trained with loss.backward() and algo.step(), not zo_step")
 
     def _before_inner_step(self, *_: Any) -> None:
         self.reduce_gradients()

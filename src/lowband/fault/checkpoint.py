@@ -114,6 +114,34 @@ def load_checkpoint(path: Path) -> dict[str, Any]:
     return state
 
 
+def model_file(path: str | Path) -> Path:
+    """The file ``--init-from PATH`` loads: PATH itself, or for an algorithm folder (``runs/<name>/ddp``)
+    rank 0's file of its last complete checkpoint. Raises one line naming the path."""
+    path = Path(path).expanduser()
+    if path.is_dir():
+        step = last_complete_step(path)
+        if step is None:
+            raise ValueError(f"--init-from {path}: no complete checkpoint in this folder (train with "
+                             "--checkpoint-every, then give its algorithm folder, e.g. runs/<name>/ddp, or a .pt file)")
+        path = rank_file(path, step, 0)
+    if not path.is_file():
+        raise ValueError(f"--init-from {path}: no such file or folder")
+    return path
+
+
+def load_model_into(model: nn.Module, path: str | Path) -> None:
+    """Load the model saved at ``path`` (a checkpoint's ``model``, or a bare state_dict) into ``model``."""
+    file = model_file(path)
+    state = load_checkpoint(file)
+    state = state.get("model", state)
+    try:
+        model.load_state_dict(state)
+    except RuntimeError as err:
+        first = str(err).strip().splitlines()[0]
+        raise ValueError(f"--init-from {file}: the saved model does not fit this one ({first}); give the same "
+                         "--model and --data it was trained with") from None
+
+
 # -- the layout -----------------------------------------------------------------------------
 def step_folder(algo_dir: Path, step: int) -> Path:
     return algo_dir / "checkpoints" / f"step{step}"

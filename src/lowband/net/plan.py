@@ -160,6 +160,7 @@ MEASURED: dict[str, Measured] = {  # char-GPT runs on 2-4 workers: see docs/plan
     "onebit-adam": Measured(2.048, 2.087, _ASYNC), "dist-lion": Measured(2.282, 2.087, _ASYNC),
     "co2": Measured(2.492, 2.087, _ASYNC), "noloco": Measured(2.325, 2.087, _ASYNC),
     "gossip": Measured(2.297, 2.087, _ASYNC),
+    "ddp+sketch:ratio=0.01": Measured(2.724, 2.513, "docs/algorithms/sketch.md"),  # 2 workers, 150 steps
 }
 
 
@@ -267,6 +268,7 @@ PLANS: dict[str, PlanBuilder] = {  # one small function per registered algorithm
     "gossip": lambda o, s: exchange(o, s, o.period, max(map(len, neighbours(o.topology, s.workers)))),
     "noloco": lambda o, s: exchange(o, s, o.inner_steps, min(s.workers - 1, 2 if s.workers % 2 else 1)),
     "onebit-adam": _onebit_adam,
+    "zo-onebyte": lambda o, s: (Sync("bytes", "all_gather", 1.0),),  # one byte per worker per step
 }
 
 

@@ -14,7 +14,7 @@ from typing import Any, Sequence
 
 from lowband.algorithms import ALGORITHMS
 from lowband.compress import COMPRESSORS
-from lowband.fault.checkpoint import resume_mismatch
+from lowband.fault.checkpoint import model_file, resume_mismatch
 from lowband.registry import build, parse_spec
 from lowband.fault.robust import RULES
 from lowband.feedback import FEEDBACK
@@ -73,6 +73,7 @@ class TrainConfig:
     min_workers: int = 1  # --elastic: fewer members than this stops the run with one line
     elastic_timeout: float = 30.0  # --elastic: seconds to wait for a silent worker (quorum, collectives)
     rejoin_after: float | None = None  # --elastic: restart a departed worker after this many seconds
+    init_from: str | None = None  # start from a saved model: a checkpoint file or an algorithm folder with one
 
     def __post_init__(self) -> None:
         if not self.algos:
@@ -118,6 +119,8 @@ class TrainConfig:
         if self.resume:
             self.check_resumable()
         self.check_elastic()
+        if self.init_from is not None:
+            model_file(self.init_from)  # raises naming the path and what it should be
 
     def check_elastic(self) -> None:
         """``--elastic`` options are consistent (and only given with ``--elastic``)."""
@@ -256,6 +259,9 @@ def build_parser(prog: str = "lowband train") -> argparse.ArgumentParser:
     p.add_argument("--resume", action="store_true",
                    help="continue the run folder --name from each algorithm's last complete checkpoint "
                         "(an algorithm without one starts from scratch)")
+    p.add_argument("--init-from", default=None, metavar="PATH",
+                   help="start every algorithm from a saved model (fine-tuning): a checkpoint file, or an algorithm "
+                        "folder of a run trained with --checkpoint-every (its last complete checkpoint)")
     p.add_argument("--elastic", action="store_true",
                    help="elastic membership (diloco, localsgd): survivors go on when workers die or hang, "
                         "restarted workers join at the next outer step (docs/elastic.md)")

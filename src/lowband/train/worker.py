@@ -30,7 +30,7 @@ from torch.distributed.elastic.multiprocessing.errors import record
 
 from lowband.algorithms import ALGORITHMS, Algorithm
 from lowband.comm import Comm, Ledger, group
-from lowband.fault.checkpoint import RunCheckpoint, atomic_write_text, truncate_metrics
+from lowband.fault.checkpoint import RunCheckpoint, atomic_write_text, load_model_into, truncate_metrics
 from lowband.net.link import Network
 from lowband.train.config import TrainConfig, Variant
 from lowband.train.data import Batch, Dataset, load_dataset
@@ -69,7 +69,10 @@ def main(cfg: TrainConfig) -> str:
 
 def build_model(cfg: TrainConfig, data: Dataset) -> nn.Module:
     torch.manual_seed(cfg.seed)  # identical initialisation on every rank and for every algorithm
-    return MODELS.get(cfg.model)(data)
+    model = MODELS.get(cfg.model)(data)
+    if cfg.init_from:  # fine-tuning: start from a saved model
+        load_model_into(model, cfg.init_from)
+    return model
 
 
 def lr_lambda(cfg: TrainConfig) -> Any:
@@ -120,9 +123,12 @@ def train_one(cfg: TrainConfig, variant: Variant, data: Dataset, network: Networ
             comm.ledger.step = step  # ledger records carry the step that issued them
             started, waited = time.perf_counter(), comm.wait_seconds
             x, y = data.batch(generator, cfg.batch_size, rank, world_size, cfg.sharding)
-            _, loss = model(x, y)
-            loss.backward()
-            algo.step()
+            if algo.zeroth_order:  # forward passes only: the algorithm evaluates the closure
+                loss = algo.zo_step(lambda: model(x, y)[1])
+            else:
+                _, loss = model(x, y)
+                loss.backward()
+                algo.step()
             algo.zero_grad()
             if step == cfg.steps:
                 algo.finish()  # land what is in flight: the last row and evaluation see the final model
