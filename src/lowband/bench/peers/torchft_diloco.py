@@ -41,16 +41,13 @@ import argparse
 import contextlib
 import functools
 import importlib.metadata
-import json
 import logging
 import os
 import shutil
 import socket
 import subprocess
 import sys
-import threading
 import time
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass
 from datetime import timedelta
 from pathlib import Path
@@ -60,9 +57,8 @@ import torch
 from torch import nn
 from torch.distributed.elastic.multiprocessing.errors import record
 
-from lowband.comm.ledger import Ledger, Record
-from lowband.net import cost
-from lowband.net.link import Link, Network
+from lowband.bench.peers.common import SAME_TASK, EmulatedLink, LinkWork, PeerError, register_peer, write_ledger
+from lowband.net.link import Network
 from lowband.algorithms.diloco import DiLoCoOptions
 from lowband.train.config import TrainConfig, Variant, config_from_args
 from lowband.train.data import load_dataset
@@ -74,12 +70,7 @@ TORCHFT_VERSION = "0.2.0"
 INSTALL = (f"pip install --no-deps torchft=={TORCHFT_VERSION} && "
            "pip install opentelemetry-api opentelemetry-sdk opentelemetry-exporter-otlp-proto-http")
 TIMEOUT = timedelta(seconds=600)  # collectives, quorum and RPCs: generous on a loaded 2-core machine
-SAME_TASK = ("model", "data", "steps", "batch_size", "lr", "min_lr_ratio", "warmup_steps", "schedule",
-             "weight_decay", "grad_clip", "sharding", "seed", "eval_every", "eval_batches")
-
-
-class PeerError(RuntimeError):
-    """The peer cannot run here; the message is one line saying why."""
+__all__ = ["SAME_TASK", "EmulatedLink", "PeerError", "PeerOptions", "register", "run_torchft"]
 
 
 @dataclass(frozen=True)
@@ -106,80 +97,13 @@ class PeerOptions:
                    d[2] if alpha is None else alpha, bucketize, quantize)
 
 
-# ----------------------------------------------------------------------------- the emulated link
-
-
-class EmulatedLink:
-    """Charges collectives as :class:`lowband.comm.Comm` does, for a process group it does not own.
-
-    ``submit(work, tensors, n)`` takes a real collective in flight; a single background thread
-    waits for it, sleeps until its end + the modelled ring all-reduce time (when the network
-    is emulated), records it in ``ledger`` and completes the returned work's future.
-    """
-
-    def __init__(self, link: Link, emulate: bool, tag: str = "outer") -> None:
-        self.link, self.emulate, self.tag = link, emulate, tag
-        self.ledger = Ledger()
-        self.wait_seconds = 0.0  # training thread blocked on this link
-        self._pool = ThreadPoolExecutor(1, thread_name_prefix="lowband-link")
-
-    def submit(self, work: Any, tensors: list[torch.Tensor], n: int) -> torch.futures.Future:
-        payload = sum(t.numel() * t.element_size() for t in tensors)
-        transfer = cost.ring_all_reduce(payload, n, self.link)
-        future: torch.futures.Future = torch.futures.Future()
-
-        def execute() -> None:
-            start = time.perf_counter()
-            try:
-                work.wait()
-            except Exception as err:  # torchft reports it and discards the step
-                future.set_exception(err)
-                return
-            if self.emulate:
-                _sleep_until(time.perf_counter() + transfer.seconds)
-            self.ledger.add(Record("all_reduce", self.tag, payload, transfer.sent, transfer.received, n,
-                                   start, time.perf_counter(), transfer.seconds))
-            future.set_result(tensors)
-
-        self._pool.submit(execute)
-        return future
-
-    def account_wait(self, seconds: float) -> None:
-        if threading.current_thread() is threading.main_thread():
-            self.wait_seconds += seconds
-
-    def close(self) -> None:
-        """Complete every transfer in flight."""
-        self._pool.shutdown(wait=True)
-
-
-def _sleep_until(deadline: float) -> None:
-    while (left := deadline - time.perf_counter()) > 0:
-        time.sleep(left)
-
-
 @functools.cache
 def _torchft_classes() -> tuple[type, type, type, type]:
     """``(EmulatedGloo, TimedManager, NoCheckpoints, DiLoCo)``, defined once torchft is importable."""
-    import torch.distributed as dist
     from torchft.checkpointing.transport import CheckpointTransport
     from torchft.local_sgd import DiLoCo
     from torchft.manager import Manager
     from torchft.process_group import ProcessGroupGloo
-
-    class LinkWork(dist._Work):
-        def __init__(self, link: EmulatedLink, future: torch.futures.Future) -> None:
-            super().__init__()
-            self._link, self._future = link, future
-
-        def wait(self, timeout: timedelta | None = None) -> bool:
-            started = time.perf_counter()
-            self._future.wait()
-            self._link.account_wait(time.perf_counter() - started)
-            return True
-
-        def get_future(self) -> torch.futures.Future:
-            return self._future
 
     class EmulatedGloo(ProcessGroupGloo):
         """torchft's reconfigurable gloo group; every allreduce is charged to ``link``."""
@@ -374,9 +298,7 @@ def _train(cfg: TrainConfig, rank: int, n: int, data: Any, model: nn.Module, opt
                 print(f"{out.name} step {step}/{cfg.steps}: loss {row['loss']:.3f} val {val_loss:.3f} "
                       f"sent {link.ledger.bytes_sent / 1e6:.1f} MB time {clock:.1f} s", file=sys.stderr, flush=True)
     link.close()  # anything still in flight is charged before the ledger is written
-    with MetricsWriter(out / f"ledger_rank{rank}.jsonl") as ledger_out:
-        for rec in link.ledger.records:
-            ledger_out.write(rec.to_dict())
+    write_ledger(out / f"ledger_rank{rank}.jsonl", link.ledger)
     return {"val_loss": val_loss, "bytes_sent": link.ledger.bytes_sent, "time_s": clock}
 
 
@@ -420,32 +342,11 @@ def check_options(cfg: TrainConfig, options: PeerOptions) -> None:
 
 def register(run_dir: Path, cfg: TrainConfig, options: PeerOptions) -> None:
     """Add ``options.label`` to ``run_dir/run.json`` (creating it as ``lowband train`` would)."""
-    data = load_dataset(cfg.data)
-    network = Network.parse(cfg.bandwidth, cfg.latency, cfg.workers)
-    path = run_dir / "run.json"
-    if path.is_file():
-        info = json.loads(path.read_text())
-        theirs = info.get("config") or {}
-        differs = [f"{k} {theirs[k]!r} != {getattr(cfg, k)!r}" for k in SAME_TASK
-                   if k in theirs and theirs[k] != getattr(cfg, k)]
-        if info.get("world_size") not in (None, cfg.workers):
-            differs.append(f"workers {info['world_size']} != {cfg.workers}")
-        if info.get("network") not in (None, network.describe()):
-            differs.append(f"network {info['network']!r} != {network.describe()!r}")
-        if differs:
-            raise ValueError(f"{path} is a different task; give the same flags ({'; '.join(differs)})")
-    else:
-        run_dir.mkdir(parents=True, exist_ok=True)
-        info = {"config": cfg.to_dict(), "world_size": cfg.workers, "network": network.describe(),
-                "params": sum(p.numel() for p in build_model(cfg, data).parameters()),
-                "dataset": {"name": data.name, "kind": data.kind, "vocab_size": data.vocab_size}}
     o = diloco_options(cfg)
-    info.setdefault("algorithms", {})[options.label] = {
+    register_peer(run_dir, cfg, options.label, {
         "peer": f"torchft {TORCHFT_VERSION}", "inner_steps": o.inner_steps, "outer_optimizer": o.outer_optimizer,
         "outer_lr": o.outer_lr, "outer_momentum": o.outer_momentum, "nesterov": o.nesterov,
-        "bucket_mb": cfg.bucket_mb, **asdict(options)}
-    info.setdefault("folders", {})[options.label] = options.label
-    path.write_text(json.dumps(info, indent=2))
+        "bucket_mb": cfg.bucket_mb, **asdict(options)})
 
 
 def run_torchft(cfg: TrainConfig, run_dir: Path, streaming: bool, fragments: int | None = None,
