@@ -295,6 +295,10 @@ def _plot_png(run: Run, summary: Summary, x_key: str, x_label: str) -> bytes:
     fig, ax = plt.subplots(figsize=(7.5, 4.5), dpi=110)
     log_x = x_key == "bytes_sent"
     _draw(ax, run, summary, x_key, log_x)
+    if x_key in ("step", "time_s"):
+        from lowband.bench.membership import mark_membership
+
+        mark_membership(ax, run, x_key)  # elastic runs: joins and departures
     if log_x:
         ax.set_xscale("log")
         ax.xaxis.set_major_formatter(FuncFormatter(lambda x, _pos: format_bytes(x)))

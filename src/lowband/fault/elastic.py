@@ -200,12 +200,17 @@ class ElasticSync:
             self.decision = d
             deltas, ok = None, True
             snapshot = copy.deepcopy(self.algo.aggregator.state_dict())
+            started, waited = time.perf_counter(), self.comm.wait_seconds
             try:
                 self._regroup(d)
                 if d.kind == "sync":
                     deltas = self._average(d)
             except Exception as err:  # a peer died or hung mid-collective, or the state was refused
                 ok = False
+                group.shutdown()  # close our side now: peers still blocked in the collective fail at once
+                self.comm.close()  # ops of this attempt still queued fail without a group
+                self.epoch = 0
+                self._charge(time.perf_counter() - started - (self.comm.wait_seconds - waited))
                 log.warning("replica %s, quorum %d (round %d attempt %d): %s: %s", self.client.token, d.number,
                             d.round, d.attempt, type(err).__name__, str(err).splitlines()[0] if str(err) else "")
             self.faults.trigger("commit", self.loop.step)

@@ -22,8 +22,8 @@ arrival belongs to), ``quorum/<q>`` (the decision, JSON), ``done/<q>/<token>`` (
 Rules of the service (:meth:`QuorumService.poll`):
 
 * *holders* are the workers whose state is the last committed one (every starter at
-  first; afterwards the members of the last committed quorum; after a failed quorum, the
-  holders that answered, since nothing was applied);
+  first; afterwards the members of the last committed quorum; after a failed quorum the
+  same holders, since nothing was applied, except those silent past the deadline);
 * a quorum is formed when every live holder has arrived, or ``timeout`` seconds after the
   first holder arrived (holders still missing are dropped: a hung worker that comes back
   later is a joiner); waiting non-holders join it and receive the state;
@@ -216,10 +216,11 @@ class QuorumService:
                 self._round += 1
             self._attempt = 0
         else:
-            self._holders &= set(votes)  # holders that answered still hold the committed state
+            if not gone:  # decided by the deadline: silent holders are dropped (a hung worker rejoins later)
+                self._holders &= set(votes)  # holders that answered still hold the committed state
             self._attempt += 1
-            why = {t: ("gone" if t in gone else "failed" if t in votes else "no answer")
-                   for t in d.members if t not in ok}
+            why = {t: ("gone" if t in gone else "failed" if t in votes else "silent")
+                   for t in d.members if t not in ok and (t in votes or t in gone or not gone)}
             self.events.append({"event": "skip", "quorum": d.number, "round": d.round, "attempt": d.attempt,
                                 "why": why})
 
