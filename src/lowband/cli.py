@@ -1,7 +1,8 @@
 """``lowband``: the command line.
 
     lowband train [flags]      train across workers over an emulated link, then report
-    lowband report RUN_DIR     rebuild the table, plots and report.html of a run folder
+    lowband bench [SPEC]       a sweep of runs (resumable), compared in one report
+    lowband report RUN_DIR     rebuild the table, plots and report.html of a run folder (or sweep)
     lowband plan [flags]       predict wall-clock and bytes of every algorithm (no training)
     lowband simulate RUN_DIR   project a measured run to other workers, model size and network
 """
@@ -49,6 +50,79 @@ def train(argv: list[str]) -> int:
     return 0
 
 
+@COMMANDS.register("bench")
+def bench(argv: list[str]) -> int:
+    """Run a sweep (a TOML spec and/or flags), resumable, then write its report (docs/bench.md)."""
+    from lowband.bench.sweep import DEFAULT_SPEC, SpecError, SweepSpec, parse_toml, run_sweep
+    from lowband.bench.sweep_report import write_sweep_report
+
+    parser = argparse.ArgumentParser(prog="lowband bench", description=bench.__doc__)
+    parser.add_argument("spec", type=Path, nargs="?", help="a sweep spec (TOML); default: the built-in sweep")
+    parser.add_argument("--print-spec", action="store_true", help="print the default spec (a template) and exit")
+    parser.add_argument("--name", help="sweep name = folder under --out (default: the spec's)")
+    parser.add_argument("--out", type=Path, default=Path("runs"), help="parent folder of sweep folders")
+    parser.add_argument("--algo", help="entries, ';'-separated lowband algorithms (replaces the spec's): "
+                                       "'ddp;diloco;ddp+powersgd:rank=2+ef'")
+    parser.add_argument("--peers", help="peers to add, ';'-separated: 'torch-powersgd;torchft-diloco'")
+    parser.add_argument("--networks", help="'1gbit/10ms,100mbit/20ms' (replaces the spec's)")
+    parser.add_argument("--workers", help="worker counts, e.g. 2,4")
+    parser.add_argument("--seeds", help="e.g. 0,1")
+    parser.add_argument("--steps", type=int, help="steps per worker")
+    parser.add_argument("--target-loss", type=float, help="validation loss for time/bytes to target")
+    parser.add_argument("--dry-run", action="store_true", help="list the runs (done or to do) and exit")
+    parser.add_argument("--no-report", action="store_true", help="run only; `lowband report DIR` writes it later")
+    args = parser.parse_args(argv)
+    if args.print_spec:
+        print(DEFAULT_SPEC, end="")
+        return 0
+    try:
+        source = str(args.spec) if args.spec else "the default spec"
+        text = args.spec.read_text() if args.spec else DEFAULT_SPEC
+        spec = SweepSpec.from_dict(_bench_overrides(parse_toml(text, source), args), source)
+    except FileNotFoundError:
+        console.print(f"[red]error[/red]: spec file not found: {args.spec} (lowband bench --print-spec > my.toml)")
+        return 2
+    except (SpecError, ValueError, KeyError) as err:
+        console.print(f"[red]error[/red]: {err}")
+        return 2
+    result = run_sweep(spec, args.out, dry_run=args.dry_run)
+    if not args.dry_run and not args.no_report and (result.ran or result.skipped):
+        console.print(f"report: {write_sweep_report(args.out / spec.name)}")
+    return 1 if result.failed else 0
+
+
+def _bench_overrides(data: dict, args: argparse.Namespace) -> dict:
+    """The spec's dict with the command-line flags applied."""
+    if args.name:
+        data["name"] = args.name
+    if args.algo:
+        data["entry"] = [_entry(a) for a in args.algo.split(";") if a.strip()]
+    if args.peers:
+        data["entry"] = data.get("entry", []) + [{"peer": p.strip()} for p in args.peers.split(";") if p.strip()]
+    if args.networks:
+        nets = [n.strip().split("/") for n in args.networks.split(",") if n.strip()]
+        if any(len(n) != 2 for n in nets):
+            raise ValueError(f"--networks takes bandwidth/latency pairs like 100mbit/20ms, got {args.networks!r}")
+        data["network"] = [{"bandwidth": b, "latency": a} for b, a in nets]
+    for key in ("workers", "seeds"):
+        if getattr(args, key):
+            try:
+                data[key] = [int(v) for v in getattr(args, key).split(",")]
+            except ValueError:
+                raise ValueError(f"--{key} takes integers like 0,1, got {getattr(args, key)!r}") from None
+    if args.steps is not None:
+        data["steps"] = args.steps
+    if args.target_loss is not None:
+        data["target_loss"] = args.target_loss
+    return data
+
+
+def _entry(text: str) -> dict[str, str]:
+    """'ddp+powersgd:rank=2+ef' -> {'algo': 'ddp', 'compress': 'powersgd:rank=2', 'feedback': 'ef'}."""
+    parts = [p.strip() for p in text.split("+")]
+    return dict(zip(("algo", "compress", "feedback"), parts))
+
+
 @COMMANDS.register("report")
 def report(argv: list[str]) -> int:
     """Rebuild summary.json, summary.md, the plots and report.html from a run folder."""
@@ -60,6 +134,11 @@ def report(argv: list[str]) -> int:
                         help="validation loss for time-to-target (default: the best loss every algorithm reaches)")
     args = parser.parse_args(argv)
     try:
+        if (args.run_dir / "sweep.json").is_file():  # a lowband bench folder
+            from lowband.bench.sweep_report import write_sweep_report
+
+            console.print(f"report: {write_sweep_report(args.run_dir)}")
+            return 0
         show_report(args.run_dir, args.target_loss)
     except (FileNotFoundError, ValueError) as err:
         console.print(f"[red]error[/red]: {err}")
