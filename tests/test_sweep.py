@@ -110,6 +110,18 @@ def test_finished_units_are_skipped_and_failures_do_not_stop_the_sweep(tmp_path:
     assert len(result.ran) == len(units) - 4
 
 
+def test_a_peer_whose_package_is_missing_is_skipped_not_failed(tmp_path: Path,
+                                                                monkeypatch: pytest.MonkeyPatch) -> None:
+    from lowband.bench import peers
+
+    s = spec(SMALL.replace('algo = "diloco"', 'peer = "torchft-diloco"'))
+    monkeypatch.setattr(peers, "missing", lambda label: "torchft is not installed" if "torchft" in label else None)
+    monkeypatch.setattr(sweep_mod, "_run_unit", lambda unit: None)
+    result = run_sweep(s, tmp_path)
+    assert len(result.ran) == 4 and not result.failed
+    assert {u.entry.label for u, _ in result.unavailable} == {"torchft-diloco"} and len(result.unavailable) == 4
+
+
 def test_a_changed_config_is_run_again(tmp_path: Path) -> None:
     (unit,) = spec().units(tmp_path)[:1]
     _fake_unit(unit, [3.0], 1.0, 1)

@@ -252,6 +252,7 @@ def parse_toml(text: str, source: str = "spec") -> dict[str, Any]:
 class SweepResult:
     ran: list[Unit] = field(default_factory=list)
     skipped: list[Unit] = field(default_factory=list)  # finished earlier
+    unavailable: list[tuple[Unit, str]] = field(default_factory=list)  # a peer whose package is absent
     failed: list[tuple[Unit, str]] = field(default_factory=list)
 
 
@@ -262,14 +263,21 @@ def run_sweep(spec: SweepSpec, out: Path, console: Console | None = None, dry_ru
     (sweep_dir / "sweep.json").write_text(json.dumps(spec.to_dict(), indent=1) + "\n")
     units = spec.units(out)
     result = SweepResult(skipped=[u for u in units if u.done()])
-    todo = [u for u in units if not u.done()]
+    for unit in units:
+        reason = _missing(unit.entry)
+        if reason is not None and unit not in result.skipped:
+            result.unavailable.append((unit, reason))
+    todo = [u for u in units if not u.done() and _missing(u.entry) is None]
     with _terminal() as term:
         console = console or Console(file=term, highlight=False)
         console.print(f"[bold]lowband bench[/bold] {spec.name}: {len(units)} runs, {len(result.skipped)} done "
                       f"before, {len(todo)} to run -> {sweep_dir}")
+        for label, reason in sorted({(u.entry.label, r) for u, r in result.unavailable}):
+            console.print(f"  [yellow]skipping {label}[/yellow]: {reason}")
         if dry_run:
             for u in units:
-                console.print(f"  {'done' if u in result.skipped else 'todo'}  {u.cell}/{u.entry.folder}")
+                state = "done" if u in result.skipped else "todo" if u in todo else "skip"
+                console.print(f"  {state}  {u.cell}/{u.entry.folder}")
             return result
         columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
                    TextColumn("ETA"), TimeRemainingColumn())
@@ -286,6 +294,14 @@ def run_sweep(spec: SweepSpec, out: Path, console: Console | None = None, dry_ru
                                            f"(log: {unit.folder / 'train.log'})")
                 progress.advance(bar, unit.config.steps)
     return result
+
+
+def _missing(entry: Entry) -> str | None:
+    if entry.peer is None:
+        return None
+    from lowband.bench.peers import missing
+
+    return missing(entry.peer)
 
 
 def _run_unit(unit: Unit) -> str | None:

@@ -56,3 +56,12 @@ for _label in TORCH_LABELS:
     PEERS.register(_label)(_torch_runner(_label))
 for _label in TORCHFT_LABELS:
     PEERS.register(_label)(_torchft_runner(_label))
+
+
+def missing(label: str) -> str | None:
+    """Why peer ``label`` cannot run here (its optional package is absent), or None."""
+    import importlib.util
+
+    if label in TORCHFT_LABELS and importlib.util.find_spec("torchft") is None:
+        return "torchft is not installed (make peers; docs/peers.md)"
+    return None
