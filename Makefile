@@ -28,7 +28,7 @@ test-slow: setup
 	$(BIN)/python -m pytest -q -m slow $(ARGS)
 
 bench: setup
-	$(BIN)/python benchmarks/emulation.py $(ARGS)
+	$(BIN)/lowband bench $(ARGS)
 
 # Optional peer for comparisons (docs/peers.md): torchft, installed without touching the pinned torch.
 peers: setup
