@@ -150,3 +150,45 @@ def test_resume_from_a_checkpoint_is_bit_identical(tmp_path: Path) -> None:
             ledger_a, ledger_b = _rows(a / f"ledger_rank{r}.jsonl"), _rows(b / f"ledger_rank{r}.jsonl")
             assert _without(ledger_b, LEDGER_TIMES) == _without(ledger_a, LEDGER_TIMES), label
     assert (run_b / "summary.json").is_file()
+
+
+# -- another world size -----------------------------------------------------------------------
+RESHARD = ("--steps", "6", "--checkpoint-every", "3", "-H", "3", "--eval-every", "3", "--bandwidth", "none",
+           "--latency", "none", "--eval-batches", "1", "--batch-size", "4", "--warmup-steps", "1",
+           "--algo", "diloco,streaming-diloco", "--compress", "powersgd:rank=2", "--feedback", "ef")
+
+
+@pytest.mark.parametrize("before, after", [(2, 3), pytest.param(3, 2, marks=pytest.mark.slow)])
+def test_local_update_methods_resume_at_another_world_size(tmp_path: Path, before: int, after: int) -> None:
+    """Saved by `before` workers at step 3 (an outer step), resumed by `after`: the run completes,
+    every rank of the new world logs from step 4, and diloco's ranks agree bit for bit after the
+    next outer step (step 6) — the global model and outer optimizer were carried over exactly."""
+    common = ["train", "--out", str(tmp_path), "--name", "r", "--no-progress", *RESHARD]
+    assert cli_main([*common, "--workers", str(before)]) == 0
+    run = tmp_path / "r"
+    folders = json.loads((run / "run.json").read_text())["folders"]
+    for folder in folders.values():
+        (run / folder / ckpt.MARKER).write_text(json.dumps({"step": 3, "world_size": before}))
+    assert cli_main([*common, "--workers", str(after), "--resume"]) == 0
+    for label, folder in folders.items():
+        algo_dir = run / folder
+        assert json.loads((algo_dir / ckpt.MARKER).read_text())["world_size"] == after
+        assert sorted(p.name for p in algo_dir.glob("rank*.jsonl")) == [f"rank{r}.jsonl" for r in range(after)]
+        for r in range(after):
+            steps = [x["step"] for x in _rows(algo_dir / f"rank{r}.jsonl")]
+            assert steps == (list(range(1, 7)) if r < before else [4, 5, 6]), (label, r)
+        models = [ckpt.load_checkpoint(ckpt.rank_file(algo_dir, 6, r))["model"] for r in range(after)]
+        if label.startswith("diloco"):
+            for other in models[1:]:
+                assert all(torch.equal(t, other[n]) for n, t in models[0].items()), label
+        assert all(torch.isfinite(t).all() for m in models for t in m.values())
+
+
+def test_other_algorithms_refuse_another_world_size(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    run = tmp_path / "e"
+    run.mkdir()
+    (run / "run.json").write_text(json.dumps({"config": TrainConfig(algos=("eager-diloco",), workers=2).to_dict()}))
+    err = _parse_error(capsys, "--out", str(tmp_path), "--name", "e", "--resume", "--algo", "eager-diloco",
+                       "--workers", "3")
+    assert err.endswith(f"error: cannot resume {run}: it was trained with different --workers "
+                        "(give the same values, or a new --name)")

@@ -66,6 +66,9 @@ class Algorithm:
 
     name: ClassVar[str] = ""
     Options: ClassVar[type[Options]] = Options
+    # its state_dict is the same on every rank except the model, inner optimizer and feedback
+    # residuals, so a checkpoint can be resumed at another world size (lowband.fault.checkpoint)
+    reshardable: ClassVar[bool] = False
     zeroth_order: ClassVar[bool] = False  # True: driven by zo_step(closure) instead of backward + step()
 
     def __init__(self, model: nn.Module, optimizer: torch.optim.Optimizer, comm: Comm,

@@ -97,6 +97,7 @@ class CO2Options(DiLoCoOptions):
 class CO2(OverlappedDiLoCo):
     name = "co2"
     Options = CO2Options
+    reshardable = False  # not verified at another world size (its staleness penalty state)
     options: CO2Options  # type: ignore[assignment]
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:

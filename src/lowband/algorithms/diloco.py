@@ -65,6 +65,7 @@ class DiLoCoOptions(SyncOptions):
 class DiLoCo(Algorithm):
     name = "diloco"
     Options = DiLoCoOptions
+    reshardable = True  # global model, outer optimizer, counters and averages in flight agree on every rank
     options: DiLoCoOptions
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:

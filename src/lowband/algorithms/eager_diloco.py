@@ -87,6 +87,7 @@ class EagerDiLoCoOptions(DiLoCoOptions):
 class EagerDiLoCo(OverlappedDiLoCo):
     name = "eager-diloco"
     Options = EagerDiLoCoOptions
+    reshardable = False  # each rank's own fresh outer gradient is part of the state
     options: EagerDiLoCoOptions
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:

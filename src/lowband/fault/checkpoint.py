@@ -11,12 +11,32 @@ What is saved, per rank, every ``--checkpoint-every`` steps (after that step's m
 * the RNG streams: the batch generator's state (the data position) and torch's global RNG;
 * the ledger (every communication record so far, hence the byte counters of the metrics),
   the training step, the metrics clock and the last validation loss;
-* the world size, so a checkpoint is never loaded into a different one.
+* the world size.
 
 Resuming from the checkpoint of step s gives bit-identical parameters, losses and bytes at
 every later step to the run that never stopped (same world size, CPU, same flags); only the
 wall-clock columns (``compute_s``, ``comm_s``, ``time_s`` beyond the saved clock) and the
 ledger's ``start``/``end`` times differ.
+
+Another world size (``--resume --workers M`` for a run saved by N workers) works for the
+algorithms whose state agrees on every rank apart from the model, the inner optimizer and
+the error-feedback residuals (``Algorithm.reshardable``: localsgd, qsr, diloco,
+streaming-diloco, delayed-diloco). Rank r of M loads rank (r mod N)'s file, and:
+
+* global model, outer optimizer, counters, fragment schedule, compressor state (PowerSGD's Q
+  is the same on every rank) and averages in flight: as saved (every rank had the same);
+* model and inner optimizer (AdamW moments): rank r mod N's. Checkpoints taken at an outer
+  step have every rank's model equal to the global one; mid-round, a new rank starts from a
+  copy of another's local progress;
+* error-feedback residuals are dropped (zero): a residual is one rank's untransmitted share,
+  and no assignment of N ranks' shares to M ranks keeps both each rank's meaning and the
+  sum. At most one round of compression error is lost, once;
+* the batch generator is re-seeded from (step, rank, M), so no two ranks replay the same
+  batches; the ledger of ranks r < N continues, new ranks start with an empty one; rank 0
+  removes the logs of ranks r >= M when the world shrinks.
+
+Other algorithms refuse a different world size with one line (eager-diloco keeps each rank's
+own outer gradient; the rest have not been checked at another world size).
 
 Guarantee: a file is written to ``<name>.tmp`` in the same folder, flushed and fsynced,
 then renamed over ``<name>`` (``os.replace``, atomic on POSIX), so a worker killed while
@@ -224,19 +244,43 @@ class RunCheckpoint:
         step = last_complete_step(self.algo_dir)
         if step is None:
             return None
-        path = rank_file(self.algo_dir, step, self.comm.rank)
-        state = load_checkpoint(path)
-        if int(state["world_size"]) != self.comm.world_size:
-            raise ValueError(f"checkpoint {path} was written by {state['world_size']} workers, this run has "
-                             f"{self.comm.world_size}: resuming at a different world size is not supported")
+        saved_world = int(json.loads((self.algo_dir / MARKER).read_text()).get("world_size", self.comm.world_size))
+        rank, world = self.comm.rank, self.comm.world_size
+        if saved_world != world and not self.algo.reshardable:
+            raise ValueError(f"checkpoint of {self.algo_dir} was written by {saved_world} workers, this run has "
+                             f"{world}: {self.algo.name} resumes only at the same world size")
+        state = load_checkpoint(rank_file(self.algo_dir, step, rank % saved_world))
         self.model.load_state_dict(state["model"])
         self.algo.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
-        self.algo.load_state_dict(state["algorithm"])
-        self.generator.set_state(state["generator"])
+        algorithm = state["algorithm"]
+        if saved_world != world:  # re-shard: see "Another world size" in the module docstring
+            algorithm = {**algorithm, **{k: v for k, v in self.algo.state_dict().items() if k == "feedback"}}
+        self.algo.load_state_dict(algorithm)
         torch.set_rng_state(state["torch_rng"])
-        self.comm.ledger.load_state_dict(state["ledger"])
+        if saved_world == world:
+            self.generator.set_state(state["generator"])
+            self.comm.ledger.load_state_dict(state["ledger"])
+        else:
+            self.generator.manual_seed(reshard_seed(step, rank, world))
+            if rank < saved_world:  # this rank's own byte history; a new rank starts from none
+                self.comm.ledger.load_state_dict(state["ledger"])
+            if rank == 0:
+                _drop_rank_logs(self.algo_dir, world)
         return Resumed(int(state["step"]), float(state["clock"]), float(state.get("val_loss", math.nan)))
+
+
+def reshard_seed(step: int, rank: int, world_size: int) -> int:
+    """The batch generator's seed of ``rank`` after a resume at another world size."""
+    return (1_000_003 * step + 7_919 * rank + world_size) % (2**63)
+
+
+def _drop_rank_logs(algo_dir: Path, world_size: int) -> None:
+    """Remove the metrics and ledger files of ranks a smaller world no longer has."""
+    for path in [*algo_dir.glob("rank*.jsonl"), *algo_dir.glob("ledger_rank*.jsonl")]:
+        digits = path.stem.rpartition("rank")[2]
+        if digits.isdigit() and int(digits) >= world_size:
+            path.unlink()
 
 
 def truncate_metrics(path: Path, step: int) -> None:

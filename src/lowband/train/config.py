@@ -54,6 +54,7 @@ class TrainConfig:
     nesterov: bool | None = None
     bucket_mb: float = 25.0
     aggregate: str | None = None  # a robust rule for every averaging algorithm: 'median', 'centered-clip:tau=1'
+    attack: str | None = None  # simulated Byzantine ranks (tests, benchmarks): 'signflip:ranks=0', 'labelflip:ranks=1'
     bandwidth: str = "100mbit"
     latency: str = "20ms"
     net: str = "model"  # 'model': in-process emulation; 'netns': real shaped links (lowband.net.netns)
@@ -112,6 +113,14 @@ class TrainConfig:
             if alone:
                 raise ValueError(f"--aggregate applies to algorithms that average through the aggregator "
                                  f"(ddp and the DiLoCo family), not {', '.join(alone)}")
+        for flag in ("attack",):  # algorithm options set for every algorithm from the command line
+            lacking = [a for a in self.algos if getattr(self, flag) is not None and flag not in
+                       {f.name for f in dataclasses.fields(parse_spec(a, ALGORITHMS)[0].Options)}]
+            if lacking:
+                raise ValueError(f"--{flag} applies to algorithms that average through the aggregator "
+                                 f"(ddp and the DiLoCo family), not {', '.join(lacking)}")
+        if self.elastic and self.attack is not None and self.attack.partition(":")[0].strip() == "labelflip":
+            raise ValueError("--attack labelflip poisons data in `lowband train` without --elastic only")
         for algo in self.algos:
             self.options_for(Variant(algo))  # raises with the valid names, options and ranges
         if self.checkpoint_every < 0:
@@ -143,6 +152,8 @@ class TrainConfig:
             raise ValueError("--resume needs --name: the run folder to continue")
         run_dir = Path(self.out) / self.name
         differing = resume_mismatch(run_dir, self.to_dict())
+        if "--workers" in differing and all(parse_spec(a, ALGORITHMS)[0].reshardable for a in self.algos):
+            differing.remove("--workers")  # re-sharded on restore (lowband.fault.checkpoint)
         if differing:
             raise ValueError(f"cannot resume {run_dir}: it was trained with different {', '.join(differing)} "
                              "(give the same values, or a new --name)")
@@ -240,6 +251,9 @@ def build_parser(prog: str = "lowband train") -> argparse.ArgumentParser:
     p.add_argument("--aggregate", default=None,
                    help=f"robust aggregation for untrusted workers: {', '.join(RULES.names())}, with options "
                         "('trimmed-mean:trim=0.25', 'centered-clip:tau=1,iters=3'; docs/robustness.md) (default: mean)")
+    p.add_argument("--attack", default=None,
+                   help="simulate Byzantine ranks (docs/robustness.md): 'signflip:ranks=0', "
+                        "'scale:ranks=0+5,factor=-10', 'noise:std=1', 'labelflip:ranks=1' (trains on flipped labels)")
     p.add_argument("--bandwidth", default=d.bandwidth, help="per-worker link: 100mbit, 1gbit, 12.5MB/s, 'none'; or one per worker, comma-separated")
     p.add_argument("--latency", default=d.latency, help="per-hop latency: 20ms, 'none'; or one per worker")
     p.add_argument("--net", default=d.net, choices=NET_MODES,
