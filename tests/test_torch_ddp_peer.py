@@ -11,13 +11,15 @@ import importlib.metadata
 import json
 import threading
 import time
+from datetime import timedelta
 from pathlib import Path
 
 import pytest
 import torch
+import torch.distributed as dist
 
 from lowband.bench.peers import PEERS, TORCH_LABELS, TORCHFT_LABELS
-from lowband.bench.peers.common import EmulatedLink, PeerError
+from lowband.bench.peers.common import EmulatedGroup, EmulatedLink, PeerError
 from lowband.bench.peers.torch_ddp import TorchPeerOptions, run_torch
 from lowband.bench.summary import load_run, summarize
 from lowband.fault.checkpoint import load_checkpoint, rank_file
@@ -199,3 +201,14 @@ def test_link_completes_off_its_thread_so_callbacks_can_wait_for_the_next_transf
     link.close()
     assert [r.payload for r in link.ledger.records] == [40, 80]
     assert threading.current_thread() is threading.main_thread()
+
+
+def test_backend_charges_nothing_alone_and_refuses_what_it_does_not_model() -> None:
+    link = EmulatedLink(Link(bandwidth=1e6, latency=0.01), emulate=True, inline_completion=False)
+    group = EmulatedGroup(dist.HashStore(), 0, 1, timedelta(seconds=10), link)
+    tensor = torch.ones(4)
+    group.allreduce([tensor], dist.AllreduceOptions()).wait()  # a group of one: nothing crosses a wire
+    assert torch.equal(tensor, torch.ones(4)) and len(link.ledger) == 0
+    with pytest.raises(RuntimeError):  # no cost model for it: it must not run uncounted
+        group.alltoall_base(torch.empty(4), torch.ones(4), [], [], dist.AllToAllOptions())
+    link.close()

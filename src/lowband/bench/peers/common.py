@@ -154,8 +154,9 @@ class EmulatedGroup(dist.ProcessGroup):
     all-reduce: the ring (2(n-1)(a + S/(nB)), 2(n-1)S/n bytes); broadcast: gloo's binomial tree;
     all-gather: the ring. Payloads with integer elements (DDP's parameter-shape checks and bucket
     indices) are tagged ``control``; everything else gets ``link.tag``. ``barrier`` is control
-    traffic, uncharged (as ``Comm.barrier``). A group of one rank sends nothing and is not charged.
-    Any other collective raises (torch's default): nothing crosses the wire uncounted.
+    traffic, uncharged (as ``Comm.barrier``). A group of one rank sends nothing and is not charged;
+    larger subgroups are charged at the world's bottleneck link (the peers use none). Any other
+    collective raises (torch's default): nothing crosses the wire uncounted.
     """
 
     def __init__(self, store: dist.Store, rank: int, size: int, timeout: timedelta, link: EmulatedLink) -> None:
