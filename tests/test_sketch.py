@@ -67,7 +67,8 @@ def test_sum_of_sketches_is_the_sketch_of_the_sum(spec: str) -> None:
 
 def test_bytes_are_ratio_times_numel_in_fp32() -> None:
     d = 40_000
-    for spec in ("sketch:ratio=0.01", "sketch:ratio=0.01,kind=gaussian,block=1000", "sketch:ratio=0.5,kind=sign,block=8"):
+    for spec in ("sketch:ratio=0.01,kind=countsketch", "sketch:ratio=0.01,kind=gaussian,block=1000",
+                 "sketch:ratio=0.5,kind=sign,block=8"):
         comp = build(spec, COMPRESSORS)
         ratio = comp.options.ratio
         assert comp.encode(vector(d, 0), "w").nbytes == round(ratio * d) * 4, spec
