@@ -105,7 +105,7 @@ def test_attack_specs_are_validated_and_target_only_their_ranks() -> None:
         build("signflip:ranks=0,1", ATTACKS)  # a comma starts the next option: ranks join with '+'
     with pytest.raises(ValueError, match="attack ranks must be integers joined by"):
         build("signflip:ranks=0+x", ATTACKS)
-    with pytest.raises(ValueError, match="unknown attack 'flip'; choose one of: noise, none, scale, signflip"):
+    with pytest.raises(ValueError, match="unknown attack 'flip'; choose one of: labelflip, noise, none, scale, signflip"):
         DDPOptions(attack="flip")
     with pytest.raises(ValueError, match="unknown aggregation rule 'medain'; choose one of: centered-clip, mean"):
         DDPOptions(aggregate="medain")

@@ -12,8 +12,8 @@ on every aggregation. ``ranks`` lists the attacking ranks joined by ``+`` (``ran
 * ``noise``: ``x`` replaced by Gaussian noise of standard deviation ``std``, seeded by
   (``seed``, rank, step, key) so runs are reproducible.
 
-Label flipping is data-side (a worker trains on permuted labels) and is not an update
-transform; it is not provided here.
+Label flipping is data-side (a worker trains on flipped labels and sends an honest update
+of them): :mod:`lowband.fault.poison` registers it here as ``labelflip``.
 """
 
 from __future__ import annotations
@@ -138,3 +138,6 @@ class Noise(Attack):
         seed = zlib.crc32(f"{self.options.seed}\x00{rank}\x00{step}\x00{key}".encode())
         g = torch.Generator().manual_seed(seed)
         return (torch.randn(x.shape, generator=g, dtype=torch.float32) * self.options.std).to(x.dtype)
+
+
+from lowband.fault import poison  # noqa: E402,F401  (registers the data-side attacks: labelflip)

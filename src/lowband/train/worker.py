@@ -31,6 +31,7 @@ from torch.distributed.elastic.multiprocessing.errors import record
 from lowband.algorithms import ALGORITHMS, Algorithm
 from lowband.comm import Comm, Ledger, group
 from lowband.fault.checkpoint import RunCheckpoint, atomic_write_text, load_model_into, truncate_metrics
+from lowband.fault.poison import poisoner
 from lowband.net.link import Network
 from lowband.train.config import TrainConfig, Variant
 from lowband.train.data import Batch, Dataset, load_dataset
@@ -107,6 +108,7 @@ def train_one(cfg: TrainConfig, variant: Variant, data: Dataset, network: Networ
     comm = Comm(network=network)
     rank, world_size = comm.rank, comm.world_size
     algo = build_algorithm(cfg, variant, model, comm)
+    poison = poisoner(getattr(algo.options, "attack", "none"), rank, data.vocab_size)  # labelflip, else identity
     scheduler = torch.optim.lr_scheduler.LambdaLR(algo.optimizer, lr_lambda(cfg))
     generator = torch.Generator().manual_seed(cfg.seed * 1_000_003 + rank)
     val_batches = data.val_batches(cfg.batch_size, cfg.eval_batches)
@@ -123,6 +125,7 @@ def train_one(cfg: TrainConfig, variant: Variant, data: Dataset, network: Networ
             comm.ledger.step = step  # ledger records carry the step that issued them
             started, waited = time.perf_counter(), comm.wait_seconds
             x, y = data.batch(generator, cfg.batch_size, rank, world_size, cfg.sharding)
+            y = poison(y)
             if algo.zeroth_order:  # forward passes only: the algorithm evaluates the closure
                 loss = algo.zo_step(lambda: model(x, y)[1])
             else:
