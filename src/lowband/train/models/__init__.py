@@ -21,6 +21,14 @@ def build_gpt(data: Dataset) -> nn.Module:
     return GPT(GPTConfig(vocab_size=data.vocab_size, block_size=data.block_size))
 
 
+@MODELS.register("gpt-10m")
+def build_gpt_10m(data: Dataset) -> nn.Module:
+    """The char-GPT scaled to ~10.7M parameters (6 layers, 384 wide, 6 heads): the case study's larger model."""
+    if data.kind != "text":
+        raise ValueError(f"model 'gpt-10m' needs a text dataset, got {data.name!r} ({data.kind}); try --model cnn")
+    return GPT(GPTConfig(vocab_size=data.vocab_size, block_size=data.block_size, n_layer=6, n_head=6, n_embd=384))
+
+
 @MODELS.register("cnn")
 def build_cnn(data: Dataset) -> nn.Module:
     if data.kind != "image":
