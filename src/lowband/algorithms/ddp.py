@@ -17,16 +17,26 @@ Example::
 from __future__ import annotations
 
 from dataclasses import dataclass
+import time
 from typing import Any
 
 import torch
 
 from lowband.algorithms.base import ALGORITHMS, Algorithm, SyncOptions
+from lowband.fault.stragglers import STRAGGLERS
+from lowband.registry import build
 
 
 @dataclass(frozen=True)
 class DDPOptions(SyncOptions):
-    """``compress``/``feedback`` choose what the gradients become on the wire (default: fp32)."""
+    """``compress``/``feedback`` choose what the gradients become on the wire (default: fp32);
+    ``straggle`` simulates slow ranks (:mod:`lowband.fault.stragglers`)."""
+
+    straggle: str = "none"  # 'fixed:ranks=3,delay=0.5', 'random:prob=0.1,delay=0.5,seed=0'
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        build(self.straggle, STRAGGLERS)
 
 
 @ALGORITHMS.register("ddp")
@@ -38,9 +48,11 @@ class DDP(Algorithm):
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self.aggregator = self.build_aggregator("grads")
+        self.straggler = build(self.options.straggle, STRAGGLERS)
 
     @torch.no_grad()
     def reduce_gradients(self) -> None:
+        time.sleep(self.straggler.delay(self.comm.rank, self.step_count + 1))  # a simulated slow device
         for _, p in self.named_params:
             if p.grad is None:
                 p.grad = torch.zeros_like(p)

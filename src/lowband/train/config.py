@@ -55,6 +55,7 @@ class TrainConfig:
     bucket_mb: float = 25.0
     aggregate: str | None = None  # a robust rule for every averaging algorithm: 'median', 'centered-clip:tau=1'
     attack: str | None = None  # simulated Byzantine ranks (tests, benchmarks): 'signflip:ranks=0', 'labelflip:ranks=1'
+    straggle: str | None = None  # simulated slow ranks (ddp, ddp-backup): 'fixed:ranks=3,delay=0.5', 'random:prob=0.1'
     bandwidth: str = "100mbit"
     latency: str = "20ms"
     net: str = "model"  # 'model': in-process emulation; 'netns': real shaped links (lowband.net.netns)
@@ -113,12 +114,12 @@ class TrainConfig:
             if alone:
                 raise ValueError(f"--aggregate applies to algorithms that average through the aggregator "
                                  f"(ddp and the DiLoCo family), not {', '.join(alone)}")
-        for flag in ("attack",):  # algorithm options set for every algorithm from the command line
+        for flag, which in (("attack", "algorithms that average through the aggregator (ddp and the DiLoCo family)"),
+                            ("straggle", "ddp and ddp-backup")):  # algorithm options given for every algorithm
             lacking = [a for a in self.algos if getattr(self, flag) is not None and flag not in
                        {f.name for f in dataclasses.fields(parse_spec(a, ALGORITHMS)[0].Options)}]
             if lacking:
-                raise ValueError(f"--{flag} applies to algorithms that average through the aggregator "
-                                 f"(ddp and the DiLoCo family), not {', '.join(lacking)}")
+                raise ValueError(f"--{flag} applies to {which}, not {', '.join(lacking)}")
         if self.elastic and self.attack is not None and self.attack.partition(":")[0].strip() == "labelflip":
             raise ValueError("--attack labelflip poisons data in `lowband train` without --elastic only")
         for algo in self.algos:
@@ -254,6 +255,9 @@ def build_parser(prog: str = "lowband train") -> argparse.ArgumentParser:
     p.add_argument("--attack", default=None,
                    help="simulate Byzantine ranks (docs/robustness.md): 'signflip:ranks=0', "
                         "'scale:ranks=0+5,factor=-10', 'noise:std=1', 'labelflip:ranks=1' (trains on flipped labels)")
+    p.add_argument("--straggle", default=None,
+                   help="simulate slow ranks for ddp and ddp-backup: 'fixed:ranks=3,delay=0.5' (seconds per step), "
+                        "'random:prob=0.1,delay=0.5,seed=0' (docs/robustness.md)")
     p.add_argument("--bandwidth", default=d.bandwidth, help="per-worker link: 100mbit, 1gbit, 12.5MB/s, 'none'; or one per worker, comma-separated")
     p.add_argument("--latency", default=d.latency, help="per-hop latency: 20ms, 'none'; or one per worker")
     p.add_argument("--net", default=d.net, choices=NET_MODES,
