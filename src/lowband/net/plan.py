@@ -256,6 +256,7 @@ def _onebit_adam(o: Any, s: Setup) -> tuple[Sync, ...]:
 
 PLANS: dict[str, PlanBuilder] = {  # one small function per registered algorithm (see their docstrings)
     "ddp": lambda o, s: average(o, s, "grads", 1),  # every step, blocking
+    "ddp-backup": lambda o, s: average(o, s, "grads", 1),  # as ddp: dropped ranks send zeros
     "diloco": lambda o, s: average(o, s, "outer", o.inner_steps),  # every H, blocking
     "localsgd": lambda o, s: average(o, s, "outer", o.inner_steps),
     "qsr": lambda o, s: average(o, s, "outer", o.h_base),  # its shortest period: an upper bound on traffic
