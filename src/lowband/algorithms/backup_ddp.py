@@ -72,7 +72,7 @@ class BackupDDP(DDP):
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         o, n = self.options, self.comm.world_size
-        if max(o.backups, o.max_backups if o.dynamic else 0) >= n:
+        if n > 1 and max(o.backups, o.max_backups if o.dynamic else 0) >= n:
             raise ValueError(f"ddp-backup: backups must be < the number of workers ({n}); got backups={o.backups}"
                              + (f", max_backups={o.max_backups}" if o.dynamic else ""))
         self.arrivals = Arrivals(self.comm.rank, n) if n > 1 else None
