@@ -24,7 +24,8 @@ Fault injection (tests and benchmarks) comes from ``LOWBAND_FAULT``, faults sepa
 ``at=commit`` (after the all-reduce, before voting), ``hang:rank=1,step=30,seconds=20``,
 ``corrupt:rank=2`` (the next state replica 2 receives has one byte flipped). ``rank`` is the
 replica id (a worker's rank at the start); kills and hangs apply to a replica's first
-incarnation only, so a restarted worker does not die again.
+incarnation unless ``incarnation=I`` names another (its I-th restart), so a restarted worker
+does not die again by accident.
 """
 
 from __future__ import annotations
@@ -78,6 +79,7 @@ class Fault:
     step: int = 0
     at: str = "step"
     seconds: float = 30.0
+    incarnation: int = 0  # kills and hangs: the incarnation they apply to (0: the first start)
 
 
 def parse_faults(text: str) -> tuple[Fault, ...]:
@@ -88,9 +90,9 @@ def parse_faults(text: str) -> tuple[Fault, ...]:
         opts = dict(kv.split("=", 1) for kv in rest.split(",") if kv)
         if kind not in FAULT_KINDS or "rank" not in opts or opts.get("at", "step") not in FAULT_POINTS:
             raise ValueError(f"bad LOWBAND_FAULT {part!r}: use kill|hang|corrupt:rank=R[,step=S][,at=step|sync|commit]"
-                             "[,seconds=T]")
+                             "[,seconds=T][,incarnation=I]")
         faults.append(Fault(kind, int(opts["rank"]), int(opts.get("step", 0)), opts.get("at", "step"),
-                            float(opts.get("seconds", 30.0))))
+                            float(opts.get("seconds", 30.0)), int(opts.get("incarnation", 0))))
     return tuple(faults)
 
 
@@ -103,7 +105,7 @@ class FaultPlan:
     @classmethod
     def from_env(cls, replica: int, incarnation: int) -> "FaultPlan":
         faults = parse_faults(os.environ.get("LOWBAND_FAULT", ""))
-        return cls([f for f in faults if f.replica == replica and (f.kind == "corrupt" or incarnation == 0)])
+        return cls([f for f in faults if f.replica == replica and (f.kind == "corrupt" or incarnation == f.incarnation)])
 
     def trigger(self, point: str, step: int) -> None:
         """Kill or hang here if a fault says so (``point``: step, sync or commit)."""
