@@ -254,6 +254,16 @@ def _onebit_adam(o: Any, s: Setup) -> tuple[Sync, ...]:
             Sync("momentum.gather", "all_gather", float(chunk), start=o.freeze_step))
 
 
+def _dion(o: Any, s: Setup) -> tuple[Sync, ...]:
+    """Dion on d x d matrices: P then R (d r floats each per matrix) all-reduced every step, or the
+    fp32 gradients when the factors are no smaller (embeddings and 1-D parameters counted as matrices)."""
+    r = o.matrix_rank(s.side, s.side)
+    if 2 * s.side * r >= s.side * s.side:
+        return (Sync("grads", "all_reduce", 4.0 * s.params),)
+    factors = 4.0 * s.params / s.side * r  # params / d^2 matrices, d r floats each
+    return (Sync("dion.P", "all_reduce", factors), Sync("dion.R", "all_reduce", factors))
+
+
 PLANS: dict[str, PlanBuilder] = {  # one small function per registered algorithm (see their docstrings)
     "ddp": lambda o, s: average(o, s, "grads", 1),  # every step, blocking
     "ddp-backup": lambda o, s: average(o, s, "grads", 1),  # as ddp: dropped ranks send zeros
@@ -269,6 +279,7 @@ PLANS: dict[str, PlanBuilder] = {  # one small function per registered algorithm
     "gossip": lambda o, s: exchange(o, s, o.period, max(map(len, neighbours(o.topology, s.workers)))),
     "noloco": lambda o, s: exchange(o, s, o.inner_steps, min(s.workers - 1, 2 if s.workers % 2 else 1)),
     "onebit-adam": _onebit_adam,
+    "dion": _dion,
     "zo-onebyte": lambda o, s: (Sync("bytes", "all_gather", 1.0),),  # one byte per worker per step
 }
 
