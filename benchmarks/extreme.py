@@ -5,8 +5,8 @@ The char-GPT on Shakespeare, ``--workers`` workers (default 4) over an emulated
 ``--bandwidth``/``--latency`` link (default 10 Mbit/s, 20 ms), one seed:
 
 1. **pre-training** from scratch, ``--steps`` steps: ``ddp`` (fp32 all-reduce),
-   ``ddp+powersgd:rank=4+ef``, ``ddp+lgreco+ef`` (layer-wise PowerSGD ranks under the rank-4
-   error budget), ``ddp+sketch:ratio=0.01`` (shared-seed Gaussian sketch), ``diloco`` (H=20)
+   ``ddp+powersgd:rank=4+ef``, ``ddp+lgreco+ef`` (layer-wise PowerSGD ranks 1-8 under the rank-4
+   error budget, re-assigned every 25 steps after 25 steps of warm-up), ``ddp+sketch:ratio=0.01`` (shared-seed Gaussian sketch), ``diloco`` (H=20)
    and ``dion`` (low-rank orthonormalised updates);
 2. **fine-tuning** for ``--ft-steps`` steps from one model pre-trained by data parallel for
    ``--pretrain-steps`` steps without an emulated link (a checkpoint, ``--init-from``), at lr
@@ -33,6 +33,7 @@ from typing import Any, Sequence
 from rich.console import Console
 from rich.table import Table
 
+from lowband.bench.summary import load_run
 from lowband.bench.sweep import Entry, SweepSpec, folder_name, run_sweep
 from lowband.bench.sweep_report import group_rows, load_groups, summarize_group, write_sweep_report
 from lowband.fault.checkpoint import last_complete_step
@@ -40,7 +41,7 @@ from lowband.net.units import format_bytes
 from lowband.train.config import TrainConfig
 from lowband.train.run import run
 
-PRETRAIN = (Entry("ddp"), Entry("ddp", "powersgd:rank=4", "ef"), Entry("ddp", "lgreco", "ef"),
+PRETRAIN = (Entry("ddp"), Entry("ddp", "powersgd:rank=4", "ef"), Entry("ddp", "lgreco:warmup=25,every=25", "ef"),
             Entry("ddp", "sketch:ratio=0.01"), Entry("diloco"), Entry("dion"))
 FINETUNE = (Entry("ddp"), Entry("ddp", "powersgd:rank=4", "ef"), Entry("diloco"), Entry("zo-onebyte"))
 FINETUNE_TRAIN = {"lr": 3e-4, "warmup_steps": 0, "schedule": "constant", "weight_decay": 0.0}
@@ -122,10 +123,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     fine = phase("extreme-finetune", FINETUNE, args.ft_steps, args, {**FINETUNE_TRAIN, "init_from": str(start)})
     link = f"{args.workers} workers, {args.bandwidth} + {args.latency}"
     print_table(pre, f"pre-training, {args.steps} steps, {link}")
-    print_table(fine, f"fine-tuning from {start} ({args.pretrain_steps} ddp steps), {args.ft_steps} steps, {link}")
+    start_loss = load_run(start.parent).records["ddp"][0][-1].get("val_loss")
+    print_table(fine, f"fine-tuning from {start} ({args.pretrain_steps} ddp steps, val loss {start_loss:.3f}), "
+                      f"{args.ft_steps} steps, {link}")
     args.json.parent.mkdir(parents=True, exist_ok=True)
     args.json.write_text(json.dumps({"config": {k: str(v) for k, v in vars(args).items()},
-                                     "pretrain": pre, "finetune": fine}, indent=1) + "\n")
+                                     "pretrain": pre, "finetune_start_val_loss": start_loss, "finetune": fine},
+                                    indent=1) + "\n")
     print(f"wrote {args.json}")
     return 0
 
