@@ -70,7 +70,8 @@ def collectives(bandwidth: str, latency: str, world: int, args: argparse.Namespa
         print(f"collectives: {bandwidth}, {world} ranks, --net {mode}", file=sys.stderr, flush=True)
         if mode == "netns":
             with ShapedNetwork(Network.parse(bandwidth, latency, world)) as spec:
-                per_rank = launch(netns_worker, world, bench_worker, spec, {**config, "shaped": True})
+                per_rank = launch(netns_worker, world, bench_worker, spec, {**config, "shaped": True},
+                                  bind=spec.bridge_ip)
         else:
             per_rank = launch(bench_worker, world, config)
         rows = [r for r in _combine(per_rank, world, bandwidth, latency) if r["emulated"]]

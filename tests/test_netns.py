@@ -128,7 +128,7 @@ def _timed_all_reduce(numel: int) -> dict[str, Any]:
 def test_collective_runs_over_the_shaped_link() -> None:
     numel = 250_000  # 1 MB: a 2-rank ring all-reduce moves 1 MB each way, 0.4 s at 20 Mbit/s
     with ShapedNetwork(Network.parse("20mbit", "0ms", 2)) as spec:
-        out = launch(netns_worker, 2, _timed_all_reduce, spec, numel)
+        out = launch(netns_worker, 2, _timed_all_reduce, spec, numel, bind=spec.bridge_ip)
     for rank, result in out.items():
         assert result["value"] == 6.0  # (1 + 2), reduced twice: 3, then 6
         assert "lb0" in result["address"] and spec.bridge_ip.rsplit(".", 1)[0] in result["address"]
@@ -167,3 +167,20 @@ def test_interrupted_run_leaves_nothing(tmp_path: Path, signum: int) -> None:
     assert _ours(proc.pid) == []
     bridges = subprocess.run(["ip", "-o", "link", "show", "type", "bridge"], capture_output=True, text=True).stdout
     assert f"lbbr{proc.pid}" not in bridges
+
+
+def _listening(_port: int) -> str:
+    return subprocess.run(["ss", "-ltn"], capture_output=True, text=True).stdout
+
+
+def test_the_stores_listen_on_loopback_only() -> None:
+    """The rendezvous store and the shared store torchrun's agent makes for the workers."""
+    from torch.distributed.elastic.rendezvous import dynamic_rendezvous
+
+    from lowband.train.launch import _bound_store
+
+    with _bound_store("127.0.0.1") as port:
+        shared = dynamic_rendezvous.DynamicRendezvousHandler._create_tcp_store_server(None, "0.0.0.0", 0)
+        for p in (port, shared.port):
+            lines = [line for line in _listening(p).splitlines() if f":{p} " in line]
+            assert lines and all("127.0.0.1:" in line for line in lines), lines

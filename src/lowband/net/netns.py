@@ -92,7 +92,7 @@ class ShapedNetwork:
     Example::
 
         with ShapedNetwork(Network.parse("100mbit", "20ms", 4)) as spec:
-            launch(netns_worker, 4, train_main, spec, cfg)
+            launch(netns_worker, 4, train_main, spec, cfg, bind=spec.bridge_ip)
     """
 
     def __init__(self, network: Network, pid: int | None = None) -> None:

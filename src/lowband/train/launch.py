@@ -1,17 +1,22 @@
 """Start workers through torchrun's launcher API (``torch.distributed.launcher.api``).
 
 ``launch(fn, 4, cfg)`` is what ``torchrun --standalone --nproc-per-node 4`` does: a local
-c10d rendezvous on a free port, one process per worker with RANK/WORLD_SIZE set, no
+c10d rendezvous on a free port of the loopback interface (``bind``), one process per worker with RANK/WORLD_SIZE set, no
 restarts. ``fn`` must be importable (a module-level function). A failed worker surfaces as
 :class:`WorkerFailed` naming the rank and the cause, never as a hang.
 """
 
 from __future__ import annotations
 
+import contextlib
+import socket
 import uuid
-from typing import Any, Callable
+from datetime import timedelta
+from typing import Any, Callable, Iterator
 
+import torch.distributed as dist
 from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
+from torch.distributed.elastic.rendezvous import dynamic_rendezvous
 from torch.distributed.launcher.api import LaunchConfig, elastic_launch
 
 
@@ -19,19 +24,56 @@ class WorkerFailed(RuntimeError):
     """One or more workers exited with an error; the message names ranks and causes."""
 
 
-def launch(fn: Callable[..., Any], nprocs: int, *args: Any) -> dict[int, Any]:
-    """Run ``fn(*args)`` in ``nprocs`` worker processes; returns {rank: return value}."""
+def launch(fn: Callable[..., Any], nprocs: int, *args: Any, bind: str = "127.0.0.1") -> dict[int, Any]:
+    """Run ``fn(*args)`` in ``nprocs`` worker processes; returns {rank: return value}.
+
+    The stores listen on ``bind`` only (default loopback: nothing off this machine can reach
+    them). TCPStore listens on every interface whatever host it is given, so lowband hosts the
+    rendezvous store itself on a socket bound to ``bind`` (the agent joins it, ``is_host=False``)
+    and has the agent create the workers' shared store the same way."""
     if nprocs < 1:
         raise ValueError(f"workers must be >= 1, got {nprocs}")
-    config = LaunchConfig(
-        min_nodes=1, max_nodes=1, nproc_per_node=nprocs, run_id=f"lowband-{uuid.uuid4().hex[:8]}",
-        rdzv_backend="c10d", rdzv_endpoint="localhost:0", rdzv_configs={"timeout": 120},
-        max_restarts=0, monitor_interval=0.1, start_method="spawn",
-    )
+    with _bound_store(bind) as port:
+        config = LaunchConfig(
+            min_nodes=1, max_nodes=1, nproc_per_node=nprocs, run_id=f"lowband-{uuid.uuid4().hex[:8]}",
+            rdzv_backend="c10d", rdzv_endpoint=f"{bind}:{port}", rdzv_configs={"timeout": 120, "is_host": False},
+            max_restarts=0, monitor_interval=0.1, start_method="spawn", local_addr=bind,
+        )
+        try:
+            return elastic_launch(config, fn)(*args)
+        except ChildFailedError as err:
+            raise WorkerFailed(_describe(err)) from None
+
+
+def bound_store(host: str) -> dist.TCPStore:
+    """A TCPStore server whose listening socket is bound to ``host`` only (TCPStore itself
+    listens on every interface whatever host it is given)."""
+    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
     try:
-        return elastic_launch(config, fn)(*args)
-    except ChildFailedError as err:
-        raise WorkerFailed(_describe(err)) from None
+        sock.bind((host, 0))
+        sock.listen(1024)
+        store = dist.TCPStore(host, sock.getsockname()[1], is_master=True, master_listen_fd=sock.fileno(),
+                              wait_for_workers=False, use_libuv=True, timeout=timedelta(seconds=300))
+    except BaseException:
+        sock.close()
+        raise
+    sock.detach()  # the store owns (and closes) the listening socket now
+    return store
+
+
+@contextlib.contextmanager
+def _bound_store(host: str) -> Iterator[int]:
+    """The rendezvous store, and the workers' shared store torchrun's agent creates after it,
+    both listening on ``host`` only, for the run's lifetime; yields the rendezvous port."""
+    store = bound_store(host)
+    handler = dynamic_rendezvous.DynamicRendezvousHandler
+    original = handler._create_tcp_store_server
+    handler._create_tcp_store_server = lambda self, addr, port: bound_store(host)  # type: ignore[method-assign]
+    try:
+        yield store.port
+    finally:
+        handler._create_tcp_store_server = original  # type: ignore[method-assign]
+        del store
 
 
 def _describe(err: ChildFailedError) -> str:

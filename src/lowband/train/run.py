@@ -29,5 +29,5 @@ def run(cfg: TrainConfig) -> dict[int, Any]:
         return run_elastic(cfg)  # each worker its own torchrun job; docs/elastic.md
     if cfg.net == "netns":
         with ShapedNetwork(Network.parse(cfg.bandwidth, cfg.latency, cfg.workers)) as spec:
-            return launch(netns_worker, cfg.workers, worker_main, spec, cfg)
+            return launch(netns_worker, cfg.workers, worker_main, spec, cfg, bind=spec.bridge_ip)
     return launch(worker_main, cfg.workers, cfg)
