@@ -8,6 +8,7 @@ run name, barriers) is not charged to the ledger: it is not training communicati
 from __future__ import annotations
 
 import os
+import socket
 from datetime import timedelta
 from typing import TypeVar
 
@@ -55,9 +56,22 @@ def shutdown() -> None:
 
 
 # -- elastic runs (lowband.fault.elastic): a store of the driver, a default group per membership --------
-def serve_store(host: str = "127.0.0.1", port: int = 0) -> dist.TCPStore:
-    """A TCPStore server (``port=0``: a free port, read it from ``.port``); loopback unless told."""
-    return dist.TCPStore(host, port, is_master=True, wait_for_workers=False, timeout=timedelta(seconds=60))
+def serve_store(host: str = "127.0.0.1", port: int = 0, timeout_s: float = 60.0) -> dist.TCPStore:
+    """A TCPStore server listening on ``host`` only (``port=0``: a free port, read it from
+    ``.port``); loopback unless told. TCPStore alone listens on every interface whatever host
+    it is given, so the listening socket is bound here and handed over."""
+    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind((host, port))
+        sock.listen(1024)
+        store = dist.TCPStore(host, sock.getsockname()[1], is_master=True, master_listen_fd=sock.fileno(),
+                              wait_for_workers=False, use_libuv=True, timeout=timedelta(seconds=timeout_s))
+    except BaseException:
+        sock.close()
+        raise
+    sock.detach()  # the store owns (and closes) the listening socket now
+    return store
 
 
 def connect_store(address: str, timeout_s: float = 60.0) -> dist.TCPStore:

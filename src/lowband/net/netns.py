@@ -129,7 +129,8 @@ class ShapedNetwork:
         for rank, (ns, link) in enumerate(zip(self.namespaces, self.network.links)):
             host_end = f"lbv{self.pid}.{rank}"
             self._run("ip", "netns", "add", ns, made=("netns", ns))
-            self._run("ip", "link", "add", host_end, "type", "veth", "peer", "name", IFNAME, "netns", ns)
+            self._run("ip", "link", "add", host_end, "type", "veth", "peer", "name", IFNAME, "netns", ns,
+                      made=("link", host_end))  # deleted explicitly: a netns's veths go away asynchronously
             self._run("ip", "link", "set", host_end, "master", self.bridge, "up")
             self._run("ip", "-n", ns, "addr", "add", f"{hosts[9 + rank]}/24", "dev", IFNAME)
             self._run("ip", "-n", ns, "link", "set", IFNAME, "up")

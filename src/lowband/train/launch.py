@@ -9,15 +9,14 @@ restarts. ``fn`` must be importable (a module-level function). A failed worker s
 from __future__ import annotations
 
 import contextlib
-import socket
 import uuid
-from datetime import timedelta
 from typing import Any, Callable, Iterator
 
-import torch.distributed as dist
 from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
 from torch.distributed.elastic.rendezvous import dynamic_rendezvous
 from torch.distributed.launcher.api import LaunchConfig, elastic_launch
+
+from lowband.comm.group import serve_store
 
 
 class WorkerFailed(RuntimeError):
@@ -45,30 +44,14 @@ def launch(fn: Callable[..., Any], nprocs: int, *args: Any, bind: str = "127.0.0
             raise WorkerFailed(_describe(err)) from None
 
 
-def bound_store(host: str) -> dist.TCPStore:
-    """A TCPStore server whose listening socket is bound to ``host`` only (TCPStore itself
-    listens on every interface whatever host it is given)."""
-    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-    try:
-        sock.bind((host, 0))
-        sock.listen(1024)
-        store = dist.TCPStore(host, sock.getsockname()[1], is_master=True, master_listen_fd=sock.fileno(),
-                              wait_for_workers=False, use_libuv=True, timeout=timedelta(seconds=300))
-    except BaseException:
-        sock.close()
-        raise
-    sock.detach()  # the store owns (and closes) the listening socket now
-    return store
-
-
 @contextlib.contextmanager
 def _bound_store(host: str) -> Iterator[int]:
     """The rendezvous store, and the workers' shared store torchrun's agent creates after it,
     both listening on ``host`` only, for the run's lifetime; yields the rendezvous port."""
-    store = bound_store(host)
+    store = serve_store(host, timeout_s=300)
     handler = dynamic_rendezvous.DynamicRendezvousHandler
     original = handler._create_tcp_store_server
-    handler._create_tcp_store_server = lambda self, addr, port: bound_store(host)  # type: ignore[method-assign]
+    handler._create_tcp_store_server = lambda self, addr, port: serve_store(host, timeout_s=300)  # type: ignore[method-assign]
     try:
         yield store.port
     finally:
