@@ -204,3 +204,22 @@ def test_target_validation() -> None:
         Target(workers=0, bandwidth=None, latency=0.0, params=1)
     with pytest.raises(ValueError, match="--compute-scale must be > 0"):
         Target(workers=2, bandwidth=None, latency=0.0, params=1, compute_scale=0.0)
+
+
+def test_gossip_exchanges_scale_with_the_topology_degree() -> None:
+    """On a ring a worker has one neighbour at 2 workers and two from 3 on: a neighbour exchange
+    measured on 2 workers sends twice the bytes (and takes twice the wire time) at 4."""
+    from lowband.algorithms.gossip import neighbours
+
+    row = {"op": "sendrecv", "tag": "gossip", "payload": 1000, "sent": 1000, "received": 1000, "peers": 2,
+           "start": 0.0, "end": 0.1, "modelled": 0.1, "step": 1}
+    logs = [RankLog(compute_s=(0.1,), comm_s=(0.1,), time_s=0.2, bytes_sent=1000.0, ledger=(row,))] * 2
+    ring = lambda n: sum(len(p) for p in neighbours("ring", n)) / n  # noqa: E731
+    fixed, gossip = (build_trace("g", 10, Link(1e4, 0.0), logs, degree) for degree in (None, ring))
+    target = Target(workers=4, bandwidth=1e4, latency=0.0, params=10, compute_scale=1.0)
+    assert simulate(fixed, target).bytes_sent_per_worker == pytest.approx(1000)
+    projected = simulate(gossip, target)
+    assert projected.bytes_sent_per_worker == pytest.approx(2000)
+    assert projected.link_busy_s == pytest.approx(0.2)  # 2000 bytes at 10 kB/s
+    assert simulate(gossip, Target(workers=2, bandwidth=1e4, latency=0.0, params=10)).bytes_sent_per_worker \
+        == pytest.approx(1000)

@@ -10,7 +10,7 @@ from __future__ import annotations
 import json
 from dataclasses import asdict
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 from rich.console import Console
 from rich.table import Table
@@ -27,6 +27,16 @@ def measured_link(run: Run) -> Link:
     if "bandwidth" not in cfg:
         return Link()
     return Network.parse(str(cfg["bandwidth"]), str(cfg.get("latency", "0")), world).bottleneck()
+
+
+def _neighbours(run: Run, label: str) -> Callable[[int], float] | None:
+    """Mean neighbours per worker at n workers, for an algorithm with a gossip ``topology``."""
+    topology = ((run.meta.get("algorithms") or {}).get(label) or {}).get("topology")
+    if not topology:
+        return None
+    from lowband.algorithms.gossip import neighbours
+
+    return lambda n: sum(len(peers) for peers in neighbours(topology, n)) / n
 
 
 def load_traces(run: Run, algo: str | None = None) -> dict[str, Trace]:
@@ -50,7 +60,7 @@ def load_traces(run: Run, algo: str | None = None) -> dict[str, Trace]:
                                 comm_s=tuple(float(x.get("comm_s", 0.0)) for x in rows),
                                 time_s=float(rows[-1].get("time_s", 0.0)),
                                 bytes_sent=float(rows[-1].get("bytes_sent", 0.0)), ledger=tuple(ledger)))
-        traces[label] = build_trace(label, params, link, logs)
+        traces[label] = build_trace(label, params, link, logs, _neighbours(run, label))
     return traces
 
 

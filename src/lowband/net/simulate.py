@@ -49,6 +49,7 @@ ops of different ranks on a shared fabric, neighbour-only synchronisation of gos
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from dataclasses import dataclass, field
 from typing import Any, Callable, Sequence
@@ -118,6 +119,9 @@ class Trace:
     bytes_sent_per_worker: float
     compute_s: float  # mean over ranks
     comm_s: float  # mean over ranks of the blocked seconds
+    # mean neighbours per worker at n workers (gossip's topology); None: a sendrecv's peers do not
+    # depend on the world size (pairs)
+    neighbours: Callable[[int], float] | None = None
 
     def __post_init__(self) -> None:
         if self.params < 1:
@@ -242,7 +246,8 @@ def op_cost(op: Op, n: int, link: Link, payload_scale: float) -> tuple[float, fl
 # ----------------------------------------------------------------------------- schedule
 
 
-def build_trace(label: str, params: int, link: Link, ranks: Sequence[RankLog]) -> Trace:
+def build_trace(label: str, params: int, link: Link, ranks: Sequence[RankLog],
+                neighbours: Callable[[int], float] | None = None) -> Trace:
     """Reduce the per-rank logs of one algorithm to a :class:`Trace` (see the module doc)."""
     if not ranks:
         raise ValueError(f"{label}: no rank logged a step")
@@ -275,7 +280,8 @@ def build_trace(label: str, params: int, link: Link, ranks: Sequence[RankLog]) -
         label=label, params=params, link=link, compute=tuple(tuple(r.compute_s[:steps]) for r in ranks),
         ops=tuple(ops), init_ops=init_ops, wall_clock_s=max(r.time_s for r in ranks),
         bytes_sent_per_worker=_mean([r.bytes_sent for r in ranks]),
-        compute_s=_mean([sum(r.compute_s) for r in ranks]), comm_s=_mean([sum(r.comm_s) for r in ranks]))
+        compute_s=_mean([sum(r.compute_s) for r in ranks]), comm_s=_mean([sum(r.comm_s) for r in ranks]),
+        neighbours=neighbours)
 
 
 def _issue_steps(rank: RankLog, steps: int) -> tuple[list[tuple[LedgerRow, int]], list[LedgerRow]]:
@@ -330,6 +336,15 @@ def expected_max(samples: Sequence[float] | np.ndarray, n: int) -> float:
     return float(np.dot(x, weights))
 
 
+def _at_degree(trace: Trace, n: int) -> tuple[Op, ...]:
+    """The ops with each neighbour exchange's bytes scaled to the topology's degree at ``n`` workers."""
+    if trace.neighbours is None or n == trace.ranks:
+        return trace.ops
+    ratio = trace.neighbours(n) / max(trace.neighbours(trace.ranks), 1e-12)
+    return tuple(dataclasses.replace(op, sent=op.sent * ratio, received=op.received * ratio)
+                 if op.op == "sendrecv" else op for op in trace.ops)
+
+
 def simulate(trace: Trace, target: Target) -> Projection:
     """Replay ``trace``'s schedule at ``target`` (see the module doc); deterministic per seed."""
     n, steps = target.workers, trace.steps
@@ -341,10 +356,11 @@ def simulate(trace: Trace, target: Target) -> Projection:
     step_mean = measured.mean(axis=0)
     spread = np.divide(measured, step_mean, out=np.ones_like(measured), where=step_mean > 0).ravel()
     rng = np.random.default_rng(target.seed)
-    durations = [op_cost(op, n, link, payload_scale)[0] + op.overhead for op in trace.ops]
+    ops = _at_degree(trace, n)
+    durations = [op_cost(op, n, link, payload_scale)[0] + op.overhead for op in ops]
     issued: dict[int, list[int]] = {}
     waited: dict[int, list[int]] = {}
-    for k, op in enumerate(trace.ops):
+    for k, op in enumerate(ops):
         issued.setdefault(op.step, []).append(k)
         if not op.blocking:
             waited.setdefault(op.wait_step, []).append(k)
@@ -358,7 +374,7 @@ def simulate(trace: Trace, target: Target) -> Projection:
             last = float(clock.max())
             start = max(last, link_free)  # the collective starts when the last rank joins
             link_free = ends[k] = start + durations[k]
-            if trace.ops[k].blocking:
+            if ops[k].blocking:
                 straggling += last - clock
                 exposed += link_free - clock
                 clock[:] = link_free
@@ -367,7 +383,7 @@ def simulate(trace: Trace, target: Target) -> Projection:
             exposed += late
             clock += late
     compute = float(clock.mean() - exposed.mean())
-    sent = sum(op_cost(op, n, link, payload_scale)[1] for op in (*trace.ops, *trace.init_ops))
+    sent = sum(op_cost(op, n, link, payload_scale)[1] for op in (*ops, *trace.init_ops))
     measured_numbers = {
         "workers": trace.ranks, "params": trace.params, "wall_clock_s": trace.wall_clock_s,
         "bytes_sent_per_worker": trace.bytes_sent_per_worker, "compute_s": trace.compute_s,
