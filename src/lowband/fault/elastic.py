@@ -234,7 +234,7 @@ class ElasticSync:
         self.epoch = 0  # a failed rebuild must be retried
         replicas = [int(t.split(".")[0]) for t in d.members]
         group.init_from_store(self.store, f"pg/{d.epoch}/", d.rank(self.client.token), len(d.members), self.timeout)
-        self.comm.rebind(Network(tuple(self.network.links[r] for r in replicas), self.network.shaped))
+        self.comm.rebind(self.network.subset(replicas))
         self.epoch = d.epoch
         self._charge(time.perf_counter() - started)
 

@@ -23,6 +23,7 @@ from lowband.train.data import DATASETS, SHARDINGS
 from lowband.train.models import MODELS
 
 SCHEDULES = ("cosine", "constant")
+RING_MODES = ("rank", "auto")  # rank order (gloo's); measured pairwise bandwidth at start-up
 NET_MODES = ("model", "netns")  # in-process emulation; real namespaces + tc-shaped links (root)
 DEFAULT = "default"  # --compress/--feedback: the algorithm's own default
 
@@ -58,6 +59,14 @@ class TrainConfig:
     straggle: str | None = None  # simulated slow ranks (ddp, ddp-backup): 'fixed:ranks=3,delay=0.5', 'random:prob=0.1'
     bandwidth: str = "100mbit"
     latency: str = "20ms"
+    # heterogeneity (docs/heterogeneous.md): sites joined by a WAN, uneven workers, ring order, hierarchy
+    sites: str | None = None  # each worker's site, '0,0,1,1'
+    wan_bandwidth: str | None = None  # the link between two sites (per direction, shared by its flows)
+    wan_latency: str | None = None
+    worker_speed: str | None = None  # compute speed per worker, '1,1,0.5,0.25' (0.5: steps take twice as long)
+    ring: str = "rank"  # ring order of collectives: 'rank', 'auto' (measured at start-up), or '0,2,1,3'
+    hierarchical: bool | None = None  # average inside each site first, one update per site across the WAN
+    budget: str | None = None  # local-update family: 'fixed' (H each) or 'speed' (inner steps follow measured speed)
     net: str = "model"  # 'model': in-process emulation; 'netns': real shaped links (lowband.net.netns)
     sharding: str = "iid"
     seed: int = 0
@@ -104,9 +113,18 @@ class TrainConfig:
             raise ValueError(f"--min-lr-ratio must be in [0, 1], got {self.min_lr_ratio}")
         if self.warmup_steps < 0:
             raise ValueError(f"--warmup-steps must be >= 0, got {self.warmup_steps}")
-        Network.parse(self.bandwidth, self.latency, self.workers)  # validates units and per-rank lists
+        self.network(self.workers)  # validates units, per-rank lists, sites and the WAN
+        self.speeds(self.workers)
+        if self.ring not in RING_MODES:
+            order = self.ring.split(",")
+            if sorted(order) != [str(r) for r in range(self.workers)]:
+                raise ValueError(f"--ring must be {', '.join(RING_MODES)} or an order of all workers "
+                                 f"0..{self.workers - 1} ('0,2,1,3'), got {self.ring!r}")
         if self.net not in NET_MODES:
             raise ValueError(f"unknown --net {self.net!r}; choose one of: {', '.join(NET_MODES)}")
+        if self.net == "netns" and (self.sites is not None or self.ring != "rank"):
+            raise ValueError("--sites and --ring are emulated by --net model only (netns shapes one link per worker, "
+                             "and gloo's ring follows rank order): use --net model")
         if self.aggregate is not None:
             build(self.aggregate, RULES)  # raises with the valid rules and options
             alone = [a for a in self.algos if "aggregate" not in
@@ -115,7 +133,9 @@ class TrainConfig:
                 raise ValueError(f"--aggregate applies to algorithms that average through the aggregator "
                                  f"(ddp and the DiLoCo family), not {', '.join(alone)}")
         for flag, which in (("attack", "algorithms that average through the aggregator (ddp and the DiLoCo family)"),
-                            ("straggle", "ddp and ddp-backup")):  # algorithm options given for every algorithm
+                            ("straggle", "ddp and ddp-backup"),
+                            ("hierarchical", "algorithms that average through the aggregator (ddp and the DiLoCo family)"),
+                            ("budget", "diloco and localsgd")):  # algorithm options given for every algorithm
             lacking = [a for a in self.algos if getattr(self, flag) is not None and flag not in
                        {f.name for f in dataclasses.fields(parse_spec(a, ALGORITHMS)[0].Options)}]
             if lacking:
@@ -161,6 +181,28 @@ class TrainConfig:
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
+
+    def network(self, world_size: int) -> Network:
+        """The emulated network of ``world_size`` workers: per-worker links, sites and the WAN."""
+        links = Network.parse(self.bandwidth, self.latency, world_size)
+        return Network.with_sites(links, self.sites, self.wan_bandwidth, self.wan_latency)
+
+    def speeds(self, world_size: int) -> tuple[float, ...]:
+        """Each worker's compute speed (1: as measured; 0.5: every step takes twice as long)."""
+        if self.worker_speed is None:
+            return (1.0,) * world_size
+        try:
+            values = [float(v) for v in self.worker_speed.split(",")]
+        except ValueError:
+            raise ValueError(f"--worker-speed takes numbers, comma-separated ('1,1,0.5,0.25'), "
+                             f"got {self.worker_speed!r}") from None
+        if any(not 0 < v <= 1 for v in values):
+            raise ValueError(f"--worker-speed values must be in (0, 1] (1: full speed), got {self.worker_speed!r}")
+        if len(values) == 1:
+            return tuple(values) * world_size
+        if len(values) != world_size:
+            raise ValueError(f"--worker-speed lists {len(values)} values for {world_size} workers: give one per worker")
+        return tuple(values)
 
     def variants(self) -> list["Variant"]:
         """Every (algorithm, compressor, feedback) to run, in order; feedback only with compression."""
@@ -260,6 +302,20 @@ def build_parser(prog: str = "lowband train") -> argparse.ArgumentParser:
                         "'random:prob=0.1,delay=0.5,seed=0' (docs/robustness.md)")
     p.add_argument("--bandwidth", default=d.bandwidth, help="per-worker link: 100mbit, 1gbit, 12.5MB/s, 'none'; or one per worker, comma-separated")
     p.add_argument("--latency", default=d.latency, help="per-hop latency: 20ms, 'none'; or one per worker")
+    p.add_argument("--sites", default=None, help="each worker's site, comma-separated ('0,0,1,1'): workers at "
+                   "different sites talk through --wan-bandwidth/--wan-latency (docs/heterogeneous.md)")
+    p.add_argument("--wan-bandwidth", default=None, help="--sites: the link between two sites, per direction, "
+                   "shared by the flows crossing it ('50mbit')")
+    p.add_argument("--wan-latency", default=None, help="--sites: latency added across sites ('30ms')")
+    p.add_argument("--worker-speed", default=None, help="compute speed per worker, comma-separated ('1,1,0.5,0.25'; "
+                   "0.5: each step takes twice as long as measured)")
+    p.add_argument("--ring", default=d.ring, help="ring order of collectives: 'rank', 'auto' (measure pairwise "
+                   "bandwidth at start-up and avoid slow links), or an order ('0,2,1,3')")
+    p.add_argument("--hierarchical", action="store_true", default=None,
+                   help="--sites: average inside each site first, send one update per site across the WAN")
+    p.add_argument("--budget", default=None, choices=("fixed", "speed"),
+                   help="diloco, localsgd: inner steps per round, 'fixed' (H each) or 'speed' (proportional to each "
+                        "worker's measured speed, updates weighted by the work done)")
     p.add_argument("--net", default=d.net, choices=NET_MODES,
                    help="model: in-process link emulation; netns: each worker in a network namespace behind a "
                         "tc-shaped veth link (Linux, root; docs/emulation.md)")

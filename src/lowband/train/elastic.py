@@ -34,7 +34,6 @@ from typing import Any, Callable
 from lowband.comm import group
 from lowband.fault.checkpoint import atomic_write_text
 from lowband.fault.quorum import QuorumService, replica_of
-from lowband.net.link import Network
 from lowband.train.config import TrainConfig
 from lowband.train.launch import WorkerFailed
 
@@ -156,7 +155,7 @@ def run_elastic(cfg: TrainConfig, say: Callable[[str], None] = print) -> dict[st
 
     cfg = dataclasses.replace(cfg, name=cfg.name or time.strftime("%Y%m%d-%H%M%S"))
     run_dir = Path(cfg.out) / str(cfg.name)
-    write_run_info(run_dir, cfg, cfg.workers, Network.parse(cfg.bandwidth, cfg.latency, cfg.workers),
+    write_run_info(run_dir, cfg, cfg.workers, cfg.network(cfg.workers),
                    load_dataset(cfg.data))
     algo_dir = run_dir / cfg.variants()[0].folder
     algo_dir.mkdir(parents=True, exist_ok=True)

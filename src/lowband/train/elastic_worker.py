@@ -34,7 +34,6 @@ from torch.distributed.elastic.multiprocessing.errors import record
 from lowband.comm import Comm, group
 from lowband.fault.elastic import ElasticSync, FaultPlan, LoopState
 from lowband.fault.quorum import QuorumAborted, QuorumClient, TrainingOver
-from lowband.net.link import Network
 from lowband.train.config import TrainConfig
 from lowband.train.data import load_dataset
 from lowband.train.metrics import MetricsWriter
@@ -69,7 +68,7 @@ def train(cfg: TrainConfig, store: Any, replica: int, incarnation: int) -> None:
     """Train ``cfg``'s one algorithm as replica ``replica`` until ``cfg.steps``."""
     variant = cfg.variants()[0]
     data = load_dataset(cfg.data)
-    network = Network.parse(cfg.bandwidth, cfg.latency, cfg.workers)
+    network = cfg.network(cfg.workers)
     algo_dir = Path(cfg.out) / str(cfg.name) / variant.folder
     model = build_model(cfg, data)
     comm = Comm()  # a world of one until the first quorum: ElasticSync re-points it

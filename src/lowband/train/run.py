@@ -10,7 +10,6 @@ from __future__ import annotations
 
 from typing import Any
 
-from lowband.net.link import Network
 from lowband.net.netns import ShapedNetwork, netns_worker
 from lowband.train.config import TrainConfig
 from lowband.train.launch import launch
@@ -28,6 +27,6 @@ def run(cfg: TrainConfig) -> dict[int, Any]:
 
         return run_elastic(cfg)  # each worker its own torchrun job; docs/elastic.md
     if cfg.net == "netns":
-        with ShapedNetwork(Network.parse(cfg.bandwidth, cfg.latency, cfg.workers)) as spec:
+        with ShapedNetwork(cfg.network(cfg.workers)) as spec:
             return launch(netns_worker, cfg.workers, worker_main, spec, cfg, bind=spec.bridge_ip)
     return launch(worker_main, cfg.workers, cfg)

@@ -47,7 +47,7 @@ def main(cfg: TrainConfig) -> str:
     torch.set_num_threads(cfg.threads)
     try:
         data = load_dataset(cfg.data)
-        network = Network.parse(cfg.bandwidth, cfg.latency, world_size)
+        network = cfg.network(world_size)
         if cfg.net == "netns":
             if "GLOO_SOCKET_IFNAME" not in os.environ:
                 raise ValueError("--net netns is for `lowband train` on one machine (it builds the namespaces "

@@ -29,7 +29,7 @@ import torch.distributed as dist
 
 from lowband.comm.ledger import Ledger, Record
 from lowband.net import cost
-from lowband.net.link import Link, Network
+from lowband.net.link import Link
 from lowband.train.config import TrainConfig
 from lowband.train.data import load_dataset
 from lowband.train.metrics import MetricsWriter
@@ -232,7 +232,7 @@ def register_peer(run_dir: Path, cfg: TrainConfig, label: str, options: dict[str
     from lowband.train.worker import build_model
 
     data = load_dataset(cfg.data)
-    network = Network.parse(cfg.bandwidth, cfg.latency, cfg.workers)
+    network = cfg.network(cfg.workers)
     path = run_dir / "run.json"
     if path.is_file():
         info = json.loads(path.read_text())

@@ -50,7 +50,6 @@ from torch.distributed.elastic.multiprocessing.errors import record
 
 from lowband.bench.peers import TORCH_LABELS
 from lowband.bench.peers.common import EmulatedLink, PeerError, emulated_world, register_peer, write_ledger
-from lowband.net.link import Network
 from lowband.train.config import TrainConfig, Variant, config_from_args
 from lowband.train.data import Batch, Dataset, load_dataset
 from lowband.train.launch import WorkerFailed, launch
@@ -149,7 +148,7 @@ def worker_main(cfg: TrainConfig, options: TorchPeerOptions, run_dir: str, keep_
     rank, n = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
     torch.set_num_threads(cfg.threads)
     data = load_dataset(cfg.data)
-    network = Network.parse(cfg.bandwidth, cfg.latency, n)
+    network = cfg.network(n)
     link = EmulatedLink(network.bottleneck(), network.emulated, tag="init", inline_completion=False)
     out = Path(run_dir) / options.peer
     try:

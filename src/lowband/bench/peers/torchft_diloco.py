@@ -58,7 +58,6 @@ from torch import nn
 from torch.distributed.elastic.multiprocessing.errors import record
 
 from lowband.bench.peers.common import SAME_TASK, EmulatedLink, LinkWork, PeerError, register_peer, write_ledger
-from lowband.net.link import Network
 from lowband.algorithms.diloco import DiLoCoOptions
 from lowband.train.config import TrainConfig, Variant, config_from_args
 from lowband.train.data import load_dataset
@@ -212,7 +211,7 @@ def replica_main(cfg: TrainConfig, options: PeerOptions, run_dir: str, lighthous
     os.environ["TORCHFT_LIGHTHOUSE"] = lighthouse
     torch.set_num_threads(cfg.threads)
     data = load_dataset(cfg.data)
-    network = Network.parse(cfg.bandwidth, cfg.latency, n)
+    network = cfg.network(n)
     link = EmulatedLink(network.bottleneck(), network.emulated)
     store = TCPStore("127.0.0.1", 0, is_master=True, wait_for_workers=False)  # this replica group's own
     model = build_model(cfg, data)
