@@ -75,3 +75,17 @@ def test_config_builds_the_network_and_speeds() -> None:
     assert cfg.speeds(4) == (1.0, 1.0, 0.5, 0.25)
     assert TrainConfig(workers=3).speeds(3) == (1.0, 1.0, 1.0)
     assert "sites 0,0,1,1 joined by 50mbit, 30 ms" in cfg.network(4).describe()
+
+
+def test_comm_charges_the_ring_order_it_is_given() -> None:
+    from lowband.comm import Comm
+
+    comm = Comm()  # one rank: nothing crosses a wire, but the ring's link is still priced
+    assert comm.ring == (0,)
+    with pytest.raises(ValueError, match="visit every rank"):
+        comm.set_ring((0, 1))
+
+
+def test_elastic_refuses_heterogeneity_for_now() -> None:
+    with pytest.raises(ValueError, match="--elastic does not take"):
+        TrainConfig(workers=4, algos=("diloco",), elastic=True, worker_speed="1,1,1,0.5")

@@ -70,6 +70,8 @@ class Comm:
             raise ValueError(f"network has {len(network.links)} links for {self.world_size} ranks")
         self.network = network
         self.link = network.bottleneck() if network is not None else Link()
+        self.ring: tuple[int, ...] = tuple(range(self.world_size))
+        self.ring_link = network.ring_link() if network is not None else Link()
         self.ledger = Ledger()
         self.wait_seconds = 0.0  # time the training thread spent blocked on communication
         self._local = threading.local()
@@ -86,7 +88,7 @@ class Comm:
             return tensor
 
         price = lambda link: cost.ring_all_reduce(_nbytes(tensor), self.world_size, link)  # noqa: E731
-        return self._submit("all_reduce", tag, _nbytes(tensor), price, run, tensor, async_op)
+        return self._submit("all_reduce", tag, _nbytes(tensor), price, run, tensor, async_op, link=self.ring_link)
 
     def all_gather(self, tensor: torch.Tensor, async_op: bool = False, tag: str = "") -> Handle | list[torch.Tensor]:
         """Every rank's ``tensor`` (same shape on all ranks), in rank order."""
@@ -97,7 +99,7 @@ class Comm:
             return out
 
         price = lambda link: cost.ring_all_gather(_nbytes(tensor), self.world_size, link)  # noqa: E731
-        return self._submit("all_gather", tag, _nbytes(tensor), price, run, [tensor], async_op)
+        return self._submit("all_gather", tag, _nbytes(tensor), price, run, [tensor], async_op, link=self.ring_link)
 
     def broadcast(self, tensor: torch.Tensor, src: int = 0, async_op: bool = False,
                   tag: str = "") -> Handle | torch.Tensor:
@@ -134,7 +136,8 @@ class Comm:
             return out
 
         price = lambda link: cost.all_to_all(_nbytes(tensor), self.world_size, link)  # noqa: E731
-        return self._submit("all_to_all", tag, _nbytes(tensor), price, run, tensor.clone(), async_op)
+        return self._submit("all_to_all", tag, _nbytes(tensor), price, run, tensor.clone(), async_op,
+                            link=self.ring_link)
 
     def sendrecv(self, sends: dict[int, torch.Tensor], recvs: dict[int, torch.Tensor], async_op: bool = False,
                  tag: str = "") -> Handle | dict[int, torch.Tensor]:
@@ -181,6 +184,16 @@ class Comm:
         finally:
             self._local.background, self._local.step = False, None
 
+    def set_ring(self, order: tuple[int, ...]) -> None:
+        """Charge ring collectives (all-reduce, all-gather, all-to-all) as a ring visiting
+        ``order`` (:meth:`Network.ring_link`: across sites, the WAN is shared by the hops
+        that cross it). The arithmetic is gloo's, whose own ring follows rank order: the
+        order changes what the emulated link charges, which is what it models."""
+        if sorted(order) != list(range(self.world_size)):
+            raise ValueError(f"a ring order must visit every rank 0..{self.world_size - 1} once, got {list(order)}")
+        self.ring = tuple(order)
+        self.ring_link = self.network.ring_link(order) if self.network is not None else Link()
+
     def barrier(self) -> None:
         """Wait for every rank (control traffic: not emulated, not charged)."""
         if self._pool is not None:
@@ -202,6 +215,8 @@ class Comm:
             raise ValueError(f"network has {len(network.links)} links for {self.world_size} ranks")
         self.network = network
         self.link = network.bottleneck() if network is not None else Link()
+        self.ring = tuple(range(self.world_size))
+        self.ring_link = network.ring_link() if network is not None else Link()
         self._pool = ThreadPoolExecutor(1, thread_name_prefix="lowband-comm") if self.world_size > 1 else None
 
     # -- internals ---------------------------------------------------------------------

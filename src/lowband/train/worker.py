@@ -30,6 +30,7 @@ from torch.distributed.elastic.multiprocessing.errors import record
 
 from lowband.algorithms import ALGORITHMS, Algorithm
 from lowband.comm import Comm, Ledger, group
+from lowband.comm.ring import choose_ring
 from lowband.fault.checkpoint import RunCheckpoint, atomic_write_text, load_model_into, truncate_metrics
 from lowband.fault.poison import poisoner
 from lowband.net.link import Network
@@ -106,6 +107,7 @@ def train_one(cfg: TrainConfig, variant: Variant, data: Dataset, network: Networ
     """Train ``variant`` for ``cfg.steps`` steps; returns this rank's final numbers."""
     model = build_model(cfg, data)
     comm = Comm(network=network)
+    comm.set_ring(choose_ring(cfg.ring, comm))
     rank, world_size = comm.rank, comm.world_size
     algo = build_algorithm(cfg, variant, model, comm)
     poison = poisoner(getattr(algo.options, "attack", "none"), rank, data.vocab_size)  # labelflip, else identity
