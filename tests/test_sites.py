@@ -89,3 +89,13 @@ def test_comm_charges_the_ring_order_it_is_given() -> None:
 def test_elastic_refuses_heterogeneity_for_now() -> None:
     with pytest.raises(ValueError, match="--elastic does not take"):
         TrainConfig(workers=4, algos=("diloco",), elastic=True, worker_speed="1,1,1,0.5")
+
+
+def test_per_worker_lists_take_repeats() -> None:
+    from lowband.net.units import per_worker
+
+    assert per_worker("0*2,1*2") == ["0", "0", "1", "1"]
+    assert TrainConfig(workers=4, worker_speed="1*2,0.5,0.25").speeds(4) == (1.0, 1.0, 0.5, 0.25)
+    assert Network.with_sites(Network.parse("1gbit*4", "1ms", 4), "0*2,1*2", "50mbit", "30ms") == two_sites()
+    with pytest.raises(ValueError, match="whole count"):
+        per_worker("1*x")

@@ -20,7 +20,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Sequence
 
-from lowband.net.units import format_bandwidth, parse_bandwidth, parse_latency
+from lowband.net.units import format_bandwidth, parse_bandwidth, parse_latency, per_worker
 
 
 @dataclass(frozen=True)
@@ -48,7 +48,8 @@ class Link:
 @dataclass(frozen=True)
 class Network:
     """Per-rank links. ``Network.parse('100mbit', '20ms', world_size=4)`` builds a uniform one;
-    comma-separated values (``'100mbit,100mbit,10mbit,10mbit'``) give one link per rank."""
+    comma-separated values (``'100mbit,100mbit,10mbit,10mbit'``, or ``'100mbit*2,10mbit*2'``) give
+    one link per rank."""
 
     links: tuple[Link, ...]
     shaped: bool = False  # the kernel shapes the bandwidth (``--net netns``); Comm adds only latency
@@ -74,8 +75,8 @@ class Network:
 
     @classmethod
     def parse(cls, bandwidth: str, latency: str, world_size: int) -> "Network":
-        bws = _per_rank([parse_bandwidth(b) for b in bandwidth.split(",")], world_size, "--bandwidth")
-        lats = _per_rank([parse_latency(a) for a in latency.split(",")], world_size, "--latency")
+        bws = _per_rank([parse_bandwidth(b) for b in per_worker(bandwidth)], world_size, "--bandwidth")
+        lats = _per_rank([parse_latency(a) for a in per_worker(latency)], world_size, "--latency")
         return cls(tuple(Link(b, a) for b, a in zip(bws, lats)))
 
     @classmethod
@@ -87,7 +88,7 @@ class Network:
                 raise ValueError("--wan-bandwidth/--wan-latency need --sites (which site each worker is at)")
             return links
         try:
-            placed = tuple(int(s) for s in sites.split(","))
+            placed = tuple(int(s) for s in per_worker(sites))
         except ValueError:
             raise ValueError(f"--sites takes one site number per worker, comma-separated (0,0,1,1), got {sites!r}") from None
         wan = None

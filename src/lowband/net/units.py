@@ -71,3 +71,17 @@ def format_bandwidth(bytes_per_s: float | None) -> str:
         if bits >= scale:
             return f"{bits / scale:g}{unit}"
     return f"{bits:g}bit"
+
+
+def per_worker(text: str) -> list[str]:
+    """A comma-separated list, ``v*k`` standing for k copies of v: ``'0*2,1*2'`` -> 0,0,1,1."""
+    out: list[str] = []
+    for item in text.split(","):
+        value, star, count = item.strip().partition("*")
+        if not star:
+            out.append(value)
+            continue
+        if not count.strip().isdigit() or int(count) < 1:
+            raise ValueError(f"cannot read {item.strip()!r} in {text!r}: 'value*count' needs a whole count >= 1 (e.g. 0.5*16)")
+        out += [value.strip()] * int(count)
+    return out

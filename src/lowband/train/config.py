@@ -19,6 +19,7 @@ from lowband.registry import build, parse_spec
 from lowband.fault.robust import RULES
 from lowband.feedback import FEEDBACK
 from lowband.net.link import Network
+from lowband.net.units import per_worker
 from lowband.train.data import DATASETS, SHARDINGS
 from lowband.train.models import MODELS
 
@@ -194,7 +195,7 @@ class TrainConfig:
         if self.worker_speed is None:
             return (1.0,) * world_size
         try:
-            values = [float(v) for v in self.worker_speed.split(",")]
+            values = [float(v) for v in per_worker(self.worker_speed)]
         except ValueError:
             raise ValueError(f"--worker-speed takes numbers, comma-separated ('1,1,0.5,0.25'), "
                              f"got {self.worker_speed!r}") from None
