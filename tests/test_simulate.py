@@ -223,3 +223,28 @@ def test_gossip_exchanges_scale_with_the_topology_degree() -> None:
     assert projected.link_busy_s == pytest.approx(0.2)  # 2000 bytes at 10 kB/s
     assert simulate(gossip, Target(workers=2, bandwidth=1e4, latency=0.0, params=10)).bytes_sent_per_worker \
         == pytest.approx(1000)
+
+
+def test_uneven_workers_are_persistent_and_measured_speeds_are_undone() -> None:
+    """Every synchronous step waits for the slowest worker; a run measured with slow ranks is
+    first brought back to full speed, so projecting it to speeds 1,1 gives the uniform run."""
+    import dataclasses
+
+    even = _trace(compute=0.1, payload=1000)
+    comm = cost.ring_all_reduce(1000, 4, even.link).seconds
+    uneven = simulate(even, _target(even, workers=4, speeds=(1.0, 0.5)))  # pattern: 1, 0.5, 1, 0.5
+    assert uneven.wall_clock_s == pytest.approx(even.steps * (0.2 + comm), rel=1e-6)
+    assert uneven.straggler_wait_s == pytest.approx(even.steps * 0.1 / 2)  # half the ranks wait 0.1 s a step
+    slowed = dataclasses.replace(_trace(compute=0.1, payload=1000, spread=1.0), speeds=(1.0, 0.5))  # rank 1: 0.2 s
+    back = simulate(slowed, _target(slowed, speeds=(1.0, 1.0)))
+    assert back.wall_clock_s == pytest.approx(simulate(even, _target(even)).wall_clock_s, rel=1e-6)
+    with pytest.raises(ValueError, match=r"in \(0, 1\]"):
+        _target(even, speeds=(1.0, 2.0))
+
+
+def test_cli_worker_speed_slows_the_projection(run_dir: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    _, _, even = simulate_run(run_dir, "ddp")
+    _, target, slow = simulate_run(run_dir, "ddp", worker_speed="1,0.5")
+    assert target.speeds == (1.0, 0.5) and slow[0].wall_clock_s > even[0].wall_clock_s + 0.5 * even[0].compute_s
+    assert cli_main(["simulate", str(run_dir), "--algo", "ddp", "--worker-speed", "fast"]) == 2
+    assert "--worker-speed takes numbers" in capsys.readouterr().err

@@ -161,13 +161,16 @@ def simulate(argv: list[str]) -> int:
     parser.add_argument("--params", type=float, default=None, help="model parameters, e.g. 1e9 (default: the run's)")
     parser.add_argument("--compute-scale", type=float, default=None,
                         help="step compute multiplier (default: params / the run's params)")
+    parser.add_argument("--worker-speed", default=None,
+                        help="compute speed per target worker, repeated over the workers ('1,1,0.5,0.25'; "
+                             "default: the run's)")
     parser.add_argument("--seed", type=int, default=0, help="seed of the straggler draws")
     parser.add_argument("--json", type=Path, default=None, help="also write the numbers to this JSON file")
     args = parser.parse_args(argv)
     try:
         run, target, projections = simulate_run(
             args.run_dir, args.algo, workers=args.workers, bandwidth=args.bandwidth, latency=args.latency,
-            params=args.params, compute_scale=args.compute_scale, seed=args.seed)
+            params=args.params, compute_scale=args.compute_scale, seed=args.seed, worker_speed=args.worker_speed)
     except FileNotFoundError as err:
         console.print(f"[red]error[/red]: {err}; give a run folder written by lowband train")
         return 1

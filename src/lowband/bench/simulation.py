@@ -8,7 +8,7 @@ worker count, params, network) and renders the measured-vs-projected table and J
 from __future__ import annotations
 
 import json
-from dataclasses import asdict
+from dataclasses import asdict, replace
 from pathlib import Path
 from typing import Any, Callable
 
@@ -18,15 +18,28 @@ from rich.table import Table
 from lowband.bench.summary import Run, _read_jsonl, load_run
 from lowband.net.link import Link, Network
 from lowband.net.simulate import Projection, RankLog, Target, Trace, build_trace, simulate
-from lowband.net.units import format_bandwidth, format_bytes, parse_bandwidth, parse_latency
+from lowband.net.units import format_bandwidth, format_bytes, parse_bandwidth, parse_latency, per_worker
 
 
 def measured_link(run: Run) -> Link:
-    """The bottleneck link the run was emulated over (unlimited if ``run.json`` does not say)."""
+    """The link bounding the run's ring collectives (unlimited if ``run.json`` does not say): the
+    bottleneck, or with ``--sites`` the slowest hop of its ring order (rank order unless given)."""
     cfg, world = run.config, int(run.meta.get("world_size") or 1)
     if "bandwidth" not in cfg:
         return Link()
-    return Network.parse(str(cfg["bandwidth"]), str(cfg.get("latency", "0")), world).bottleneck()
+    network = Network.with_sites(Network.parse(str(cfg["bandwidth"]), str(cfg.get("latency", "0")), world),
+                                 cfg.get("sites"), cfg.get("wan_bandwidth"), cfg.get("wan_latency"))
+    ring = str(cfg.get("ring") or "rank")
+    return network.ring_link([int(r) for r in ring.split(",")] if "," in ring else None)
+
+
+def measured_speeds(run: Run) -> tuple[float, ...] | None:
+    """Each rank's ``--worker-speed`` in the run (None: all full speed)."""
+    text, world = run.config.get("worker_speed"), int(run.meta.get("world_size") or 1)
+    if not text:
+        return None
+    speeds = [float(v) for v in per_worker(str(text))]
+    return tuple(speeds * world if len(speeds) == 1 else speeds)
 
 
 def _neighbours(run: Run, label: str) -> Callable[[int], float] | None:
@@ -46,7 +59,7 @@ def load_traces(run: Run, algo: str | None = None) -> dict[str, Trace]:
     params = int(run.meta.get("params") or 0)
     if params < 1:
         raise ValueError(f"{run.path}/run.json does not record the model's params: cannot scale payloads")
-    link, folders = measured_link(run), dict(run.meta.get("folders") or {})
+    link, folders, speeds = measured_link(run), dict(run.meta.get("folders") or {}), measured_speeds(run)
     traces: dict[str, Trace] = {}
     for label in [algo] if algo is not None else run.algorithms:
         folder = run.path / folders.get(label, label)
@@ -60,20 +73,31 @@ def load_traces(run: Run, algo: str | None = None) -> dict[str, Trace]:
                                 comm_s=tuple(float(x.get("comm_s", 0.0)) for x in rows),
                                 time_s=float(rows[-1].get("time_s", 0.0)),
                                 bytes_sent=float(rows[-1].get("bytes_sent", 0.0)), ledger=tuple(ledger)))
-        traces[label] = build_trace(label, params, link, logs, _neighbours(run, label))
+        trace = build_trace(label, params, link, logs, _neighbours(run, label))
+        present = [r for r, rows in enumerate(run.records[label]) if rows]
+        traces[label] = replace(trace, speeds=None if speeds is None else tuple(speeds[r] for r in present))
     return traces
 
 
 def make_target(run: Run, workers: int | None = None, bandwidth: str | None = None, latency: str | None = None,
-                params: float | None = None, compute_scale: float | None = None, seed: int = 0) -> Target:
+                params: float | None = None, compute_scale: float | None = None, seed: int = 0,
+                worker_speed: str | None = None) -> Target:
     """The target: every value not given is the run's own (so no flags at all replays the run)."""
     link = measured_link(run)
+    try:
+        speeds = measured_speeds(run) if worker_speed is None else tuple(float(v) for v in per_worker(worker_speed))
+    except ValueError:
+        raise ValueError(f"--worker-speed takes numbers in (0, 1], comma-separated ('1,1,0.5,0.25'), "
+                         f"got {worker_speed!r}") from None
+    if worker_speed is not None and run.config.get("budget") == "speed" and speeds != measured_speeds(run):
+        raise ValueError("a --budget speed run cannot be projected to other --worker-speed values: its rounds "
+                         "are shaped by the speeds it ran with (project a --budget fixed run)")
     return Target(
         workers=int(run.meta.get("world_size") or 1) if workers is None else workers,
         bandwidth=link.bandwidth if bandwidth is None else parse_bandwidth(bandwidth),
         latency=link.latency if latency is None else parse_latency(latency),
         params=int(run.meta.get("params") or 1) if params is None else int(params),
-        compute_scale=compute_scale, seed=seed)
+        compute_scale=compute_scale, seed=seed, speeds=speeds)
 
 
 def simulate_run(run_dir: Path | str, algo: str | None = None, **target: Any) -> tuple[Run, Target, list[Projection]]:
@@ -112,7 +136,8 @@ def print_table(run: Run, target: Target, projections: list[Projection], console
     title = (f"{run.name}: measured {first.measured['workers']:g} workers, {run.meta.get('network', '?')}, "
              f"{first.measured['params']:.3g} params -> projected {target.workers} workers, "
              f"{format_bandwidth(target.bandwidth)} / {target.latency * 1e3:g} ms, {target.params:.3g} params, "
-             f"compute x{first.compute_scale:.3g}")
+             f"compute x{first.compute_scale:.3g}"
+             + ("" if target.speeds is None else f", worker speeds {','.join(f'{v:g}' for v in target.speeds)}"))
     table = Table(title=title, title_justify="left")
     for i, header in enumerate(("algorithm", "", "wall-clock", "bytes/worker", "compute", "exposed comm",
                                 "utilisation", "stragglers", "link busy")):

@@ -42,7 +42,14 @@ simulator turns that into a *schedule* and replays it under the alpha-beta costs
    ranks; exposed includes waiting for stragglers, as measured ``comm_s`` does) and
    utilisation = compute / (compute + exposed).
 
-Not modelled: persistent heterogeneity (a slow machine stays slow), contention between
+**Uneven workers** (``Target.speeds``, ``lowband simulate --worker-speed 1,1,0.5,0.25``): persistent
+heterogeneity, a slow machine stays slow. A run trained with ``--worker-speed`` is first brought
+back to full speed (rank r's compute times its speed, ``Trace.speeds``); target rank r's compute
+is then divided by ``speeds[r % len(speeds)]`` (a pattern repeats over the target's workers).
+A run trained with ``--budget speed`` (slow ranks do fewer inner steps) cannot be projected to
+other speeds: its rounds are shaped by the speeds it ran with.
+
+Not modelled: contention between
 ops of different ranks on a shared fabric, neighbour-only synchronisation of gossip (a
 ``sendrecv`` is treated as a synchronisation point of all ranks), evaluation time.
 """
@@ -122,10 +129,13 @@ class Trace:
     # mean neighbours per worker at n workers (gossip's topology); None: a sendrecv's peers do not
     # depend on the world size (pairs)
     neighbours: Callable[[int], float] | None = None
+    speeds: tuple[float, ...] | None = None  # each rank's --worker-speed in the measured run (None: all 1)
 
     def __post_init__(self) -> None:
         if self.params < 1:
             raise ValueError(f"params must be >= 1, got {self.params}")
+        if self.speeds is not None and len(self.speeds) != len(self.compute):
+            raise ValueError(f"{len(self.speeds)} worker speeds for {len(self.compute)} measured ranks")
         if not self.compute or len({len(c) for c in self.compute}) != 1:
             raise ValueError("compute needs the same number (>= 1) of steps on every rank")
 
@@ -148,10 +158,13 @@ class Target:
     params: int
     compute_scale: float | None = None
     seed: int = 0
+    speeds: tuple[float, ...] | None = None  # compute speed pattern over the target's ranks (None: all 1)
 
     def __post_init__(self) -> None:
         if not 1 <= self.workers <= MAX_WORKERS:
             raise ValueError(f"--workers must be between 1 and {MAX_WORKERS}, got {self.workers}")
+        if self.speeds is not None and (not self.speeds or any(not 0 < v <= 1 for v in self.speeds)):
+            raise ValueError(f"--worker-speed values must be in (0, 1] (1: full speed), got {self.speeds}")
         if self.params < 1:
             raise ValueError(f"--params must be >= 1, got {self.params}")
         if self.compute_scale is not None and not self.compute_scale > 0:
@@ -161,6 +174,12 @@ class Target:
     @property
     def link(self) -> Link:
         return Link(self.bandwidth, self.latency)
+
+    def slowdown(self) -> np.ndarray:
+        """Per target rank: 1 / speed (the pattern repeated over the ranks)."""
+        if self.speeds is None:
+            return np.ones(self.workers)
+        return 1.0 / np.asarray([self.speeds[r % len(self.speeds)] for r in range(self.workers)])
 
 
 @dataclass(frozen=True)
@@ -353,6 +372,9 @@ def simulate(trace: Trace, target: Target) -> Projection:
     link = target.link
     replay = n == trace.ranks
     measured = np.asarray(trace.compute, dtype=float) * scale  # [rank, step]
+    if trace.speeds is not None:
+        measured *= np.asarray(trace.speeds, dtype=float)[:, None]  # back to full speed
+    slowdown = target.slowdown()
     step_mean = measured.mean(axis=0)
     spread = np.divide(measured, step_mean, out=np.ones_like(measured), where=step_mean > 0).ravel()
     rng = np.random.default_rng(target.seed)
@@ -369,7 +391,7 @@ def simulate(trace: Trace, target: Target) -> Projection:
     straggling = np.zeros(n)
     link_free, ends = 0.0, {}
     for t in range(steps):
-        clock += measured[:, t] if replay else step_mean[t] * rng.choice(spread, size=n)
+        clock += (measured[:, t] if replay else step_mean[t] * rng.choice(spread, size=n)) * slowdown
         for k in issued.get(t + 1, []):
             last = float(clock.max())
             start = max(last, link_free)  # the collective starts when the last rank joins
