@@ -193,17 +193,40 @@ def print_cluster(console: "Console", plan: ClusterPlan, setup: Setup) -> None:
                   title_justify="left", box=box.SIMPLE_HEAD, collapse_padding=True, pad_edge=False, show_header=False)
     table.add_column(style="bold", no_wrap=True)
     table.add_column()
-    table.add_row("groups", "; ".join(f"site {i}: workers {','.join(map(str, g))} (leader {g[0]})"
+    table.add_row("groups", "; ".join(f"site {i}: workers {_ranks(g)} (leader {g[0]})"
                                       for i, g in enumerate(plan.groups)))
-    table.add_row("ring order", f"{','.join(map(str, plan.ring))}: {_seconds(plan.flat_seconds)} per all-reduce "
+    table.add_row("ring order", f"{_ranks(plan.ring)}: {_seconds(plan.flat_seconds)} per all-reduce "
                                 f"(slowest hop {format_bandwidth(plan.ring_link.bandwidth)}); rank order "
                                 f"{_seconds(plan.rank_ring_seconds)} ({format_bandwidth(plan.rank_ring_link.bandwidth)})")
     if len(plan.groups) > 1:
         better = "use it (--hierarchical)" if plan.hierarchical else "the flat ring is faster"
         table.add_row("hierarchical", f"{_seconds(plan.hierarchical_seconds)} per average: {better}")
-    table.add_row("inner steps", f"{','.join(map(str, plan.budgets))} (--budget speed; the fastest does H)")
-    table.add_row("ddp batch", ",".join(f"{s:.0%}" for s in plan.batch_shares) + " of the global batch")
+    table.add_row("inner steps", f"{_runs([str(b) for b in plan.budgets])} (--budget speed; the fastest does H)")
+    table.add_row("ddp batch", _runs([f"{s:.1%}" for s in plan.batch_shares]) + " of the global batch each")
     table.add_row("throughput", f"fixed work {plan.throughput_fixed:.2f}, speed-proportional {plan.throughput_speed:.2f} "
                                 f"full-speed workers ({plan.throughput_speed / plan.throughput_fixed:.2f}x); fixed "
                                 f"work keeps the workers {plan.utilisation_fixed:.0%} busy")
     console.print(table)
+
+
+def _runs(values: Sequence[str]) -> str:
+    """``20,20,20,10`` -> ``20*3,10`` (the ``value*count`` form the flags read)."""
+    out: list[str] = []
+    for value in values:
+        if out and out[-1].partition("*")[0] == value:
+            head, _, count = out[-1].partition("*")
+            out[-1] = f"{head}*{int(count or 1) + 1}"
+        else:
+            out.append(value)
+    return ",".join(out)
+
+
+def _ranks(ranks: Sequence[int]) -> str:
+    """``0,1,2,3,7`` -> ``0-3,7``."""
+    parts: list[list[int]] = []
+    for r in ranks:
+        if parts and r == parts[-1][-1] + 1:
+            parts[-1].append(r)
+        else:
+            parts.append([r])
+    return ",".join(f"{p[0]}-{p[-1]}" if len(p) > 2 else ",".join(map(str, p)) for p in parts)
