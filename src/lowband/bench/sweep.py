@@ -61,7 +61,7 @@ algo = "ddp"
 
 [[entry]]
 algo = "ddp"
-compress = "powersgd:rank=4"
+compress = "powersgd:rank=2,start_iter=2"  # as torch-powersgd runs it (rank 2, 2 raw steps)
 feedback = "ef"
 
 [[entry]]
