@@ -26,9 +26,10 @@ from torch import nn
 
 from lowband.comm import Comm
 from lowband.comm.aggregate import Aggregator
+from lowband.comm.hierarchy import HierarchicalAggregator
 from lowband.compress import COMPRESSORS, build, parse_spec
-from lowband.fault.attacks import ATTACKS
-from lowband.fault.robust import RULES
+from lowband.fault.attacks import ATTACKS, NoAttack
+from lowband.fault.robust import RULES, Mean
 from lowband.feedback import FEEDBACK
 from lowband.registry import Registry
 
@@ -49,6 +50,7 @@ class SyncOptions(Options):
     aggregate: str = "mean"  # a rule spec (docs/robustness.md): 'median', 'trimmed-mean:trim=0.25', 'centered-clip:tau=1'
     attack: str = "none"  # simulated Byzantine ranks: 'signflip:ranks=0', 'scale:ranks=0+5,factor=-10', 'noise:std=1'
     checksum: bool = False  # CRC-32 per all-gathered payload + one tiny agreement all-reduce per call
+    hierarchical: bool = False  # sum inside each --sites site, one compressed update per site across (Holmes)
 
     def __post_init__(self) -> None:
         parse_spec(self.compress, COMPRESSORS)  # raises with the valid names and options
@@ -59,6 +61,21 @@ class SyncOptions(Options):
             raise ValueError(f"small_numel must be >= 0, got {self.small_numel}")
         if self.bucket_mb <= 0:
             raise ValueError(f"bucket_mb must be > 0, got {self.bucket_mb}")
+        if self.hierarchical:
+            self._check_hierarchical()
+
+    def _check_hierarchical(self) -> None:
+        """What needs every rank's own contribution cannot see it once a site has summed it."""
+        if not isinstance(build(self.aggregate, RULES), Mean):
+            raise ValueError(f"aggregate={self.aggregate!r} needs every rank's contribution, which hierarchical "
+                             "averaging sums inside each site first: use aggregate=mean or drop --hierarchical")
+        if self.checksum:
+            raise ValueError("checksum covers every rank's all-gathered payload; hierarchical averaging sends one "
+                             "per site: drop --checksum or --hierarchical")
+        attack = build(self.attack, ATTACKS)
+        if not isinstance(attack, NoAttack) and not getattr(attack, "data_side", False):
+            raise ValueError(f"attack={self.attack!r} alters every rank's update, which hierarchical averaging sums "
+                             "inside each site first: drop --attack (labelflip works) or --hierarchical")
 
 
 class Algorithm:
@@ -155,13 +172,18 @@ class Algorithm:
         self.step_count = int(state["step_count"])
 
     # -- helpers ------------------------------------------------------------------------
-    def build_aggregator(self, tag: str) -> Aggregator:
-        """The compress/feedback pipeline of this algorithm's :class:`SyncOptions`."""
+    def build_aggregator(self, tag: str) -> Aggregator | HierarchicalAggregator:
+        """The compress/feedback pipeline of this algorithm's :class:`SyncOptions`; with
+        ``hierarchical``, summed inside each site and through the pipeline across the leaders."""
         o = self.options
         assert isinstance(o, SyncOptions), f"{type(self).__name__} options do not configure compression"
-        return Aggregator(self.comm, build(o.compress, COMPRESSORS), build(o.feedback, FEEDBACK), tag=tag,
-                          small_numel=o.small_numel, bucket_mb=o.bucket_mb, rule=build(o.aggregate, RULES),
-                          attack=build(o.attack, ATTACKS), checksum=o.checksum)
+
+        def pipeline(comm: Comm) -> Aggregator:
+            return Aggregator(comm, build(o.compress, COMPRESSORS), build(o.feedback, FEEDBACK), tag=tag,
+                              small_numel=o.small_numel, bucket_mb=o.bucket_mb, rule=build(o.aggregate, RULES),
+                              attack=build(o.attack, ATTACKS), checksum=o.checksum)
+
+        return HierarchicalAggregator(self.comm, pipeline, tag, o.bucket_mb) if o.hierarchical else pipeline(self.comm)
 
     @torch.no_grad()
     def broadcast_parameters(self) -> None:

@@ -121,6 +121,16 @@ class Aggregator:
             self._pool = ThreadPoolExecutor(1, thread_name_prefix="lowband-aggregate")
         return PendingMean(self.comm, self._pool.submit(self._run, list(named), step, bad))
 
+    def mean_at(self, named: Sequence[tuple[str, torch.Tensor]], step: int) -> None:
+        """:meth:`mean_` on the calling thread, its records stamped with ``step``: for a caller that
+        already runs on its own thread (:class:`~lowband.comm.hierarchy.HierarchicalAggregator`)."""
+        bad = guards.first_non_finite(named)
+        if bad is not None:
+            if self.comm.world_size == 1:
+                raise guards.refuse(bad)
+            guards.warn_own(self.comm.rank, self.tag, step, bad)
+        self._run(list(named), step, bad)
+
     def _run(self, named: list[tuple[str, torch.Tensor]], step: int, bad: str | None) -> None:
         with torch.no_grad(), self.comm.background(step):
             self._mean(named, step, bad)

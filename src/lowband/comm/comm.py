@@ -15,6 +15,10 @@ Synchronous calls block the caller until step 3; ``async_op=True`` returns a
 :class:`Handle` whose ``wait()`` blocks and returns the result, so overlap is real
 wall-clock overlap. Time the caller spends blocked is summed in ``wait_seconds``.
 With ``world_size == 1`` (or no process group) nothing is sent and nothing recorded.
+
+A ``Comm`` over a sub-group (``dist.new_group``) takes group ranks everywhere (``src``,
+``dst``, peers); several ``Comm`` may share one ``ledger`` (the sub-groups of hierarchical
+averaging, :mod:`lowband.comm.hierarchy`, charge the algorithm's).
 """
 
 from __future__ import annotations
@@ -61,18 +65,21 @@ class Comm:
         h = comm.all_reduce(delta, async_op=True); ...; h.wait()
     """
 
-    def __init__(self, group: dist.ProcessGroup | None = None, network: Network | None = None) -> None:
+    def __init__(self, group: dist.ProcessGroup | None = None, network: Network | None = None,
+                 ledger: Ledger | None = None) -> None:
         active = dist.is_available() and dist.is_initialized()
         self.group = group
         self.rank = dist.get_rank(group) if active else 0
         self.world_size = dist.get_world_size(group) if active else 1
+        if self.rank < 0:
+            raise ValueError("this rank is not a member of the group: build a Comm only on the group's members")
         if network is not None and len(network.links) != self.world_size:
             raise ValueError(f"network has {len(network.links)} links for {self.world_size} ranks")
         self.network = network
         self.link = network.bottleneck() if network is not None else Link()
         self.ring: tuple[int, ...] = tuple(range(self.world_size))
         self.ring_link = network.ring_link() if network is not None else Link()
-        self.ledger = Ledger()
+        self.ledger = ledger if ledger is not None else Ledger()
         self.wait_seconds = 0.0  # time the training thread spent blocked on communication
         self._local = threading.local()
         self._pool = ThreadPoolExecutor(1, thread_name_prefix="lowband-comm") if self.world_size > 1 else None
@@ -105,7 +112,7 @@ class Comm:
                   tag: str = "") -> Handle | torch.Tensor:
         """Copy ``src``'s ``tensor`` into every rank's ``tensor``."""
         def run() -> torch.Tensor:
-            dist.broadcast(tensor, src=src, group=self.group)
+            dist.broadcast(tensor, group_src=src, group=self.group)
             return tensor
 
         price = lambda link: cost.gloo_broadcast(_nbytes(tensor), self.world_size, link, self.rank, src)  # noqa: E731
@@ -114,13 +121,15 @@ class Comm:
     def send(self, tensor: torch.Tensor, dst: int, async_op: bool = False, tag: str = "") -> Handle | torch.Tensor:
         price = lambda link: cost.point_to_point(_nbytes(tensor), link, sending=True)  # noqa: E731
         return self._submit("send", tag, _nbytes(tensor), price,
-                            lambda: (dist.send(tensor, dst, group=self.group), tensor)[1], tensor, async_op, peers=2,
+                            lambda: (dist.send(tensor, group_dst=dst, group=self.group), tensor)[1], tensor, async_op,
+                            peers=2,
                             link=self._pair(dst))
 
     def recv(self, tensor: torch.Tensor, src: int, async_op: bool = False, tag: str = "") -> Handle | torch.Tensor:
         price = lambda link: cost.point_to_point(_nbytes(tensor), link, sending=False)  # noqa: E731
         return self._submit("recv", tag, _nbytes(tensor), price,
-                            lambda: (dist.recv(tensor, src, group=self.group), tensor)[1], tensor, async_op, peers=2,
+                            lambda: (dist.recv(tensor, group_src=src, group=self.group), tensor)[1], tensor, async_op,
+                            peers=2,
                             link=self._pair(src))
 
     def all_to_all(self, tensor: torch.Tensor, async_op: bool = False, tag: str = "") -> Handle | torch.Tensor:
@@ -151,8 +160,8 @@ class Comm:
             raise ValueError(f"rank {self.rank} cannot send to or receive from itself")
 
         def run() -> dict[int, torch.Tensor]:
-            ops = [dist.P2POp(dist.isend, t, peer, group=self.group) for peer, t in sorted(sends.items())]
-            ops += [dist.P2POp(dist.irecv, t, peer, group=self.group) for peer, t in sorted(recvs.items())]
+            ops = [dist.P2POp(dist.isend, t, group=self.group, group_peer=p) for p, t in sorted(sends.items())]
+            ops += [dist.P2POp(dist.irecv, t, group=self.group, group_peer=p) for p, t in sorted(recvs.items())]
             for work in dist.batch_isend_irecv(ops) if ops else []:
                 work.wait()
             return recvs
