@@ -67,6 +67,7 @@ from typing import Any
 import torch
 
 from lowband.algorithms.base import ALGORITHMS
+from lowband.algorithms.budget import refuse_speed
 from lowband.algorithms.delayed_diloco import Named, OverlappedDiLoCo
 from lowband.algorithms.diloco import DiLoCoOptions
 
@@ -84,6 +85,7 @@ class CO2Options(DiLoCoOptions):
 
     def __post_init__(self) -> None:
         super().__post_init__()
+        refuse_speed(self.budget, "co2", "its average overlaps the next round, which every rank computes")
         if self.outer_optimizer != "sgd":
             raise ValueError(f"co2's outer step is momentum SGD (it clips the momentum); set outer_optimizer='sgd', "
                              f"got {self.outer_optimizer!r}")

@@ -48,12 +48,14 @@ or ``lowband train --algo "delayed-diloco:inner_steps=20"``.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any
 
 import torch
 
 from lowband.algorithms.base import ALGORITHMS
-from lowband.algorithms.diloco import DiLoCo
+from lowband.algorithms.budget import refuse_speed
+from lowband.algorithms.diloco import DiLoCo, DiLoCoOptions
 from lowband.comm.aggregate import PendingMean
 
 Named = list[tuple[str, torch.Tensor]]
@@ -130,9 +132,19 @@ class OverlappedDiLoCo(DiLoCo):
         self.in_flight = None if saved is None else [(n, d.clone()) for (n, _), d in zip(self.named_params, saved)]
 
 
+@dataclass(frozen=True)
+class DelayedDiLoCoOptions(DiLoCoOptions):
+    """DiLoCo's options; the rounds are common to all ranks (``budget="fixed"`` only)."""
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        refuse_speed(self.budget, "delayed-diloco", "its average overlaps the next round, which every rank computes")
+
+
 @ALGORITHMS.register("delayed-diloco")
 class DelayedDiLoCo(OverlappedDiLoCo):
     name = "delayed-diloco"
+    Options = DelayedDiLoCoOptions
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)

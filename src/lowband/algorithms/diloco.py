@@ -17,6 +17,13 @@ paper), then synchronise once:
 Communication drops by a factor of H against data parallel. All ranks apply the same
 outer step to the same averaged delta, so parameters are identical after each round.
 
+Uneven workers (``budget="speed"``, :mod:`lowband.algorithms.budget`, after FedCompass,
+arXiv:2309.14675): each rank's inner steps per round follow its measured speed (the
+fastest does H, rank i max(1, round(H t_fast / t_i))), a rank past its budget sits out
+the round's remaining iterations (the loop asks :meth:`DiLoCo.wants_compute` and calls
+:meth:`DiLoCo.idle` instead of computing), everyone synchronises on the round's H-th
+iteration, and step 3 weights delta_i by the work done (``weighting="work"``).
+
 Example::
 
     algo = DiLoCo(model, torch.optim.AdamW(model.parameters(), lr=3e-3), comm,
@@ -26,12 +33,14 @@ Example::
 from __future__ import annotations
 
 import contextlib
+import time
 from dataclasses import dataclass
 from typing import Any, Iterator
 
 import torch
 
 from lowband.algorithms.base import ALGORITHMS, Algorithm, SyncOptions
+from lowband.algorithms.budget import SpeedBudget, check_options
 
 
 OUTER_OPTIMIZERS = ("sgd", "adam")
@@ -46,9 +55,13 @@ class DiLoCoOptions(SyncOptions):
     outer_lr: float = 0.7
     outer_momentum: float = 0.9  # sgd: momentum; adam: beta1
     nesterov: bool = True
+    budget: str = "fixed"  # "fixed": H inner steps each; "speed": inner steps follow measured speed
+    weighting: str = "work"  # budget="speed": "work" (by inner steps done), "uniform", "normalised" (FedNova)
+    budget_smoothing: float = 0.5  # budget="speed": EMA beta of the measured seconds per step
 
     def __post_init__(self) -> None:
         super().__post_init__()
+        check_options(self.budget, self.weighting, self.budget_smoothing, self.aggregate)
         if self.inner_steps < 1:
             raise ValueError(f"inner_steps (H) must be >= 1, got {self.inner_steps}")
         if self.outer_lr <= 0:
@@ -75,6 +88,40 @@ class DiLoCo(Algorithm):
         self.outer_steps = 0
         self.local_steps = 0  # inner steps since the last synchronisation
         self.aggregator = self.build_aggregator("outer")
+        o = self.options  # qsr's options have no budget: fixed
+        self.speed_budget = SpeedBudget(self.comm, o.inner_steps, o.budget_smoothing, o.weighting) \
+            if getattr(o, "budget", "fixed") == "speed" else None
+        self._inner_started = time.perf_counter()
+
+    # -- compute-aware budgets (budget="speed"; the training loop finds these with getattr) ---
+    @property
+    def compute_aware(self) -> bool:
+        """True when this rank may sit out iterations (``budget="speed"``)."""
+        return self.speed_budget is not None
+
+    def wants_compute(self) -> bool:
+        """Whether this rank takes an inner step at this iteration; if not, call :meth:`idle`
+        instead of drawing a batch, computing and :meth:`step`."""
+        return self.speed_budget is None or self.speed_budget.wants_compute(self.local_steps)
+
+    def record_compute(self, seconds: float) -> None:
+        """The loop's compute seconds for the step in progress (forward, backward, simulated
+        slow-down), reported before :meth:`step`; without it the time between steps is used."""
+        if self.speed_budget is not None:
+            self.speed_budget.record(seconds)
+
+    @torch.no_grad()
+    def idle(self) -> None:
+        """An iteration this rank sits out: no inner step; synchronises at the round's end."""
+        if self.speed_budget is None or self.wants_compute():
+            raise RuntimeError("idle() is for the iterations wants_compute() declines (budget='speed')")
+        self.speed_budget.idle()
+        self.local_steps += 1
+        self.end_iteration()
+
+    def _before_inner_step(self, *args: Any) -> None:
+        self._inner_started = time.perf_counter()  # the inner optimizer step counts as compute
+        super()._before_inner_step(*args)
 
     # -- hooks for the DiLoCo family (local SGD, QSR, streaming, eager, delayed) ------------
     def build_outer_optimizer(self) -> torch.optim.Optimizer:
@@ -91,6 +138,13 @@ class DiLoCo(Algorithm):
     @torch.no_grad()
     def after_step(self) -> None:
         self.local_steps += 1
+        if self.speed_budget is not None:
+            self.speed_budget.after_inner_step(self.local_steps, self.period(),
+                                               time.perf_counter() - self._inner_started)
+        self.end_iteration()
+
+    def end_iteration(self) -> None:
+        """Synchronise once the round's ``period()`` iterations have run."""
         if self.local_steps >= self.period():
             self.synchronise()
             self.local_steps = 0
@@ -114,8 +168,15 @@ class DiLoCo(Algorithm):
     def synchronise(self) -> None:
         """Steps 2-5: outer gradient, average, outer step, copy back."""
         deltas = self.outer_gradients()
+        if self.speed_budget is not None:  # weighted by the work done: n w_i / sum(w) before the mean
+            factor = self.speed_budget.factor()
+            if factor != 1.0:
+                for _, d in deltas:
+                    d.mul_(factor)
         self.aggregator.mean_(deltas)
         self.apply_outer(deltas)
+        if self.speed_budget is not None:
+            self.speed_budget.end_round()  # the round's measurements set the next budgets
 
     @contextlib.contextmanager
     def evaluation_parameters(self) -> Iterator[None]:
@@ -131,11 +192,17 @@ class DiLoCo(Algorithm):
                 for p, saved in zip(self.params, local):
                     p.copy_(saved)
 
+    def metrics(self) -> dict[str, Any]:
+        """The aggregator's numbers and, with ``budget="speed"``, this rank's inner-step budget."""
+        extra = {} if self.speed_budget is None else {"budget": self.speed_budget.budget()}
+        return {**super().metrics(), **extra}
+
     def state_dict(self) -> dict[str, Any]:
+        budget = {} if self.speed_budget is None else self.speed_budget.state_dict()
         return {**super().state_dict(), "outer_steps": self.outer_steps, "local_steps": self.local_steps,
                 "global_params": [g.clone() for g in self.global_params],
                 "outer_optimizer": self.outer_optimizer.state_dict(),
-                **self.aggregator.state_dict()}
+                **self.aggregator.state_dict(), **budget}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         super().load_state_dict(state)
@@ -146,4 +213,6 @@ class DiLoCo(Algorithm):
                 g.copy_(saved)
         self.outer_optimizer.load_state_dict(state["outer_optimizer"])
         self.aggregator.load_state_dict(state)
+        if self.speed_budget is not None:
+            self.speed_budget.load_state_dict(state)
 

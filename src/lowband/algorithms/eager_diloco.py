@@ -71,6 +71,7 @@ from typing import Any
 import torch
 
 from lowband.algorithms.base import ALGORITHMS
+from lowband.algorithms.budget import refuse_speed
 from lowband.algorithms.delayed_diloco import Named, OverlappedDiLoCo
 from lowband.algorithms.diloco import DiLoCoOptions
 
@@ -81,6 +82,10 @@ class EagerDiLoCoOptions(DiLoCoOptions):
 
     outer_lr: float = 0.3
     outer_momentum: float = 0.8
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        refuse_speed(self.budget, "eager-diloco", "its average overlaps the next round, which every rank computes")
 
 
 @ALGORITHMS.register("eager-diloco")

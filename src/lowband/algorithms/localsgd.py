@@ -22,6 +22,9 @@ full weights, whose quantisation or sparsification error would be as large as th
 Communication drops by a factor of H against data parallel; all ranks apply the same
 averaged delta, so their parameters are identical after every round.
 
+``budget="speed"`` gives uneven workers inner-step budgets that follow their measured
+speed and weights the average by the work done (:mod:`lowband.algorithms.budget`).
+
 Example::
 
     algo = LocalSGD(model, torch.optim.AdamW(model.parameters(), lr=3e-3), comm,
@@ -35,6 +38,7 @@ from dataclasses import dataclass
 import torch
 
 from lowband.algorithms.base import ALGORITHMS, SyncOptions
+from lowband.algorithms.budget import check_options
 from lowband.algorithms.diloco import DiLoCo
 
 
@@ -47,9 +51,13 @@ class LocalSGDOptions(SyncOptions):
     """
 
     inner_steps: int = 20  # H: inner steps between synchronisations
+    budget: str = "fixed"  # "fixed": H inner steps each; "speed": inner steps follow measured speed
+    weighting: str = "work"  # budget="speed": "work" (by inner steps done), "uniform", "normalised" (FedNova)
+    budget_smoothing: float = 0.5  # budget="speed": EMA beta of the measured seconds per step
 
     def __post_init__(self) -> None:
         super().__post_init__()
+        check_options(self.budget, self.weighting, self.budget_smoothing, self.aggregate)
         if self.inner_steps < 1:
             raise ValueError(f"inner_steps (H) must be >= 1, got {self.inner_steps}")
 

@@ -60,6 +60,7 @@ from typing import Any, Sequence
 import torch
 
 from lowband.algorithms.base import ALGORITHMS
+from lowband.algorithms.budget import refuse_speed
 from lowband.algorithms.diloco import DiLoCo, DiLoCoOptions
 from lowband.comm.aggregate import PendingMean
 
@@ -75,6 +76,7 @@ class StreamingDiLoCoOptions(DiLoCoOptions):
 
     def __post_init__(self) -> None:
         super().__post_init__()
+        refuse_speed(self.budget, "streaming-diloco", "its fragments synchronise at staggered steps of every rank")
         if self.fragments < 1:
             raise ValueError(f"fragments (P) must be >= 1, got {self.fragments}")
         if not 0 <= self.tau < self.inner_steps:

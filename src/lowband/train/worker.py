@@ -5,7 +5,12 @@ For each algorithm of the config, in order and from the same seed and token budg
 1. build the model (same initialisation on every rank), AdamW, the lr schedule, a
    :class:`~lowband.comm.Comm` over the emulated network, and the algorithm;
 2. for each step: draw this rank's batch, forward, backward, ``algo.step()``; time
-   compute and communication apart; append one JSON line to ``<run>/<algo>/rank<r>.jsonl``;
+   compute and communication apart; append one JSON line to ``<run>/<algo>/rank<r>.jsonl``.
+   A worker of ``--worker-speed`` s < 1 sleeps (1/s - 1) x the step's measured compute after
+   it and before ``algo.step()`` (so communication is not slowed), counted as compute. An
+   algorithm with compute-aware budgets (``--budget speed``) may decline an iteration
+   (``wants_compute()``): the rank then draws no batch and calls ``algo.idle()``, and its
+   ``tokens`` count only the inner steps it took (docs/heterogeneous.md);
 3. every ``eval_every`` steps evaluate the held-out loss of the model all ranks agree on
    (evaluation time is kept out of the training clock);
 4. every ``checkpoint_every`` steps (and at the end) save this rank's full state
@@ -115,10 +120,13 @@ def train_one(cfg: TrainConfig, variant: Variant, data: Dataset, network: Networ
     generator = torch.Generator().manual_seed(cfg.seed * 1_000_003 + rank)
     val_batches = data.val_batches(cfg.batch_size, cfg.eval_batches)
     tokens_per_step = cfg.batch_size * (data.block_size if data.kind == "text" else 1)
+    slow_down = 1.0 / cfg.speeds(world_size)[rank] - 1.0  # extra seconds per second of compute
+    aware = getattr(algo, "compute_aware", False)  # may sit out iterations (DiLoCo's budget="speed")
     algo_dir = run_dir / variant.folder
     checkpoint = RunCheckpoint(algo_dir, model, algo, scheduler, generator)
     resumed = checkpoint.restore() if cfg.resume else None
     start, clock, val_loss = (resumed.step, resumed.clock, resumed.val_loss) if resumed else (0, 0.0, float("nan"))
+    shown = math.nan  # the last training loss this rank computed (an idle iteration computes none)
     if resumed:
         truncate_metrics(algo_dir / f"rank{rank}.jsonl", start)  # drop rows written after the checkpoint
     with MetricsWriter(algo_dir / f"rank{rank}.jsonl", append=resumed is not None) as metrics, \
@@ -126,30 +134,30 @@ def train_one(cfg: TrainConfig, variant: Variant, data: Dataset, network: Networ
         for step in range(start + 1, cfg.steps + 1):
             comm.ledger.step = step  # ledger records carry the step that issued them
             started, waited = time.perf_counter(), comm.wait_seconds
-            x, y = data.batch(generator, cfg.batch_size, rank, world_size, cfg.sharding)
-            y = poison(y)
-            if algo.zeroth_order:  # forward passes only: the algorithm evaluates the closure
-                loss = algo.zo_step(lambda: model(x, y)[1])
+            if aware and not algo.wants_compute():
+                algo.idle()  # past this round's budget: no batch, no compute; syncs at the round's end
+                loss = None
             else:
-                _, loss = model(x, y)
-                loss.backward()
-                algo.step()
+                loss = compute_step(algo, model, data.batch(generator, cfg.batch_size, rank, world_size,
+                                                            cfg.sharding), poison, slow_down)
             algo.zero_grad()
             if step == cfg.steps:
                 algo.finish()  # land what is in flight: the last row and evaluation see the final model
             scheduler.step()
             elapsed, comm_s = time.perf_counter() - started, comm.wait_seconds - waited
             clock += elapsed
-            row = step_row(step, loss.item(), step * tokens_per_step, comm.ledger, elapsed, comm_s, clock,
-                           scheduler.get_last_lr()[0])
+            shown = shown if loss is None else loss.item()
+            worked = algo.step_count if aware else step  # inner steps this rank took
+            row = step_row(step, None if loss is None else shown, worked * tokens_per_step, comm.ledger,
+                           elapsed, comm_s, clock, scheduler.get_last_lr()[0])
             if step % cfg.eval_every == 0 or step == cfg.steps:
                 val_loss = row["val_loss"] = evaluate(model, algo, val_batches)
                 row.update(algo.metrics())
-                progress.evaluation(step, cfg.steps, row["loss"], val_loss, comm.ledger.bytes_sent, clock)
+                progress.evaluation(step, cfg.steps, shown, val_loss, comm.ledger.bytes_sent, clock)
             metrics.write(row)
             if cfg.checkpoint_every and (step % cfg.checkpoint_every == 0 or step == cfg.steps):
                 checkpoint.save(step, clock, val_loss)  # collective; after the row, as resuming expects
-            progress.update(step, row["loss"], comm.ledger.bytes_sent, clock)
+            progress.update(step, shown, comm.ledger.bytes_sent, clock)
     comm.close()
     with MetricsWriter(algo_dir / f"ledger_rank{rank}.jsonl") as ledger_out:
         for rec in comm.ledger.records:
@@ -157,20 +165,53 @@ def train_one(cfg: TrainConfig, variant: Variant, data: Dataset, network: Networ
     return {"val_loss": val_loss, "bytes_sent": comm.ledger.bytes_sent, "time_s": clock}
 
 
-def step_row(step: int, loss: float, tokens: int, ledger: Ledger, elapsed: float, comm_s: float,
+def compute_step(algo: Algorithm, model: nn.Module, batch: Batch, poison: Any, slow_down: float) -> torch.Tensor:
+    """One inner step on ``batch``: forward, backward, the simulated slow-down, ``algo.step()``;
+    returns the loss. The slow-down sleeps ``slow_down`` x the measured compute before the
+    algorithm communicates (zeroth-order: after ``zo_step``, compute = its time minus waits)."""
+    x, y = batch
+    y = poison(y)
+    started = time.perf_counter()
+    if algo.zeroth_order:  # forward passes only: the algorithm evaluates the closure
+        waited = algo.comm.wait_seconds
+        loss = algo.zo_step(lambda: model(x, y)[1])
+        slow(slow_down * (time.perf_counter() - started - (algo.comm.wait_seconds - waited)))
+        return loss
+    _, loss = model(x, y)
+    loss.backward()
+    slow(slow_down * (time.perf_counter() - started))
+    record = getattr(algo, "record_compute", None)  # compute-aware budgets time the ranks' steps
+    if record is not None:
+        record(time.perf_counter() - started)
+    algo.step()
+    return loss
+
+
+def slow(seconds: float) -> None:
+    """``--worker-speed``: a slower device, emulated by sleeping (counted as compute)."""
+    if seconds > 0:
+        time.sleep(seconds)
+
+
+def step_row(step: int, loss: float | None, tokens: int, ledger: Ledger, elapsed: float, comm_s: float,
              clock: float, lr: float) -> dict[str, Any]:
-    """One JSONL metrics row (the format :mod:`lowband.bench.summary` reads)."""
-    return {"step": step, "loss": loss, "tokens": tokens, "bytes_sent": ledger.bytes_sent,
-            "bytes_received": ledger.bytes_received, "compute_s": elapsed - comm_s, "comm_s": comm_s,
-            "time_s": clock, "lr": lr}
+    """One JSONL metrics row (the format :mod:`lowband.bench.summary` reads); an iteration the
+    rank sat out (compute-aware budgets) has no ``loss``."""
+    row = {"step": step, "loss": loss, "tokens": tokens, "bytes_sent": ledger.bytes_sent,
+           "bytes_received": ledger.bytes_received, "compute_s": elapsed - comm_s, "comm_s": comm_s,
+           "time_s": clock, "lr": lr}
+    if loss is None:
+        del row["loss"]
+    return row
 
 
 def write_run_info(run_dir: Path, cfg: TrainConfig, world_size: int, network: Network, data: Dataset) -> None:
-    """``run.json``: the config, world size, network and each algorithm's options."""
+    """``run.json``: the config, world size, network, workers' speeds and each algorithm's options."""
     run_dir.mkdir(parents=True, exist_ok=True)
     params = sum(p.numel() for p in build_model(cfg, data).parameters())
     info = {
         "config": cfg.to_dict(), "world_size": world_size, "network": network.describe(), "params": params,
+        "worker_speeds": list(cfg.speeds(world_size)),
         "dataset": {"name": data.name, "kind": data.kind, "vocab_size": data.vocab_size},
         "algorithms": {v.label: vars(cfg.options_for(v)) for v in cfg.variants()},
         "folders": {v.label: v.folder for v in cfg.variants()},
