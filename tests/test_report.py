@@ -10,7 +10,8 @@ import pytest
 from rich.console import Console
 
 from lowband.bench import load_run, print_summary, summarize, write_report
-from lowband.bench.report import format_seconds, smooth
+from lowband.bench.plots import smooth
+from lowband.bench.report import format_seconds
 
 STEPS = 20
 VAL_STEPS = (5, 10, 15, 20)

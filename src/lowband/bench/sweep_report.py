@@ -25,7 +25,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from lowband.bench.report import _CSS, _html_table, _plot_png
+from lowband.bench.plots import _plot_png
+from lowband.bench.report import _CSS, _html_table
 from lowband.bench.summary import Run, Summary, _finite, load_run, summarize
 from lowband.bench.sweep import folder_name as _folder
 from lowband.net.units import format_bytes, parse_bandwidth

@@ -1,0 +1,151 @@
+"""The plots of a run's report: loss against steps, bytes and wall-clock, and consensus distance.
+
+:func:`render_plots` returns ``{file stem: PNG bytes}``; :mod:`lowband.bench.report` writes them
+and inlines them in ``report.html``. matplotlib is imported inside the functions (slow to import).
+"""
+
+from __future__ import annotations
+
+import io
+from typing import TYPE_CHECKING, Any, Callable
+
+from lowband.bench.summary import Record, Run, Summary
+from lowband.net.units import format_bytes
+
+if TYPE_CHECKING:
+    from matplotlib.axes import Axes
+
+PLOTS = (  # (file stem, record key for x, axis label)
+    ("loss_vs_steps", "step", "training step"),
+    ("loss_vs_bytes", "bytes_sent", "bytes sent per worker"),
+    ("loss_vs_time", "time_s", "wall-clock (s, evaluation excluded)"),
+)
+CONSENSUS = ("consensus", "consensus_distance")  # (file stem, record key) of the consensus plot
+EMA_BETA = 0.9
+"""Smoothing of the plotted train loss (debiased exponential moving average)."""
+
+
+def title(summary: Summary) -> str:
+    """``'run-x: 4 workers, 100mbit, 20 ms, target loss 2.345 (auto)'``."""
+    if summary.target_loss is None:
+        target = "no target loss"
+    else:
+        auto = " (auto)" if summary.target_auto else ""
+        target = f"target loss {summary.target_loss:.3f}{auto}"
+    return f"{summary.run_name}: {summary.world_size} workers, {summary.network}, {target}"
+
+
+def smooth(values: list[float], beta: float = EMA_BETA) -> list[float]:
+    """Debiased exponential moving average (the first points are not pulled towards 0)."""
+    out, average = [], 0.0
+    for i, value in enumerate(values, start=1):
+        average = beta * average + (1 - beta) * value
+        out.append(average / (1 - beta**i))
+    return out
+
+
+def _series(
+    records: list[Record], x_key: str
+) -> tuple[list[float], list[float], list[float], list[float]]:
+    """``(train_x, smoothed train loss, val_x, val loss)`` of one rank's records."""
+    train = [r for r in records if isinstance(r.get("loss"), (int, float))]
+    val = [r for r in records if isinstance(r.get("val_loss"), (int, float))]
+    return ([float(r.get(x_key, 0)) for r in train], smooth([float(r["loss"]) for r in train]),
+            [float(r.get(x_key, 0)) for r in val], [float(r["val_loss"]) for r in val])
+
+
+def _draw(ax: Axes, run: Run, summary: Summary, x_key: str, log_x: bool) -> None:
+    """Draw every algorithm's rank-0 train loss (thin) and val loss (thick, markers)."""
+    import matplotlib.pyplot as plt
+
+    colors = plt.get_cmap("tab10").colors
+    for i, algo in enumerate(run.algorithms):
+        records = next(r for r in run.records[algo] if r)  # rank 0, or lowest rank that logged
+        tx, ty, vx, vy = _series(records, x_key)
+        keep: Callable[[float], bool] = (lambda x: x > 0) if log_x else (lambda x: True)
+        color = colors[i % len(colors)]
+        train = [(x, y) for x, y in zip(tx, ty) if keep(x)]
+        val = [(x, y) for x, y in zip(vx, vy) if keep(x)]
+        if train:
+            ax.plot(*zip(*train), color=color, linewidth=0.8, alpha=0.55,
+                    label=f"{algo} train (smoothed)")
+        if val:
+            ax.plot(*zip(*val), color=color, linewidth=2.2, marker="o", markersize=4,
+                    label=f"{algo} val")
+    if summary.target_loss is not None:
+        ax.axhline(summary.target_loss, color="0.3", linestyle="--", linewidth=1,
+                   label=f"target {summary.target_loss:.3f}")
+
+
+def _plot_png(run: Run, summary: Summary, x_key: str, x_label: str) -> bytes:
+    """One loss plot as PNG bytes."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from matplotlib.ticker import FuncFormatter
+
+    fig, ax = plt.subplots(figsize=(7.5, 4.5), dpi=110)
+    log_x = x_key == "bytes_sent"
+    _draw(ax, run, summary, x_key, log_x)
+    if x_key in ("step", "time_s"):
+        from lowband.bench.membership import mark_membership
+
+        mark_membership(ax, run, x_key)  # elastic runs: joins and departures
+    if log_x:
+        ax.set_xscale("log")
+        ax.xaxis.set_major_formatter(FuncFormatter(lambda x, _pos: format_bytes(x)))
+    ax.set_xlabel(x_label)
+    ax.set_ylabel("loss")
+    return _png(fig, ax, summary)
+
+
+def _png(fig: Any, ax: Any, summary: Summary) -> bytes:
+    """Title, grid and legend on ``ax``; ``fig`` as PNG bytes (the figure is closed)."""
+    import matplotlib.pyplot as plt
+
+    ax.set_title(title(summary), fontsize=9)
+    ax.grid(True, alpha=0.3)
+    ax.legend(fontsize=7, loc="best")
+    fig.tight_layout()
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png")
+    plt.close(fig)
+    return buffer.getvalue()
+
+
+def _consensus_png(run: Run, summary: Summary) -> bytes | None:
+    """Rank 0's consensus distance against step, one line per algorithm that logs it;
+    ``None`` when none does."""
+    key = CONSENSUS[1]
+    series: dict[tuple[int, str], list[tuple[float, float]]] = {}
+    for i, algo in enumerate(run.algorithms):
+        records = next((r for r in run.records[algo] if r), [])  # rank 0, or lowest rank that logged
+        points = [(float(r["step"]), float(r[key])) for r in records if isinstance(r.get(key), (int, float))]
+        if points:
+            series[i, algo] = points
+    if not series:
+        return None
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    colors = plt.get_cmap("tab10").colors  # the same color per algorithm as the loss plots
+    fig, ax = plt.subplots(figsize=(7.5, 4.5), dpi=110)
+    for (i, algo), points in series.items():
+        ax.plot(*zip(*points), color=colors[i % len(colors)], linewidth=2.2, marker="o", markersize=4,
+                label=algo)
+    ax.set_xlabel("training step")
+    ax.set_ylabel("consensus distance  mean_i ||x_i - x_bar||")
+    return _png(fig, ax, summary)
+
+
+def render_plots(run: Run, summary: Summary) -> dict[str, bytes]:
+    """``{file stem: PNG bytes}`` for the three loss plots (steps, bytes, wall-clock) and,
+    when some algorithm logs ``consensus_distance``, the consensus plot."""
+    images = {stem: _plot_png(run, summary, key, label) for stem, key, label in PLOTS}
+    consensus = _consensus_png(run, summary)
+    if consensus is not None:
+        images[CONSENSUS[0]] = consensus
+    return images
