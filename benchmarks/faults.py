@@ -1,8 +1,9 @@
 """Fault benchmark: a 4-worker elastic DiLoCo run with random kills and rejoins vs a fault-free run.
 
-``python benchmarks/faults.py [--quick] [--kills N] [--seed S]`` runs, with the same flags:
+``python benchmarks/faults.py [--quick] [--kills N] [--seed S] [--algo SPEC]`` runs, with the same flags:
 
-1. a fault-free ``lowband train --algo diloco --elastic`` run;
+1. a fault-free ``lowband train --algo diloco --elastic`` run (``--algo``: any elastic algorithm,
+   e.g. ``streaming-diloco``; results then go to ``faults-<algo>.json``);
 2. the same run with ``LOWBAND_FAULT`` holding ``--kills`` SIGKILLs at random (replica, step,
    point), each replica's k-th kill aimed at its k-th incarnation (``incarnation=k``), and
    ``--rejoin-after`` restarting every killed worker (docs/elastic.md);
@@ -84,28 +85,32 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     p.add_argument("--steps", type=int, default=None)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", default="runs/faults")
+    p.add_argument("--algo", default="diloco", help="an elastic algorithm spec (docs/elastic.md)")
     a = p.parse_args(argv)
     kills = a.kills if a.kills is not None else (4 if a.quick else 20)
     steps = a.steps if a.steps is not None else (120 if a.quick else 400)
     inner = 10
-    flags = ["--algo", "diloco", "--elastic", "--min-workers", "2", "--workers", "4", "--steps", str(steps),
+    flags = ["--algo", a.algo, "--elastic", "--min-workers", "2", "--workers", "4", "--steps", str(steps),
              "-H", str(inner), "--batch-size", "8", "--eval-every", str(steps // 4), "--eval-batches", "4",
              "--no-progress", "--elastic-timeout", "10"]
     plan = fault_plan(kills, 4, steps, inner, a.seed)
-    clean, clean_wall, clean_err = run("clean", flags, a.out, "")
-    faulty, faulty_wall, faulty_err = run("faults", [*flags, "--rejoin-after", "1"], a.out, plan)
+    tag = "" if a.algo == "diloco" else "-" + a.algo.partition(":")[0]
+    clean, clean_wall, clean_err = run("clean" + tag, flags, a.out, "")
+    faulty, faulty_wall, faulty_err = run("faults" + tag, [*flags, "--rejoin-after", "1"], a.out, plan)
     lost = None if clean["clock_s"] is None or faulty["clock_s"] is None else \
         (faulty["clock_s"] - clean["clock_s"]) / max(1, faulty["leave"])
     result = {
-        "command": "python benchmarks/faults.py" + (" --quick" if a.quick else ""), "flags": flags,
+        "command": "python benchmarks/faults.py" + (" --quick" if a.quick else "") + (f" --algo {a.algo}" if tag else ""),
+        "flags": flags,
         "kills_planned": kills, "fault_plan": plan, "clean": {**clean, "wall_s": clean_wall, "error": clean_err},
         "faults": {**faulty, "wall_s": faulty_wall, "error": faulty_err},
         "completed": faulty_err is None and bool(faulty["finished_replicas"]),
         "time_lost_per_failure_s": lost,
         "nothing_lost": faulty_err is None and len(faulty["fingerprints"]) == 1 and len(faulty["finished_replicas"]) >= 2,
     }
-    RESULTS.parent.mkdir(parents=True, exist_ok=True)
-    RESULTS.write_text(json.dumps(result, indent=2))
+    path = RESULTS.with_name(f"faults{tag}.json")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(result, indent=2))
     print(table(result))
     return result
 

@@ -110,8 +110,9 @@ def test_state_transfer_checksum_refuses_a_flipped_byte() -> None:
 
 
 def test_flags_refuse_unsupported_algorithms_and_misuse(capsys: pytest.CaptureFixture[str]) -> None:
-    for argv, message in ((["--algo", "ddp", "--elastic"], "--elastic supports diloco, localsgd, not ddp"),
-                          (["--algo", "streaming-diloco", "--elastic"], "not streaming-diloco"),
+    for argv, message in ((["--algo", "ddp", "--elastic"], "--elastic supports co2, delayed-diloco, diloco, "
+                           "eager-diloco, gossip, localsgd, streaming-diloco, not ddp"),
+                          (["--algo", "noloco", "--elastic"], "not noloco"),
                           (["--algo", "diloco", "--min-workers", "2"], "need --elastic"),
                           (["--algo", "diloco", "--elastic", "--min-workers", "5"], "--min-workers must be in")):
         with pytest.raises(SystemExit):

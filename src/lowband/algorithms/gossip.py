@@ -29,6 +29,9 @@ rather than only noise.
 5. with ``merge_at_end`` :meth:`Gossip.finish` replaces every model by the exact average of
    all of them (one charged all-reduce): every rank ends with the same parameters.
 
+Under ``lowband train --elastic`` (:mod:`lowband.fault.elastic_gossip`) the graph is rebuilt
+over the current members at a quorum every ``quorum_every`` steps; see docs/elastic.md.
+
 Example::
 
     algo = Gossip(model, torch.optim.AdamW(model.parameters(), lr=3e-3), comm,
@@ -128,12 +131,16 @@ class GossipOptions(Options):
     topology: str = "ring"  # ring | torus | exponential
     period: int = 1  # inner steps between gossip steps
     merge_at_end: bool = True  # one exact global average in finish() (arXiv:2507.06542)
+    quorum_every: int = 10  # --elastic: steps between quorum points (departures rebuilt, joiners let in)
 
     def __post_init__(self) -> None:
         if self.topology not in TOPOLOGIES:
             raise ValueError(f"topology must be one of {', '.join(TOPOLOGIES)}, got {self.topology!r}")
         if self.period < 1:
             raise ValueError(f"period must be >= 1 (gossip every period steps), got {self.period}")
+        if self.quorum_every < 1:
+            raise ValueError(f"quorum_every must be >= 1 (an elastic quorum every that many steps), "
+                             f"got {self.quorum_every}")
 
 
 @ALGORITHMS.register("gossip")
@@ -146,9 +153,13 @@ class Gossip(Algorithm):
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
+        self.rebuild_topology()
+        self.gossip_steps = 0
+
+    def rebuild_topology(self) -> None:
+        """Step 1 over the current ``comm.world_size`` (an elastic run re-points the Comm at new members)."""
         self.neighbours = neighbours(self.options.topology, self.comm.world_size)
         self.weights = metropolis_weights(self.neighbours)
-        self.gossip_steps = 0
 
     @property
     def peers(self) -> list[int]:

@@ -1,7 +1,10 @@
 """Elastic membership for the local-update family: quorum, commit or skip, join with a verified state.
 
 :class:`ElasticSync` takes over an algorithm's ``synchronise`` (DiLoCo's outer step, local
-SGD's averaging). At every outer step, on every worker:
+SGD's averaging). The algorithms that keep averages in flight across outer steps
+(``delayed-diloco``, ``eager-diloco``, ``co2``, ``streaming-diloco``) and ``gossip`` have their
+own subclasses (:mod:`lowband.fault.elastic_overlap`, :mod:`lowband.fault.elastic_gossip`),
+registered in :data:`ELASTIC` under the algorithm's name. At every outer step, on every worker:
 
 1. **quorum**: arrive at the :class:`~lowband.fault.quorum.QuorumService` and get the
    members of this attempt (:class:`~lowband.fault.quorum.Decision`);
@@ -47,9 +50,8 @@ from lowband.comm import group
 from lowband.fault.quorum import Decision, QuorumClient
 from lowband.feedback import FEEDBACK
 from lowband.net.link import Network
-from lowband.registry import build
+from lowband.registry import Registry, build, parse_spec
 
-ELASTIC_ALGORITHMS = ("diloco", "localsgd")
 FAULT_KINDS = ("kill", "hang", "corrupt")
 FAULT_POINTS = ("step", "sync", "commit")
 log = logging.getLogger("lowband.fault.elastic")
@@ -62,9 +64,19 @@ class StateChecksumError(RuntimeError):
 def check_elastic(algos: Sequence[str], workers: int, min_workers: int) -> None:
     """Raise one line if ``--elastic`` cannot run these algorithms with these worker counts."""
     names = [a.partition(":")[0].strip() for a in algos]
-    unsupported = [n for n in names if n not in ELASTIC_ALGORITHMS]
+    unsupported = [n for n in names if n not in ELASTIC]
     if unsupported:
         raise ValueError(f"--elastic supports {', '.join(ELASTIC_ALGORITHMS)}, not {', '.join(unsupported)}")
+    for spec in algos:
+        from lowband.algorithms import ALGORITHMS
+
+        cls, options = parse_spec(spec, ALGORITHMS)
+        cls.Options(**options)  # its own one-line errors first
+        if options.get("asynchronous") is False:
+            raise ValueError("--elastic runs co2 with asynchronous=true only (its blocking mode averages after "
+                             "the commit vote); use diloco for blocking rounds")
+        if options.get("budget", "fixed") != "fixed":
+            raise ValueError("--elastic runs budget=fixed only (a speed budget's measurements are per membership)")
     if len(algos) != 1:
         raise ValueError("--elastic runs one algorithm at a time: give one --algo (and one --compress/--feedback)")
     if not 1 <= min_workers <= workers:
@@ -173,7 +185,11 @@ class ElasticSync:
         self.decision: Decision | None = None
         self.elastic_s = 0.0  # seconds spent in quorums, votes, group rebuilds and state transfers
         self.redone = 0  # attempts that did not commit
-        algo.synchronise = self.synchronise  # the algorithm's after_step now syncs through here
+        self._install()
+
+    def _install(self) -> None:
+        """Take over the algorithm's synchronisation point (DiLoCo: ``synchronise``, every H steps)."""
+        self.algo.synchronise = self.synchronise  # the algorithm's after_step now syncs through here
 
     @property
     def members(self) -> int:
@@ -187,7 +203,7 @@ class ElasticSync:
             self.algo.local_steps = 0
             self.scheduler.step()  # the holders step their schedule after this step too
             self.on_event({"event": "synced", "replica": self.client.token, "round": joined.round,
-                           "outer_steps": self.algo.outer_steps, "params_sha": self.fingerprint()})
+                           "outer_steps": self.rounds, "params_sha": self.fingerprint()})
 
     @torch.no_grad()
     def synchronise(self) -> None:
@@ -197,18 +213,20 @@ class ElasticSync:
     def _until_committed(self) -> Decision:
         while True:
             started = time.perf_counter()
-            d = self.client.arrive({"outer_steps": getattr(self.algo, "outer_steps", 0), "step": self.loop.step})
+            d = self.client.arrive({"outer_steps": self.rounds, "step": self.loop.step})
             self._charge(time.perf_counter() - started)
             self.decision = d
-            deltas, ok = None, True
-            snapshot = copy.deepcopy(self.algo.aggregator.state_dict())
+            work, ok = None, True
             started, waited = time.perf_counter(), self.comm.wait_seconds
+            self._prepare(d)
+            snapshot = self._snapshot()
             try:
                 self._regroup(d)
                 if d.kind == "sync":
-                    deltas = self._average(d)
+                    work = self._attempt(d)
             except Exception as err:  # a peer died or hung mid-collective, or the state was refused
                 ok = False
+                self._abandon()
                 group.shutdown()  # close our side now: peers still blocked in the collective fail at once
                 self.comm.close()  # ops of this attempt still queued fail without a group
                 self.epoch = 0
@@ -220,12 +238,38 @@ class ElasticSync:
             committed = self.client.commit(d.number, ok)
             self._charge(time.perf_counter() - started)
             if committed:
-                if deltas is not None:
-                    self.algo.apply_outer(deltas)
+                if work is not None:
+                    self._apply(d, work)
                 self._report(d)
                 return d
             self.redone += 1
-            self.algo.aggregator.load_state_dict(snapshot)  # never half-applied: compressor/feedback too
+            self._rollback(snapshot)  # never half-applied: compressor/feedback too
+
+    # -- what one attempt does (subclasses for the algorithms with averages in flight, and gossip) --
+    @property
+    def rounds(self) -> int:
+        """Synchronisations committed so far (the fingerprints in the metrics are keyed by it)."""
+        return int(getattr(self.algo, "outer_steps", 0))
+
+    def _prepare(self, d: Decision) -> None:
+        """Before the group is rebuilt: nothing here (DiLoCo has nothing in flight between rounds)."""
+
+    def _abandon(self) -> None:
+        """An attempt failed: settle any background work before the group is torn down."""
+
+    def _snapshot(self) -> Any:
+        return copy.deepcopy(self.algo.aggregator.state_dict())
+
+    def _rollback(self, snapshot: Any) -> None:
+        self.algo.aggregator.load_state_dict(snapshot)
+
+    def _attempt(self, d: Decision) -> Any:
+        """The work of a sync quorum before the vote (DiLoCo: the averaged outer gradients)."""
+        return self._average(d, self.algo.outer_gradients)
+
+    def _apply(self, d: Decision, work: Any) -> None:
+        """After the commit (DiLoCo: the outer step)."""
+        self.algo.apply_outer(work)
 
     def _regroup(self, d: Decision) -> None:
         if d.epoch == self.epoch:
@@ -238,15 +282,18 @@ class ElasticSync:
         self.epoch = d.epoch
         self._charge(time.perf_counter() - started)
 
-    def _average(self, d: Decision) -> list[tuple[str, torch.Tensor]]:
+    def _average(self, d: Decision, outer_gradients: Callable[[], list[tuple[str, torch.Tensor]]],
+                 receivers: Sequence[str] | None = None) -> list[tuple[str, torch.Tensor]]:
+        """Send the state to the joiners (and ``receivers``), then average ``outer_gradients()`` over
+        the contributors (joiners send zeros); a refused state is raised after the all-reduce."""
         token, refused = self.client.token, None
-        if d.joiners:
+        if d.joiners or receivers:
             try:
-                self._transfer(d)
+                self._transfer(d, receivers)
             except StateChecksumError as err:  # still take part in the all-reduce: peers must not wait
                 refused = err
         self.faults.trigger("sync", self.loop.step)
-        deltas = self.algo.outer_gradients()
+        deltas = outer_gradients()
         scale = len(d.members) / len(d.contributors)
         for _, delta in deltas:
             if token not in d.contributors:
@@ -258,22 +305,26 @@ class ElasticSync:
             raise refused  # this member votes to skip: the round is redone, the state sent again
         return deltas
 
-    def _transfer(self, d: Decision) -> None:
-        """Broadcast the committed state from ``d.src`` to the members; joiners verify and load it."""
+    def _transfer(self, d: Decision, receivers: Sequence[str] | None = None) -> None:
+        """Broadcast the committed state from ``d.src`` (else the first contributor) to the members;
+        joiners (and ``receivers``) verify it and load it (:meth:`load_shared_state`, :meth:`adopt`)."""
         started = time.perf_counter()
-        token, src = self.client.token, d.rank(d.src)
+        source = d.src or d.contributors[0]
+        token, src = self.client.token, d.rank(source)
         header = torch.zeros(2, dtype=torch.int64)
         payload = torch.empty(0, dtype=torch.uint8)
-        if token == d.src:
+        if token == source:
             payload, crc = pack_state(self.shared_state())
             header[0], header[1] = payload.numel(), crc
         self.comm.broadcast(header, src=src, tag="elastic.header")
-        if token != d.src:
+        if token != source:
             payload = torch.empty(int(header[0]), dtype=torch.uint8)
         self.comm.broadcast(payload, src=src, tag="elastic.state")
         if token in d.joiners:
             self.faults.corrupt(payload)
             self.load_shared_state(unpack_state(payload, int(header[1])))
+        elif token != source and token in (receivers or ()):
+            self.adopt(unpack_state(payload, int(header[1])))
         self.elastic_s += time.perf_counter() - started  # the broadcasts' waits are charged by Comm
 
     def shared_state(self) -> dict[str, Any]:
@@ -303,6 +354,9 @@ class ElasticSync:
         self.loop.step, self.loop.clock, self.loop.val_loss = int(loop["step"]), float(loop["clock"]), \
             float(loop["val_loss"])
 
+    def adopt(self, state: dict[str, Any]) -> None:
+        """A holder told to take the sender's shared part (subclasses whose ranks' states differ)."""
+
     @torch.no_grad()
     def fingerprint(self) -> str:
         """SHA-256 (first 16 hex digits) of the global model: equal on every member after a commit."""
@@ -325,3 +379,12 @@ class ElasticSync:
             self.on_event({"event": "join", "replica": token, **base})
         if d.attempt:
             self.on_event({"event": "redo", "replica": None, **base})
+
+
+ELASTIC: Registry[type[ElasticSync]] = Registry("elastic algorithm")
+ELASTIC.register("diloco")(ElasticSync)
+ELASTIC.register("localsgd")(ElasticSync)
+
+from lowband.fault import elastic_gossip, elastic_overlap  # noqa: E402,F401  (they register theirs)
+
+ELASTIC_ALGORITHMS = tuple(ELASTIC.names())

@@ -10,7 +10,8 @@ the rank it had at the start) and ``LOWBAND_INCARNATION`` (0, then 1, 2 ... when
 
 The loop is :func:`lowband.train.worker.train_one`'s, with the elastic differences:
 
-* the algorithm's outer step goes through :class:`~lowband.fault.elastic.ElasticSync`;
+* the algorithm's synchronisation goes through its :class:`~lowband.fault.elastic.ElasticSync`
+  (``ELASTIC``: DiLoCo's, the overlapped variants' drains, gossip's quorum points);
 * a joiner continues at the step (and on the clock) of the worker it got the state from;
 * metrics go to ``rank<replica>.jsonl`` (a restarted replica appends to its file) with a
   ``members`` column; joins, departures and redone rounds go to ``events.jsonl``;
@@ -32,7 +33,7 @@ import torch
 from torch.distributed.elastic.multiprocessing.errors import record
 
 from lowband.comm import Comm, group
-from lowband.fault.elastic import ElasticSync, FaultPlan, LoopState
+from lowband.fault.elastic import ELASTIC, FaultPlan, LoopState
 from lowband.fault.quorum import QuorumAborted, QuorumClient, TrainingOver
 from lowband.train.config import TrainConfig
 from lowband.train.data import load_dataset
@@ -73,7 +74,8 @@ def train(cfg: TrainConfig, store: Any, replica: int, incarnation: int) -> None:
     model = build_model(cfg, data)
     comm = Comm()  # a world of one until the first quorum: ElasticSync re-points it
     algo = build_algorithm(cfg, variant, model, comm)
-    algo.aggregator.compressor.for_rank(replica)  # seeded compressors draw per worker
+    if getattr(algo, "aggregator", None) is not None:  # gossip has none
+        algo.aggregator.compressor.for_rank(replica)  # seeded compressors draw per worker
     scheduler = torch.optim.lr_scheduler.LambdaLR(algo.optimizer, lr_lambda(cfg))
     generator = torch.Generator().manual_seed((cfg.seed * 1_000_003 + replica) * 1009 + incarnation)
     val_batches = data.val_batches(cfg.batch_size, cfg.eval_batches)
@@ -86,19 +88,19 @@ def train(cfg: TrainConfig, store: Any, replica: int, incarnation: int) -> None:
         def on_event(event: dict[str, Any]) -> None:
             events.write({"step": loop.step, "time_s": loop.clock, **event})
 
-        sync = ElasticSync(QuorumClient(store, token), store, algo, scheduler, network, loop, faults,
-                           cfg.elastic_timeout, on_event)
+        sync = ELASTIC.get(variant.algorithm)(QuorumClient(store, token), store, algo, scheduler, network, loop,
+                                              faults, cfg.elastic_timeout, on_event)
         sync.join()
         while loop.step < cfg.steps:
             loop.step += 1
             faults.trigger("step", loop.step)
             comm.ledger.step = loop.step
-            started, waited, elastic, rounds = time.perf_counter(), comm.wait_seconds, sync.elastic_s, algo.outer_steps
+            started, waited, elastic, rounds = time.perf_counter(), comm.wait_seconds, sync.elastic_s, sync.rounds
             rank, size = (comm.rank, comm.world_size) if cfg.sharding != "iid" else (0, 1)
             x, y = data.batch(generator, cfg.batch_size, rank, size, cfg.sharding)
             _, loss = model(x, y)
             loss.backward()
-            algo.step()  # every H steps: ElasticSync.synchronise (a rejoining worker's loop.step may jump)
+            algo.step()  # at quorum points: the ElasticSync's (a rejoining worker's loop.step may jump)
             algo.zero_grad()
             if loop.step == cfg.steps:
                 algo.finish()
@@ -108,8 +110,8 @@ def train(cfg: TrainConfig, store: Any, replica: int, incarnation: int) -> None:
             row = step_row(loop.step, loss.item(), loop.step * tokens_per_step, comm.ledger, elapsed, comm_s,
                            loop.clock, scheduler.get_last_lr()[0])
             row.update(members=sync.members, elastic_s=sync.elastic_s - elastic)
-            if algo.outer_steps != rounds or loop.step == cfg.steps:  # an outer step landed: its fingerprint
-                row.update(outer_steps=algo.outer_steps, params_sha=sync.fingerprint())
+            if sync.rounds != rounds or loop.step == cfg.steps:  # an outer step (quorum) landed: its fingerprint
+                row.update(outer_steps=sync.rounds, params_sha=sync.fingerprint())
             if loop.step % cfg.eval_every == 0 or loop.step == cfg.steps:
                 loop.val_loss = row["val_loss"] = evaluate(model, algo, val_batches)
             metrics.write(row)
