@@ -317,3 +317,27 @@ def test_worker_loop_draws_batches_only_for_inner_steps_taken(tmp_path: Path) ->
     assert drawn[1] == sum(1 for x in rows[1] if "loss" in x) < 12, drawn
     assert rows[1][-1]["tokens"] == drawn[1] * tokens_per_step
     assert [x["step"] for x in rows[1]] == list(range(1, 13))
+
+
+@pytest.mark.slow
+def test_four_uneven_workers_through_the_cli(tmp_path: Path) -> None:
+    """`lowband train --workers 4 --worker-speed 1,1,0.5,0.25 --algo diloco --budget speed`: the
+    speeds reach run.json, the slowest worker's budget and tokens fall well below the fastest's."""
+    from lowband.cli import main as cli_main
+
+    text = tmp_path / "text.txt"
+    g = torch.Generator().manual_seed(0)
+    text.write_text("".join(chr(97 + int(i)) for i in torch.randint(0, 26, (20_000,), generator=g)))
+    assert cli_main(["train", "--out", str(tmp_path), "--name", "run", "--no-progress", "--data", str(text),
+                     "--workers", "4", "--worker-speed", "1,1,0.5,0.25", "--algo", "diloco", "--budget", "speed",
+                     "--steps", "20", "--inner-steps", "5", "--eval-every", "5", "--eval-batches", "1",
+                     "--batch-size", "4"]) == 0
+    run = tmp_path / "run"
+    info = json.loads((run / "run.json").read_text())
+    assert info["worker_speeds"] == [1.0, 1.0, 0.5, 0.25] and info["algorithms"]["diloco"]["budget"] == "speed"
+    rows = {r: [json.loads(x) for x in (run / "diloco" / f"rank{r}.jsonl").read_text().splitlines()]
+            for r in range(4)}
+    budgets = {r: [x["budget"] for x in rows[r] if "val_loss" in x] for r in range(4)}
+    assert max(budgets[0] + budgets[1]) == 5 and max(budgets[3]) < 5, budgets
+    assert rows[3][-1]["tokens"] < rows[2][-1]["tokens"] <= rows[0][-1]["tokens"], budgets
+    assert all(math.isfinite(x["val_loss"]) for x in rows[0] if "val_loss" in x)
