@@ -85,6 +85,16 @@ def test_world_of_one_always_takes_h_steps() -> None:
         algo.idle()
 
 
+def test_state_round_trips_and_is_dropped_at_another_world_size() -> None:
+    budget = SpeedBudget(Comm(), inner_steps=4)
+    budget.load_state_dict({"budget_estimate": (0.5,), "budgets": (3,), "budget_seconds": 1.5, "budget_steps": 2})
+    assert (budget.estimate, budget.budgets, budget.seconds, budget.steps) == ((0.5,), (3,), 1.5, 2)
+    assert budget.state_dict() == {"budget_estimate": (0.5,), "budgets": (3,), "budget_seconds": 1.5,
+                                   "budget_steps": 2}
+    budget.load_state_dict({"budget_estimate": (0.5, 1.0), "budgets": (4, 2)})  # saved by 2 ranks, resumed by 1
+    assert budget.estimate is None and budget.budgets is None and budget.budget() == 4
+
+
 def test_options_validate() -> None:
     for bad, message in [({"budget": "fast"}, "budget must be one of fixed, speed"),
                          ({"weighting": "size"}, "weighting must be one of work, uniform, normalised"),
