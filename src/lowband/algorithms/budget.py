@@ -176,6 +176,7 @@ class SpeedBudget:
         self.estimate = smooth(self.estimate, measured, self.smoothing)
         self.budgets = speed_budgets(self.estimate, self.inner_steps)
         self.seconds, self.steps = 0.0, 0
+        self._mark = time.perf_counter()  # the fallback clock leaves communication out
 
     # -- state ----------------------------------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:
