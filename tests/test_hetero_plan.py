@@ -44,6 +44,7 @@ def test_hierarchical_is_inside_plus_across_plus_broadcast() -> None:
 def test_work_follows_speed() -> None:
     assert budgets((1, 1, 0.5, 0.25), 20) == (20, 20, 10, 5)
     assert budgets((0.5, 0.01), 10) == (10, 1)  # at least one step
+    assert budgets((1, 0.5), 5) == (5, 3)  # halves round up, as --budget speed does
     plan = plan_cluster(Cluster(sites("0,0,1,1"), (1, 1, 0.5, 0.25)), 400 * MB)
     assert plan.groups == ((0, 1), (2, 3)) and plan.budgets == (20, 20, 10, 5)
     assert plan.batch_shares == pytest.approx((1 / 2.75, 1 / 2.75, 0.5 / 2.75, 0.25 / 2.75))

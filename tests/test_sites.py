@@ -99,3 +99,9 @@ def test_per_worker_lists_take_repeats() -> None:
     assert Network.with_sites(Network.parse("1gbit*4", "1ms", 4), "0*2,1*2", "50mbit", "30ms") == two_sites()
     with pytest.raises(ValueError, match="whole count"):
         per_worker("1*x")
+
+
+@pytest.mark.parametrize("algo, budget", [("diloco", "speed"), ("diloco:budget=speed", None)])
+def test_elastic_refuses_speed_budgets(algo: str, budget: str | None) -> None:
+    with pytest.raises(ValueError, match="budget"):
+        TrainConfig(workers=4, algos=(algo,), elastic=True, budget=budget)

@@ -120,9 +120,11 @@ def hierarchical_seconds(network: Network, groups: Sequence[Sequence[int]], nbyt
 
 
 def budgets(speeds: Sequence[float], inner_steps: int) -> tuple[int, ...]:
-    """Inner steps per worker: the fastest does ``inner_steps``, the others in proportion (>= 1)."""
-    fastest = max(speeds)
-    return tuple(max(1, round(inner_steps * s / fastest)) for s in speeds)
+    """Inner steps per worker: the fastest does ``inner_steps``, the others in proportion (>= 1),
+    as ``--budget speed`` assigns them (:func:`lowband.algorithms.budget.speed_budgets`)."""
+    from lowband.algorithms.budget import speed_budgets
+
+    return speed_budgets([1 / s for s in speeds], inner_steps)
 
 
 def plan_cluster(cluster: Cluster, nbytes: int, inner_steps: int = 20) -> ClusterPlan:

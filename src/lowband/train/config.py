@@ -162,8 +162,10 @@ class TrainConfig:
                 raise ValueError("--min-workers and --rejoin-after need --elastic")
             return
         check_elastic(self.algos, self.workers, self.min_workers)
-        if self.sites is not None or self.worker_speed is not None or self.ring != "rank":
-            raise ValueError("--elastic does not take --sites, --worker-speed or --ring yet (docs/heterogeneous.md)")
+        speed = [a for a in self.algos if getattr(self.options_for(Variant(a)), "budget", "fixed") != "fixed"]
+        if self.sites is not None or self.worker_speed is not None or self.ring != "rank" or speed:
+            raise ValueError("--elastic does not take --sites, --worker-speed, --ring or --budget speed yet "
+                             "(docs/heterogeneous.md)")
         if len(self.variants()) != 1 or self.net != "model" or self.resume or self.checkpoint_every:
             raise ValueError("--elastic runs one --algo/--compress/--feedback with --net model, "
                              "without --resume or --checkpoint-every")
