@@ -17,6 +17,7 @@ from lowband.algorithms.base import SyncOptions
 from lowband.comm.aggregate import Aggregator
 from lowband.comm.hierarchy import HierarchicalAggregator
 from lowband.compress import COMPRESSORS, build
+from lowband.fault import guards
 from lowband.feedback import FEEDBACK
 from lowband.net.link import Network
 from lowband.train.launch import launch
@@ -87,6 +88,14 @@ def hierarchy_worker() -> dict[str, Any]:
         hier = HierarchicalAggregator(comm, identity, tag="t")
         hier.mean_(named)
         out["faulty"] = max((t - e).abs().max().item() for (_, t), e in zip(named, expected))
+        named = inputs(rank)
+        if rank in (1, 3):  # one per site: nothing valid reaches the leaders
+            named[1][1][0] = float("inf")
+        try:
+            hier.mean_(named)
+            out["all_faulty"] = "no error"
+        except guards.NonFiniteError as err:
+            out["all_faulty"] = str(err)
         hier.close()
         comm.close()
         plain.close()
@@ -145,6 +154,7 @@ def test_one_compressed_update_per_site(four: dict[int, dict[str, Any]]) -> None
 def test_a_non_finite_input_excludes_its_site(four: dict[int, dict[str, Any]]) -> None:
     for rank, out in four.items():
         assert out["faulty"] < 1e-12, rank
+        assert "non-finite" in out["all_faulty"], (rank, out["all_faulty"])  # every rank raises, none hangs
 
 
 # -- options ---------------------------------------------------------------------------------
