@@ -63,8 +63,11 @@ def hierarchy_worker() -> dict[str, Any]:
             hier = HierarchicalAggregator(comm, identity, tag="t")
             named = inputs(rank)
             before = comm.wait_seconds
-            hier.mean_async(named).wait()
+            pending = hier.mean_async(named)
+            done_at_once = pending.done()
+            pending.wait()
             out[sites] = {
+                "done_at_once": done_at_once,
                 "error": max((a - b).abs().max().item() for (_, a), (_, b) in zip(named, flat)),
                 "rows": _rows(comm, 0), "waited": comm.wait_seconds - before, "leader": hier.leader,
                 "state": hier.state_dict(),
@@ -137,6 +140,7 @@ def test_only_leaders_cross_the_wan(four: dict[int, dict[str, Any]], sites: str,
         assert (sum(r["payload"] for r in by_tag["t.site"]) == payload) == (site_size > 1)
         assert all(r["peers"] == site_size for r in by_tag["t.site"] + by_tag["t.bcast"])
         assert out[sites]["waited"] > 0.03  # the WAN's latency, charged to the algorithm's Comm
+        assert not out[sites]["done_at_once"]  # async: returns before the WAN has carried anything
 
 
 def test_one_compressed_update_per_site(four: dict[int, dict[str, Any]]) -> None:

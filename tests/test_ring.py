@@ -72,6 +72,23 @@ def test_interleaved_sites_ring_crosses_the_wan_once_each_way(sites: str) -> Non
     assert net.ring_link().bandwidth < 50 * MBIT  # rank order shares it
 
 
+@pytest.mark.parametrize("bandwidth, sites", [
+    ("1gbit", "0,1,0,1"),
+    ("1gbit,1gbit,40mbit,1gbit", "0,1,0,1"),  # a slow worker slower than the WAN's share is not
+    ("1gbit,1gbit,20mbit,1gbit", "0,1,0,1"),  # a slow worker slower than the WAN's share: every ring
+    ("1gbit*3,100mbit,1gbit*2", "0,1,2,0,1,2"),
+    ("1gbit", "0,0,1,1,2,2,0,1"),
+    ("1gbit,10mbit,1gbit*5", "0,1,1,0,0,1,1"),
+])
+def test_probed_order_is_the_best_ring_on_the_shared_wan_model(bandwidth: str, sites: str) -> None:
+    """What isolated probes see, solved, is the ring the model (WAN shared by crossings) charges least."""
+    n = len(sites.split(","))
+    net = Network.with_sites(Network.parse(bandwidth, "1ms", n), sites, "50mbit", "30ms")
+    order = best_ring(modelled(net))
+    best = max(net.ring_link((0, *p)).bandwidth for p in itertools.permutations(range(1, n)))
+    assert net.ring_link(order).bandwidth == pytest.approx(best), order
+
+
 def test_rank_order_stays_when_sites_are_contiguous() -> None:
     net = two_sites("0,0,1,1")
     assert best_ring(modelled(net)) == (0, 1, 2, 3)
