@@ -82,3 +82,19 @@ def test_eager_stability_limits_shrink_with_workers(tmp_path: Path) -> None:
     limits = {row["momentum"]: row["max_stable_lr"] for row in json.loads(out.read_text())["rows"]}
     assert limits[0.9]["1"] > 0.7 > limits[0.9]["4"] >= limits[0.9]["64"]
     assert min(limits[0.8].values()) > 0.3
+
+
+@pytest.mark.slow
+def test_heterogeneous_benchmark_quick(tmp_path: Path) -> None:
+    path = Path(__file__).resolve().parent.parent / "benchmarks" / "heterogeneous.py"
+    spec = importlib.util.spec_from_file_location("benchmark_heterogeneous", path)
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    out = tmp_path / "h.json"
+    assert module.main(["--quick", "--out", str(tmp_path), "--json", str(out)]) == 0
+    rows = {r["entry"]: r for r in json.loads(out.read_text())["rows"]}
+    assert set(rows) == {e.label for e in module.ENTRIES}
+    # speed budgets: the slow workers sit out part of each round, so fewer tokens than fixed work
+    assert rows["diloco:budget=speed"]["tokens"] < rows["diloco"]["tokens"] == rows["ddp"]["tokens"]
+    assert rows["ddp:hierarchical=true"]["final_val_loss"] == pytest.approx(rows["ddp"]["final_val_loss"], abs=1e-3)
