@@ -248,3 +248,23 @@ def test_cli_worker_speed_slows_the_projection(run_dir: Path, capsys: pytest.Cap
     assert target.speeds == (1.0, 0.5) and slow[0].wall_clock_s > even[0].wall_clock_s + 0.5 * even[0].compute_s
     assert cli_main(["simulate", str(run_dir), "--algo", "ddp", "--worker-speed", "fast"]) == 2
     assert "--worker-speed takes numbers" in capsys.readouterr().err
+
+
+def test_the_ring_a_run_charged_is_the_link_it_is_replayed_on(run_dir: Path, tmp_path: Path) -> None:
+    from lowband.bench.simulation import measured_link
+
+    copy = tmp_path / "run"
+    shutil.copytree(run_dir, copy)
+    info = json.loads((copy / "run.json").read_text())
+    info["world_size"] = 4
+    info["config"].update(bandwidth="1gbit", latency="1ms", sites="0,1,0,1", wan_bandwidth="50mbit", wan_latency="0")
+    info["algorithms"]["diloco"]["hierarchical"] = True
+    (copy / "run.json").write_text(json.dumps(info))
+    assert json.loads((copy / "ddp" / "ring.json").read_text()) == {"ring": [0, 1]}  # written by the worker
+    (copy / "ddp" / "ring.json").unlink()
+    run = load_run(copy)
+    assert measured_link(run, "ddp").bandwidth == pytest.approx(50e6 / 8 / 2)  # rank order: 4 WAN crossings
+    (copy / "ddp" / "ring.json").write_text(json.dumps({"ring": [0, 1, 3, 2]}))
+    assert measured_link(run, "ddp").bandwidth == pytest.approx(50e6 / 8)  # the measured order: 2 crossings
+    with pytest.raises(ValueError, match="diloco averaged hierarchically"):
+        load_traces(run)

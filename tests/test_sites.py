@@ -105,3 +105,10 @@ def test_per_worker_lists_take_repeats() -> None:
 def test_elastic_refuses_speed_budgets(algo: str, budget: str | None) -> None:
     with pytest.raises(ValueError, match="budget"):
         TrainConfig(workers=4, algos=(algo,), elastic=True, budget=budget)
+
+
+@pytest.mark.parametrize("kwargs", [dict(hierarchical=True), dict(algos=("diloco:hierarchical=true",))])
+def test_hierarchical_needs_sites(kwargs: dict) -> None:
+    with pytest.raises(ValueError, match="--hierarchical averages inside each site"):
+        TrainConfig(workers=4, **kwargs)
+    TrainConfig(workers=4, sites="0,0,1,1", wan_bandwidth="50mbit", **kwargs)  # accepted with sites

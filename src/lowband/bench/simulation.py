@@ -21,16 +21,29 @@ from lowband.net.simulate import Projection, RankLog, Target, Trace, build_trace
 from lowband.net.units import format_bandwidth, format_bytes, parse_bandwidth, parse_latency, per_worker
 
 
-def measured_link(run: Run) -> Link:
-    """The link bounding the run's ring collectives (unlimited if ``run.json`` does not say): the
-    bottleneck, or with ``--sites`` the slowest hop of its ring order (rank order unless given)."""
+def measured_network(run: Run) -> Network | None:
+    """The network the run was emulated over (None if ``run.json`` does not say)."""
     cfg, world = run.config, int(run.meta.get("world_size") or 1)
     if "bandwidth" not in cfg:
+        return None
+    return Network.with_sites(Network.parse(str(cfg["bandwidth"]), str(cfg.get("latency", "0")), world),
+                              cfg.get("sites"), cfg.get("wan_bandwidth"), cfg.get("wan_latency"))
+
+
+def measured_link(run: Run, label: str | None = None) -> Link:
+    """The link bounding the run's (or algorithm ``label``'s) ring collectives: the slowest hop of
+    the ring it charged (``<folder>/ring.json``, written by the worker; else ``--ring`` or rank
+    order); without ``--sites`` that is the bottleneck link. Unlimited if ``run.json`` does not say."""
+    network = measured_network(run)
+    if network is None:
         return Link()
-    network = Network.with_sites(Network.parse(str(cfg["bandwidth"]), str(cfg.get("latency", "0")), world),
-                                 cfg.get("sites"), cfg.get("wan_bandwidth"), cfg.get("wan_latency"))
-    ring = str(cfg.get("ring") or "rank")
-    return network.ring_link([int(r) for r in ring.split(",")] if "," in ring else None)
+    ring = str(run.config.get("ring") or "rank")
+    order = [int(r) for r in ring.split(",")] if "," in ring else None
+    if label is not None:
+        saved = run.path / dict(run.meta.get("folders") or {}).get(label, label) / "ring.json"
+        if saved.is_file():
+            order = json.loads(saved.read_text())["ring"]
+    return network.ring_link(order)
 
 
 def measured_speeds(run: Run) -> tuple[float, ...] | None:
@@ -59,9 +72,16 @@ def load_traces(run: Run, algo: str | None = None) -> dict[str, Trace]:
     params = int(run.meta.get("params") or 0)
     if params < 1:
         raise ValueError(f"{run.path}/run.json does not record the model's params: cannot scale payloads")
-    link, folders, speeds = measured_link(run), dict(run.meta.get("folders") or {}), measured_speeds(run)
+    folders, speeds = dict(run.meta.get("folders") or {}), measured_speeds(run)
+    options = run.meta.get("algorithms") or {}
+    hierarchical = [label for label in ([algo] if algo is not None else run.algorithms)
+                    if (options.get(label) or {}).get("hierarchical")]
+    if hierarchical:
+        raise ValueError(f"{', '.join(hierarchical)} averaged hierarchically (--hierarchical): its site and leader "
+                         "collectives cannot be projected yet; pick the others with --algo")
     traces: dict[str, Trace] = {}
     for label in [algo] if algo is not None else run.algorithms:
+        link = measured_link(run, label)
         folder = run.path / folders.get(label, label)
         logs = []
         for r, rows in enumerate(run.records[label]):
@@ -83,7 +103,7 @@ def make_target(run: Run, workers: int | None = None, bandwidth: str | None = No
                 params: float | None = None, compute_scale: float | None = None, seed: int = 0,
                 worker_speed: str | None = None) -> Target:
     """The target: every value not given is the run's own (so no flags at all replays the run)."""
-    link = measured_link(run)
+    link = measured_link(run, run.algorithms[0] if run.algorithms else None)
     try:
         speeds = measured_speeds(run) if worker_speed is None else tuple(float(v) for v in per_worker(worker_speed))
     except ValueError:

@@ -144,7 +144,10 @@ class TrainConfig:
         if self.elastic and self.attack is not None and self.attack.partition(":")[0].strip() == "labelflip":
             raise ValueError("--attack labelflip poisons data in `lowband train` without --elastic only")
         for algo in self.algos:
-            self.options_for(Variant(algo))  # raises with the valid names, options and ranges
+            options = self.options_for(Variant(algo))  # raises with the valid names, options and ranges
+            if getattr(options, "hierarchical", False) and not self.network(self.workers).multisite:
+                raise ValueError("--hierarchical averages inside each site first: give workers at several "
+                                 "--sites and the link between them (--wan-bandwidth)")
         if self.checkpoint_every < 0:
             raise ValueError(f"--checkpoint-every must be >= 0 (0: no checkpoints), got {self.checkpoint_every}")
         if self.resume:

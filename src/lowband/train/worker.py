@@ -123,6 +123,9 @@ def train_one(cfg: TrainConfig, variant: Variant, data: Dataset, network: Networ
     slow_down = 1.0 / cfg.speeds(world_size)[rank] - 1.0  # extra seconds per second of compute
     aware = getattr(algo, "compute_aware", False)  # may sit out iterations (DiLoCo's budget="speed")
     algo_dir = run_dir / variant.folder
+    if rank == 0:  # the ring the emulator charged (--ring auto: measured at start-up), for lowband simulate
+        algo_dir.mkdir(parents=True, exist_ok=True)
+        atomic_write_text(algo_dir / "ring.json", json.dumps({"ring": list(comm.ring)}))
     checkpoint = RunCheckpoint(algo_dir, model, algo, scheduler, generator)
     resumed = checkpoint.restore() if cfg.resume else None
     start, clock, val_loss = (resumed.step, resumed.clock, resumed.val_loss) if resumed else (0, 0.0, float("nan"))
