@@ -137,6 +137,23 @@ class Algorithm:
         if exc[0] is None:
             self.finish()
 
+    # -- compute-aware work (DiLoCo's budget="speed" overrides these) -------------------------
+    @property
+    def compute_aware(self) -> bool:
+        """True when this rank may sit out iterations (then tokens count its inner steps only)."""
+        return False
+
+    def wants_compute(self) -> bool:
+        """Whether this rank computes a step at this iteration (else the loop calls :meth:`idle`)."""
+        return True
+
+    def idle(self) -> None:
+        """An iteration this rank sits out (only when :meth:`wants_compute` declines)."""
+        raise RuntimeError(f"{self.name} never sits out an iteration: call step()")
+
+    def record_compute(self, seconds: float) -> None:
+        """The loop's compute seconds for the step in progress, reported before :meth:`step`."""
+
     def zero_grad(self) -> None:
         self.optimizer.zero_grad(set_to_none=True)
 

@@ -93,7 +93,7 @@ class DiLoCo(Algorithm):
             if getattr(o, "budget", "fixed") == "speed" else None
         self._inner_started = time.perf_counter()
 
-    # -- compute-aware budgets (budget="speed"; the training loop finds these with getattr) ---
+    # -- compute-aware budgets (budget="speed"; overrides Algorithm's defaults) -------------
     @property
     def compute_aware(self) -> bool:
         """True when this rank may sit out iterations (``budget="speed"``)."""

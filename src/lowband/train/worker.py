@@ -121,7 +121,6 @@ def train_one(cfg: TrainConfig, variant: Variant, data: Dataset, network: Networ
     val_batches = data.val_batches(cfg.batch_size, cfg.eval_batches)
     tokens_per_step = cfg.batch_size * (data.block_size if data.kind == "text" else 1)
     slow_down = 1.0 / cfg.speeds(world_size)[rank] - 1.0  # extra seconds per second of compute
-    aware = getattr(algo, "compute_aware", False)  # may sit out iterations (DiLoCo's budget="speed")
     algo_dir = run_dir / variant.folder
     if rank == 0:  # the ring the emulator charged (--ring auto: measured at start-up), for lowband simulate
         algo_dir.mkdir(parents=True, exist_ok=True)
@@ -137,7 +136,7 @@ def train_one(cfg: TrainConfig, variant: Variant, data: Dataset, network: Networ
         for step in range(start + 1, cfg.steps + 1):
             comm.ledger.step = step  # ledger records carry the step that issued them
             started, waited = time.perf_counter(), comm.wait_seconds
-            if aware and not algo.wants_compute():
+            if not algo.wants_compute():  # DiLoCo's budget="speed" may sit out iterations
                 algo.idle()  # past this round's budget: no batch, no compute; syncs at the round's end
                 loss = None
             else:
@@ -150,7 +149,7 @@ def train_one(cfg: TrainConfig, variant: Variant, data: Dataset, network: Networ
             elapsed, comm_s = time.perf_counter() - started, comm.wait_seconds - waited
             clock += elapsed
             shown = shown if loss is None else loss.item()
-            worked = algo.step_count if aware else step  # inner steps this rank took
+            worked = algo.step_count if algo.compute_aware else step  # inner steps this rank took
             row = step_row(step, None if loss is None else shown, worked * tokens_per_step, comm.ledger,
                            elapsed, comm_s, clock, scheduler.get_last_lr()[0])
             if step % cfg.eval_every == 0 or step == cfg.steps:
@@ -183,9 +182,7 @@ def compute_step(algo: Algorithm, model: nn.Module, batch: Batch, poison: Any, s
     _, loss = model(x, y)
     loss.backward()
     slow(slow_down * (time.perf_counter() - started))
-    record = getattr(algo, "record_compute", None)  # compute-aware budgets time the ranks' steps
-    if record is not None:
-        record(time.perf_counter() - started)
+    algo.record_compute(time.perf_counter() - started)  # compute-aware budgets time the ranks' steps
     algo.step()
     return loss
 
