@@ -48,7 +48,7 @@ from typing import Any, Callable, Sequence
 import torch
 import torch.distributed as dist
 
-from lowband.comm.aggregate import Aggregator, PendingMean
+from lowband.comm.aggregate import Aggregator, PendingMean, _chunks, _write_back
 from lowband.comm.comm import Comm
 from lowband.fault import guards
 
@@ -163,15 +163,3 @@ def _flats(tensors: list[torch.Tensor]) -> list[tuple[torch.Tensor, list[torch.T
     for t in tensors:
         by_dtype[t.dtype].append(t)
     return [(torch.cat([t.reshape(-1) for t in members]), members) for members in by_dtype.values()]
-
-
-def _write_back(flat: torch.Tensor, members: list[torch.Tensor]) -> None:
-    offset = 0
-    for m in members:
-        m.copy_(flat[offset:offset + m.numel()].view_as(m))
-        offset += m.numel()
-
-
-def _chunks(flat: torch.Tensor, max_bytes: int) -> list[torch.Tensor]:
-    step = max(1, max_bytes // flat.element_size())
-    return [flat[i:i + step] for i in range(0, flat.numel(), step)]
