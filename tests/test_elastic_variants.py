@@ -18,7 +18,7 @@ from lowband.fault.elastic import ELASTIC_ALGORITHMS, check_elastic
 # 3 workers, H=5, no emulated link; a run's wall-clock is mostly the workers' start-up
 FLAGS = ["--elastic", "--workers", "3", "-H", "5", "--batch-size", "4", "--bandwidth", "none", "--latency", "none",
          "--eval-every", "10", "--eval-batches", "2", "--no-progress", "--elastic-timeout", "10"]
-ALGOS = {"streaming-diloco": "streaming-diloco:fragments=2", "eager-diloco": "eager-diloco",
+ALGOS = {"diloco": "diloco", "streaming-diloco": "streaming-diloco:fragments=2", "eager-diloco": "eager-diloco",
          "delayed-diloco": "delayed-diloco", "co2": "co2", "gossip": "gossip:quorum_every=5"}
 FOLDERS = {"streaming-diloco": "streaming-diloco-fragments=2", "gossip": "gossip-quorum_every=5"}
 
@@ -50,7 +50,7 @@ def _final_loss(algo_dir: Path, replica: int) -> float:
 
 
 def test_every_local_update_variant_and_gossip_is_elastic_with_one_line_refusals() -> None:
-    assert set(ALGOS) | {"diloco", "localsgd"} == set(ELASTIC_ALGORITHMS)
+    assert set(ALGOS) | {"localsgd"} == set(ELASTIC_ALGORITHMS)
     for spec in ALGOS.values():
         check_elastic([spec], 3, 2)
     for spec, message in (("noloco", "not noloco"), ("co2:asynchronous=false", "asynchronous=true only"),
@@ -75,15 +75,36 @@ def _check_kill(out: str, algo_dir: Path, algo: str, steps: int) -> None:
         assert _fingerprints(algo_dir, 0) == _fingerprints(algo_dir, 2)
 
 
-@pytest.mark.parametrize("algo, fault", [
-    ("streaming-diloco", "kill:rank=1,step=8,at=sync"),  # after a quorum, before the due average's wait
-    ("eager-diloco", "kill:rank=1,step=12"),  # between quorum points: an average is in flight
-    ("gossip", "kill:rank=1,step=12"),  # mid-way between quorum points: exchanges fail, then the ring is rebuilt
+def _slowest_step(algo_dir: Path, replicas: tuple[int, ...]) -> float:
+    return max(r["compute_s"] + r["comm_s"] for i in replicas for r in _rows(algo_dir / f"rank{i}.jsonl"))
+
+
+@pytest.mark.parametrize("algo, fault, workers", [
+    ("streaming-diloco", "kill:rank=1,step=8,at=sync", "3"),  # after a quorum, before the due average's wait
+    ("eager-diloco", "kill:rank=1,step=12", "3"),  # between quorum points: an average is in flight
+    # mid-way between quorum points: exchanges fail; rank 3's neighbours (0 and 2) stop exchanging
+    # with it, it gives up through the store at once (not after --elastic-timeout), the ring is rebuilt
+    ("gossip", "kill:rank=1,step=12", "4"),
 ])
-def test_kill_a_worker_the_survivors_drain_and_agree(tmp_path: Path, algo: str, fault: str) -> None:
-    out, algo_dir = _train(tmp_path, algo, "kill", "--steps", "30", "--min-workers", "2", fault=fault)
+def test_kill_a_worker_the_survivors_drain_and_agree(tmp_path: Path, algo: str, fault: str, workers: str) -> None:
+    out, algo_dir = _train(tmp_path, algo, "kill", "--steps", "30", "--min-workers", "2", "--workers", workers,
+                           fault=fault)
     _check_kill(out, algo_dir, algo, 30)
     assert _final_loss(algo_dir, 0) < 3.6  # ln(vocab) ~ 4.2 at the start: it trained
+    assert _slowest_step(algo_dir, (0, 2)) < 8.0  # --elastic-timeout is 10
+
+
+def test_a_rank_blocked_on_a_live_peer_gives_up_through_the_store(tmp_path: Path) -> None:
+    """4 workers: replica 2 dies after the quorum of the outer step at step 10, before the
+    all-reduce. Its ring neighbours fail at once; rank 0 waits on a live peer, which gloo
+    would let it do for the whole --elastic-timeout (30 s here): it sees the service's
+    decision in the store and gives up within a poll. The redone round is bit-identical."""
+    out, algo_dir = _train(tmp_path, "diloco", "stall", "--steps", "20", "--min-workers", "2", "--workers", "4",
+                           "--elastic-timeout", "30", fault="kill:rank=2,step=8,at=sync")
+    assert "replica 2.0 left: killed by signal 9" in out
+    assert any(e["event"] == "redo" for e in _rows(algo_dir / "events.jsonl"))
+    assert _fingerprints(algo_dir, 0) == _fingerprints(algo_dir, 1) == _fingerprints(algo_dir, 3)
+    assert _slowest_step(algo_dir, (0, 1, 3)) < 15.0  # gloo's timeout would make it > 30 s
 
 
 @pytest.mark.slow

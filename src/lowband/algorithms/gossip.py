@@ -49,6 +49,7 @@ import torch
 
 from lowband.algorithms.base import ALGORITHMS, Algorithm, Options, consensus_distance, flatten, unflatten_into
 from lowband.comm import Comm
+from lowband.comm.comm import Handle
 
 
 # ----------------------------------------------------------------------------- topologies
@@ -106,14 +107,20 @@ def metropolis_weights(neighbours: list[list[int]]) -> torch.Tensor:
 
 @torch.no_grad()
 def mix(comm: Comm, flat: torch.Tensor, neighbours: list[list[int]], weights: torch.Tensor,
-        tag: str = "gossip") -> torch.Tensor:
+        tag: str = "gossip", wait: Callable[[Handle], None] | None = None) -> torch.Tensor:
     """One gossip step on this rank's 1-D ``flat`` (any dtype), in place:
-    flat <- W_ii flat + sum_j W_ij flat_j, one neighbour exchange; returns ``flat``."""
+    flat <- W_ii flat + sum_j W_ij flat_j, one neighbour exchange; returns ``flat``.
+    ``wait``: how to wait for the exchange (an elastic run gives up early when a peer failed)."""
     peers = neighbours[comm.rank]
     if not peers:
         return flat
     recvs = {j: torch.empty_like(flat) for j in peers}
-    comm.sendrecv({j: flat for j in peers}, recvs, tag=tag)
+    if wait is None:
+        comm.sendrecv({j: flat for j in peers}, recvs, tag=tag)
+    else:
+        handle = comm.sendrecv({j: flat for j in peers}, recvs, async_op=True, tag=tag)
+        assert isinstance(handle, Handle)
+        wait(handle)
     row = weights[comm.rank].tolist()
     flat.mul_(row[comm.rank])
     for j in peers:  # sorted: the same order of additions on every run
@@ -176,12 +183,12 @@ class Gossip(Algorithm):
             self.gossip()
 
     @torch.no_grad()
-    def gossip(self) -> None:
+    def gossip(self, wait: Callable[[Handle], None] | None = None) -> None:
         """x_i <- sum_j W_ij x_j over this rank and its neighbours (nothing without neighbours)."""
         self.gossip_steps += 1
         if not self.peers:
             return
-        flat = mix(self.comm, self._flat(), self.neighbours, self.weights)
+        flat = mix(self.comm, self._flat(), self.neighbours, self.weights, wait=wait)
         unflatten_into(flat, self.params)
 
     @torch.no_grad()

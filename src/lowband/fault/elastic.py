@@ -21,14 +21,14 @@ registered in :data:`ELASTIC` under the algorithm's name. At every outer step, o
    if every member succeeded. Otherwise nothing was applied (the compressor/feedback state is
    restored too) and the round is redone with a new quorum.
 
-Fault injection (tests and benchmarks) comes from ``LOWBAND_FAULT``, faults separated by
-``;``: ``kill:rank=1,step=30`` (SIGKILL at the start of step 30), ``kill:rank=1,step=30,at=sync``
-(at the first outer step from step 30 on, after the quorum, before the all-reduce),
-``at=commit`` (after the all-reduce, before voting), ``hang:rank=1,step=30,seconds=20``,
-``corrupt:rank=2`` (the next state replica 2 receives has one byte flipped). ``rank`` is the
-replica id (a worker's rank at the start); kills and hangs apply to a replica's first
-incarnation unless ``incarnation=I`` names another (its I-th restart), so a restarted worker
-does not die again by accident.
+A member that fails in a collective sets ``abort/<quorum>`` in the store; members still
+blocked in it (gloo would make a rank waiting on a *live* peer wait for its full timeout:
+closing a group's sockets does not wake it) poll that key and ``commit/<quorum>`` (set at
+once by the service when a member's process exits) every 50 ms, and give up: their blocked
+communication and aggregation threads are left to fail on their own and fresh ones take
+over (:meth:`ElasticSync._abandon`).
+
+Fault injection (``LOWBAND_FAULT``) lives in :mod:`lowband.fault.injection`.
 """
 
 from __future__ import annotations
@@ -37,28 +37,30 @@ import copy
 import hashlib
 import io
 import logging
-import os
-import signal
 import time
 import zlib
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Callable, Sequence
 
 import torch
 
 from lowband.comm import group
-from lowband.fault.quorum import Decision, QuorumClient
+from lowband.fault.injection import Fault, FaultPlan, parse_faults  # noqa: F401  (re-exported)
+from lowband.fault.quorum import Decision, QuorumClient, replica_of
 from lowband.feedback import FEEDBACK
 from lowband.net.link import Network
 from lowband.registry import Registry, build, parse_spec
 
-FAULT_KINDS = ("kill", "hang", "corrupt")
-FAULT_POINTS = ("step", "sync", "commit")
+STORE_POLL_S = 0.05  # while a collective runs: how often the store is asked whether a member failed
 log = logging.getLogger("lowband.fault.elastic")
 
 
 class StateChecksumError(RuntimeError):
     """A transferred state did not match its checksum: it is refused, the attempt is skipped."""
+
+
+class CollectiveAbandoned(RuntimeError):
+    """A member of this quorum failed: its collective is given up instead of waiting for gloo's timeout."""
 
 
 def check_elastic(algos: Sequence[str], workers: int, min_workers: int) -> None:
@@ -81,59 +83,6 @@ def check_elastic(algos: Sequence[str], workers: int, min_workers: int) -> None:
         raise ValueError("--elastic runs one algorithm at a time: give one --algo (and one --compress/--feedback)")
     if not 1 <= min_workers <= workers:
         raise ValueError(f"--min-workers must be in [1, --workers={workers}], got {min_workers}")
-
-
-# -- fault injection ----------------------------------------------------------------------------
-@dataclass(frozen=True)
-class Fault:
-    kind: str
-    replica: int
-    step: int = 0
-    at: str = "step"
-    seconds: float = 30.0
-    incarnation: int = 0  # kills and hangs: the incarnation they apply to (0: the first start)
-
-
-def parse_faults(text: str) -> tuple[Fault, ...]:
-    """``"kill:rank=1,step=30;corrupt:rank=2"`` -> faults; bad input raises one line."""
-    faults = []
-    for part in filter(None, (p.strip() for p in text.split(";"))):
-        kind, _, rest = part.partition(":")
-        opts = dict(kv.split("=", 1) for kv in rest.split(",") if kv)
-        if kind not in FAULT_KINDS or "rank" not in opts or opts.get("at", "step") not in FAULT_POINTS:
-            raise ValueError(f"bad LOWBAND_FAULT {part!r}: use kill|hang|corrupt:rank=R[,step=S][,at=step|sync|commit]"
-                             "[,seconds=T][,incarnation=I]")
-        faults.append(Fault(kind, int(opts["rank"]), int(opts.get("step", 0)), opts.get("at", "step"),
-                            float(opts.get("seconds", 30.0)), int(opts.get("incarnation", 0))))
-    return tuple(faults)
-
-
-@dataclass
-class FaultPlan:
-    """The faults that apply to this process (replica, incarnation)."""
-
-    faults: list[Fault] = field(default_factory=list)
-
-    @classmethod
-    def from_env(cls, replica: int, incarnation: int) -> "FaultPlan":
-        faults = parse_faults(os.environ.get("LOWBAND_FAULT", ""))
-        return cls([f for f in faults if f.replica == replica and (f.kind == "corrupt" or incarnation == f.incarnation)])
-
-    def trigger(self, point: str, step: int) -> None:
-        """Kill or hang here if a fault says so (``point``: step, sync or commit)."""
-        for fault in list(self.faults):
-            if fault.kind in ("kill", "hang") and fault.at == point and step >= fault.step:
-                self.faults.remove(fault)
-                if fault.kind == "kill":
-                    log.warning("fault injection: SIGKILL at step %d (%s)", step, point)
-                    os.kill(os.getpid(), signal.SIGKILL)
-                time.sleep(fault.seconds)
-
-    def corrupt(self, payload: torch.Tensor) -> None:
-        for fault in list(self.faults):
-            if fault.kind == "corrupt":
-                self.faults.remove(fault)
-                payload[len(payload) // 2] ^= 0xFF
 
 
 # -- state transfer -----------------------------------------------------------------------------
@@ -226,9 +175,9 @@ class ElasticSync:
                     work = self._attempt(d)
             except Exception as err:  # a peer died or hung mid-collective, or the state was refused
                 ok = False
+                self.store.set(f"abort/{d.number}", self.client.token)  # members still in a collective stop
                 self._abandon()
-                group.shutdown()  # close our side now: peers still blocked in the collective fail at once
-                self.comm.close()  # ops of this attempt still queued fail without a group
+                group.shutdown()
                 self.epoch = 0
                 self._charge(time.perf_counter() - started - (self.comm.wait_seconds - waited))
                 log.warning("replica %s, quorum %d (round %d attempt %d): %s: %s", self.client.token, d.number,
@@ -255,7 +204,38 @@ class ElasticSync:
         """Before the group is rebuilt: nothing here (DiLoCo has nothing in flight between rounds)."""
 
     def _abandon(self) -> None:
-        """An attempt failed: settle any background work before the group is torn down."""
+        """Stop waiting for the group about to be torn down. Its collectives may block on a live peer
+        until gloo's timeout (closing our side does not wake them): the communication and
+        aggregation threads are left to fail on their own (nothing reads their results) and fresh
+        ones take over; the aggregator's state is set again by the rollback."""
+        pool, self.comm._pool = self.comm._pool, None  # Comm.close() would wait for the blocked op
+        if pool is not None:
+            pool.shutdown(wait=False, cancel_futures=True)
+        old = getattr(self.algo, "aggregator", None)
+        if old is not None:
+            fresh = self.algo.build_aggregator(old.tag)
+            fresh.compressor.for_rank(replica_of(self.client.token))
+            fresh.load_state_dict(copy.deepcopy(old.state_dict()))  # rollback or preflight sets it again
+            self.algo.aggregator = fresh
+
+    def _wait(self, done: Callable[[], bool], keys: Sequence[str]) -> None:
+        """Block until ``done()``; raise :class:`CollectiveAbandoned` as soon as one of ``keys`` is in the
+        store (a member failed, or the service decided the quorum: the collective cannot complete)."""
+        started, checked = time.perf_counter(), 0.0
+        try:
+            while not done():
+                now = time.perf_counter()
+                if now - checked >= STORE_POLL_S:
+                    checked = now
+                    found = [k for k in keys if self.store.check([k])]
+                    if found:
+                        raise CollectiveAbandoned(f"{found[0]} is set: a member failed, the collective is abandoned")
+                time.sleep(0.002)
+        finally:
+            self.comm.account_wait(time.perf_counter() - started)
+
+    def _abort_keys(self, d: Decision) -> tuple[str, ...]:
+        return f"abort/{d.number}", f"commit/{d.number}"
 
     def _snapshot(self) -> Any:
         return copy.deepcopy(self.algo.aggregator.state_dict())
@@ -300,7 +280,9 @@ class ElasticSync:
                 delta.zero_()
             elif scale != 1.0:
                 delta.mul_(scale)
-        self.algo.aggregator.mean_(deltas)
+        pending = self.algo.aggregator.mean_async(deltas)
+        self._wait(pending.done, self._abort_keys(d))
+        pending.wait()  # raises the collective's own error, if any
         if refused is not None:
             raise refused  # this member votes to skip: the round is redone, the state sent again
         return deltas
@@ -316,16 +298,21 @@ class ElasticSync:
         if token == source:
             payload, crc = pack_state(self.shared_state())
             header[0], header[1] = payload.numel(), crc
-        self.comm.broadcast(header, src=src, tag="elastic.header")
+        self._broadcast(header, src, "elastic.header", d)
         if token != source:
             payload = torch.empty(int(header[0]), dtype=torch.uint8)
-        self.comm.broadcast(payload, src=src, tag="elastic.state")
+        self._broadcast(payload, src, "elastic.state", d)
         if token in d.joiners:
             self.faults.corrupt(payload)
             self.load_shared_state(unpack_state(payload, int(header[1])))
         elif token != source and token in (receivers or ()):
             self.adopt(unpack_state(payload, int(header[1])))
         self.elastic_s += time.perf_counter() - started  # the broadcasts' waits are charged by Comm
+
+    def _broadcast(self, tensor: torch.Tensor, src: int, tag: str, d: Decision) -> None:
+        handle = self.comm.broadcast(tensor, src=src, async_op=True, tag=tag)
+        self._wait(handle.done, self._abort_keys(d))
+        handle.wait()
 
     def shared_state(self) -> dict[str, Any]:
         """What a joiner needs: everything the holders agree on, plus the loop's position."""

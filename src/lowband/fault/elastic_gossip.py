@@ -6,8 +6,9 @@ Gossip has no global model: each rank mixes its parameters with its neighbours' 
 
 1. **exchange**: as without ``--elastic`` (``Gossip.gossip``). If a neighbour exchange fails
    (a neighbour died: gloo raises "connection closed by peer"), this rank skips that mixing
-   step, tears its side of the group down (so its other neighbours fail at their next
-   exchange instead of waiting for gloo's timeout) and trains alone until the next quorum
+   step, sets ``broken/<epoch>`` in the store (ranks blocked in an exchange with it poll that
+   key and give up within 50 ms instead of waiting for gloo's timeout: closing a group's
+   sockets does not wake them), leaves the group and trains alone until the next quorum
    point. A rank whose exchange succeeded keeps the mix: models need not agree in gossip, so
    a one-sided mix is no harm (each side's mixing row still sums to one);
 2. **quorum point** every ``quorum_every`` steps (``GossipOptions``, default 10; every
@@ -75,14 +76,20 @@ class GossipSync(ElasticSync):
             a.gossip_steps += 1  # trains alone until the next quorum
             return
         try:
-            a.gossip()
+            a.gossip(wait=self._wait_exchange)
         except Exception as err:  # noqa: BLE001 - a neighbour died or hung: skip this mix
             log.warning("replica %s, step %d: gossip exchange failed (%s): training alone until the next quorum",
                         self.client.token, self.loop.step, str(err).splitlines()[0] if str(err) else type(err))
+            self.store.set(f"broken/{self.epoch}", self.client.token)  # its neighbours stop waiting for it
             self.broken = True
-            group.shutdown()  # its other neighbours fail at once instead of waiting for gloo's timeout
-            self.comm.close()
+            self._abandon()
+            group.shutdown()
             self.epoch = 0
+
+    def _wait_exchange(self, handle: Any) -> None:
+        """Wait for this step's neighbour exchange; give up when a member of the group broke."""
+        self._wait(handle.done, (f"broken/{self.epoch}",))
+        handle.wait()
 
     def finish(self) -> None:
         """Step 4: a last quorum, then the final merge over its members."""

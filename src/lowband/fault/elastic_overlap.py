@@ -74,7 +74,11 @@ class DrainingSync(ElasticSync):
         raise NotImplementedError
 
     def _settle(self) -> None:
-        """Wait for everything in flight, failed or not (a failure is the drain's business)."""
+        """Collect everything in flight, arrived or failed (a failure is the drain's business)."""
+        raise NotImplementedError
+
+    def _done(self) -> bool:
+        """Nothing in flight is still running."""
         raise NotImplementedError
 
     def _drop(self) -> list[torch.Tensor] | None:
@@ -91,8 +95,11 @@ class DrainingSync(ElasticSync):
         if self.steady:
             return
         started = time.perf_counter()
-        self._settle()
         if self._has_flight():
+            if self._done():
+                self._settle()  # arrived or failed: either way dropped below
+            else:  # blocked on the old group (a member died): left behind, not waited for
+                self._abandon()
             lost = self._drop()
             if lost is not None:
                 self.lost = lost if self.lost is None else [a + b for a, b in zip(self.lost, lost)]
@@ -100,9 +107,6 @@ class DrainingSync(ElasticSync):
                 self.algo.aggregator.load_state_dict(self.preflight)
             self.preflight = None
         self.elastic_s += time.perf_counter() - started
-
-    def _abandon(self) -> None:
-        self._settle()  # nothing may still run on the group about to be torn down
 
     def _drain_gradients(self) -> Named:
         """theta_g - x_i (+ lost): every bit of own progress not yet in theta_g (fresh tensors)."""
@@ -160,14 +164,20 @@ class OverlapSync(DrainingSync):
                 log.info("replica %s: average in flight failed (%s): dropped", self.client.token, err)
             a._pending = None
 
+    def _done(self) -> bool:
+        return self.algo._pending is None or self.algo._pending.done()
+
     def _drop(self) -> list[torch.Tensor] | None:
-        self.algo.in_flight = None
+        self.algo.in_flight, self.algo._pending = None, None
         return None  # delayed: r_i = theta_g - (own progress in flight), so theta_g - x_i has it
 
     def _attempt(self, d: Decision) -> Any:
         if not self.steady:
             return self._drain(d)
         self.faults.trigger("sync", self.loop.step)
+        pending = self.algo._pending
+        if pending is not None:
+            self._wait(pending.done, self._abort_keys(d))
         self.algo.wait_in_flight()  # raises if the average failed here: this member votes to skip
         return True
 
@@ -197,7 +207,7 @@ class EagerSync(OverlapSync):
 
     def _drop(self) -> list[torch.Tensor] | None:
         a = self.algo
-        a.in_flight = None
+        a.in_flight, a._pending = None, None
         own, a.own_outer_gradients = a.own_outer_gradients, None
         if own is None or self.flight_world == 1:
             return None
@@ -229,7 +239,7 @@ class CO2Sync(OverlapSync):
         self.own = [g - p for p, g in zip(a.params, a.global_params)]
 
     def _drop(self) -> list[torch.Tensor] | None:
-        self.algo.in_flight = None
+        self.algo.in_flight, self.algo._pending = None, None
         own, self.own = self.own, None
         return own
 
@@ -282,6 +292,9 @@ class StreamingSync(DrainingSync):
                 log.info("replica %s: fragment %d in flight failed (%s): dropped", self.client.token, p, err)
             flight.pending = None
 
+    def _done(self) -> bool:
+        return all(f.pending is None or f.pending.done() for f in self.algo.in_flight.values())
+
     def _drop(self) -> list[torch.Tensor] | None:
         self.algo.in_flight = {}
         return None  # x_i is mixed only on arrival: theta_g - x_i still has the progress
@@ -296,7 +309,10 @@ class StreamingSync(DrainingSync):
             return self._drain(d)
         self.faults.trigger("sync", self.loop.step)
         for p in self._due():
-            self.algo.in_flight[p].wait()  # raises if it failed here: this member votes to skip
+            flight = self.algo.in_flight[p]
+            if flight.pending is not None:
+                self._wait(flight.pending.done, self._abort_keys(d))
+            flight.wait()  # raises if it failed here: this member votes to skip
         return True
 
     def _steady_apply(self) -> None:
