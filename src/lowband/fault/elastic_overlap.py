@@ -49,6 +49,7 @@ from typing import Any
 
 import torch
 
+from lowband.algorithms.diloco import DiLoCo
 from lowband.fault.elastic import ELASTIC, ElasticSync
 from lowband.fault.quorum import Decision
 
@@ -325,14 +326,9 @@ class StreamingSync(DrainingSync):
     def _land(self, deltas: Named) -> None:
         """Every fragment's outer step at once (the outer optimizer's state is per parameter)."""
         a = self.algo
-        for g, (_, d) in zip(a.global_params, deltas):
-            g.grad = d
-        a.outer_optimizer.step()
-        a.outer_optimizer.zero_grad(set_to_none=True)
-        for p, g in zip(a.params, a.global_params):
-            p.copy_(g)
+        DiLoCo.apply_outer(a, deltas)  # one outer step over every parameter (counts 1)
         a.fragment_outer_steps = [n + 1 for n in a.fragment_outer_steps]
-        a.outer_steps += len(a.fragments)
+        a.outer_steps += len(a.fragments) - 1
 
 
 ELASTIC.register("delayed-diloco")(OverlapSync)
