@@ -345,7 +345,7 @@ def build_parser(prog: str = "lowband train") -> argparse.ArgumentParser:
                    help="start every algorithm from a saved model (fine-tuning): a checkpoint file, or an algorithm "
                         "folder of a run trained with --checkpoint-every (its last complete checkpoint)")
     p.add_argument("--elastic", action="store_true",
-                   help="elastic membership (diloco, localsgd): survivors go on when workers die or hang, "
+                   help="elastic membership (the DiLoCo family, localsgd, gossip): survivors go on when workers die or hang, "
                         "restarted workers join at the next outer step (docs/elastic.md)")
     p.add_argument("--min-workers", type=int, default=d.min_workers,
                    help="--elastic: stop with an error when fewer workers are left")
