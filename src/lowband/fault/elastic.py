@@ -347,10 +347,7 @@ class ElasticSync:
     @torch.no_grad()
     def fingerprint(self) -> str:
         """SHA-256 (first 16 hex digits) of the global model: equal on every member after a commit."""
-        digest = hashlib.sha256()
-        for g in self.algo.global_params:
-            digest.update(g.detach().contiguous().numpy().tobytes())
-        return digest.hexdigest()[:16]
+        return digest_of(self.algo.global_params)
 
     def _charge(self, seconds: float) -> None:
         self.elastic_s += seconds
@@ -366,6 +363,14 @@ class ElasticSync:
             self.on_event({"event": "join", "replica": token, **base})
         if d.attempt:
             self.on_event({"event": "redo", "replica": None, **base})
+
+
+def digest_of(tensors: list[torch.Tensor]) -> str:
+    """SHA-256 (first 16 hex digits) of ``tensors``' bytes, in order."""
+    digest = hashlib.sha256()
+    for t in tensors:
+        digest.update(t.detach().contiguous().numpy().tobytes())
+    return digest.hexdigest()[:16]
 
 
 ELASTIC: Registry[type[ElasticSync]] = Registry("elastic algorithm")

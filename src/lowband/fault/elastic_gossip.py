@@ -32,14 +32,13 @@ rebuild.
 
 from __future__ import annotations
 
-import hashlib
 import logging
 from typing import Any
 
 import torch
 
 from lowband.comm import group
-from lowband.fault.elastic import ELASTIC, ElasticSync
+from lowband.fault.elastic import ELASTIC, ElasticSync, digest_of
 from lowband.fault.quorum import Decision
 
 log = logging.getLogger("lowband.fault.elastic")
@@ -142,10 +141,7 @@ class GossipSync(ElasticSync):
     @torch.no_grad()
     def fingerprint(self) -> str:
         """SHA-256 (first 16 hex digits) of this rank's model (gossip's models differ per rank)."""
-        digest = hashlib.sha256()
-        for p in self.algo.params:
-            digest.update(p.detach().contiguous().numpy().tobytes())
-        return digest.hexdigest()[:16]
+        return digest_of(self.algo.params)
 
 
 ELASTIC.register("gossip")(GossipSync)
