@@ -16,24 +16,29 @@ One command regenerates every number and figure of the page::
 4. the page: both sweeps' reports (tables and figures, copied to ``docs/case-study/``) and
    the projection table.
 
-Both sweeps are ``lowband bench`` sweeps under ``--out`` (default ``runs``): resumable, so a
-stopped run continues where it stopped when the command is run again. Seed 0 of both sweeps
-runs first, then seed 1, so a study stopped half-way already has a complete single-seed page.
-The whole study is about 8 hours of compute on 2 cores (most of it the methods that send the
-whole model every step over 10 Mbit/s); ``--write-only`` rebuilds the page from what has finished, and
-says what has not. ``--quick`` runs a 2-network, 1-seed, few-step version into
-``case-study-quick`` (a smoke test; its page goes to the output folder, not to docs/).
+Both sweeps are ``lowband bench`` sweeps under ``--out`` (default ``runs``), run one cell
+(network and seed) at a time: seed 0 of both sweeps first, then seed 1, so a study stopped
+half-way already has a complete single-seed page. Each finished cell is packed into
+``docs/case-study/data/<sweep>/<cell>.tar.xz`` (what each run measured; not its rendered report) and
+committed with the page: the command first unpacks them, so it reruns only what is missing
+(``--fresh`` measures everything again). The whole study is about 10 hours on 2 cores (most
+of it the methods that send the whole model every step over 10 Mbit/s). ``--write-only``
+rebuilds the page from what has finished, and says what has not. ``--quick`` runs a
+2-network, 1-seed, few-step version into ``case-study-quick`` (a smoke test; its page goes
+to the output folder, not to docs/, and nothing is packed).
 """
 
 from __future__ import annotations
 
 import argparse
 import dataclasses
+import json
 import re
 import shutil
 import sys
+import tarfile
 from pathlib import Path
-from typing import Sequence
+from typing import Any, Sequence
 
 from lowband.bench.simulation import load_traces, make_target
 from lowband.bench.summary import load_run
@@ -55,8 +60,11 @@ EVERY = (
 )
 CONTENDERS = (Entry("ddp"), Entry("ddp", POWERSGD, "ef"), Entry("diloco"), Entry("streaming-diloco"),
               Entry("dion"), Entry(peer="torch-powersgd"), Entry(peer="torchft-diloco"))
+PAIRS = (("ddp", "torch-ddp"), ("ddp+fp16", "torch-fp16"), (f"ddp+{POWERSGD}+ef", "torch-powersgd"),
+         ("localsgd", "torch-postlocal"), ("diloco", "torchft-diloco"), ("streaming-diloco", "torchft-streaming"))
 PROJECTION = {"workers": 1024, "bandwidth": "1gbit", "latency": "50ms", "params": 1e9}
 DOCS = Path(__file__).resolve().parent.parent / "docs"
+DATA = DOCS / "case-study" / "data"  # the measured runs, one .tar.xz per cell, committed with the page
 
 
 def sweeps(args: argparse.Namespace) -> list[SweepSpec]:
@@ -70,6 +78,95 @@ def sweeps(args: argparse.Namespace) -> list[SweepSpec]:
                       entries=CONTENDERS, seeds=(0, 1), steps=args.large_steps,
                       train=(("eval_batches", 4), ("eval_every", max(1, args.large_steps // 5))))
     return [small, large]
+
+
+def restore(specs: list[SweepSpec], out: Path) -> int:
+    """Unpack the committed units missing from ``out``: a fresh clone resumes where the study stopped."""
+    restored = 0
+    for spec in specs:
+        for archive in sorted((DATA / spec.name).glob("*.tar.xz")):
+            with tarfile.open(archive) as tar:
+                members = tar.getmembers()
+                for unit in sorted({Path(*Path(m.name).parts[:2]) for m in members if len(Path(m.name).parts) > 2}):
+                    folder = out / spec.name / unit
+                    if (folder / "done.json").is_file():
+                        continue
+                    shutil.rmtree(folder, ignore_errors=True)  # a partial attempt
+                    tar.extractall(out / spec.name, [m for m in members if Path(m.name).is_relative_to(unit)],
+                                   filter="data")
+                    restored += 1
+    return restored
+
+
+def archive(specs: list[SweepSpec], out: Path) -> list[Path]:
+    """Pack every cell's finished units (their measurements, not the rendered reports) into ``DATA``; returns the archives (re)written."""
+    written = []
+    for spec in specs:
+        sweep_dir = out / spec.name
+        for cell in sorted(p for p in sweep_dir.glob("*") if p.is_dir()):
+            units = sorted(u.name for u in cell.iterdir() if (u / "done.json").is_file())
+            target = DATA / spec.name / f"{cell.name}.tar.xz"
+            if not units or (target.is_file() and _packed(target) == units):
+                continue
+            target.parent.mkdir(parents=True, exist_ok=True)
+            with tarfile.open(target.with_suffix(".part"), "w:xz") as tar:
+                for unit in units:
+                    tar.add(cell / unit, f"{cell.name}/{unit}", filter=_measured)
+            target.with_suffix(".part").replace(target)
+            written.append(target)
+    return written
+
+
+def _measured(member: tarfile.TarInfo) -> tarfile.TarInfo | None:
+    """What a run measured (its jsonl logs and json records), not what is rendered from them."""
+    return member if member.isdir() or member.name.endswith((".json", ".jsonl")) else None
+
+
+def _packed(target: Path) -> list[str]:
+    with tarfile.open(target) as tar:
+        return sorted({Path(m.name).parts[1] for m in tar.getmembers() if len(Path(m.name).parts) > 1})
+
+
+def _seconds(stats: dict[str, Any]) -> str:
+    return "not reached" if stats["mean"] is None else f"{stats['mean']:.0f} s"
+
+
+def _bytes(stats: dict[str, Any]) -> str:
+    return "-" if stats["mean"] is None else format_bytes(stats["mean"])
+
+
+def glance(groups: list[dict[str, Any]]) -> list[str]:
+    """Markdown lines: per network, DDP's time to target, the fastest method and the most frugal one."""
+    lines = ["| network | target loss | ddp: time to target | fastest to target | fewest bytes to target |",
+             "|:---|---:|---:|:---|:---|"]
+    for g in groups:
+        rows = {r["entry"]: r for r in g["rows"]}
+        reached = [r for r in rows.values() if r["time_to_target_s"]["mean"] is not None]
+        fast = min(reached, key=lambda r: r["time_to_target_s"]["mean"], default=None)
+        frugal = min(reached, key=lambda r: r["bytes_to_target"]["mean"], default=None)
+        ddp = _seconds(rows["ddp"]["time_to_target_s"]) if "ddp" in rows else "-"
+        target = "-" if g["target_loss"] is None else f"{g['target_loss']:.3f}"
+        lines.append(f"| {g['bandwidth']} / {g['latency']} | {target} | {ddp} | "
+                     + ("-" if fast is None else f"{fast['entry']}: {_seconds(fast['time_to_target_s'])}"
+                        + ("" if fast["speedup"] is None else f" ({fast['speedup']:.1f}x ddp)"))
+                     + " | " + ("-" if frugal is None else f"{frugal['entry']}: {_bytes(frugal['bytes_to_target'])}")
+                     + " |")
+    return lines
+
+
+def against_peers(groups: list[dict[str, Any]]) -> list[str]:
+    """Markdown lines: each lowband method next to the peer library running the same algorithm."""
+    lines = ["| network | lowband | time to target | bytes to target | peer | time to target | bytes to target |",
+             "|:---|:---|---:|---:|:---|---:|---:|"]
+    for g in groups:
+        rows = {r["entry"]: r for r in g["rows"]}
+        for mine, peer in PAIRS:
+            if mine in rows and peer in rows:
+                a, b = rows[mine], rows[peer]
+                lines.append(f"| {g['bandwidth']} | {mine} | {_seconds(a['time_to_target_s'])} | "
+                             f"{_bytes(a['bytes_to_target'])} | {peer} | {_seconds(b['time_to_target_s'])} | "
+                             f"{_bytes(b['bytes_to_target'])} |")
+    return lines
 
 
 def projection(sweep_dir: Path) -> list[str]:
@@ -105,17 +202,25 @@ def write_page(specs: list[SweepSpec], args: argparse.Namespace) -> Path:
         if not (sweep_dir / "sweep.json").is_file():
             out += [f"## {spec.name}", "", "(not run yet)", ""]
             continue
+        seeds = sorted({int(c.name.rsplit("-s", 1)[1]) for c in sweep_dir.glob("*-s*")
+                        if any((u / "done.json").is_file() for u in c.iterdir())})
+        (sweep_dir / "sweep.json").write_text(json.dumps(dataclasses.replace(
+            spec, seeds=tuple(seeds) or spec.seeds).to_dict(), indent=1) + "\n")
         try:
             write_sweep_report(sweep_dir)
         except FileNotFoundError as err:
             out += [f"## {spec.name}", "", f"({err})", ""]
             continue
+        groups = json.loads((sweep_dir / "summary.json").read_text())
         text = (sweep_dir / "report.md").read_text()
         for png in sweep_dir.glob("*.png"):
             shutil.copy2(png, figures / f"{spec.name}_{png.name}")
         text = re.sub(r"\]\(([^)]+\.png)\)", lambda m: f"](case-study/{spec.name}_{m.group(1)})", text)
         text = text.replace("\n## ", "\n### ").replace("# lowband bench:", f"## {spec.tasks[0][0]}:", 1)
-        out += [text, ""]
+        head, rest = text.split("\n", 1)
+        out += [head, "", "### At a glance", "", *glance(groups), "",
+                "### lowband against the peer library running the same algorithm", "", *against_peers(groups),
+                "", rest, ""]
         if spec is specs[0]:
             out += ["## Projected to 1,024 workers and a 1B-parameter model", "",
                     "`lowband simulate` (docs/simulator.md) on each method's 100 Mbit/s run, seed 0, targeting "
@@ -132,18 +237,26 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--large-steps", type=int, default=50, help="steps of the 10.7M-parameter sweep (default 50)")
     parser.add_argument("--out", default="runs")
     parser.add_argument("--write-only", action="store_true", help="rebuild the page from finished runs")
+    parser.add_argument("--fresh", action="store_true",
+                        help=f"measure everything again (default: reuse the runs committed in {DATA.relative_to(DOCS.parent)})")
     parser.add_argument("--quick", action="store_true", help="a smoke test: 2 workers, 2 networks, 1 seed")
     args = parser.parse_args(argv)
     if args.quick:
         args.steps = min(args.steps, 8)
-    specs = sweeps(args)
+    specs, out = sweeps(args), Path(args.out)
+    if not (args.fresh or args.quick):
+        print(f"restored {restore(specs, out)} finished runs from {DATA}", file=sys.stderr)
     failed = 0
     if not args.write_only:
-        stages = sorted({spec.seeds[:i + 1] for spec in specs for i in range(len(spec.seeds))}, key=len)
-        for seeds in stages:  # seed 0 of every sweep first, then seed 1: a stopped study has a whole page
-            for spec in specs:
-                if spec.seeds[:len(seeds)] == seeds:
-                    failed += len(run_sweep(dataclasses.replace(spec, seeds=seeds), Path(args.out)).failed)
+        for seed in sorted({seed for spec in specs for seed in spec.seeds}):  # seed 0 of every sweep first
+            for spec in (s for s in specs if seed in s.seeds):
+                for network in spec.networks:  # one cell at a time, packed as soon as it has run
+                    cell = dataclasses.replace(spec, seeds=(seed,), networks=(network,))
+                    failed += len(run_sweep(cell, out).failed)
+                    if not args.quick:
+                        archive(specs, out)
+    elif not args.quick:
+        archive(specs, out)
     print(f"wrote {write_page(specs, args)}", file=sys.stderr)
     return 1 if failed else 0
 

@@ -98,3 +98,49 @@ def test_heterogeneous_benchmark_quick(tmp_path: Path) -> None:
     # speed budgets: the slow workers sit out part of each round, so fewer tokens than fixed work
     assert rows["diloco:budget=speed"]["tokens"] < rows["diloco"]["tokens"] == rows["ddp"]["tokens"]
     assert rows["ddp:hierarchical=true"]["final_val_loss"] == pytest.approx(rows["ddp"]["final_val_loss"], abs=1e-3)
+
+
+def _load(name: str):
+    spec = importlib.util.spec_from_file_location(f"benchmark_{name}", BENCHMARK.parent / f"{name}.py")
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def _row(entry: str, seconds: float | None, sent: float | None, speedup: float | None = None) -> dict:
+    return {"entry": entry, "time_to_target_s": {"mean": seconds, "sd": None},
+            "bytes_to_target": {"mean": sent, "sd": None}, "speedup": speedup}
+
+
+def test_case_study_summaries_pick_winners_and_pair_peers() -> None:
+    study = _load("case_study")
+    group = {"bandwidth": "10mbit", "latency": "50ms", "target_loss": 2.5, "rows": [
+        _row("ddp", 400.0, 9e8, 1.0), _row("diloco", 100.0, 5e7, 4.0), _row("dion", 150.0, 2e7, 2.7),
+        _row("gossip", None, None), _row("torchft-diloco", 120.0, 5e7, 3.3)]}
+    glance = "\n".join(study.glance([group]))
+    assert "| 10mbit / 50ms | 2.500 | 400 s | diloco: 100 s (4.0x ddp) | dion: 20.00 MB |" in glance, glance
+    peers = study.against_peers([group])
+    assert len(peers) == 3 and "| 10mbit | diloco | 100 s |" in peers[2] and "torchft-diloco | 120 s" in peers[2]
+
+
+def test_case_study_packs_measurements_and_a_fresh_clone_resumes_from_them(tmp_path: Path,
+                                                                          monkeypatch: pytest.MonkeyPatch) -> None:
+    study = _load("case_study")
+    monkeypatch.setattr(study, "DATA", tmp_path / "data")
+    spec = study.SweepSpec(name="cs", entries=(study.Entry("ddp"), study.Entry("diloco")))
+    cell = tmp_path / "runs" / "cs" / "gpt-shakespeare-w2-100mbit-20ms-s0"
+    for unit, done in (("ddp", True), ("diloco", False)):
+        (cell / unit / unit).mkdir(parents=True)
+        (cell / unit / unit / "rank0.jsonl").write_text('{"step": 1}\n')
+        (cell / unit / "train.log").write_text("text\n")
+        if done:
+            (cell / unit / "done.json").write_text("{}")
+    (packed,) = study.archive([spec], tmp_path / "runs")
+    assert packed == tmp_path / "data" / "cs" / f"{cell.name}.tar.xz"
+    assert study.archive([spec], tmp_path / "runs") == []  # unchanged: not rewritten
+    assert study.restore([spec], tmp_path / "clone") == 1
+    restored = tmp_path / "clone" / "cs" / cell.name
+    assert sorted(str(p.relative_to(restored)) for p in restored.rglob("*") if p.is_file()) == [
+        "ddp/ddp/rank0.jsonl", "ddp/done.json"]  # only finished units, only what was measured
+    assert study.restore([spec], tmp_path / "clone") == 0

@@ -130,6 +130,16 @@ def test_a_changed_config_is_run_again(tmp_path: Path) -> None:
     assert changed.folder == unit.folder and not changed.done()
 
 
+def test_a_moved_sweep_folder_stays_done(tmp_path: Path) -> None:
+    import shutil
+
+    (unit,) = spec().units(tmp_path / "here")[:1]
+    _fake_unit(unit, [3.0], 1.0, 1)
+    shutil.copytree(tmp_path / "here", tmp_path / "there")
+    (moved,) = spec().units(tmp_path / "there")[:1]
+    assert moved.folder != unit.folder and moved.done()
+
+
 def test_report_over_seeds_of_a_known_folder(tmp_path: Path) -> None:
     s = spec(SMALL.replace("seeds = [0, 1]", "seeds = [0, 1]\ntarget_loss = 2.6"))
     run_sweep(s, tmp_path, dry_run=True)  # writes sweep.json only

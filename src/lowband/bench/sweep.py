@@ -140,9 +140,10 @@ class Unit:
         if not marker.is_file():
             return False
         try:
-            return json.loads(marker.read_text()).get("config") == _jsonable(self.config.to_dict())
+            config = json.loads(marker.read_text()).get("config")
         except ValueError:
             return False
+        return isinstance(config, dict) and _placeless(config) == _placeless(_jsonable(self.config.to_dict()))
 
 
 @dataclass(frozen=True)
@@ -353,6 +354,11 @@ def _output_to(log: Path) -> Iterator[None]:
         os.dup2(saved[1], 2)
         os.close(saved[0])
         os.close(saved[1])
+
+
+def _placeless(config: dict[str, Any]) -> dict[str, Any]:
+    """A unit's configuration without where it was written: a moved sweep folder stays done."""
+    return {k: v for k, v in config.items() if k != "out"}
 
 
 def folder_name(label: str) -> str:
