@@ -14,7 +14,8 @@ from lowband.cli import main as cli_main
 from lowband.comm.ledger import Ledger, Record
 from lowband.net import cost
 from lowband.net.link import Link
-from lowband.net.simulate import RankLog, Target, Trace, build_trace, expected_max, simulate
+from lowband.net.schedule import RankLog, Trace, build_trace
+from lowband.net.simulate import Target, expected_max, simulate
 
 ALGOS = ("ddp", "diloco", "delayed-diloco")
 STEPS = 8

@@ -18,6 +18,7 @@ import torch
 pytest.importorskip("torchft")
 
 from lowband.bench.peers import torchft_diloco as peer  # noqa: E402
+from lowband.bench.peers.torchft_replica import model_fragments  # noqa: E402
 from lowband.bench.summary import load_run, summarize  # noqa: E402
 from lowband.net import cost  # noqa: E402
 from lowband.net.link import Link, Network  # noqa: E402
@@ -157,10 +158,10 @@ def test_options_are_checked_before_anything_starts(tmp_path: Path) -> None:
 
 def test_fragments_cover_every_parameter_once(tmp_path: Path) -> None:
     model = build_model(_cfg(tmp_path), load_dataset("shakespeare"))
-    fragments = peer.model_fragments(model, 4)
+    fragments = model_fragments(model, 4)
     got = [p for f in fragments for p in f.parameters()]
     assert len(fragments) == 4 and [id(p) for p in got] == [id(p) for p in model.parameters()]
-    assert peer.model_fragments(model, 1) == [model]
+    assert model_fragments(model, 1) == [model]
 
 
 def test_lighthouse_listens_on_loopback_and_is_always_stopped(tmp_path: Path) -> None:

@@ -17,7 +17,8 @@ from rich.table import Table
 
 from lowband.bench.summary import Run, _read_jsonl, load_run
 from lowband.net.link import Link, Network
-from lowband.net.simulate import Projection, RankLog, Target, Trace, build_trace, simulate
+from lowband.net.schedule import RankLog, Trace, build_trace
+from lowband.net.simulate import Projection, Target, simulate
 from lowband.net.units import format_bandwidth, format_bytes, parse_bandwidth, parse_latency, per_worker
 
 
