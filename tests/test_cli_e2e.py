@@ -3,13 +3,16 @@
 from __future__ import annotations
 
 import json
+import os
+import signal
+import time
 from pathlib import Path
 
 import pytest
 
 from lowband.cli import main as cli_main
 from lowband.train.config import TrainConfig
-from lowband.train.launch import WorkerFailed, launch
+from lowband.train.launch import Interrupted, WorkerFailed, launch
 from lowband.train.worker import main as worker_main
 
 
@@ -85,6 +88,21 @@ def crash_on_rank_one() -> None:
 def test_worker_crash_surfaces_rank_and_cause() -> None:
     with pytest.raises(WorkerFailed, match="worker rank 1 failed: RuntimeError: simulated crash"):
         launch(crash_on_rank_one, 2)
+
+
+def term_the_agent() -> None:
+    os.kill(os.getppid(), signal.SIGTERM)  # what `kill <pid of lowband>` does: the agent is the parent
+    time.sleep(60)
+
+
+def test_a_termination_signal_stops_the_caller_too() -> None:
+    """torchrun's agent turns SIGTERM into an Exception; launch re-raises it as one ``except Exception``
+    lets through, so a sweep stops rather than marking the run failed and starting the next."""
+    started = time.monotonic()
+    with pytest.raises(Interrupted, match="stopped by signal 15") as err:
+        launch(term_the_agent, 1)
+    assert err.value.sigval == signal.SIGTERM and not isinstance(err.value, Exception)
+    assert time.monotonic() - started < 50  # the worker was stopped, not waited for
 
 
 @pytest.mark.slow

@@ -175,6 +175,26 @@ def test_cli_flags_override_and_report_refuses_an_empty_sweep(tmp_path: Path, ca
     assert cli.main(["report", str(tmp_path / "flags")]) == 1
 
 
+def test_an_interrupt_stops_the_sweep_and_keeps_what_finished(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                              capsys) -> None:
+    from lowband.train import run as run_mod
+    from lowband.train.launch import Interrupted
+
+    started: list[str] = []
+
+    def stopped(cfg: Any) -> None:
+        started.append(str(cfg.name))
+        if len(started) == 2:
+            raise Interrupted(15)
+
+    monkeypatch.setattr(run_mod, "run", stopped)
+    args = ["bench", "--algo", "ddp;diloco", "--networks", "1gbit/1ms", "--seeds", "0", "--steps", "2",
+            "--out", str(tmp_path), "--name", "stop"]
+    assert cli.main(args) == 128 + 15
+    assert started == ["ddp", "diloco"] and "the same command resumes" in capsys.readouterr().err
+    assert [p.parent.name for p in (tmp_path / "stop").rglob("done.json")] == ["ddp"]
+
+
 @pytest.mark.slow
 def test_two_cell_sweep_end_to_end_then_resume_skips(tmp_path: Path) -> None:
     args = ["bench", "--algo", "ddp;diloco:inner_steps=2", "--networks", "100mbit/5ms", "--steps", "4",

@@ -29,7 +29,6 @@ def train(argv: list[str]) -> int:
     from lowband.train.config import config_from_args
     from lowband.net.netns import NetnsUnavailable
     from lowband.train.launch import WorkerFailed
-    from torch.distributed.elastic.multiprocessing.api import SignalException
 
     from lowband.train.run import run
 
@@ -44,7 +43,7 @@ def train(argv: list[str]) -> int:
     except WorkerFailed as err:
         console.print(f"[red]error[/red]: {err}")
         return 1
-    except (KeyboardInterrupt, SignalException) as err:  # Ctrl-C; SIGTERM through torchrun's agent
+    except KeyboardInterrupt as err:  # Ctrl-C; SIGTERM through torchrun's agent (launch.Interrupted)
         console.print("[red]interrupted[/red]: per-rank metrics written so far are kept in the run folder")
         return 128 + int(getattr(err, "sigval", signal.SIGINT))
     return 0
@@ -85,7 +84,11 @@ def bench(argv: list[str]) -> int:
     except (SpecError, ValueError, KeyError) as err:
         console.print(f"[red]error[/red]: {err}")
         return 2
-    result = run_sweep(spec, args.out, dry_run=args.dry_run)
+    try:
+        result = run_sweep(spec, args.out, dry_run=args.dry_run)
+    except KeyboardInterrupt as err:  # Ctrl-C; SIGTERM through torchrun's agent (launch.Interrupted)
+        console.print("[red]interrupted[/red]: finished runs are kept; the same command resumes the sweep")
+        return 128 + int(getattr(err, "sigval", signal.SIGINT))
     if not args.dry_run and not args.no_report and (result.ran or result.skipped):
         console.print(f"report: {write_sweep_report(args.out / spec.name)}")
     return 1 if result.failed else 0

@@ -3,7 +3,9 @@
 ``launch(fn, 4, cfg)`` is what ``torchrun --standalone --nproc-per-node 4`` does: a local
 c10d rendezvous on a free port of the loopback interface (``bind``), one process per worker with RANK/WORLD_SIZE set, no
 restarts. ``fn`` must be importable (a module-level function). A failed worker surfaces as
-:class:`WorkerFailed` naming the rank and the cause, never as a hang.
+:class:`WorkerFailed` naming the rank and the cause, never as a hang. A termination signal
+(SIGTERM, SIGINT) stops the workers and surfaces as :class:`Interrupted`, a ``KeyboardInterrupt`` that no
+``except Exception`` swallows: ``lowband bench`` stops instead of going on to the next run.
 """
 
 from __future__ import annotations
@@ -12,6 +14,7 @@ import contextlib
 import uuid
 from typing import Any, Callable, Iterator
 
+from torch.distributed.elastic.multiprocessing.api import SignalException
 from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
 from torch.distributed.elastic.rendezvous import dynamic_rendezvous
 from torch.distributed.launcher.api import LaunchConfig, elastic_launch
@@ -21,6 +24,14 @@ from lowband.comm.group import serve_store
 
 class WorkerFailed(RuntimeError):
     """One or more workers exited with an error; the message names ranks and causes."""
+
+
+class Interrupted(KeyboardInterrupt):
+    """A termination signal stopped the run (a ``KeyboardInterrupt``: ``except Exception`` lets it through)."""
+
+    def __init__(self, sigval: int) -> None:
+        super().__init__(f"stopped by signal {int(sigval)}")
+        self.sigval = int(sigval)
 
 
 def launch(fn: Callable[..., Any], nprocs: int, *args: Any, bind: str = "127.0.0.1") -> dict[int, Any]:
@@ -42,6 +53,8 @@ def launch(fn: Callable[..., Any], nprocs: int, *args: Any, bind: str = "127.0.0
             return elastic_launch(config, fn)(*args)
         except ChildFailedError as err:
             raise WorkerFailed(_describe(err)) from None
+        except SignalException as err:  # SIGTERM/SIGINT reached the agent, which stopped the workers:
+            raise Interrupted(err.sigval) from None  # stop the caller too
 
 
 @contextlib.contextmanager
