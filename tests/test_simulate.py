@@ -65,7 +65,7 @@ def test_old_ledgers_without_step_spread_ops_evenly(run_dir: Path, tmp_path: Pat
     assert [op.step for op in traces["diloco"].ops] == [4, 8]
     _, _, projections = simulate_run(old)
     for p in projections[:2]:
-        assert p.wall_clock_s == pytest.approx(p.measured["wall_clock_s"], rel=0.15), p.label  # as above: a loaded machine adds noise
+        assert p.wall_clock_s == pytest.approx(p.measured["wall_clock_s"], rel=0.15), p.label  # as above
 
 
 def test_records_load_with_or_without_step() -> None:
