@@ -108,18 +108,19 @@ def _load(name: str):
     return module
 
 
-def _row(entry: str, seconds: float | None, sent: float | None, speedup: float | None = None) -> dict:
-    return {"entry": entry, "time_to_target_s": {"mean": seconds, "sd": None},
-            "bytes_to_target": {"mean": sent, "sd": None}, "speedup": speedup}
+def _row(entry: str, seconds: float | None, sent: float | None, speedup: float | None = None,
+         share: float | None = None) -> dict:
+    return {"entry": entry, "time_to_target_s": {"mean": seconds, "sd": None}, "speedup": speedup,
+            "bytes_to_target": {"mean": sent, "sd": None}, "utilisation": {"mean": share, "sd": None}}
 
 
 def test_case_study_summaries_pick_winners_and_pair_peers() -> None:
     study = _load("case_study")
     group = {"bandwidth": "10mbit", "latency": "50ms", "target_loss": 2.5, "rows": [
-        _row("ddp", 400.0, 9e8, 1.0), _row("diloco", 100.0, 5e7, 4.0), _row("dion", 150.0, 2e7, 2.7),
+        _row("ddp", 400.0, 9e8, 1.0, 0.1), _row("diloco", 100.0, 5e7, 4.0, 0.8), _row("dion", 150.0, 2e7, 2.7),
         _row("gossip", None, None), _row("torchft-diloco", 120.0, 5e7, 3.3)]}
     glance = "\n".join(study.glance([group]))
-    assert "| 10mbit / 50ms | 2.500 | 400 s | diloco: 100 s (4.0x ddp) | dion: 20.00 MB |" in glance, glance
+    assert "| 10mbit / 50ms | 2.500 | 400 s (10%) | diloco: 100 s (4.0x ddp, 80%) | dion: 20.00 MB |" in glance, glance
     peers = study.against_peers([group])
     assert len(peers) == 3 and "| 10mbit | diloco | 100 s |" in peers[2] and "torchft-diloco | 120 s" in peers[2]
 
