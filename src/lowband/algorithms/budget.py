@@ -39,10 +39,12 @@ from __future__ import annotations
 
 import math
 import time
+from dataclasses import dataclass
 from typing import Any, Callable, Sequence
 
 import torch
 
+from lowband.algorithms.base import SyncOptions
 from lowband.comm import Comm
 
 BUDGETS = ("fixed", "speed")
@@ -67,17 +69,29 @@ WEIGHTINGS: dict[str, Callable[[Sequence[int]], list[float]]] = {
     "work": _work, "uniform": _uniform, "normalised": _normalised}
 
 
-def check_options(budget: str, weighting: str, smoothing: float, aggregate: str) -> None:
-    """Validate the ``budget``, ``weighting`` and ``budget_smoothing`` options (one-line errors)."""
-    if budget not in BUDGETS:
-        raise ValueError(f"budget must be one of {', '.join(BUDGETS)}, got {budget!r}")
-    if weighting not in WEIGHTINGS:
-        raise ValueError(f"weighting must be one of {', '.join(WEIGHTINGS)}, got {weighting!r}")
-    if not 0 <= smoothing < 1:
-        raise ValueError(f"budget_smoothing (the EMA's beta) must be in [0, 1), got {smoothing}")
-    if budget == "speed" and weighting != "uniform" and aggregate.partition(":")[0].strip() != "mean":
-        raise ValueError(f"weighting={weighting!r} scales the outer gradients before a mean; with "
-                         f"aggregate={aggregate!r} set weighting='uniform'")
+@dataclass(frozen=True)
+class LocalWorkOptions(SyncOptions):
+    """The options every local-update method shares: H, and how uneven workers share the work."""
+
+    inner_steps: int = 20  # H: inner steps between synchronisations
+    budget: str = "fixed"  # "fixed": H inner steps each; "speed": inner steps follow measured speed
+    weighting: str = "work"  # budget="speed": "work" (by inner steps done), "uniform", "normalised" (FedNova)
+    budget_smoothing: float = 0.5  # budget="speed": EMA beta of the measured seconds per step
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.inner_steps < 1:
+            raise ValueError(f"inner_steps (H) must be >= 1, got {self.inner_steps}")
+        if self.budget not in BUDGETS:
+            raise ValueError(f"budget must be one of {', '.join(BUDGETS)}, got {self.budget!r}")
+        if self.weighting not in WEIGHTINGS:
+            raise ValueError(f"weighting must be one of {', '.join(WEIGHTINGS)}, got {self.weighting!r}")
+        if not 0 <= self.budget_smoothing < 1:
+            raise ValueError(f"budget_smoothing (the EMA's beta) must be in [0, 1), got {self.budget_smoothing}")
+        if (self.budget == "speed" and self.weighting != "uniform"
+                and self.aggregate.partition(":")[0].strip() != "mean"):
+            raise ValueError(f"weighting={self.weighting!r} scales the outer gradients before a mean; with "
+                             f"aggregate={self.aggregate!r} set weighting='uniform'")
 
 
 def refuse_speed(budget: str, algorithm: str, why: str) -> None:

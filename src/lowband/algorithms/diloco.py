@@ -39,31 +39,24 @@ from typing import Any, Iterator
 
 import torch
 
-from lowband.algorithms.base import ALGORITHMS, Algorithm, SyncOptions
-from lowband.algorithms.budget import SpeedBudget, check_options
+from lowband.algorithms.base import ALGORITHMS, Algorithm
+from lowband.algorithms.budget import LocalWorkOptions, SpeedBudget
 
 
 OUTER_OPTIMIZERS = ("sgd", "adam")
 
 
 @dataclass(frozen=True)
-class DiLoCoOptions(SyncOptions):
+class DiLoCoOptions(LocalWorkOptions):
     """``compress``/``feedback`` apply to the outer gradient (``compress="qsgd:bits=4"``)."""
 
-    inner_steps: int = 20  # H: inner steps between synchronisations
     outer_optimizer: str = "sgd"  # "sgd" (Nesterov by default, as the paper) or "adam"
     outer_lr: float = 0.7
     outer_momentum: float = 0.9  # sgd: momentum; adam: beta1
     nesterov: bool = True
-    budget: str = "fixed"  # "fixed": H inner steps each; "speed": inner steps follow measured speed
-    weighting: str = "work"  # budget="speed": "work" (by inner steps done), "uniform", "normalised" (FedNova)
-    budget_smoothing: float = 0.5  # budget="speed": EMA beta of the measured seconds per step
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        check_options(self.budget, self.weighting, self.budget_smoothing, self.aggregate)
-        if self.inner_steps < 1:
-            raise ValueError(f"inner_steps (H) must be >= 1, got {self.inner_steps}")
         if self.outer_lr <= 0:
             raise ValueError(f"outer_lr must be > 0, got {self.outer_lr}")
         if not 0 <= self.outer_momentum < 1:

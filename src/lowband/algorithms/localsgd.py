@@ -37,29 +37,18 @@ from dataclasses import dataclass
 
 import torch
 
-from lowband.algorithms.base import ALGORITHMS, SyncOptions
-from lowband.algorithms.budget import check_options
+from lowband.algorithms.base import ALGORITHMS
+from lowband.algorithms.budget import LocalWorkOptions
 from lowband.algorithms.diloco import DiLoCo
 
 
 @dataclass(frozen=True)
-class LocalSGDOptions(SyncOptions):
+class LocalSGDOptions(LocalWorkOptions):
     """``compress``/``feedback`` apply to the change since the last synchronisation.
 
     ``inner_steps`` defaults to DiLoCo's 20 (also the CLI's ``--inner-steps``, which sets
     both), so ``--algo "diloco;localsgd"`` compares the outer step at equal communication.
     """
-
-    inner_steps: int = 20  # H: inner steps between synchronisations
-    budget: str = "fixed"  # "fixed": H inner steps each; "speed": inner steps follow measured speed
-    weighting: str = "work"  # budget="speed": "work" (by inner steps done), "uniform", "normalised" (FedNova)
-    budget_smoothing: float = 0.5  # budget="speed": EMA beta of the measured seconds per step
-
-    def __post_init__(self) -> None:
-        super().__post_init__()
-        check_options(self.budget, self.weighting, self.budget_smoothing, self.aggregate)
-        if self.inner_steps < 1:
-            raise ValueError(f"inner_steps (H) must be >= 1, got {self.inner_steps}")
 
 
 @ALGORITHMS.register("localsgd")
