@@ -208,10 +208,12 @@ class Comm:
         if self._pool is not None:
             self._pool.submit(dist.barrier, group=self.group).result()
 
-    def close(self) -> None:
-        if self._pool is not None:
-            self._pool.shutdown(wait=True)
-            self._pool = None
+    def close(self, wait: bool = True) -> None:
+        """Stop the communication thread: after the ops in flight (``wait``), or at once, cancelling the
+        queued ones and leaving a blocked op to fail on its own (a group being torn down)."""
+        pool, self._pool = self._pool, None
+        if pool is not None:
+            pool.shutdown(wait=wait, cancel_futures=not wait)
 
     def rebind(self, network: Network | None = None) -> None:
         """Point this Comm at the current default process group (an elastic run rebuilt it over

@@ -208,9 +208,7 @@ class ElasticSync:
         until gloo's timeout (closing our side does not wake them): the communication and
         aggregation threads are left to fail on their own (nothing reads their results) and fresh
         ones take over; the aggregator's state is set again by the rollback."""
-        pool, self.comm._pool = self.comm._pool, None  # Comm.close() would wait for the blocked op
-        if pool is not None:
-            pool.shutdown(wait=False, cancel_futures=True)
+        self.comm.close(wait=False)  # close() with waiting would wait for the blocked op
         old = getattr(self.algo, "aggregator", None)
         if old is not None:
             fresh = self.algo.build_aggregator(old.tag)
