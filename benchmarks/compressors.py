@@ -8,7 +8,7 @@ repeat, three things are timed back to back on the same tensor:
 
 * ``memcpy``: ``x.clone()``, the cost of touching the data once;
 * ``lowband``: ``decode(encode(x))`` through :mod:`lowband.compress`;
-* ``reference``: a plain torch implementation of the same algorithm in this file (no bit
+* ``reference``: a plain torch implementation of the same algorithm (``compressor_fixtures.py``: no bit
   packing, no index-width tricks: e.g. QSGD codes kept as int8, top-k as ``torch.topk``
   + scatter, sign as a float tensor, one P = MQ, QR, Q = M^T P, P Q^T for PowerSGD).
 
@@ -25,7 +25,7 @@ GB/s, are what carries over to another machine.
 
 (b) Compression ratio: uncompressed fp32 bytes / payload bytes, summed over the parameters
 of lowband's char-GPT (vocab 84), its MNIST CNN and a CIFAR ResNet-18 (shapes listed in
-this file, 11.17M parameters). As lowband's aggregator does, every tensor of fewer than
+``compressor_fixtures.py``, 11.17M parameters). As lowband's aggregator does, every tensor of fewer than
 4096 elements goes into one flat bucket, every larger tensor is compressed alone in its own
 shape; payload bytes are what ``exchange`` yields, round by round, in a world of one.
 
@@ -54,9 +54,12 @@ import sys
 import time
 import types
 from pathlib import Path
-from typing import Any, Callable, Optional
+from typing import Any, Optional
 
 import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # its sibling, also when loaded by path (tests)
+from compressor_fixtures import Roundtrip, model_shapes, reference_for  # noqa: E402
 
 DEFAULT_OUT = Path(__file__).resolve().parent / "results" / "compressors.json"
 DEFAULT_NUMEL = 25_000_000
@@ -73,8 +76,6 @@ MODELS = ("gpt", "cnn", "resnet18")
 # noise from the very numbers that made the data would round with noise correlated to the data.
 DATA_SEED_OFFSET = 982_451_653
 RESNET18_PARAMS = 11_173_962  # torchvision-style CIFAR ResNet-18 with a 3x3 stem and 10 classes
-
-Roundtrip = Callable[[torch.Tensor], torch.Tensor]
 
 
 # -- loading the compressors -----------------------------------------------------------------
@@ -167,147 +168,6 @@ def build_checked(spec: str, registry: Any, notes: list[str]) -> Optional[Any]:
         return None
 
 
-# -- reference implementations (plain torch, one function per algorithm) ---------------------
-
-
-def ref_identity(x: torch.Tensor) -> torch.Tensor:
-    return x.reshape(-1).view(x.shape)
-
-
-def ref_cast(dtype: torch.dtype) -> Roundtrip:
-    return lambda x: x.to(dtype).to(torch.float32)
-
-
-def ref_int8(x: torch.Tensor) -> torch.Tensor:
-    """Min-max quantisation per tensor, 256 levels, round to nearest."""
-    lo, hi = x.min(), x.max()
-    step = (hi - lo) / 255
-    q = ((x - lo) / step).round().to(torch.uint8)
-    return lo + q.to(torch.float32) * step
-
-
-def ref_qsgd(bits: int, bucket: int) -> Roundtrip:
-    """Stochastic rounding of s |x| / ||x_bucket||, sign folded in, codes as int8 (unpacked).
-
-    ``bucket`` consecutive elements share a norm (the paper's bucketing; 0: the whole tensor).
-    """
-    s = 2 ** (bits - 1) - 1
-
-    def roundtrip(x: torch.Tensor) -> torch.Tensor:
-        n = x.numel()
-        d = bucket or n
-        pad = -n % d
-        rows = (torch.cat([x.reshape(-1), x.new_zeros(pad)]) if pad else x.reshape(-1)).view(-1, d)
-        norms = rows.norm(dim=1, keepdim=True)
-        r = rows.abs() / norms.clamp_min(1e-30) * s
-        level = r.floor()
-        level = level + (torch.rand(rows.shape) < r - level).float()
-        codes = (torch.sign(rows) * level).to(torch.int8)
-        return (codes.to(torch.float32) * (norms / s)).reshape(-1)[:n].view(x.shape)
-
-    return roundtrip
-
-
-def ref_terngrad(clip: float) -> Roundtrip:
-    """Clip at clip * std, then s * sign(x) * Bernoulli(|x| / s), ternary codes as int8."""
-
-    def roundtrip(x: torch.Tensor) -> torch.Tensor:
-        bound = clip * x.std()
-        x = x.clamp(-bound, bound)
-        s = x.abs().max()
-        codes = (torch.bernoulli(x.abs() / s) * torch.sign(x)).to(torch.int8)
-        return codes.to(torch.float32) * s
-
-    return roundtrip
-
-
-def ref_sign(x: torch.Tensor) -> torch.Tensor:
-    """torch.sign as a float tensor times mean |x|."""
-    signs = torch.sign(x)
-    scale = x.abs().mean()
-    return signs * scale
-
-
-def ref_topk(ratio: float) -> Roundtrip:
-    """torch.topk of |x| (exact), values gathered, scattered into zeros."""
-
-    def roundtrip(x: torch.Tensor) -> torch.Tensor:
-        flat = x.reshape(-1)
-        k = max(1, round(ratio * flat.numel()))
-        idx = torch.topk(flat.abs(), k).indices
-        values = flat[idx]
-        return torch.zeros_like(flat).scatter_(0, idx, values).view(x.shape)
-
-    return roundtrip
-
-
-def ref_randomk(ratio: float) -> Roundtrip:
-    """randperm(n)[:k], gather, scatter back scaled by n / k (unbiased)."""
-
-    def roundtrip(x: torch.Tensor) -> torch.Tensor:
-        flat = x.reshape(-1)
-        n = flat.numel()
-        k = max(1, round(ratio * n))
-        idx = torch.randperm(n)[:k]
-        values = flat[idx]
-        return torch.zeros_like(flat).scatter_(0, idx, values * (n / k)).view(x.shape)
-
-    return roundtrip
-
-
-def ref_threshold(tau: float) -> Roundtrip:
-    """Mask |x| >= tau, nonzero, gather, scatter back."""
-
-    def roundtrip(x: torch.Tensor) -> torch.Tensor:
-        flat = x.reshape(-1)
-        idx = (flat.abs() >= tau).nonzero().squeeze(1)
-        values = flat[idx]
-        out = torch.zeros_like(flat)
-        out[idx] = values
-        return out.view(x.shape)
-
-    return roundtrip
-
-
-def ref_powersgd(rank: int, cols: int) -> Roundtrip:
-    """One power iteration from a fixed Q: P = MQ, P = QR(P).Q, Q = M^T P, result P Q^T."""
-    q0 = torch.randn(cols, rank, generator=torch.Generator().manual_seed(0))
-
-    def roundtrip(m: torch.Tensor) -> torch.Tensor:
-        p = torch.linalg.qr(m @ q0).Q
-        q = m.t() @ p
-        return p @ q.t()
-
-    return roundtrip
-
-
-def reference_for(compressor: Any, cols: int) -> Optional[Roundtrip]:
-    """The plain implementation matching ``compressor`` at its options, or None if there is none."""
-    name, opts = compressor.name, compressor.options
-    if name == "identity":
-        return ref_identity
-    if name in ("fp16", "bf16"):
-        return ref_cast(torch.float16 if name == "fp16" else torch.bfloat16)
-    if name == "int8":
-        return ref_int8
-    if name == "qsgd":
-        return ref_qsgd(int(opts.bits), int(getattr(opts, "bucket", 0)))
-    if name == "terngrad":
-        return ref_terngrad(float(opts.clip))
-    if name == "sign":
-        return ref_sign
-    if name in ("topk", "dgc"):  # DGC's reference is the exact top-k its sampled threshold approximates
-        ratio = opts.ratio if opts.ratio is not None else 0.01
-        return ref_topk(ratio)
-    if name == "randomk":
-        return ref_randomk(opts.ratio if opts.ratio is not None else 0.01)
-    if name == "threshold":
-        return ref_threshold(float(opts.tau))
-    if name == "powersgd":
-        return ref_powersgd(int(opts.rank), cols)
-    return None
-
-
 # -- (a) throughput --------------------------------------------------------------------------
 
 
@@ -368,38 +228,6 @@ def measure_throughput(spec: str, compressor: Any, x: torch.Tensor, repeats: int
 
 
 # -- (b) compression ratio on real parameter shapes ------------------------------------------
-
-
-def resnet18_cifar_shapes(num_classes: int = 10) -> list[tuple[str, tuple[int, ...]]]:
-    """Parameter shapes of the CIFAR ResNet-18 (He et al. 2016; 3x3 stem, no max-pool), in module order."""
-    shapes: list[tuple[str, tuple[int, ...]]] = [
-        ("conv1.weight", (64, 3, 3, 3)), ("bn1.weight", (64,)), ("bn1.bias", (64,)),
-    ]
-    cin = 64
-    for stage, cout in enumerate((64, 128, 256, 512), start=1):
-        for block in range(2):
-            p = f"layer{stage}.{block}"
-            first_in = cin if block == 0 else cout
-            shapes += [
-                (f"{p}.conv1.weight", (cout, first_in, 3, 3)), (f"{p}.bn1.weight", (cout,)), (f"{p}.bn1.bias", (cout,)),
-                (f"{p}.conv2.weight", (cout, cout, 3, 3)), (f"{p}.bn2.weight", (cout,)), (f"{p}.bn2.bias", (cout,)),
-            ]
-            if block == 0 and cin != cout:  # stage transition: 1x1 stride-2 projection + BN
-                shapes += [(f"{p}.downsample.0.weight", (cout, cin, 1, 1)),
-                           (f"{p}.downsample.1.weight", (cout,)), (f"{p}.downsample.1.bias", (cout,))]
-        cin = cout
-    shapes += [("fc.weight", (num_classes, 512)), ("fc.bias", (num_classes,))]
-    return shapes
-
-
-def model_shapes() -> dict[str, list[tuple[str, tuple[int, ...]]]]:
-    from lowband.train.models.cnn import CNN
-    from lowband.train.models.gpt import GPT, GPTConfig
-
-    def of(model: torch.nn.Module) -> list[tuple[str, tuple[int, ...]]]:
-        return [(name, tuple(p.shape)) for name, p in model.named_parameters()]  # tied weights once
-
-    return {"gpt": of(GPT(GPTConfig(vocab_size=84))), "cnn": of(CNN()), "resnet18": resnet18_cifar_shapes()}
 
 
 def wire_groups(shapes: list[tuple[str, tuple[int, ...]]], std: float, seed: int) -> list[tuple[str, torch.Tensor]]:
