@@ -3,6 +3,7 @@ slow suite, async_decentralized.py."""
 
 from __future__ import annotations
 
+import dataclasses
 import importlib.util
 import json
 import math
@@ -145,3 +146,24 @@ def test_case_study_packs_measurements_and_a_fresh_clone_resumes_from_them(tmp_p
     assert sorted(str(p.relative_to(restored)) for p in restored.rglob("*") if p.is_file()) == [
         "ddp/ddp/rank0.jsonl", "ddp/done.json"]  # only finished units, only what was measured
     assert study.restore([spec], tmp_path / "clone") == 0
+
+
+def test_case_study_page_from_restored_runs_in_spec_order(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from test_sweep import _fake_unit
+
+    study = _load("case_study")
+    monkeypatch.setattr(study, "DOCS", tmp_path / "docs")
+    monkeypatch.setattr(study, "projection", lambda sweep_dir: ["(projected)"])  # fake runs have no ledgers
+    spec = study.SweepSpec(name="cs", networks=(("10mbit", "50ms"), ("100mbit", "20ms")), target_loss=2.6,
+                           entries=(study.Entry("ddp"), study.Entry("diloco")))
+    for unit in spec.units(tmp_path / "runs"):  # as restored: finished units, no sweep.json
+        fast = unit.entry.label == "diloco"
+        _fake_unit(unit, [3.0, 2.5], 1.0 if fast else 2.0, 10 if fast else 1000)
+    args = study.argparse.Namespace(out=str(tmp_path / "runs"), quick=False)
+    unrun = dataclasses.replace(spec, name="cs-later")
+    for _ in range(2):  # the second time over the figures the first wrote into the sweep folder
+        page = study.write_page([spec, unrun], args).read_text()
+    glance = page[page.index("### At a glance"):]
+    assert glance.index("| 10mbit / 50ms | 2.600 | 4 s") < glance.index("| 100mbit / 20ms | 2.600 | 4 s"), glance
+    assert "diloco: 2 s (2.0x ddp" in glance and "## cs-later\n\n(not run yet)" in page
+    assert json.loads((tmp_path / "runs" / "cs" / "sweep.json").read_text())["seeds"] == [0]

@@ -130,7 +130,7 @@ def test_a_changed_config_is_run_again(tmp_path: Path) -> None:
     assert changed.folder == unit.folder and not changed.done()
 
 
-def test_a_moved_sweep_folder_stays_done(tmp_path: Path) -> None:
+def test_a_moved_or_retargeted_sweep_folder_stays_done(tmp_path: Path) -> None:
     import shutil
 
     (unit,) = spec().units(tmp_path / "here")[:1]
@@ -138,6 +138,11 @@ def test_a_moved_sweep_folder_stays_done(tmp_path: Path) -> None:
     shutil.copytree(tmp_path / "here", tmp_path / "there")
     (moved,) = spec().units(tmp_path / "there")[:1]
     assert moved.folder != unit.folder and moved.done()
+    retarget = SMALL.replace("seeds = [0, 1]", "seeds = [0, 1]\ntarget_loss = 2.7")
+    (retargeted,) = spec(retarget).units(tmp_path / "there")[:1]
+    assert retargeted.config.target_loss == 2.7 and retargeted.done()  # the report's target, not the run's
+    (other,) = spec(SMALL.replace("steps = ", "steps = 1")).units(tmp_path / "there")[:1]
+    assert not other.done()
 
 
 def test_report_over_seeds_of_a_known_folder(tmp_path: Path) -> None:

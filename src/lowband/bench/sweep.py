@@ -34,6 +34,7 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
 from lowband.net.link import Network
+from lowband.fault.checkpoint import RUN_CONTROL
 from lowband.train.config import DEFAULT, TrainConfig, Variant
 
 DEFAULT_SPEC = """\
@@ -143,7 +144,7 @@ class Unit:
             config = json.loads(marker.read_text()).get("config")
         except ValueError:
             return False
-        return isinstance(config, dict) and _placeless(config) == _placeless(_jsonable(self.config.to_dict()))
+        return isinstance(config, dict) and _measured(config) == _measured(_jsonable(self.config.to_dict()))
 
 
 @dataclass(frozen=True)
@@ -356,9 +357,10 @@ def _output_to(log: Path) -> Iterator[None]:
         os.close(saved[1])
 
 
-def _placeless(config: dict[str, Any]) -> dict[str, Any]:
-    """A unit's configuration without where it was written: a moved sweep folder stays done."""
-    return {k: v for k, v in config.items() if k != "out"}
+def _measured(config: dict[str, Any]) -> dict[str, Any]:
+    """A unit's configuration without what does not change its measurements (where it was written,
+    the target loss of its report): a moved sweep folder, or a new target, leaves it done."""
+    return {k: v for k, v in config.items() if k not in RUN_CONTROL}
 
 
 def folder_name(label: str) -> str:

@@ -74,7 +74,10 @@ def load_groups(sweep_dir: Path) -> tuple[dict[str, Any], list[Group]]:
         group.labels = [label for label in labels if label in present]
         for run in group.runs.values():  # spec order: the baseline first
             run.records = {label: run.records[label] for label in group.labels if label in run.records}
-    return spec, list(groups.values())
+    networks = [tuple(n) for n in spec.get("networks", [])]
+    order = {net: i for i, net in enumerate(networks)}  # spec order (fast to slow, as written), not by name
+    return spec, sorted(groups.values(), key=lambda g: (g.key.rsplit(f"-w{g.workers}-", 1)[0], g.workers,
+                                                       order.get((g.bandwidth, g.latency), len(order))))
 
 
 def summarize_group(group: Group, target: float | None) -> tuple[float | None, dict[int, Summary]]:

@@ -74,7 +74,8 @@ if TYPE_CHECKING:
 
 KEEP = 2  # complete checkpoints kept per algorithm folder
 MARKER = "checkpoint.json"
-# config fields that do not define the task: a resumed run may change them freely
+# config fields that do not change what a run measures: a resumed run may change them freely,
+# and a finished sweep unit stays done whatever they are
 RUN_CONTROL = frozenset({"resume", "checkpoint_every", "progress", "out", "name", "target_loss"})
 
 
