@@ -59,7 +59,7 @@ def sweep(args: argparse.Namespace) -> list[dict[str, Any]]:
     _, groups = load_groups(folder)
     rows = []
     for group in groups:
-        target, per_seed = summarize_group(group, None)
+        target, _setter, per_seed = summarize_group(group, None)
         for entry in ENTRIES:
             found = [s.row(entry.label) for s in per_seed.values() if any(r.name == entry.label for r in s.rows)]
             if not found:

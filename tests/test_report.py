@@ -84,6 +84,7 @@ def test_auto_target_and_ratios(run_dir: Path) -> None:
     summary = summarize(load_run(run_dir))
     assert summary.target_auto is True
     assert summary.target_loss == 1.7  # max(best ddp 1.5, best diloco 1.7)
+    assert summary.target_setter == "diloco"  # named, so a reader sees which run made the target easy
     assert summary.baseline == "ddp"
     ddp, diloco = summary.row("ddp"), summary.row("diloco")
     assert ddp.time_to_target_s == pytest.approx(15.0)  # first val <= 1.7 is 1.6 at step 15
@@ -102,7 +103,7 @@ def test_auto_target_and_ratios(run_dir: Path) -> None:
 def test_target_from_argument_and_config(tmp_path: Path) -> None:
     run = load_run(make_run(tmp_path, {"target_loss": 2.0}))
     summary = summarize(run)
-    assert summary.target_loss == 2.0 and summary.target_auto is False
+    assert summary.target_loss == 2.0 and summary.target_auto is False and summary.target_setter is None
     assert summary.row("ddp").time_to_target_s == pytest.approx(10.0)
     assert summary.row("diloco").time_to_target_s == pytest.approx(7.5)  # 1.8 at step 15
     assert summarize(run, target_loss=1.6).row("ddp").time_to_target_s == pytest.approx(15.0)

@@ -169,6 +169,17 @@ def test_report_over_seeds_of_a_known_folder(tmp_path: Path) -> None:
     assert (tmp_path / "small" / "speedup_vs_bandwidth.png").stat().st_size > 1000
 
 
+def test_an_automatic_sweep_target_names_the_entry_and_seed_that_set_it(tmp_path: Path) -> None:
+    s = spec(SMALL)
+    run_sweep(s, tmp_path, dry_run=True)
+    for u in s.units(tmp_path):
+        worst = u.entry.label == "diloco" and u.config.seed == 1
+        _fake_unit(u, [3.0, 2.8] + ([2.7] if worst else [2.4]), 1.0, 10)
+    write_sweep_report(tmp_path / "small")
+    md = (tmp_path / "small" / "report.md").read_text()
+    assert "target loss 2.700 (automatic: diloco, seed 1's best)" in md
+
+
 def test_cli_flags_override_and_report_refuses_an_empty_sweep(tmp_path: Path, capsys) -> None:
     assert cli.main(["bench", "--algo", "ddp;diloco+fp16", "--networks", "1gbit/1ms", "--seeds", "3",
                      "--steps", "2", "--out", str(tmp_path), "--name", "flags", "--dry-run"]) == 0

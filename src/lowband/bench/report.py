@@ -138,7 +138,7 @@ def print_summary(summary: Summary, console: Console | None = None) -> None:
             text = ratio_text(ratio, row)
             console.print(f"  [bold]{ratio.name}[/bold] vs {ratio.baseline}: {text}")
     if summary.target_auto and summary.target_loss is not None:
-        console.print("  [dim]target = the lowest validation loss every algorithm reached[/dim]")
+        console.print(f"  [dim]{_target_note(summary)}[/dim]")
 
 
 # ----------------------------------------------------------------------------- files
@@ -257,8 +257,8 @@ def _target_note(summary: Summary) -> str:
     """A sentence saying which target loss time-to-target uses and where it came from."""
     if summary.target_loss is None:
         return "No target loss: no algorithm logged a validation loss."
-    origin = ("automatic: the lowest validation loss every algorithm reached"
-              if summary.target_auto else "set by the user")
+    origin = (f"automatic: the lowest validation loss every algorithm reached, {summary.target_setter}'s best; "
+              "pass --target-loss for a stricter one" if summary.target_auto else "set by the user")
     return f"Target loss {summary.target_loss:.4f} ({origin}). Baseline: {summary.baseline}."
 
 

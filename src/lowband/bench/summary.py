@@ -119,6 +119,8 @@ class Summary:
     target_auto: bool
     rows: tuple[AlgorithmSummary, ...]
     ratios: tuple[Ratios, ...]
+    target_setter: str | None = None
+    """With an automatic target: the algorithm whose best loss set it (the slowest to improve)."""
 
     def row(self, name: str) -> AlgorithmSummary:
         """The row of algorithm ``name`` (``KeyError`` if it did not run)."""
@@ -227,7 +229,7 @@ def summarize(run: Run, target_loss: float | None = None) -> Summary:
     validation losses, i.e. the lowest loss every algorithm reaches.
     """
     stats = {algo: _base_stats(run.records[algo], run.link_busy.get(algo, [])) for algo in run.algorithms}
-    target, auto = _choose_target(run, target_loss, stats)
+    target, auto, setter = _choose_target(run, target_loss, stats)
     rows = tuple(
         _row(algo, run.records[algo], stats[algo], target) for algo in run.algorithms
     )
@@ -245,20 +247,32 @@ def summarize(run: Run, target_loss: float | None = None) -> Summary:
         target_auto=auto,
         rows=rows,
         ratios=tuple(_ratios(row, baseline) for row in rows),
+        target_setter=setter,
     )
 
 
 def _choose_target(
     run: Run, explicit: float | None, stats: dict[str, dict[str, Any]]
-) -> tuple[float | None, bool]:
-    """``(target, automatic)`` following the argument > config > auto order."""
+) -> tuple[float | None, bool, str | None]:
+    """``(target, automatic, setter)`` following the argument > config > auto order."""
     if explicit is not None:
-        return float(explicit), False
+        return float(explicit), False, None
     configured = run.config.get("target_loss")
     if configured is not None:
-        return float(configured), False
-    bests = [s["best_val_loss"] for s in stats.values() if s["best_val_loss"] is not None]
-    return (max(bests), True) if bests else (None, True)
+        return float(configured), False, None
+    target, setter = auto_target({name: s["best_val_loss"] for name, s in stats.items()})
+    return target, True, setter
+
+
+def auto_target(bests: dict[str, float | None]) -> tuple[float | None, str | None]:
+    """The automatic target: the largest best validation loss (the lowest loss every
+    algorithm reaches) and the name of the algorithm that has it. One badly converging
+    algorithm makes this target easy for all the others: name it so a reader can tell."""
+    known = {name: best for name, best in bests.items() if best is not None}
+    if not known:
+        return None, None
+    setter = max(known, key=known.__getitem__)
+    return known[setter], setter
 
 
 def _present(per_rank: list[list[Record]]) -> list[list[Record]]:

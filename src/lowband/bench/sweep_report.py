@@ -27,7 +27,7 @@ from typing import Any
 
 from lowband.bench.plots import _plot_png
 from lowband.bench.report import _CSS, _html_table
-from lowband.bench.summary import Run, Summary, _finite, load_run, summarize
+from lowband.bench.summary import Run, Summary, _finite, auto_target, load_run, summarize
 from lowband.bench.sweep import folder_name as _folder
 from lowband.net.units import format_bytes, parse_bandwidth
 
@@ -80,12 +80,16 @@ def load_groups(sweep_dir: Path) -> tuple[dict[str, Any], list[Group]]:
                                                        order.get((g.bandwidth, g.latency), len(order))))
 
 
-def summarize_group(group: Group, target: float | None) -> tuple[float | None, dict[int, Summary]]:
-    """Per seed summaries at one shared target (the given one, or the lowest loss all reach)."""
+def summarize_group(group: Group, target: float | None) -> tuple[float | None, str | None, dict[int, Summary]]:
+    """Per seed summaries at one shared target: the given one, or the lowest loss all
+    entries reach in every seed, with the entry whose best set it (None when given)."""
+    setter = None
     if target is None:
-        bests = [summarize(run).row(label).best_val_loss for run in group.runs.values() for label in run.records]
-        target = max((b for b in bests if b is not None), default=None)
-    return target, {seed: summarize(run, target) for seed, run in sorted(group.runs.items())}
+        several = len(group.runs) > 1
+        bests = [(f"{label}, seed {seed}" if several else label, summarize(run).row(label).best_val_loss)
+                 for seed, run in group.runs.items() for label in run.records]
+        target, setter = auto_target(dict(bests))
+    return target, setter, {seed: summarize(run, target) for seed, run in sorted(group.runs.items())}
 
 
 def group_rows(group: Group, per_seed: dict[int, Summary]) -> tuple[str, list[dict[str, Any]]]:
@@ -115,11 +119,12 @@ def write_sweep_report(sweep_dir: Path | str) -> Path:
           f"{', '.join(map(str, spec['seeds']))}, {spec['steps']} steps per worker.", ""]
     body, images, data = [], {}, []
     for group in groups:
-        target, per_seed = summarize_group(group, spec.get("target_loss"))
+        target, setter, per_seed = summarize_group(group, spec.get("target_loss"))
         base, rows = group_rows(group, per_seed)
         first = per_seed[min(per_seed)]
         heading = (f"{group.key}: {group.workers} workers, {group.bandwidth} / {group.latency}, target loss "
-                   + ("none" if target is None else f"{target:.3f}"))
+                   + ("none" if target is None else f"{target:.3f}")
+                   + (f" (automatic: {setter}'s best)" if setter else ""))
         cells = [_cells(r) for r in rows]
         headers = [h.format(base=base) for h in HEADERS]
         md += [f"## {heading}", "", _md_table(headers, cells), ""]
