@@ -162,6 +162,7 @@ def test_report_over_seeds_of_a_known_folder(tmp_path: Path) -> None:
     assert fast_net["ddp"]["time_to_target_s"]["sd"] == pytest.approx(0.2828, abs=1e-3)
     assert fast_net["diloco"]["speedup"] == pytest.approx(2.0)
     assert fast_net["diloco"]["bytes_to_target"]["mean"] == 20
+    assert fast_net["ddp"]["compute_per_step"]["mean"] == pytest.approx(1.05)  # half of 2 s and of 2.2 s
     slow_net = {r["entry"]: r for r in data["gpt-shakespeare-w2-10mbit-50ms"]["rows"]}
     assert slow_net["diloco"]["speedup"] == pytest.approx(6.0)
     md = (tmp_path / "small" / "report.md").read_text()

@@ -3,9 +3,11 @@
 ``write_sweep_report(sweep_dir)`` reads ``sweep.json`` and every finished unit, then writes::
 
     report.md / report.html   per (task, workers, network): time and bytes to the target loss,
-                              final validation loss, exposed communication, utilisation and
-                              speed-up over the baseline (ddp when present), mean ± spread over
-                              seeds; the loss plots and the bandwidth vs speed-up curve
+                              final validation loss, exposed communication, compute seconds per
+                              step (what differs between runs of the same work is the host's
+                              noise), utilisation and speed-up over the baseline (ddp when
+                              present), mean ± spread over seeds; the loss plots and the
+                              bandwidth vs speed-up curve
     summary.json              the same numbers
     <group>_loss_vs_time.png, <group>_loss_vs_bytes.png, speedup_vs_bandwidth.png
 
@@ -32,7 +34,7 @@ from lowband.bench.sweep import folder_name as _folder
 from lowband.net.units import format_bytes, parse_bandwidth
 
 HEADERS = ("entry", "seeds", "time to target", "bytes to target", "final val loss", "exposed comm s",
-           "utilisation", "speed-up vs {base}", "reached")
+           "compute s / step", "utilisation", "speed-up vs {base}", "reached")
 
 
 @dataclass
@@ -101,7 +103,8 @@ def group_rows(group: Group, per_seed: dict[int, Summary]) -> tuple[str, list[di
         rows.append({"entry": label, "seeds": len(found), "reached": sum(r.time_to_target_s is not None for r in found),
                      **{k: _stats([getattr(r, k) for r in found]) for k in
                         ("time_to_target_s", "bytes_to_target", "final_val_loss", "comm_s", "wall_clock_s")},
-                     "utilisation": _stats([r.compute_s / r.wall_clock_s for r in found if r.wall_clock_s > 0])})
+                     "utilisation": _stats([r.compute_s / r.wall_clock_s for r in found if r.wall_clock_s > 0]),
+                     "compute_per_step": _stats([r.compute_s / r.steps for r in found if r.steps])})
     by_label = {r["entry"]: r for r in rows}
     for r in rows:
         mine, theirs = r["time_to_target_s"]["mean"], by_label[base]["time_to_target_s"]["mean"]
@@ -174,13 +177,14 @@ def _fmt(s: dict[str, float | None], unit: str) -> str:
     if s["mean"] is None:
         return "-"
     one = {"s": lambda v: f"{v:.1f} s", "B": format_bytes, "loss": lambda v: f"{v:.3f}",
-           "%": lambda v: f"{v:.0%}"}[unit]
+           "%": lambda v: f"{v:.0%}", "step": lambda v: f"{v:.2f} s"}[unit]
     return one(s["mean"]) + ("" if s["sd"] is None else f" ± {one(s['sd'])}")
 
 
 def _cells(r: dict[str, Any]) -> list[str]:
     return [r["entry"], str(r["seeds"]), _fmt(r["time_to_target_s"], "s"), _fmt(r["bytes_to_target"], "B"),
-            _fmt(r["final_val_loss"], "loss"), _fmt(r["comm_s"], "s"), _fmt(r["utilisation"], "%"),
+            _fmt(r["final_val_loss"], "loss"), _fmt(r["comm_s"], "s"), _fmt(r["compute_per_step"], "step"),
+            _fmt(r["utilisation"], "%"),
             "-" if r["speedup"] is None else f"{r['speedup']:.2f}x", f"{r['reached']}/{r['seeds']}"]
 
 
