@@ -38,6 +38,7 @@ import dataclasses
 import json
 import re
 import shutil
+import signal
 import sys
 import tarfile
 from pathlib import Path
@@ -285,12 +286,18 @@ def main(argv: Sequence[str] | None = None) -> int:
     if not (args.fresh or args.quick):
         print(f"restored {restore(specs, out)} finished runs from {DATA}", file=sys.stderr)
     failed = 0
-    if not args.write_only:
-        for cell in cells(specs):
-            failed += len(run_sweep(cell, out).failed)
-            if not args.quick:
-                archive(specs, out)  # packed as soon as it has run
-    elif not args.quick:
+    try:
+        if not args.write_only:
+            for cell in cells(specs):
+                failed += len(run_sweep(cell, out).failed)
+                if not args.quick:
+                    archive(specs, out)  # packed as soon as it has run
+    except KeyboardInterrupt as err:  # Ctrl-C; SIGTERM through the launcher (launch.Interrupted)
+        packed = [] if args.quick else archive(specs, out)
+        print(f"interrupted: finished runs are kept ({len(packed)} cell archive(s) updated in {DATA}); "
+              "the same command resumes the study", file=sys.stderr)
+        return 128 + int(getattr(err, "sigval", signal.SIGINT))
+    if args.write_only and not args.quick:
         archive(specs, out)
     print(f"wrote {write_page(specs, args)}", file=sys.stderr)
     return 1 if failed else 0

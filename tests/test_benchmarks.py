@@ -8,6 +8,7 @@ import importlib.util
 import json
 import math
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -167,3 +168,22 @@ def test_case_study_page_from_restored_runs_in_spec_order(tmp_path: Path, monkey
     assert glance.index("| 10mbit / 50ms | 2.600 | 4 s") < glance.index("| 100mbit / 20ms | 2.600 | 4 s"), glance
     assert "diloco: 2 s (2.0x ddp" in glance and "## cs-later\n\n(not run yet)" in page
     assert json.loads((tmp_path / "runs" / "cs" / "sweep.json").read_text())["seeds"] == [0]
+
+
+def test_case_study_stopped_by_a_signal_packs_what_finished_and_says_how_to_resume(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys) -> None:
+    from lowband.train.launch import Interrupted
+
+    study = _load("case_study")
+    monkeypatch.setattr(study, "DOCS", tmp_path / "docs")
+    monkeypatch.setattr(study, "DATA", tmp_path / "docs" / "data")
+    packed: list[Path] = []
+
+    def stopped(cell: Any, out: Path) -> Any:
+        raise Interrupted(15)
+
+    monkeypatch.setattr(study, "run_sweep", stopped)
+    monkeypatch.setattr(study, "archive", lambda specs, out: packed.append(out) or [])
+    assert study.main(["--out", str(tmp_path / "runs")]) == 128 + 15
+    assert packed == [tmp_path / "runs"]  # the finished cells are packed before it exits
+    assert "the same command resumes the study" in capsys.readouterr().err
