@@ -88,8 +88,8 @@ def summarize_group(group: Group, target: float | None) -> tuple[float | None, s
     setter = None
     if target is None:
         several = len(group.runs) > 1
-        bests = [(f"{label}, seed {seed}" if several else label, summarize(run).row(label).best_val_loss)
-                 for seed, run in group.runs.items() for label in run.records]
+        bests = [(f"{row.name}, seed {seed}" if several else row.name, row.best_val_loss)
+                 for seed, run in group.runs.items() for row in summarize(run).rows]
         target, setter = auto_target(dict(bests))
     return target, setter, {seed: summarize(run, target) for seed, run in sorted(group.runs.items())}
 
