@@ -10,7 +10,7 @@ import pytest
 from rich.console import Console
 
 from lowband.bench import load_run, print_summary, summarize, write_report
-from lowband.bench.plots import smooth
+from lowband.bench.plots import MANY, _draw, line_style, smooth
 from lowband.bench.report import format_seconds
 
 STEPS = 20
@@ -219,6 +219,37 @@ def test_peak_step_bytes_and_overlap_from_the_ledger(run_dir: Path) -> None:
     assert diloco.link_busy_s == pytest.approx(8.0)
     assert diloco.overlap_fraction == pytest.approx(0.75)  # 1 - 2 s exposed / 8 s busy
     assert ddp.link_busy_s == 0.0 and ddp.overlap_fraction is None  # no ledger written
+
+
+def test_thirty_series_keep_distinct_styles() -> None:
+    styles = {(line_style(i)["color"], line_style(i)["linestyle"], line_style(i)["marker"]) for i in range(30)}
+    assert len(styles) == 30 and line_style(3) == line_style(3)
+
+
+def test_many_algorithms_plot_validation_curves_only_one_legend_entry_each(tmp_path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    run_dir = make_run(tmp_path)
+    for n in range(MANY):  # MANY + 2 algorithms in all
+        (run_dir / f"copy{n}").mkdir()
+        for rank in (0, 1):
+            log = f"rank{rank}.jsonl"
+            (run_dir / f"copy{n}" / log).write_bytes((run_dir / "ddp" / log).read_bytes())
+    meta = json.loads((run_dir / "run.json").read_text())
+    meta["algorithms"].update({f"copy{n}": {} for n in range(MANY)})
+    (run_dir / "run.json").write_text(json.dumps(meta))
+    run = load_run(run_dir)
+    few, many = plt.subplots()[1], plt.subplots()[1]
+    _draw(many, run, summarize(run), "step", log_x=False)
+    _draw(few, load_run(make_run(tmp_path / "few")), summarize(run), "step", log_x=False)
+    target = f"target {summarize(run).target_loss:.3f}"
+    assert many.get_legend_handles_labels()[1] == ["ddp", "diloco", *(f"copy{n}" for n in range(MANY)), target]
+    assert few.get_legend_handles_labels()[1] == ["ddp train (smoothed)", "ddp val", "diloco train (smoothed)",
+                                                  "diloco val", target]
+    plt.close("all")
 
 
 def test_consensus_plot_only_when_an_algorithm_logs_consensus_distance(run_dir: Path) -> None:

@@ -23,6 +23,48 @@ PLOTS = (  # (file stem, record key for x, axis label)
 CONSENSUS = ("consensus", "consensus_distance")  # (file stem, record key) of the consensus plot
 EMA_BETA = 0.9
 """Smoothing of the plotted train loss (debiased exponential moving average)."""
+MANY = 8
+"""More series than this: validation curves only, a wider figure and the legend beside the axes."""
+LINESTYLES = ("-", "--", ":")
+MARKERS = ("o", "s", "^")
+
+
+def line_style(i: int) -> dict[str, Any]:
+    """The i-th series' matplotlib style: the 10 tab10 colors, then again dashed with squares, then
+    dotted with triangles, so up to 30 series stay distinct (and series i looks the same in every plot)."""
+    import matplotlib.pyplot as plt
+
+    colors = plt.get_cmap("tab10").colors
+    turn = (i // len(colors)) % len(LINESTYLES)
+    return {"color": colors[i % len(colors)], "linestyle": LINESTYLES[turn], "marker": MARKERS[turn]}
+
+
+def new_figure(series: int) -> tuple[Any, Any]:
+    """``(fig, ax)`` sized for ``series`` lines (wider when the legend goes beside the axes)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt.subplots(figsize=(10, 5.5) if series > MANY else (7.5, 4.5), dpi=110)
+
+
+def save_png(fig: Any, ax: Any, title_text: str | None, series: int) -> bytes:
+    """Title, grid and legend on ``ax`` (beside the axes when there are many ``series``); ``fig`` as
+    PNG bytes (the figure is closed)."""
+    import matplotlib.pyplot as plt
+
+    if title_text:
+        ax.set_title(title_text, fontsize=9)
+    ax.grid(True, alpha=0.3)
+    if series > MANY:
+        ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0), ncol=1 if series <= 24 else 2)
+    else:
+        ax.legend(fontsize=7, loc="best")
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png", bbox_inches="tight")
+    plt.close(fig)
+    return buffer.getvalue()
 
 
 def title(summary: Summary) -> str:
@@ -55,23 +97,22 @@ def _series(
 
 
 def _draw(ax: Axes, run: Run, summary: Summary, x_key: str, log_x: bool) -> None:
-    """Draw every algorithm's rank-0 train loss (thin) and val loss (thick, markers)."""
-    import matplotlib.pyplot as plt
-
-    colors = plt.get_cmap("tab10").colors
+    """Draw every algorithm's rank-0 train loss (thin; only up to ``MANY`` algorithms) and val loss
+    (thick, markers)."""
+    with_train = len(run.algorithms) <= MANY
     for i, algo in enumerate(run.algorithms):
         records = next(r for r in run.records[algo] if r)  # rank 0, or lowest rank that logged
         tx, ty, vx, vy = _series(records, x_key)
         keep: Callable[[float], bool] = (lambda x: x > 0) if log_x else (lambda x: True)
-        color = colors[i % len(colors)]
+        style = line_style(i)
         train = [(x, y) for x, y in zip(tx, ty) if keep(x)]
         val = [(x, y) for x, y in zip(vx, vy) if keep(x)]
-        if train:
-            ax.plot(*zip(*train), color=color, linewidth=0.8, alpha=0.55,
+        if train and with_train:
+            ax.plot(*zip(*train), color=style["color"], linestyle=style["linestyle"], linewidth=0.8, alpha=0.55,
                     label=f"{algo} train (smoothed)")
         if val:
-            ax.plot(*zip(*val), color=color, linewidth=2.2, marker="o", markersize=4,
-                    label=f"{algo} val")
+            ax.plot(*zip(*val), **style, linewidth=2.2 if with_train else 1.6, markersize=4,
+                    label=f"{algo} val" if with_train else algo)
     if summary.target_loss is not None:
         ax.axhline(summary.target_loss, color="0.3", linestyle="--", linewidth=1,
                    label=f"target {summary.target_loss:.3f}")
@@ -79,13 +120,9 @@ def _draw(ax: Axes, run: Run, summary: Summary, x_key: str, log_x: bool) -> None
 
 def _plot_png(run: Run, summary: Summary, x_key: str, x_label: str) -> bytes:
     """One loss plot as PNG bytes."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
     from matplotlib.ticker import FuncFormatter
 
-    fig, ax = plt.subplots(figsize=(7.5, 4.5), dpi=110)
+    fig, ax = new_figure(len(run.algorithms))
     log_x = x_key == "bytes_sent"
     _draw(ax, run, summary, x_key, log_x)
     if x_key in ("step", "time_s"):
@@ -96,22 +133,8 @@ def _plot_png(run: Run, summary: Summary, x_key: str, x_label: str) -> bytes:
         ax.set_xscale("log")
         ax.xaxis.set_major_formatter(FuncFormatter(lambda x, _pos: format_bytes(x)))
     ax.set_xlabel(x_label)
-    ax.set_ylabel("loss")
-    return _png(fig, ax, summary)
-
-
-def _png(fig: Any, ax: Any, summary: Summary) -> bytes:
-    """Title, grid and legend on ``ax``; ``fig`` as PNG bytes (the figure is closed)."""
-    import matplotlib.pyplot as plt
-
-    ax.set_title(title(summary), fontsize=9)
-    ax.grid(True, alpha=0.3)
-    ax.legend(fontsize=7, loc="best")
-    fig.tight_layout()
-    buffer = io.BytesIO()
-    fig.savefig(buffer, format="png")
-    plt.close(fig)
-    return buffer.getvalue()
+    ax.set_ylabel("loss" if len(run.algorithms) <= MANY else "validation loss")
+    return save_png(fig, ax, title(summary), len(run.algorithms))
 
 
 def _consensus_png(run: Run, summary: Summary) -> bytes | None:
@@ -126,19 +149,12 @@ def _consensus_png(run: Run, summary: Summary) -> bytes | None:
             series[i, algo] = points
     if not series:
         return None
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    colors = plt.get_cmap("tab10").colors  # the same color per algorithm as the loss plots
-    fig, ax = plt.subplots(figsize=(7.5, 4.5), dpi=110)
-    for (i, algo), points in series.items():
-        ax.plot(*zip(*points), color=colors[i % len(colors)], linewidth=2.2, marker="o", markersize=4,
-                label=algo)
+    fig, ax = new_figure(len(series))
+    for (i, algo), points in series.items():  # the same style per algorithm as the loss plots
+        ax.plot(*zip(*points), **line_style(i), linewidth=2.2, markersize=4, label=algo)
     ax.set_xlabel("training step")
     ax.set_ylabel("consensus distance  mean_i ||x_i - x_bar||")
-    return _png(fig, ax, summary)
+    return save_png(fig, ax, title(summary), len(series))
 
 
 def render_plots(run: Run, summary: Summary) -> dict[str, bytes]:

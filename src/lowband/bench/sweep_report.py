@@ -27,7 +27,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from lowband.bench.plots import _plot_png
+from lowband.bench.plots import _plot_png, line_style, new_figure, save_png
 from lowband.bench.report import _CSS, _html_table
 from lowband.bench.summary import Run, Summary, _finite, auto_target, load_run, summarize
 from lowband.bench.sweep import folder_name as _folder
@@ -208,28 +208,16 @@ def _speedup_png(data: list[dict[str, Any]]) -> bytes | None:
                 points.setdefault(r["entry"], []).append((bandwidth * 8, r["speedup"]))
     if not any(len(p) > 1 for p in points.values()):
         return None
-    import io
-
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(7.5, 4.5), dpi=110)
+    order = list(dict.fromkeys(r["entry"] for g in data for r in g["rows"]))  # styled as in the loss plots
+    fig, ax = new_figure(len(points))
     for label, pts in points.items():
         xs, ys = zip(*sorted(pts))
-        ax.plot(xs, ys, marker="o", label=label)
+        ax.plot(xs, ys, **line_style(order.index(label)), label=label)
     ax.axhline(1.0, color="0.3", linestyle="--", linewidth=1)
     ax.set_xscale("log")
     ax.set_xlabel("link bandwidth (bit/s)")
     ax.set_ylabel(f"speed-up to target over {data[0]['baseline']}")
-    ax.grid(True, alpha=0.3)
-    ax.legend(fontsize=7)
-    fig.tight_layout()
-    buffer = io.BytesIO()
-    fig.savefig(buffer, format="png")
-    plt.close(fig)
-    return buffer.getvalue()
+    return save_png(fig, ax, None, len(points))
 
 
 def _failed(sweep_dir: Path, spec: dict[str, Any]) -> list[str]:
