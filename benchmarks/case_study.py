@@ -16,8 +16,9 @@ One command regenerates every number and figure of the page::
    ~45 minutes);
 3. the simulator's projection of every method of the 100 Mbit/s run (seed 0) to 1,024
    workers and a 1B-parameter model over 1 Gbit/s + 50 ms links;
-4. the page: both sweeps' reports (tables and figures, copied to ``docs/case-study/``) and
-   the projection table.
+4. the page: both sweeps' reports (tables and figures, copied to ``docs/case-study/``), what the
+   numbers say (``case_study_findings.py``: bullets written from the tables, not by hand) and the
+   projection table.
 
 Both sweeps are ``lowband bench`` sweeps under ``--out`` (default ``runs``), run one cell
 (network and seed) at a time: seed 0 of both sweeps first, then seed 1, so a study stopped
@@ -51,6 +52,9 @@ from lowband.bench.sweep_report import write_sweep_report
 from lowband.net.simulate import simulate
 from lowband.net.units import format_bytes
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # its sibling, also when loaded by path (tests)
+from case_study_findings import findings  # noqa: E402
+
 NETWORKS = (("1gbit", "10ms"), ("100mbit", "20ms"), ("10mbit", "50ms"))
 POWERSGD = "powersgd:rank=2,start_iter=2"  # as torch-powersgd runs it: rank 2, 2 uncompressed steps
 EVERY = (
@@ -66,6 +70,14 @@ CONTENDERS = (Entry("ddp"), Entry("ddp", POWERSGD, "ef"), Entry("diloco"), Entry
               Entry("dion"), Entry(peer="torch-powersgd"), Entry(peer="torchft-diloco"))
 PAIRS = (("ddp", "torch-ddp"), ("ddp+fp16", "torch-fp16"), (f"ddp+{POWERSGD}+ef", "torch-powersgd"),
          ("localsgd", "torch-postlocal"), ("diloco", "torchft-diloco"), ("streaming-diloco", "torchft-streaming"))
+WHY_BYTES = {  # why a pair's bytes to target differ (docs/peers.md, "What differs")
+    ("localsgd", "torch-postlocal"): "post-local SGD all-reduces every gradient during its 20 warm-up steps",
+    ("diloco", "torchft-diloco"): "lowband broadcasts rank 0's parameters at the start; torchft builds every "
+                                  "replica from the same seed and sends nothing before its first outer step",
+    ("streaming-diloco", "torchft-streaming"): "lowband sends 4-bit QSGD fragments; torchft sends fp32 ones, as it "
+                                               "quantizes only with triton, a GPU path; lowband's bytes include "
+                                               "the initial broadcast",
+}
 TARGET_LOSS = {"case-study": 2.65, "case-study-10m": 2.9}  # what DDP reaches in a third (0.82M GPT, 150 steps)
 # and two fifths (10.7M GPT, 50 steps) of its steps on every network (see the page)
 PROJECTION = {"workers": 1024, "bandwidth": "1gbit", "latency": "50ms", "params": 1e9}
@@ -249,7 +261,7 @@ def write_page(specs: list[SweepSpec], args: argparse.Namespace) -> Path:
         head, rest = text.split("\n", 1)
         out += [head, "", "### At a glance", "", *glance(groups), "",
                 "### lowband against the peer library running the same algorithm", "", *against_peers(groups),
-                "", rest, ""]
+                "", "### What the numbers say", "", *findings(groups, PAIRS, WHY_BYTES, spec.steps), "", rest, ""]
         if spec is specs[0]:
             out += ["## Projected to 1,024 workers and a 1B-parameter model", "",
                     "`lowband simulate` (docs/simulator.md) on each method's 100 Mbit/s run, seed 0, targeting "

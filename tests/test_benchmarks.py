@@ -127,6 +127,33 @@ def test_case_study_summaries_pick_winners_and_pair_peers() -> None:
     assert len(peers) == 3 and "| 10mbit | diloco | 100 s |" in peers[2] and "torchft-diloco | 120 s" in peers[2]
 
 
+def test_case_study_findings_classify_methods_and_flag_noisy_peer_pairs() -> None:
+    findings = _load("case_study_findings")
+
+    def row(entry: str, seconds: float | None, sent: float | None, speedup: float | None, share: float,
+            per_step: float = 0.4, final: float = 2.4) -> dict:
+        return {**_row(entry, seconds, sent, speedup, share), "compute_per_step": {"mean": per_step, "sd": None},
+                "final_val_loss": {"mean": final, "sd": None}}
+
+    slow = {"bandwidth": "10mbit", "latency": "50ms", "target_loss": 2.5, "baseline": "ddp", "rows": [
+        row("ddp", 400.0, 9e8, 1.0, 0.1), row("diloco", 100.0, 5e7, 4.0, 0.8), row("gossip", 500.0, 9e8, 0.8, 0.1),
+        row("topk", None, None, None, 0.5, final=3.3), row("torchft-diloco", 120.0, 4e7, 3.3, 0.8, per_step=0.6)]}
+    fast = {"bandwidth": "1gbit", "latency": "10ms", "target_loss": 2.5, "baseline": "ddp", "rows": [
+        row("ddp", 40.0, 9e8, 1.0, 0.7), row("diloco", 50.0, 5e7, 0.8, 0.9), row("gossip", 50.0, 9e8, 0.8, 0.7),
+        row("topk", None, None, None, 0.7, final=3.1), row("torchft-diloco", 45.0, 4e7, 0.89, 0.9)]}
+    text = "\n".join(findings.findings([slow, fast], [("diloco", "torchft-diloco")],
+                                       {("diloco", "torchft-diloco"): "broadcast"}, steps=150))
+    assert "ddp computes 70% of its wall-clock over 1gbit, 10% over 10mbit" in text  # fastest link first
+    assert "1.0x → 4.0x" in text
+    assert "**Faster over some links only**: diloco (1gbit 0.80x, 10mbit 4.00x), torchft-diloco" in text, text
+    assert "**Never faster than ddp** (below 1.05x wherever it reached the target): gossip" in text
+    assert "**Never reached 2.500 in 150 steps**: topk (lowest final loss 3.100)" in text
+    assert "**Fewest bytes to target**: torchft-diloco, 40.00 MB, 22x fewer than ddp's 900.00 MB" in text
+    assert "bytes to target 50.00 MB vs 40.00 MB (broadcast)" in text
+    assert "1gbit 1.11x (0.40 / 0.40 s), 10mbit 0.83x (0.40 / 0.60 s)" in text
+    assert "(10mbit, 50%)" in text and "read their bytes, not their seconds" in text
+
+
 def test_case_study_packs_measurements_and_a_fresh_clone_resumes_from_them(tmp_path: Path,
                                                                           monkeypatch: pytest.MonkeyPatch) -> None:
     study = _load("case_study")
