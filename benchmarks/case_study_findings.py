@@ -10,6 +10,7 @@ bytes, not their seconds). Nothing in it is typed by hand but the reasons two pe
 
 from __future__ import annotations
 
+import statistics
 from typing import Any, Iterable
 
 from lowband.net.units import format_bytes, parse_bandwidth
@@ -91,6 +92,20 @@ def _frugal(groups: list[Group], baseline: str) -> str | None:
             "(bytes to target do not depend on the link: the same steps send the same payloads).")
 
 
+def _spread(groups: list[Group]) -> str | None:
+    """The largest relative spread (sd / mean) of time to target among the entries run with several seeds."""
+    spreads = [(r["time_to_target_s"]["sd"] / r["time_to_target_s"]["mean"], r["entry"], g["bandwidth"])
+               for g in groups for r in g["rows"]
+               if r.get("seeds", 1) > 1 and r["time_to_target_s"].get("sd") and r["time_to_target_s"]["mean"]]
+    if not spreads:
+        return None
+    worst, entry, bandwidth = max(spreads)
+    typical = statistics.median(s for s, _, _ in spreads)
+    return (f"**Seed to seed**: over the entries run with several seeds, time to target varies by {typical:.0%} "
+            f"(median sd / mean) and up to {worst:.0%} ({entry} over {bandwidth}); single-seed differences smaller "
+            "than that are within the noise.")
+
+
 def _pair(mine: str, peer: str, groups: list[Group], why: dict[tuple[str, str], str]) -> str | None:
     times, sizes, noisy = [], set(), []
     for g in groups:
@@ -130,8 +145,8 @@ def findings(groups: list[Group], pairs: Iterable[tuple[str, str]], why: dict[tu
         return []
     groups = _by_bandwidth(groups)
     baseline = groups[0].get("baseline", "ddp")
-    bullets = [b for b in (_link(groups, baseline), *_ranking(groups, baseline, steps), _frugal(groups, baseline))
-               if b]
+    bullets = [b for b in (_link(groups, baseline), *_ranking(groups, baseline, steps), _frugal(groups, baseline),
+                           _spread(groups)) if b]
     peers = [p for mine, peer in pairs if (p := _pair(mine, peer, groups, why))]
     if peers:
         bullets.append("**Against the peer running the same algorithm**:\n" + "\n".join(f"  - {p}" for p in peers))

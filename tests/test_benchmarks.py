@@ -141,6 +141,8 @@ def test_case_study_findings_classify_methods_and_flag_noisy_peer_pairs() -> Non
     fast = {"bandwidth": "1gbit", "latency": "10ms", "target_loss": 2.5, "baseline": "ddp", "rows": [
         row("ddp", 40.0, 9e8, 1.0, 0.7), row("diloco", 50.0, 5e7, 0.8, 0.9), row("gossip", 50.0, 9e8, 0.8, 0.7),
         row("topk", None, None, None, 0.7, final=3.1), row("torchft-diloco", 45.0, 4e7, 0.89, 0.9)]}
+    fast["rows"][1].update(seeds=2, time_to_target_s={"mean": 50.0, "sd": 10.0})
+    slow["rows"][0].update(seeds=2, time_to_target_s={"mean": 400.0, "sd": 40.0})
     text = "\n".join(findings.findings([slow, fast], [("diloco", "torchft-diloco")],
                                        {("diloco", "torchft-diloco"): "broadcast"}, steps=150))
     assert "ddp computes 70% of its wall-clock over 1gbit, 10% over 10mbit" in text  # fastest link first
@@ -152,6 +154,7 @@ def test_case_study_findings_classify_methods_and_flag_noisy_peer_pairs() -> Non
     assert "bytes to target 50.00 MB vs 40.00 MB (broadcast)" in text
     assert "1gbit 1.11x (0.40 / 0.40 s), 10mbit 0.83x (0.40 / 0.60 s)" in text
     assert "(10mbit, 50%)" in text and "read their bytes, not their seconds" in text
+    assert "varies by 15% (median sd / mean) and up to 20% (diloco over 1gbit)" in text
 
 
 def test_case_study_packs_measurements_and_a_fresh_clone_resumes_from_them(tmp_path: Path,
