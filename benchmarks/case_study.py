@@ -221,6 +221,20 @@ def projection(sweep_dir: Path) -> list[str]:
     return lines
 
 
+def _limits(specs: list[SweepSpec]) -> list[str]:
+    """What the page's numbers can and cannot say (the evaluation grid from the specs)."""
+    grid = " and ".join(f"every {dict(spec.train).get('eval_every')} steps of {spec.steps} for the {spec.tasks[0][0]}"
+                        for spec in specs)
+    return ["How far to trust it: time and bytes to target are read at the evaluations, "
+            f"{grid}, so a time to target can be late by up to one evaluation interval, and two methods whose "
+            "times differ by less than that may be equally fast. Every method runs its registered defaults on every network "
+            "(no tuning of period, rank or learning rate per network): one that misses the target here might "
+            "reach it tuned; the page measures what a user gets out of the box. Four workers share two cores, "
+            "so each computes several times slower than a worker with a machine to itself: on real machines the "
+            "network is a larger share of DDP's time than here, and the speed-ups of the methods that send less "
+            "are, if anything, understated (the projection below scales the compute)."]
+
+
 def write_page(specs: list[SweepSpec], args: argparse.Namespace) -> Path:
     page_dir = DOCS if not args.quick else Path(args.out)
     figures = page_dir / "case-study"
@@ -237,7 +251,8 @@ def write_page(specs: list[SweepSpec], args: argparse.Namespace) -> Path:
            "trains and passed by every other at its first evaluation). Mean ± standard deviation over the "
            "seeds a method ran (the `seeds` column: seed 0 for every method, seed 1 for the contenders). "
            "*Compute share* is utilisation: the part of the wall-clock spent computing, the rest is waiting for "
-           "the network. The raw measurements are in `docs/case-study/data/` (one archive per cell).", ""]
+           "the network. The raw measurements are in `docs/case-study/data/` (one archive per cell).", "",
+           *_limits(specs), ""]
     for spec in specs:
         sweep_dir = Path(args.out) / spec.name
         seeds = sorted({int(m[1]) for c in sweep_dir.glob("*") if (m := re.search(r"-s(\d+)$", c.name))
