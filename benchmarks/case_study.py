@@ -53,7 +53,7 @@ from lowband.net.simulate import simulate
 from lowband.net.units import format_bytes
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # its sibling, also when loaded by path (tests)
-from case_study_findings import findings  # noqa: E402
+from case_study_findings import by_entry, findings, mean  # noqa: E402
 
 NETWORKS = (("1gbit", "10ms"), ("100mbit", "20ms"), ("10mbit", "50ms"))
 POWERSGD = "powersgd:rank=2,start_iter=2"  # as torch-powersgd runs it: rank 2, 2 uncompressed steps
@@ -169,7 +169,7 @@ def glance(groups: list[dict[str, Any]]) -> list[str]:
     lines = ["| network | target loss | ddp: time to target (compute share) | fastest to target (compute share) "
              "| fewest bytes to target |", "|:---|---:|---:|:---|:---|"]
     for g in groups:
-        rows = {r["entry"]: r for r in g["rows"]}
+        rows = by_entry(g)
         reached = [r for r in rows.values() if r["time_to_target_s"]["mean"] is not None]
         fast = min(reached, key=lambda r: r["time_to_target_s"]["mean"], default=None)
         frugal = min(reached, key=lambda r: r["bytes_to_target"]["mean"], default=None)
@@ -184,7 +184,7 @@ def glance(groups: list[dict[str, Any]]) -> list[str]:
 
 
 def _share(row: dict[str, Any]) -> str:
-    share = row.get("utilisation", {}).get("mean")
+    share = mean(row, "utilisation")
     return "-" if share is None else f"{share:.0%}"
 
 
@@ -193,7 +193,7 @@ def against_peers(groups: list[dict[str, Any]]) -> list[str]:
     lines = ["| network | lowband | time to target | bytes to target | peer | time to target | bytes to target |",
              "|:---|:---|---:|---:|:---|---:|---:|"]
     for g in groups:
-        rows = {r["entry"]: r for r in g["rows"]}
+        rows = by_entry(g)
         for mine, peer in PAIRS:
             if mine in rows and peer in rows:
                 a, b = rows[mine], rows[peer]
@@ -227,8 +227,8 @@ def _limits(specs: list[SweepSpec]) -> list[str]:
                         for spec in specs)
     return ["How far to trust it: time and bytes to target are read at the evaluations, "
             f"{grid}, so a time to target can be late by up to one evaluation interval, and two methods whose "
-            "times differ by less than that may be equally fast. Every method runs its registered defaults on every network "
-            "(no tuning of period, rank or learning rate per network): one that misses the target here might "
+            "times differ by less than that may be equally fast. Every method runs its registered defaults on every "
+            "network (no tuning of period, rank or learning rate per network): one that misses the target here might "
             "reach it tuned; the page measures what a user gets out of the box. Four workers share two cores, "
             "so each computes several times slower than a worker with a machine to itself: on real machines the "
             "network is a larger share of DDP's time than here, and the speed-ups of the methods that send less "

@@ -21,8 +21,14 @@ NOISY = 1.3  # two runs of the same work whose compute per step differs by more 
 Group = dict[str, Any]
 
 
-def _mean(row: dict[str, Any], key: str) -> float | None:
+def mean(row: dict[str, Any], key: str) -> float | None:
+    """The mean of one statistic of a row (``None`` when missing or not reached)."""
     return (row.get(key) or {}).get("mean")
+
+
+def by_entry(group: Group) -> dict[str, dict[str, Any]]:
+    """A network's rows keyed by entry label."""
+    return {r["entry"]: r for r in group["rows"]}
 
 
 def _by_bandwidth(groups: list[Group]) -> list[Group]:
@@ -31,7 +37,7 @@ def _by_bandwidth(groups: list[Group]) -> list[Group]:
 
 
 def _speedups(entry: str, groups: list[Group]) -> list[float | None]:
-    return [next((r["speedup"] for r in g["rows"] if r["entry"] == entry), None) for g in groups]
+    return [by_entry(g).get(entry, {}).get("speedup") for g in groups]
 
 
 def _list(entry: str, values: Iterable[float | None], groups: list[Group]) -> str:
@@ -42,10 +48,10 @@ def _list(entry: str, values: Iterable[float | None], groups: list[Group]) -> st
 def _link(groups: list[Group], baseline: str) -> str | None:
     shares, best = [], []
     for g in groups:
-        rows = {r["entry"]: r for r in g["rows"]}
-        if baseline not in rows or _mean(rows[baseline], "utilisation") is None:
+        rows = by_entry(g)
+        if baseline not in rows or mean(rows[baseline], "utilisation") is None:
             return None
-        shares.append(f"{_mean(rows[baseline], 'utilisation'):.0%}" + (" of its wall-clock" if not shares else "")
+        shares.append(f"{mean(rows[baseline], 'utilisation'):.0%}" + (" of its wall-clock" if not shares else "")
                       + f" over {g['bandwidth']}")
         top = max((r["speedup"] for r in g["rows"] if r["speedup"] is not None), default=None)
         best.append("-" if top is None else f"{top:.1f}x")
@@ -60,7 +66,7 @@ def _ranking(groups: list[Group], baseline: str, steps: int | None) -> list[str]
         ups = _speedups(entry, groups)
         reached = [u for u in ups if u is not None]
         if not reached:
-            finals = [_mean(r, "final_val_loss") for g in groups for r in g["rows"] if r["entry"] == entry]
+            finals = [mean(r, "final_val_loss") for g in groups for r in g["rows"] if r["entry"] == entry]
             best = min((f for f in finals if f is not None), default=None)
             unreached.append(entry + ("" if best is None else f" (lowest final loss {best:.3f})"))
         elif all(u >= FASTER for u in reached):
@@ -73,7 +79,7 @@ def _ranking(groups: list[Group], baseline: str, steps: int | None) -> list[str]
     within = "" if steps is None else f" in {steps} steps"
     lines = [f"**Faster than {baseline} on every network it reached the target** (speed-up ≥ {FASTER}x): "
              + (", ".join(everywhere) or "none") + ".",
-             f"**Faster over some links only**: " + (", ".join(slow_only) or "none") + ".",
+             "**Faster over some links only**: " + (", ".join(slow_only) or "none") + ".",
              f"**Never faster than {baseline}** (below {FASTER}x wherever it reached the target): "
              + (", ".join(never) or "none") + "."]
     if unreached and target is not None:
@@ -82,13 +88,13 @@ def _ranking(groups: list[Group], baseline: str, steps: int | None) -> list[str]
 
 
 def _frugal(groups: list[Group], baseline: str) -> str | None:
-    rows = [(g, r) for g in groups for r in g["rows"] if _mean(r, "bytes_to_target") is not None]
+    rows = [(g, r) for g in groups for r in g["rows"] if mean(r, "bytes_to_target") is not None]
     if not rows:
         return None
-    g, best = min(rows, key=lambda gr: _mean(gr[1], "bytes_to_target"))
-    base = next((_mean(r, "bytes_to_target") for r in g["rows"] if r["entry"] == baseline), None)
-    ratio = "" if not base else f", {base / _mean(best, 'bytes_to_target'):.0f}x fewer than {baseline}'s {format_bytes(base)}"
-    return (f"**Fewest bytes to target**: {best['entry']}, {format_bytes(_mean(best, 'bytes_to_target'))}{ratio} "
+    g, best = min(rows, key=lambda gr: mean(gr[1], "bytes_to_target"))
+    least, base = mean(best, "bytes_to_target"), mean(by_entry(g).get(baseline, {}), "bytes_to_target")
+    ratio = "" if not base else f", {base / least:.0f}x fewer than {baseline}'s {format_bytes(base)}"
+    return (f"**Fewest bytes to target**: {best['entry']}, {format_bytes(least)}{ratio} "
             "(bytes to target do not depend on the link: the same steps send the same payloads).")
 
 
@@ -109,15 +115,15 @@ def _spread(groups: list[Group]) -> str | None:
 def _pair(mine: str, peer: str, groups: list[Group], why: dict[tuple[str, str], str]) -> str | None:
     times, sizes, noisy = [], set(), []
     for g in groups:
-        rows = {r["entry"]: r for r in g["rows"]}
+        rows = by_entry(g)
         if mine not in rows or peer not in rows:
             continue
         a, b = rows[mine], rows[peer]
-        ta, tb = _mean(a, "time_to_target_s"), _mean(b, "time_to_target_s")
-        ca, cb = _mean(a, "compute_per_step"), _mean(b, "compute_per_step")
+        ta, tb = mean(a, "time_to_target_s"), mean(b, "time_to_target_s")
+        ca, cb = mean(a, "compute_per_step"), mean(b, "compute_per_step")
         compute = f" ({ca:.2f} / {cb:.2f} s)" if ca and cb else ""
         times.append(f"{g['bandwidth']} " + (f"{ta / tb:.2f}x" if ta and tb else "-") + compute)
-        sizes.add((_mean(a, "bytes_to_target"), _mean(b, "bytes_to_target")))
+        sizes.add((mean(a, "bytes_to_target"), mean(b, "bytes_to_target")))
         if ca and cb and max(ca, cb) / min(ca, cb) > NOISY:
             noisy.append(f"{g['bandwidth']}, {max(ca, cb) / min(ca, cb) - 1:.0%}")
     if not times:
@@ -132,9 +138,9 @@ def _pair(mine: str, peer: str, groups: list[Group], why: dict[tuple[str, str], 
     text = (f"{mine} / {peer}: {sent}; time to target, lowband's over the peer's (compute per step, lowband / peer): "
             + ", ".join(times))
     if noisy:
-        text += (f". ⚠ compute per step apart by more than {NOISY - 1:.0%} ({'; '.join(noisy)}) for the same forward, "
-                 "backward and AdamW: the host was busier during one of the two runs, so read their bytes, not their "
-                 "seconds")
+        text += (f". ⚠ compute per step apart by more than {NOISY - 1:.0%} ({'; '.join(noisy)}) for the same "
+                 "forward, backward and AdamW: the host was busier during one of the two runs, so read their "
+                 "bytes, not their seconds")
     return text + "."
 
 
