@@ -109,7 +109,8 @@ def cells(specs: list[SweepSpec]) -> Iterator[SweepSpec]:
 
 
 def restore(specs: list[SweepSpec], out: Path) -> int:
-    """Unpack the committed units missing from ``out``: a fresh clone resumes where the study stopped."""
+    """Unpack the committed units missing from ``out`` or finished differently there (an older run
+    of the unit: the archive is what the page shows): a fresh clone resumes where the study stopped."""
     restored = 0
     for spec in specs:
         for archive in sorted((DATA / spec.name).glob("*.tar.xz")):
@@ -117,9 +118,11 @@ def restore(specs: list[SweepSpec], out: Path) -> int:
                 members = tar.getmembers()
                 for unit in sorted({Path(*Path(m.name).parts[:2]) for m in members if len(Path(m.name).parts) > 2}):
                     folder = out / spec.name / unit
-                    if (folder / "done.json").is_file():
+                    packed = tar.extractfile(str(unit / "done.json"))
+                    if (folder / "done.json").is_file() and packed is not None \
+                            and (folder / "done.json").read_bytes() == packed.read():
                         continue
-                    shutil.rmtree(folder, ignore_errors=True)  # a partial attempt
+                    shutil.rmtree(folder, ignore_errors=True)  # a partial attempt, or an older run
                     tar.extractall(out / spec.name, [m for m in members if Path(m.name).is_relative_to(unit)],
                                    filter="data")
                     restored += 1

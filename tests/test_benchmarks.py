@@ -177,6 +177,10 @@ def test_case_study_packs_measurements_and_a_fresh_clone_resumes_from_them(tmp_p
     assert sorted(str(p.relative_to(restored)) for p in restored.rglob("*") if p.is_file()) == [
         "ddp/ddp/rank0.jsonl", "ddp/done.json"]  # only finished units, only what was measured
     assert study.restore([spec], tmp_path / "clone") == 0
+    (restored / "ddp" / "done.json").write_text('{"seconds": 1}')  # an older run of the unit: the archive wins
+    (restored / "ddp" / "ddp" / "rank0.jsonl").write_text('{"step": 9}\n')
+    assert study.restore([spec], tmp_path / "clone") == 1
+    assert (restored / "ddp" / "ddp" / "rank0.jsonl").read_text() == '{"step": 1}\n'
 
 
 def test_case_study_page_from_restored_runs_in_spec_order(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
