@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import io
 import json
 from pathlib import Path
 from typing import Any
 
 import pytest
+from rich.console import Console
 
 from lowband import cli
 from lowband.bench import sweep as sweep_mod
@@ -108,6 +110,17 @@ def test_finished_units_are_skipped_and_failures_do_not_stop_the_sweep(tmp_path:
     assert len(result.skipped) == 3 and len(calls) == len(units) - 3
     assert len(result.failed) == 1 and result.failed[0][1] == "RuntimeError: boom"
     assert len(result.ran) == len(units) - 4
+
+
+def test_a_finished_sweep_says_so_and_shows_no_progress_bar(tmp_path: Path) -> None:
+    s = spec()
+    for u in s.units(tmp_path):
+        _fake_unit(u, [3.0, 2.5], 1.0, 100)
+    out = io.StringIO()
+    result = run_sweep(s, tmp_path, console=Console(file=out, width=200))
+    assert not result.ran and not result.failed and len(result.skipped) == len(s.units(tmp_path))
+    assert f"{len(result.skipped)} done before, 0 to run" in out.getvalue()
+    assert "ETA" not in out.getvalue(), out.getvalue()
 
 
 def test_a_peer_whose_package_is_missing_is_skipped_not_failed(tmp_path: Path,

@@ -277,6 +277,8 @@ def run_sweep(spec: SweepSpec, out: Path, console: Console | None = None, dry_ru
                 state = "done" if u in result.skipped else "todo" if u in todo else "skip"
                 console.print(f"  {state}  {u.cell}/{u.entry.folder}")
             return result
+        if not todo:  # all done: no empty progress bar
+            return result
         columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
                    TextColumn("ETA"), TimeRemainingColumn())
         with Progress(*columns, console=console) as progress:
