@@ -85,7 +85,8 @@ def test_ddp_equals_single_process_on_concatenated_batch() -> None:
         assert worst < 1e-5, f"rank {rank}: DDP differs from the single-process run by {worst}"
 
 
-@pytest.mark.parametrize("world", [2, 4])
+# 4 ranks only with -m slow: the comm layer's default tests already run 4 ranks
+@pytest.mark.parametrize("world", [2, pytest.param(4, marks=pytest.mark.slow)])
 def test_diloco_ranks_identical_after_each_outer_step(world: int) -> None:
     steps, h = 6, 3
     results = launch(diloco_params, world, steps, h)

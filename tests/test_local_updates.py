@@ -239,7 +239,8 @@ def local_update_runs(steps: int) -> dict[str, dict[str, Any]]:
         shutdown()
 
 
-@pytest.mark.parametrize("world", [2, 4])
+# 4 ranks only with -m slow: the comm layer's default tests already run 4 ranks
+@pytest.mark.parametrize("world", [2, pytest.param(4, marks=pytest.mark.slow)])
 def test_ranks_agree_after_each_sync_and_localsgd_averages(world: int) -> None:
     steps = 12
     results = launch(local_update_runs, world, steps)

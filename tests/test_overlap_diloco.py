@@ -275,7 +275,8 @@ def check_overlap(results: dict[int, dict[str, Any]], world: int) -> None:
             assert t["blocked"] < 0.25 * blocking["blocked"], f"rank {r} {name}: communication not overlapped: {t}"
 
 
-@pytest.mark.parametrize("world", [2, 4])
+# 4 ranks only with -m slow: the comm layer's default tests already run 4 ranks
+@pytest.mark.parametrize("world", [2, pytest.param(4, marks=pytest.mark.slow)])
 def test_overlapped_diloco_on_several_ranks(world: int) -> None:
     """Both worlds: the delayed and eager identities; on 2 ranks also the overlap over a slow link
     (about 7 s of emulated compute, kept to one launch to hold the test time down)."""

@@ -198,7 +198,8 @@ def ranks_worker() -> dict[str, Any]:
         shutdown()
 
 
-@pytest.mark.parametrize("world", [2, 4])
+# 4 ranks only with -m slow: the comm layer's default tests already run 4 ranks
+@pytest.mark.parametrize("world", [2, pytest.param(4, marks=pytest.mark.slow)])
 def test_ranks_agree_and_each_sync_sends_a_fragment(world: int) -> None:
     results = launch(ranks_worker, world)
     for key in ("streaming", "streaming-fp32"):
