@@ -11,7 +11,7 @@ from lowband.cli import main as cli_main
 
 RECOMMENDED = [  # (compressor spec, feedback)
     ("fp16", "none"), ("bf16", "none"), ("int8", "ef"), ("qsgd:bits=4", "none"), ("terngrad", "none"),
-    ("sign", "ef"), ("topk:ratio=0.01", "ef"), ("randomk:ratio=0.05", "ef"), ("threshold:tau=0.001", "ef"),
+    ("sign", "ef"), ("topk:ratio=0.01", "ef"), ("randomk:ratio=0.05,unbiased=false", "ef"), ("threshold:tau=0.001", "ef"),
     ("dgc:ratio=0.01", "dgc"), ("powersgd:rank=2", "ef"), ("topk:ratio=0.01", "ef21"), ("topk:ratio=0.01", "econtrol"),
 ]
 

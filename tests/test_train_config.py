@@ -128,3 +128,18 @@ def test_aggregate_flag_reaches_averaging_algorithms_only() -> None:
         TrainConfig(algos=("ddp", "gossip"), aggregate="median")
     with pytest.raises(ValueError, match="unknown aggregation rule 'medain'"):
         TrainConfig(algos=("ddp",), aggregate="medain")
+
+
+def test_feedback_on_a_non_contraction_warns_once_per_variant(capsys: pytest.CaptureFixture[str],
+                                                               monkeypatch: pytest.MonkeyPatch) -> None:
+    cfg = config_from_args(["--algo", "ddp", "--compress", "randomk:ratio=0.01;topk:ratio=0.01;qsgd:bits=8",
+                            "--feedback", "ef;none"])
+    (line,) = cfg.feedback_warnings()
+    assert line.startswith("ddp+randomk:ratio=0.01+ef: randomk:ratio=0.01 is not a contraction"), line
+    assert "--feedback none" in line and "unbiased=false" in line
+    every = ";".join(["ddp", "diloco", "streaming-diloco", "localsgd", "qsr", "dion", "noloco", "gossip",
+                      "onebit-adam", "dist-lion", "co2", "eager-diloco", "delayed-diloco"])
+    assert config_from_args(["--algo", every]).feedback_warnings() == []  # no algorithm's defaults trip it
+    monkeypatch.setattr("lowband.train.run.run", lambda cfg: {})  # the warning, not the training
+    assert cli_main(["train", "--algo", "ddp", "--compress", "terngrad", "--feedback", "ef21"]) == 0
+    assert "warning: ddp+terngrad+ef21: terngrad is not a contraction" in capsys.readouterr().err

@@ -35,6 +35,8 @@ def train(argv: list[str]) -> int:
     cfg = config_from_args(argv)
     console.print(f"[bold]lowband[/bold]: {cfg.model} on {cfg.data}, {cfg.workers} workers, "
                   f"link {cfg.bandwidth} / {cfg.latency} ({cfg.net}), {cfg.steps} steps each of: {', '.join(cfg.algos)}")
+    for line in cfg.feedback_warnings():
+        console.print(f"[yellow]warning[/yellow]: {line}")
     try:
         run(cfg)
     except NetnsUnavailable as err:

@@ -53,10 +53,18 @@ class Compressor(ABC):
 
     name: ClassVar[str] = ""
     summable: ClassVar[bool] = False
+    contraction: ClassVar[bool] = False  # ||C(x) - x|| <= ||x||: see is_contraction
     Options: ClassVar[type[CompressorOptions]] = CompressorOptions
 
     def __init__(self, options: CompressorOptions | None = None) -> None:
         self.options = options if options is not None else type(self).Options()
+
+    def is_contraction(self) -> bool:
+        """Whether its error is never larger than its input (||C(x) - x|| <= ||x||), which error feedback
+        needs to keep its residual bounded (Stich et al., arXiv:1809.07599; Karimireddy et al.,
+        arXiv:1901.09847). Unbiased compressors whose variance exceeds the input's norm
+        (rescaled random-k or sketch, QSGD at 2 or 4 bits, TernGrad) are not: with feedback they diverge."""
+        return self.contraction
 
     @abstractmethod
     def encode(self, x: torch.Tensor, key: str) -> Payload:

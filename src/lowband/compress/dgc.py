@@ -99,6 +99,7 @@ class DGC(Compressor):
 
     name = "dgc"
     fixed_size = False
+    contraction = True  # sends the largest elements, zeros the rest: a top-k
     Options = DGCOptions
 
     def __init__(self, options: DGCOptions | None = None) -> None:

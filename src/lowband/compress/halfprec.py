@@ -20,6 +20,7 @@ from lowband.compress.base import COMPRESSORS, Compressor, Payload
 
 
 class _HalfPrecision(Compressor):
+    contraction = True
     summable = True
     wire_dtype: ClassVar[torch.dtype]
 

@@ -10,6 +10,7 @@ from lowband.compress.base import COMPRESSORS, Compressor, Payload
 @COMPRESSORS.register("identity")
 class Identity(Compressor):
     name = "identity"
+    contraction = True
     summable = True
 
     def encode(self, x: torch.Tensor, key: str) -> Payload:

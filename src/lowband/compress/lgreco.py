@@ -173,6 +173,10 @@ class LGreCo(Compressor):
         for c in self.compressors.values():
             c.for_rank(rank)
 
+    def is_contraction(self) -> bool:
+        """As its family at every setting it may choose (powersgd, topk: yes; qsgd: no)."""
+        return all(c.is_contraction() for c in self.compressors.values())
+
     # -- the rounds -----------------------------------------------------------------------
     def exchange(self, x: torch.Tensor, key: str, world_size: int) -> Exchange:
         count = self.counts.get(key, 0)

@@ -36,6 +36,7 @@ from lowband.compress.qsgd import flat_fp32, restore
 @COMPRESSORS.register("sign")
 class Sign(Compressor):
     name = "sign"
+    contraction = True
     summable = False
 
     def encode(self, x: torch.Tensor, key: str) -> Payload:

@@ -143,6 +143,10 @@ class Sketch(Compressor):
     Options = SketchOptions
     options: SketchOptions
 
+    def is_contraction(self) -> bool:
+        """Only with ``unbiased=false`` (the module docstring's error-feedback paragraph)."""
+        return not self.options.unbiased
+
     def __init__(self, options: SketchOptions | None = None) -> None:
         super().__init__(options)
         self.steps: dict[str, int] = {}

@@ -1,7 +1,7 @@
 """``topk``, ``randomk`` and ``threshold``: send a few elements, zeros elsewhere.
 
 Stich, Cordonnier and Jaggi, "Sparsified SGD with Memory" (arXiv:1809.07599) for top-k and
-random-k (use them with error feedback, ``ef``); Strom, "Scalable Distributed DNN
+random-k (use them with error feedback, ``ef``; random-k then with ``unbiased=false``); Strom, "Scalable Distributed DNN
 Training Using Commodity GPU Cloud Computing" (Interspeech 2015) for the threshold.
 
 ``topk`` (not summable, fixed size):
@@ -18,7 +18,8 @@ Training Using Commodity GPU Cloud Computing" (Interspeech 2015) for the thresho
    rank draws the same ones, so only the k values cross the wire and are summed by an
    all-reduce; the step counter advances once per encode of a key, in lockstep on all ranks;
 2. decode scatters the values and, with ``unbiased`` (default), multiplies them by n / k,
-   so that E[decode(encode(x))] = x.
+   so that E[decode(encode(x))] = x. Rescaled, its error is ~sqrt(n / k) times the input: not a
+   contraction, so error feedback diverges with it; ``unbiased=false`` is one (Stich et al.).
 
 ``threshold`` (not summable, variable size: ``fixed_size = False``):
 
@@ -31,7 +32,7 @@ Strom quantizes the sent values to +-tau (1 bit each); here they travel exactly.
 Example::
 
     agg = Aggregator(comm, build("topk:ratio=0.01", COMPRESSORS), build("ef", FEEDBACK))
-    agg = Aggregator(comm, build("randomk:k=1000,seed=3", COMPRESSORS), build("ef", FEEDBACK))
+    agg = Aggregator(comm, build("randomk:k=1000,seed=3,unbiased=false", COMPRESSORS), build("ef", FEEDBACK))
 """
 
 from __future__ import annotations
@@ -112,6 +113,8 @@ def random_subset(n: int, k: int, generator: torch.Generator) -> torch.Tensor:
 class _Sparse(Compressor):
     """Values + indices in one uint8 tensor; decoded by scattering into zeros."""
 
+    contraction = True  # the kept elements exactly, zeros elsewhere
+
     def decode(self, payload: Payload) -> torch.Tensor:
         shape, dtype, k = payload.ctx
         values, idx = unpack(payload.tensors[0], math.prod(shape), dtype, k)
@@ -156,6 +159,10 @@ class RandomK(Compressor):
     name = "randomk"
     summable = True
     Options = RandomKOptions
+
+    def is_contraction(self) -> bool:
+        """Only without the n / k rescaling (``unbiased=false``): rescaled, its error is ~n / k times the input."""
+        return not self.options.unbiased
 
     def __init__(self, options: RandomKOptions | None = None) -> None:
         super().__init__(options)

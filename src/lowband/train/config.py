@@ -224,6 +224,19 @@ class TrainConfig:
                     out.append(Variant(algo, compress, feedback))
         return out
 
+    def feedback_warnings(self) -> list[str]:
+        """One line per variant that feeds back the error of a compressor that is not a contraction
+        (Compressor.is_contraction): its residual grows without bound and training diverges."""
+        out = []
+        for variant in self.variants():
+            options = self.options_for(variant)
+            compress, feedback = getattr(options, "compress", "identity"), getattr(options, "feedback", "none")
+            if feedback != "none" and not build(compress, COMPRESSORS).is_contraction():
+                out.append(f"{variant.label}: {compress} is not a contraction (its error can exceed its input), "
+                           f"so {feedback}'s residual grows without bound; use --feedback none, or a contraction "
+                           "(topk, sign, powersgd; randomk or sketch with unbiased=false); docs/compression.md")
+        return out
+
     def options_for(self, variant: "Variant") -> Any:
         """The variant's algorithm options: the algorithm's defaults, then same-named config fields
         that were given (not None), then the spec's own options (``diloco:inner_steps=50``
