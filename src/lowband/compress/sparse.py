@@ -1,8 +1,9 @@
 """``topk``, ``randomk`` and ``threshold``: send a few elements, zeros elsewhere.
 
 Stich, Cordonnier and Jaggi, "Sparsified SGD with Memory" (arXiv:1809.07599) for top-k and
-random-k (use them with error feedback, ``ef``; random-k then with ``unbiased=false``); Strom, "Scalable Distributed DNN
-Training Using Commodity GPU Cloud Computing" (Interspeech 2015) for the threshold.
+random-k (use them with error feedback, ``ef``; random-k then with ``unbiased=false``);
+Strom, "Scalable Distributed DNN Training Using Commodity GPU Cloud Computing"
+(Interspeech 2015) for the threshold.
 
 ``topk`` (not summable, fixed size):
 
@@ -161,7 +162,7 @@ class RandomK(Compressor):
     Options = RandomKOptions
 
     def is_contraction(self) -> bool:
-        """Only without the n / k rescaling (``unbiased=false``): rescaled, its error is ~n / k times the input."""
+        """Only without the n / k rescaling (``unbiased=false``): rescaled, its error is ~sqrt(n / k) x the input."""
         return not self.options.unbiased
 
     def __init__(self, options: RandomKOptions | None = None) -> None:
