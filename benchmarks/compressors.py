@@ -18,8 +18,9 @@ costs ten copies), ``vs reference`` = reference time / lowband time (> 1: lowban
 faster), each ratio the median of the per-repeat ratios, so a noisy machine slows both
 sides of a ratio alike. Also the exact payload bytes per element (``payload.nbytes``, all
 rounds summed for powersgd) and the relative error ||C(x) - x|| / ||x|| of both sides,
-which shows that the two compute the same thing. ``identity`` neither copies nor
-computes (its payload is a view), so its row measures call overhead only. Every
+which shows that the two compute the same thing, beside what the compressor declares
+(``is_contraction``: error never above 1, what error feedback needs). ``identity``
+neither copies nor computes (its payload is a view), so its row measures call overhead only. Every
 allocation of a large tensor costs page faults here, memcpy included: the ratios, not the
 GB/s, are what carries over to another machine.
 
@@ -223,7 +224,7 @@ def measure_throughput(spec: str, compressor: Any, x: torch.Tensor, repeats: int
         "vs_memcpy": vs_memcpy, "vs_reference": vs_ref,
         "payload_bytes": nbytes, "bytes_per_element": nbytes / x.numel(),
         "rel_error": errors["lowband"], "reference_rel_error": errors["reference"],
-        "samples_s": runs["lowband"],
+        "contraction": compressor.is_contraction(), "samples_s": runs["lowband"],
     }
 
 
@@ -354,11 +355,12 @@ def main(argv: list[str] | None = None) -> int:
         f"median of {args.repeats}; vs memcpy = clone time / lowband time, vs reference = reference time / "
         f"lowband time (>1: lowband faster)",
         ["compressor", "GB/s", "lowband ms", "vs memcpy", "reference ms", "vs reference", "bytes/elem",
-         "rel. error (lowband / ref)"],
+         "rel. error (lowband / ref)", "contraction"],
         [[r["spec"], _fmt(r["gbps"]), _fmt(r["lowband_s"] * 1e3, 1), _fmt(r["vs_memcpy"], 3),
           _fmt(r["reference_s"] * 1e3 if r["reference_s"] is not None else None, 1),
           _fmt(r["vs_reference"]), _fmt(r["bytes_per_element"], 4),
-          f"{_fmt(r['rel_error'], 3)} / {_fmt(r['reference_rel_error'], 3)}"] for r in throughput],
+          f"{_fmt(r['rel_error'], 3)} / {_fmt(r['reference_rel_error'], 3)}", "yes" if r["contraction"] else "no"]
+         for r in throughput],
         args.plain,
     )
 

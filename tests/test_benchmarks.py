@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import torch
 
 from lowband.compress import COMPRESSORS
 
@@ -48,6 +49,7 @@ def test_compressors_benchmark_quick(tmp_path: Path, capsys) -> None:
         assert row["lowband_s"] > 0 and row["memcpy_s"] > 0, spec
         assert row["payload_bytes"] > 0, spec
         assert row["vs_reference"] is None or row["vs_reference"] > 0, spec
+        assert row["contraction"] == (row["rel_error"] <= 1.0), (spec, row["rel_error"])  # what feedback needs
     for spec, row in compression.items():
         for model in ("gpt", "cnn", "resnet18"):
             ratio = row["ratio"][model]
@@ -56,6 +58,23 @@ def test_compressors_benchmark_quick(tmp_path: Path, capsys) -> None:
             else:
                 assert ratio > 1, (spec, model, ratio)
     assert compression["fp16"]["ratio"]["resnet18"] == 2.0
+
+
+CONTRACTIONS = ["randomk:ratio=0.01,unbiased=false", "sketch:ratio=0.05,unbiased=false", "qsgd:bits=8", "lgreco",
+                "lgreco:family=topk", "threshold:tau=1.0"]
+EXPANSIONS = ["randomk:ratio=0.01", "sketch:ratio=0.05", "qsgd:bits=4", "terngrad", "lgreco:family=qsgd"]
+
+
+@pytest.mark.parametrize("spec", CONTRACTIONS + EXPANSIONS)
+def test_is_contraction_matches_the_benchmarks_measured_error(spec: str) -> None:
+    """Options the quick run above does not reach (unbiased=false, L-GreCo's families): what the compressor
+    declares (is_contraction) against the benchmark's ||C(x) - x|| / ||x||, mean over 5 gaussian matrices."""
+    bench = _load_benchmark()
+    compressor = bench.fresh(spec, COMPRESSORS)
+    xs = [torch.randn(64, 128, generator=torch.Generator().manual_seed(seed)) for seed in range(5)]
+    measured = sum(bench.relative_error(bench.lowband_roundtrip(compressor, "x"), x) for x in xs) / len(xs)
+    assert compressor.is_contraction() == (spec in CONTRACTIONS)
+    assert (measured <= 1.0) == (spec in CONTRACTIONS), measured
 
 
 @pytest.mark.slow

@@ -176,26 +176,3 @@ def test_state_dict_round_trip(make) -> None:
     fresh = run(make(), TopK(0.2), xs[3:4])[0]
     assert not torch.equal(fresh, expected[0])
 
-
-CONTRACTIONS = ["identity", "fp16", "bf16", "int8", "topk:ratio=0.01", "threshold:tau=1.0", "dgc:ratio=0.01", "sign",
-                "powersgd:rank=2", "randomk:ratio=0.01,unbiased=false", "sketch:ratio=0.05,unbiased=false",
-                "qsgd:bits=8", "lgreco", "lgreco:family=topk"]
-EXPANSIONS = ["randomk:ratio=0.01", "sketch:ratio=0.05", "qsgd:bits=4", "qsgd:bits=2", "terngrad",
-              "lgreco:family=qsgd"]
-
-
-@pytest.mark.parametrize("spec", CONTRACTIONS + EXPANSIONS)
-def test_is_contraction_matches_the_measured_error(spec: str) -> None:
-    """What error feedback needs (Compressor.is_contraction) against ||C(x) - x|| / ||x|| measured in a
-    world of one, mean over 5 gaussian matrices (measured: topk 0.96, sign 0.60, randomk 10.0, qsgd 4 bits
-    1.28, terngrad 1.04, qsgd 8 bits 0.07)."""
-    compressor = build(spec, COMPRESSORS)
-    ratios = []
-    for seed in range(5):
-        x = torch.randn(64, 128, generator=torch.Generator().manual_seed(seed))
-        y = x.clone()
-        Aggregator(Comm(), compressor, build("none", FEEDBACK)).mean_([("x", y)])
-        ratios.append(float((y - x).norm() / x.norm()))
-    measured = sum(ratios) / len(ratios)
-    assert compressor.is_contraction() == (spec in CONTRACTIONS)
-    assert (measured <= 1.0) == (spec in CONTRACTIONS), measured

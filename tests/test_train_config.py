@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 
+from lowband.algorithms import ALGORITHMS
 from lowband.cli import main as cli_main
 from lowband.train.config import TrainConfig, config_from_args
 from lowband.algorithms.ddp import DDPOptions
@@ -137,8 +138,7 @@ def test_feedback_on_a_non_contraction_warns_once_per_variant(capsys: pytest.Cap
     (line,) = cfg.feedback_warnings()
     assert line.startswith("ddp+randomk:ratio=0.01+ef: randomk:ratio=0.01 is not a contraction"), line
     assert "--feedback none" in line and "unbiased=false" in line
-    every = ";".join(["ddp", "diloco", "streaming-diloco", "localsgd", "qsr", "dion", "noloco", "gossip",
-                      "onebit-adam", "dist-lion", "co2", "eager-diloco", "delayed-diloco"])
+    every = ";".join(ALGORITHMS.names())
     assert config_from_args(["--algo", every]).feedback_warnings() == []  # no algorithm's defaults trip it
     monkeypatch.setattr("lowband.train.run.run", lambda cfg: {})  # the warning, not the training
     assert cli_main(["train", "--algo", "ddp", "--compress", "terngrad", "--feedback", "ef21"]) == 0
