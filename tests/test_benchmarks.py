@@ -7,6 +7,7 @@ import dataclasses
 import importlib.util
 import json
 import math
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -240,3 +241,21 @@ def test_case_study_stopped_by_a_signal_packs_what_finished_and_says_how_to_resu
     assert study.main(["--out", str(tmp_path / "runs")]) == 128 + 15
     assert packed == [tmp_path / "runs"]  # the finished cells are packed before it exits
     assert "the same command resumes the study" in capsys.readouterr().err
+
+
+def test_gpu_smoke_dry_run_on_cpu(tmp_path: Path, capsys) -> None:
+    """benchmarks/gpu_smoke.py (what a GPU machine runs) works end to end, here on the CPU."""
+    spec = importlib.util.spec_from_file_location("gpu_smoke", BENCHMARK.parent / "gpu_smoke.py")
+    assert spec is not None and spec.loader is not None
+    smoke = importlib.util.module_from_spec(spec)
+    sys.modules["gpu_smoke"] = smoke  # its dataclasses look their module up there
+    spec.loader.exec_module(smoke)
+    if not torch.cuda.is_available():
+        assert smoke.main(["--device", "cuda"]) == 2  # refused in one line, nothing run
+    out = tmp_path / "smoke.json"
+    assert smoke.main(["--device", "cpu", "--steps", "2", "--only", "ddp-compressed", "--compress", "identity;topk",
+                       "--runs", str(tmp_path / "runs"), "--out", str(out)]) == 0
+    data = json.loads(out.read_text())
+    assert [r["run"] for r in data["rows"]] == ["ddp", "ddp+topk"] and not data["failures"]
+    assert all(r["ok"] and math.isfinite(r["final_loss"]) for r in data["rows"])
+    assert "ddp+topk" in capsys.readouterr().out

@@ -143,6 +143,22 @@ def test_a_changed_config_is_run_again(tmp_path: Path) -> None:
     assert changed.folder == unit.folder and not changed.done()
 
 
+def test_a_unit_from_before_a_new_config_field_stays_done(tmp_path: Path) -> None:
+    """A done.json written before a field existed (device, precision) matches the field's default only."""
+    import json
+
+    (unit,) = spec().units(tmp_path)[:1]
+    _fake_unit(unit, [3.0], 1.0, 1)
+    marker = unit.folder / "done.json"
+    done = json.loads(marker.read_text())
+    for field in ("device", "precision"):
+        del done["config"][field]
+    marker.write_text(json.dumps(done))
+    assert unit.done()
+    (changed,) = spec(SMALL.replace("[train]\n", "[train]\nprecision = \"bf16\"\n")).units(tmp_path)[:1]
+    assert changed.folder == unit.folder and not changed.done()
+
+
 def test_a_moved_or_retargeted_sweep_folder_stays_done(tmp_path: Path) -> None:
     import shutil
 

@@ -26,6 +26,7 @@ console = Console(stderr=True, highlight=False, soft_wrap=True)
 @COMMANDS.register("train")
 def train(argv: list[str]) -> int:
     """Start ``--workers`` processes through torchrun's launcher API and train."""
+    from lowband.devices import check_gpus
     from lowband.train.config import config_from_args
     from lowband.net.netns import NetnsUnavailable
     from lowband.train.launch import WorkerFailed
@@ -33,8 +34,14 @@ def train(argv: list[str]) -> int:
     from lowband.train.run import run
 
     cfg = config_from_args(argv)
+    try:
+        check_gpus(cfg.device, cfg.workers)  # one GPU per worker, before any worker starts
+    except ValueError as err:
+        console.print(f"[red]error[/red]: {err}")
+        return 2
     console.print(f"[bold]lowband[/bold]: {cfg.model} on {cfg.data}, {cfg.workers} workers, "
-                  f"link {cfg.bandwidth} / {cfg.latency} ({cfg.net}), {cfg.steps} steps each of: {', '.join(cfg.algos)}")
+                  f"link {cfg.bandwidth} / {cfg.latency} ({cfg.net}), {cfg.steps} steps each of: {', '.join(cfg.algos)}"
+                  + ("" if (cfg.device, cfg.precision) == ("auto", "fp32") else f" ({cfg.device}, {cfg.precision})"))
     for line in cfg.feedback_warnings():
         console.print(f"[yellow]warning[/yellow]: {line}")
     try:

@@ -95,6 +95,9 @@ class Algorithm:
         self.grad_clip = grad_clip
         self.named_params = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
         self.params = [p for _, p in self.named_params]
+        # where the algorithm's state and every tensor it makes live (lowband.devices, rule 1); the
+        # CPU for a model without trainable parameters
+        self.device = self.params[0].device if self.params else torch.device("cpu")
         self.step_count = 0
         self.broadcast_parameters()
 
@@ -221,6 +224,7 @@ def consensus_distance(comm: Comm, params: list[torch.Tensor]) -> float:
     flat = flatten([p.detach() for p in params]).double()
     mean = comm.monitor_all_reduce(flat.clone()).div_(n)
     distance = torch.linalg.vector_norm(flat - mean).reshape(1)
+    # host sync: the metrics row takes a Python float (once per evaluation, not per step)
     return comm.monitor_all_reduce(distance).item() / n
 
 

@@ -134,8 +134,12 @@ class SpeedBudget:
     :meth:`after_inner_step`, :meth:`idle`, :meth:`factor` and :meth:`end_round`.
     """
 
-    def __init__(self, comm: Comm, inner_steps: int, smoothing: float = 0.5, weighting: str = "work") -> None:
+    def __init__(self, comm: Comm, inner_steps: int, smoothing: float = 0.5, weighting: str = "work",
+                 device: torch.device | str | None = None) -> None:
         self.comm, self.inner_steps, self.smoothing = comm, inner_steps, smoothing
+        # where the exchanged seconds live: the communication device (the parameters'; NCCL rejects
+        # CPU tensors); by default the Comm's own
+        self.device = torch.device(device) if device is not None else getattr(comm, "device", torch.device("cpu"))
         self.weight = WEIGHTINGS[weighting]
         self.estimate: tuple[float, ...] | None = None  # smoothed seconds per inner step, per rank
         self.budgets: tuple[int, ...] | None = None  # this round's inner steps per rank
@@ -185,8 +189,9 @@ class SpeedBudget:
     def exchange(self) -> None:
         """Steps 2-3: all-gather seconds per step, smooth, recompute every rank's budget."""
         own = self.seconds / self.steps if self.steps else math.nan  # NaN: keep this rank's estimate
-        gathered = self.comm.all_gather(torch.tensor([own], dtype=torch.float64), tag="speeds")
-        measured = [float(t.item()) for t in gathered]
+        gathered = self.comm.all_gather(torch.tensor([own], dtype=torch.float64, device=self.device), tag="speeds")
+        # host sync: the budgets (inner steps per rank) are host decisions; one read per synchronisation
+        measured = [float(t) for t in torch.cat(gathered).tolist()]
         self.estimate = smooth(self.estimate, measured, self.smoothing)
         self.budgets = speed_budgets(self.estimate, self.inner_steps)
         self.seconds, self.steps = 0.0, 0

@@ -170,4 +170,6 @@ class CO2(OverlappedDiLoCo):
         with torch.no_grad():
             for m, saved in zip(self.momentum, state["momentum"]):
                 m.copy_(saved)
-        self.gap_norms = [n.clone() for n in state["gap_norms"]]
+        # a checkpoint saved elsewhere (the CPU) resumes on the parameters' device
+        self.gap_norms = [n.detach().to(device=g.device, dtype=g.dtype, copy=True)
+                          for n, g in zip(state["gap_norms"], self.global_params)]

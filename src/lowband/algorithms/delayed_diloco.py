@@ -129,7 +129,9 @@ class OverlappedDiLoCo(DiLoCo):
         if saved is not None and len(saved) != len(self.named_params):
             raise ValueError(f"checkpoint has {len(saved)} outer gradients in flight "
                              f"for {len(self.named_params)} parameters")
-        self.in_flight = None if saved is None else [(n, d.clone()) for (n, _), d in zip(self.named_params, saved)]
+        # a checkpoint saved elsewhere (the CPU) resumes on the parameters' device
+        self.in_flight = None if saved is None else [(n, d.to(p.device, copy=True))
+                                                     for (n, p), d in zip(self.named_params, saved)]
 
 
 @dataclass(frozen=True)

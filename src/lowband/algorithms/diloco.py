@@ -82,7 +82,7 @@ class DiLoCo(Algorithm):
         self.local_steps = 0  # inner steps since the last synchronisation
         self.aggregator = self.build_aggregator("outer")
         o = self.options  # qsr's options have no budget: fixed
-        self.speed_budget = SpeedBudget(self.comm, o.inner_steps, o.budget_smoothing, o.weighting) \
+        self.speed_budget = SpeedBudget(self.comm, o.inner_steps, o.budget_smoothing, o.weighting, self.device) \
             if getattr(o, "budget", "fixed") == "speed" else None
         self._inner_started = time.perf_counter()
 

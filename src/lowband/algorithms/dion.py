@@ -169,12 +169,14 @@ class Dion(OwnUpdate):
         self.matrix_groups = [group_of[id(mx.param)] for mx in self.matrices]
         self.scalar_groups = [group_of[id(p)] for p in self.scalars]
 
-        self.momentum = [torch.zeros(mx.a, mx.b, dtype=torch.float32) for mx in self.matrices]
-        self.q = [torch.randn(mx.q_rows, mx.r, generator=torch.Generator().manual_seed(Q_SEED + k))
+        device = self.device
+        self.momentum = [torch.zeros(mx.a, mx.b, dtype=torch.float32, device=device) for mx in self.matrices]
+        # cpu: shared randomness, drawn from a CPU generator (the same on every rank and device), moved once
+        self.q = [torch.randn(mx.q_rows, mx.r, generator=torch.Generator().manual_seed(Q_SEED + k)).to(device)
                   for k, mx in enumerate(self.matrices)]
         numel = sum(p.numel() for p in self.scalars)
-        self.scalar_m = torch.zeros(numel, dtype=torch.float32)
-        self.scalar_v = torch.zeros(numel if o.scalar_optimizer == "adamw" else 0, dtype=torch.float32)
+        self.scalar_m = torch.zeros(numel, dtype=torch.float32, device=device)
+        self.scalar_v = torch.zeros(numel if o.scalar_optimizer == "adamw" else 0, dtype=torch.float32, device=device)
 
     # -- communication plan ------------------------------------------------------------
     def wire_counts(self) -> tuple[int, int, int]:

@@ -86,7 +86,8 @@ class DistLion(OwnUpdate):
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self.groups = param_groups(self.optimizer, self.params)
-        self.m = torch.zeros(sum(p.numel() for p in self.params), dtype=torch.float32)  # this rank's own
+        self.m = torch.zeros(sum(p.numel() for p in self.params), dtype=torch.float32,
+                             device=self.device)  # this rank's own
 
     @torch.no_grad()
     def update(self) -> None:

@@ -139,4 +139,6 @@ class EagerDiLoCo(OverlappedDiLoCo):
     def load_state_dict(self, state: dict[str, Any]) -> None:
         super().load_state_dict(state)
         own = state["own_outer_gradients"]
-        self.own_outer_gradients = None if own is None else [d.clone() for d in own]
+        # a checkpoint saved elsewhere (the CPU) resumes on the parameters' device
+        self.own_outer_gradients = None if own is None else [d.to(p.device, copy=True)
+                                                             for d, p in zip(own, self.params)]

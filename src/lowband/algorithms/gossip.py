@@ -97,6 +97,7 @@ def neighbours(topology: str, n: int) -> list[list[int]]:
 def metropolis_weights(neighbours: list[list[int]]) -> torch.Tensor:
     """The n x n float64 Metropolis-Hastings mixing matrix of an undirected graph."""
     n = len(neighbours)
+    # cpu: the mixing matrix is host data (a schedule of peers and weights)
     w = torch.zeros(n, n, dtype=torch.float64)
     for i, peers in enumerate(neighbours):
         for j in peers:

@@ -107,6 +107,7 @@ def groups(world_size: int, seed: int, outer_step: int) -> list[tuple[int, ...]]
     if world_size < 1:
         raise ValueError(f"world_size must be >= 1, got {world_size}")
     g = torch.Generator().manual_seed(seed * SEED_STRIDE + outer_step)
+    # cpu: the pairing schedule is host data (which rank averages with which)
     perm = torch.randperm(world_size, generator=g).tolist()
     cut = world_size - 3 if world_size % 2 and world_size > 1 else world_size  # pairs end here
     out = [tuple(sorted(perm[k:k + 2])) for k in range(0, cut, 2)]

@@ -88,10 +88,12 @@ def compressed_allreduce(comm: Comm, x: torch.Tensor, worker_error: torch.Tensor
     padded = worker_error.numel()
     chunk = padded // world
     nbytes = chunk // 8
-    length = (n - torch.arange(world) * chunk).clamp(0, chunk).to(torch.float32)  # real elements per chunk
-    valid = (torch.arange(padded) < n).view(world, chunk)
+    device = x.device
+    # real elements per chunk
+    length = (n - torch.arange(world, device=device) * chunk).clamp(0, chunk).to(torch.float32)
+    valid = (torch.arange(padded, device=device) < n).view(world, chunk)
 
-    buf = torch.zeros(padded, dtype=torch.float32)
+    buf = torch.zeros(padded, dtype=torch.float32, device=device)
     buf[:n] = x
     buf.add_(worker_error)
     rows = buf.view(world, chunk)
@@ -122,10 +124,11 @@ class OneBitAdam(OwnUpdate):
         self.groups = param_groups(self.optimizer, self.params)
         self.numel = sum(p.numel() for p in self.params)
         padded = padded_numel(self.numel, self.comm.world_size)
-        self.m = torch.zeros(self.numel, dtype=torch.float32)
-        self.v = torch.zeros(self.numel, dtype=torch.float32)
-        self.worker_error = torch.zeros(padded, dtype=torch.float32)
-        self.server_error = torch.zeros(padded // self.comm.world_size, dtype=torch.float32)
+        zeros = lambda n: torch.zeros(n, dtype=torch.float32, device=self.device)  # noqa: E731
+        self.m = zeros(self.numel)
+        self.v = zeros(self.numel)
+        self.worker_error = zeros(padded)
+        self.server_error = zeros(padded // self.comm.world_size)
 
     @property
     def frozen(self) -> bool:

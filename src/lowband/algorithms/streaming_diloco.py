@@ -216,5 +216,7 @@ class StreamingDiLoCo(DiLoCo):
         self.wait_in_flight()  # nothing of ours may still be written by the aggregator's thread
         super().load_state_dict(state)
         self.fragment_outer_steps = [int(n) for n in state["fragment_outer_steps"]]
-        self.in_flight = {int(p): InFlight([d.clone() for d in f["deltas"]], int(f["apply_at"]))
+        # a checkpoint saved elsewhere (the CPU) resumes on the parameters' device
+        self.in_flight = {int(p): InFlight([d.to(self.params[i].device, copy=True)
+                                            for i, d in zip(self.fragments[int(p)], f["deltas"])], int(f["apply_at"]))
                           for p, f in state["in_flight"].items()}

@@ -55,6 +55,7 @@ from typing import Any, Callable
 
 import torch
 
+from lowband import devices
 from lowband.algorithms.base import ALGORITHMS, Options
 from lowband.algorithms.signs import OwnUpdate, param_groups
 from lowband.compress.sparse import stable_seed
@@ -116,9 +117,38 @@ def adapt_scale(scale: float, codes: list[int]) -> float:
 
 
 def perturbations(seed: int, worker: int, step: int, params: list[torch.Tensor]) -> Any:
-    """z for each of ``params`` in order, drawn from one generator (a generator of tensors)."""
-    generator = torch.Generator().manual_seed(perturbation_seed(seed, worker, step))
-    return (torch.randn(p.shape, generator=generator, dtype=p.dtype) for p in params)
+    """z for each of ``params`` in order, drawn from one generator (a generator of tensors).
+
+    Drawn on the parameters' device (a parameter-sized draw every step must not cross the host
+    link) from a generator seeded alike on every rank: all ranks of a run share one device type,
+    so every rank draws the same z (on the CPU, the values of ``torch.Generator().manual_seed``)."""
+    if not params:
+        return iter(())
+    device = params[0].device
+    generator = devices.generator(device, perturbation_seed(seed, worker, step))
+    return (torch.randn(p.shape, generator=generator, dtype=p.dtype, device=device) for p in params)
+
+
+def _accelerator_rng(device: torch.device) -> Any:
+    """The torch module whose default generator draws ``device``'s dropout masks (``torch.cuda``), or None."""
+    if device.type in ("cpu", "meta"):
+        return None
+    module = getattr(torch, device.type, None)
+    return module if module is not None and hasattr(module, "get_rng_state") else None
+
+
+def rng_states(device: torch.device) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """The default generators' states: the CPU's and, on an accelerator, ``device``'s (where dropout draws)."""
+    module = _accelerator_rng(device)
+    return torch.get_rng_state(), None if module is None else module.get_rng_state(device)
+
+
+def set_rng_states(device: torch.device, states: tuple[torch.Tensor, torch.Tensor | None]) -> None:
+    """Rewind to :func:`rng_states`' ``states``."""
+    torch.set_rng_state(states[0])
+    module = _accelerator_rng(device)
+    if module is not None and states[1] is not None:
+        module.set_rng_state(states[1], device)
 
 
 @dataclass(frozen=True)
@@ -162,21 +192,24 @@ class ZOOneByte(OwnUpdate):
         """Steps 1-6 of the module docstring; returns (l+ + l-) / 2, the loss estimate at theta."""
         t, eps = self.step_count + 1, self.options.eps
         backup = [p.detach().clone() for p in self.params]
-        rng = torch.get_rng_state()
+        rng = rng_states(self.device)
         for p, z in zip(self.params, perturbations(self.options.seed, self.worker, t, self.params)):
             p.add_(z, alpha=eps)
         plus = closure().detach().float()
         for p, b, z in zip(self.params, backup, perturbations(self.options.seed, self.worker, t, self.params)):
             p.copy_(b).add_(z, alpha=-eps)
-        torch.set_rng_state(rng)  # common random numbers: the same dropout masks for l+ and l-
+        set_rng_states(self.device, rng)  # common random numbers: the same dropout masks for l+ and l-
         minus = closure().detach().float()
         for p, b in zip(self.params, backup):
             p.copy_(b)
         del backup
-        code = quantize((plus.item() - minus.item()) / (2 * eps), self.scale)
+        # host sync: the byte is quantised on the host (it selects whose perturbations every rank
+        # regenerates, and is logged); one read for both losses
+        loss_plus, loss_minus = torch.stack([plus.reshape(()), minus.reshape(())]).tolist()
+        code = quantize((loss_plus - loss_minus) / (2 * eps), self.scale)
         codes = self.gather(code)
         lrs = self.apply(t, codes)
-        self.last = StepRecord(t, self.scale, tuple(codes), lrs, plus.item(), minus.item())
+        self.last = StepRecord(t, self.scale, tuple(codes), lrs, loss_plus, loss_minus)
         if self.options.adapt:
             self.scale = adapt_scale(self.scale, codes)
         self.optimizer._opt_called = True  # type: ignore[attr-defined]  # the lr scheduler's check
@@ -187,8 +220,10 @@ class ZOOneByte(OwnUpdate):
         """Every worker's byte, in worker order (one all-gather of 1 byte)."""
         if self.comm.world_size == 1:
             return [code]
-        got = self.comm.all_gather(torch.tensor([code], dtype=torch.uint8), tag="zo-bytes")
-        return [int(b.item()) for b in got]
+        # on the communication device (NCCL rejects CPU tensors)
+        got = self.comm.all_gather(torch.tensor([code], dtype=torch.uint8, device=self.device), tag="zo-bytes")
+        # host sync: the bytes choose, on the host, the contributors and the next quantiser step
+        return [int(b) for b in torch.cat(got).tolist()]
 
     @torch.no_grad()
     def apply(self, t: int, codes: list[int]) -> tuple[float, ...]:

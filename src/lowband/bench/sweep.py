@@ -144,7 +144,11 @@ class Unit:
             config = json.loads(marker.read_text()).get("config")
         except ValueError:
             return False
-        return isinstance(config, dict) and _measured(config) == _measured(_jsonable(self.config.to_dict()))
+        if not isinstance(config, dict):
+            return False
+        current = _measured(_jsonable(self.config.to_dict()))
+        # a field added since the unit ran (device, precision) counts as its default then
+        return _measured({**_defaults(current), **config}) == current
 
 
 @dataclass(frozen=True)
@@ -363,6 +367,12 @@ def _measured(config: dict[str, Any]) -> dict[str, Any]:
     """A unit's configuration without what does not change its measurements (where it was written,
     the target loss of its report): a moved sweep folder, or a new target, leaves it done."""
     return {k: v for k, v in config.items() if k not in RUN_CONTROL}
+
+
+def _defaults(keys: Any) -> dict[str, Any]:
+    """The defaults of the TrainConfig fields named in ``keys`` (JSON form)."""
+    fields = {f.name: f.default for f in dataclasses.fields(TrainConfig) if f.default is not dataclasses.MISSING}
+    return _jsonable({k: fields[k] for k in keys if k in fields})
 
 
 def folder_name(label: str) -> str:

@@ -29,7 +29,7 @@ from __future__ import annotations
 import time
 from collections import defaultdict
 from concurrent.futures import Future, ThreadPoolExecutor
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 import torch
 
@@ -58,6 +58,12 @@ class PendingMean:
         started = time.perf_counter()
         self._future.result()
         self._comm.account_wait(time.perf_counter() - started)
+
+    def add_done_callback(self, fn: Callable[[BaseException | None], None]) -> None:
+        """Call ``fn(None)`` once the mean is written back, or ``fn(error)`` if it failed: on the
+        aggregator's thread (on this one, at once, if already done). Nothing is charged to
+        ``wait_seconds``; a bridge to another future (:mod:`lowband.comm.ddp_hook`) times its own wait."""
+        self._future.add_done_callback(lambda future: fn(future.exception()))
 
 
 class Aggregator:
@@ -186,8 +192,8 @@ class Aggregator:
         while pending:
             if self.compressor.summable:
                 summed = self._all_reduce(pending, poison=first and poison)
-                if first and not all(torch.isfinite(t).all() for p in summed.values()
-                                     for t in p.tensors if t.is_floating_point()):
+                if first and not guards.all_finite([t for p in summed.values() for t in p.tensors
+                                                    if t.is_floating_point()]):  # host sync: one per call
                     for ex in exchanges.values():
                         ex.close()
                     return None
@@ -215,10 +221,10 @@ class Aggregator:
         if results is not None:
             return results
         n = self.comm.world_size
-        flags = torch.zeros(n, dtype=torch.float32)
+        flags = torch.zeros(n, dtype=torch.float32, device=self._device(inputs))
         flags[self.comm.rank] = float(valid)
         self.comm.all_reduce(flags, tag=f"{self.tag}.valid")
-        excluded = [r for r in range(n) if flags[r] == 0]
+        excluded = [r for r, flag in enumerate(flags.tolist()) if flag == 0]  # host sync: who is excluded
         if not excluded:
             raise NonFiniteError(f"{self.tag}: the summed payload is non-finite although every rank's input is "
                                  "finite (overflow in a low-precision sum?)")
@@ -287,10 +293,10 @@ class Aggregator:
         tensors = [t.contiguous() for p in pending.values() for t in p.tensors]
         if n == 1 or not tensors:
             return {key: [p] * n for key, p in pending.items()}, [True] * n
-        sizes = self._gathered_sizes(tensors)  # (ranks, tensors) element counts
+        sizes = self._gathered_sizes(tensors)  # [rank][tensor] element counts, on the host
         own = torch.cat([t.reshape(-1).view(torch.uint8) for t in tensors])
-        width = int((sizes * torch.tensor([t.element_size() for t in tensors])).sum(1).max())
-        padded = torch.zeros(width, dtype=torch.uint8)
+        width = max(sum(c * t.element_size() for c, t in zip(row, tensors)) for row in sizes)
+        padded = torch.zeros(width, dtype=torch.uint8, device=own.device)
         padded[:own.numel()] = own
         parts: list[list[torch.Tensor]] = [[] for _ in range(n)]
         for chunk in _chunks(guards.seal(padded, valid, self.checksum), self.bucket_bytes):
@@ -299,14 +305,14 @@ class Aggregator:
                 parts[r].append(piece)
         per_rank = [torch.cat(p) for p in parts]
         guards.apply_corruptions(per_rank, width, self.comm.rank)
-        mask = self._agree([guards.verify(buf, width, self.checksum) for buf in per_rank], step)
+        mask = self._agree(guards.verify_all(per_rank, width, self.checksum), step, own.device)
         out: dict[str, list[Payload]] = {key: [] for key in pending}
         for r, buf in enumerate(per_rank):
             offset, i = 0, 0
             for key, payload in pending.items():
                 decoded = []
                 for t in payload.tensors:
-                    count = int(sizes[r, i])
+                    count = sizes[r][i]
                     nbytes = count * t.element_size()
                     raw = buf[offset:offset + nbytes]
                     if offset % t.element_size():  # misaligned after an odd-length byte tensor
@@ -317,12 +323,15 @@ class Aggregator:
                 out[key].append(Payload(decoded, payload.ctx))
         return out, mask
 
-    def _agree(self, reasons: list[str | None], step: int) -> list[bool]:
-        """Which ranks' contributions count. With ``checksum``, one all-reduce of n int32 flags makes
-        every rank exclude a sender that any receiver saw corrupted (ranks must stay equal)."""
-        bad = torch.tensor([r is not None for r in reasons], dtype=torch.int32)
+    def _agree(self, reasons: list[str | None], step: int, device: torch.device) -> list[bool]:
+        """Which ranks' contributions count. With ``checksum``, one all-reduce of n int32 flags (on
+        ``device``, the payload's) makes every rank exclude a sender that any receiver saw corrupted
+        (ranks must stay equal)."""
+        bad = [int(r is not None) for r in reasons]
         if self.checksum:
-            self.comm.all_reduce(bad, tag=f"{self.tag}.valid")
+            flags = torch.tensor(bad, dtype=torch.int32, device=device)
+            self.comm.all_reduce(flags, tag=f"{self.tag}.valid")
+            bad = flags.tolist()  # host sync: the agreed exclusions
         excluded = [r for r in range(len(reasons)) if bad[r] > 0]
         if len(excluded) == len(reasons):
             raise guards.refuse(f"{self.tag}: no rank has a valid contribution")
@@ -331,12 +340,19 @@ class Aggregator:
             guards.warn_excluded(self.comm.rank, self.tag, step, excluded, why)
         return [r not in excluded for r in range(len(reasons))]
 
-    def _gathered_sizes(self, tensors: list[torch.Tensor]) -> torch.Tensor:
+    def _gathered_sizes(self, tensors: list[torch.Tensor]) -> list[list[int]]:
         """Element counts of every payload tensor on every rank (one small all-gather if they vary)."""
-        own = torch.tensor([t.numel() for t in tensors], dtype=torch.int64)
+        own = [t.numel() for t in tensors]
         if getattr(self.compressor, "fixed_size", True) or self.comm.world_size == 1:
-            return own.expand(self.comm.world_size, -1)
-        return torch.stack(self.comm.all_gather(own, tag=f"{self.tag}.sizes"))
+            return [own] * self.comm.world_size
+        sent = torch.tensor(own, dtype=torch.int64, device=tensors[0].device)
+        # host sync: the receive buffers' sizes
+        return torch.stack(self.comm.all_gather(sent, tag=f"{self.tag}.sizes")).tolist()
+
+    @staticmethod
+    def _device(inputs: dict[str, torch.Tensor]) -> torch.device:
+        """The device of the tensors being averaged (where flags that travel with them must live)."""
+        return next(iter(inputs.values())).device if inputs else torch.device("cpu")
 
 
 def small_key(dtype: torch.dtype, names: Sequence[str]) -> str:

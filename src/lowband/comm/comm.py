@@ -19,6 +19,14 @@ With ``world_size == 1`` (or no process group) nothing is sent and nothing recor
 A ``Comm`` over a sub-group (``dist.new_group``) takes group ranks everywhere (``src``,
 ``dst``, peers); several ``Comm`` may share one ``ledger`` (the sub-groups of hierarchical
 averaging, :mod:`lowband.comm.hierarchy`, charge the algorithm's).
+
+CUDA tensors (NCCL). A NCCL collective returns once it is enqueued on the GPU, not when it has
+completed, so step 2 would start the modelled delay too early and the ledger would record an
+op that had not finished. When an op's tensors are CUDA tensors, the comm thread first makes
+their device current (CUDA's current device is per thread, and NCCL's streams follow it), and
+after the real op waits for the device's current stream (:func:`_complete`) before reading the
+clock: the real GPU transfer is then inside ``start``..``end`` like gloo's, and the modelled
+delay is slept after it. CPU tensors (gloo) take exactly the path they always did.
 """
 
 from __future__ import annotations
@@ -80,6 +88,7 @@ class Comm:
         self.ring: tuple[int, ...] = tuple(range(self.world_size))
         self.ring_link = network.ring_link() if network is not None else Link()
         self.ledger = ledger if ledger is not None else Ledger()
+        self.device = group_device(group)  # where metadata this Comm sends must live (NCCL: the GPU)
         self.wait_seconds = 0.0  # time the training thread spent blocked on communication
         self._local = threading.local()
         self._pool = ThreadPoolExecutor(1, thread_name_prefix="lowband-comm") if self.world_size > 1 else None
@@ -169,13 +178,20 @@ class Comm:
         link = self.network.bottleneck([self.rank, *peers]) if self.network is not None and peers else self.link
         price = lambda link: cost.neighbor_exchange(sent, received, link)  # noqa: E731
         return self._submit("sendrecv", tag, max(sent, received), price, run, recvs, async_op,
-                            peers=len(peers) + 1, link=link)
+                            peers=len(peers) + 1, link=link, on=(sends, recvs))
 
     def monitor_all_reduce(self, tensor: torch.Tensor) -> torch.Tensor:
         """Sum ``tensor`` in place across ranks for monitoring (e.g. consensus distance): control
         traffic, like :meth:`barrier`: not emulated, not charged to the ledger."""
         if self._pool is not None:
-            self._pool.submit(dist.all_reduce, tensor, group=self.group).result()
+            device = _cuda_device(tensor)
+
+            def run() -> None:
+                _enter(device)
+                dist.all_reduce(tensor, group=self.group)
+                _complete(device)
+
+            self._pool.submit(run).result()
         return tensor
 
     def account_wait(self, seconds: float) -> None:
@@ -204,9 +220,16 @@ class Comm:
         self.ring_link = self.network.ring_link(order) if self.network is not None else Link()
 
     def barrier(self) -> None:
-        """Wait for every rank (control traffic: not emulated, not charged)."""
+        """Wait for every rank (control traffic: not emulated, not charged). Under NCCL the barrier
+        runs on the caller's current GPU, made current on the comm thread too."""
         if self._pool is not None:
-            self._pool.submit(dist.barrier, group=self.group).result()
+            device = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_initialized() else None
+
+            def run() -> None:
+                _enter(device)
+                dist.barrier(group=self.group)
+
+            self._pool.submit(run).result()
 
     def close(self, wait: bool = True) -> None:
         """Stop the communication thread: after the ops in flight (``wait``), or at once, cancelling the
@@ -228,6 +251,7 @@ class Comm:
         self.link = network.bottleneck() if network is not None else Link()
         self.ring = tuple(range(self.world_size))
         self.ring_link = network.ring_link() if network is not None else Link()
+        self.device = group_device(self.group)
         self._pool = ThreadPoolExecutor(1, thread_name_prefix="lowband-comm") if self.world_size > 1 else None
 
     # -- internals ---------------------------------------------------------------------
@@ -238,10 +262,11 @@ class Comm:
 
     def _submit(self, op: str, tag: str, payload: int, price: Callable[[Link], cost.Transfer],
                 run: Callable[[], Any], local_result: Any, async_op: bool, peers: int | None = None,
-                link: Link | None = None) -> Any:
+                link: Link | None = None, on: Any = None) -> Any:
         """Run ``run`` on the comm thread; ``price(link)`` is the op's modelled cost on ``link``
         (default: the bottleneck of the group), charged to the ledger and slept out after the
-        real op. Under kernel shaping (netns) only the latency part is slept out."""
+        real op. Under kernel shaping (netns) only the latency part is slept out. ``on``: the
+        op's tensors, whose device it runs on (default: ``local_result``)."""
         if self._pool is None:  # world_size 1: nothing crosses a wire
             return Handle(self, None, local_result) if async_op else local_result
         link = self.link if link is None else link
@@ -253,9 +278,13 @@ class Comm:
         issued = getattr(self._local, "step", None)
         issued = self.ledger.step if issued is None else issued
 
+        device = _cuda_device(local_result if on is None else on)  # None: CPU tensors, nothing to do
+
         def execute(step: int = issued) -> Any:  # the step is read at submission
+            _enter(device)
             start = time.perf_counter()
             result = run()
+            _complete(device)  # NCCL returns when enqueued: the op is over only once the GPU is done
             if emulate:
                 _sleep_until(time.perf_counter() + delay)
             self.ledger.add(Record(op, tag, payload, transfer.sent, transfer.received,
@@ -264,6 +293,40 @@ class Comm:
 
         handle = Handle(self, self._pool.submit(execute))
         return handle if async_op else handle.wait()
+
+
+def group_device(group: dist.ProcessGroup | None = None) -> torch.device:
+    """The device a group's collectives take tensors on: the current GPU under NCCL, else the CPU."""
+    if dist.is_available() and dist.is_initialized() and dist.get_backend(group) == "nccl":
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
+
+
+def _cuda_device(obj: Any) -> torch.device | None:
+    """The device of the first CUDA tensor in ``obj`` (a tensor, or lists, tuples and dicts of
+    them), or None when it holds none (CPU tensors: the op needs nothing done)."""
+    if isinstance(obj, torch.Tensor):
+        return obj.device if obj.is_cuda else None
+    items = obj.values() if isinstance(obj, dict) else obj if isinstance(obj, (list, tuple)) else ()
+    for item in items:
+        found = _cuda_device(item)
+        if found is not None:
+            return found
+    return None
+
+
+def _enter(device: torch.device | None) -> None:
+    """On the comm thread, make the op's GPU current (CUDA's current device is per thread; a
+    fresh thread's is GPU 0, and NCCL would open a context there); nothing for the CPU."""
+    if device is not None:
+        torch.cuda.set_device(device)
+
+
+def _complete(device: torch.device | None) -> None:
+    """Block until the op's GPU work is done (a synchronous NCCL op returns once enqueued: it has
+    made ``device``'s current stream wait for it); nothing for the CPU, where gloo returns done."""
+    if device is not None:
+        torch.cuda.current_stream(device).synchronize()
 
 
 def _nbytes(tensor: torch.Tensor) -> int:

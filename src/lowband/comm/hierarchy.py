@@ -143,7 +143,7 @@ class HierarchicalAggregator:
             for flat, members in _flats(tensors):
                 for chunk in _chunks(flat, self.bucket_bytes):
                     self.site_comm.broadcast(chunk, src=0, tag=f"{self.tag}.bcast")  # 3. from the leader
-                if failure is None and not torch.isfinite(flat).all():
+                if failure is None and not guards.all_finite([flat]):  # host sync: did every site fail?
                     failure = guards.refuse(f"{self.tag}: every site's contribution is non-finite")
                 _write_back(flat, members)
             if failure is not None:

@@ -67,9 +67,9 @@ def measured_ring(comm: Comm) -> tuple[int, ...]:
 def measure_pairs(comm: Comm) -> list[list[float]]:
     """``seconds[i][j]``: rank i's fastest exchange of :data:`PROBE_BYTES` with rank j (all ranks)."""
     n = comm.world_size
-    probe = torch.zeros(PROBE_BYTES // 4, dtype=torch.float32)
+    probe = torch.zeros(PROBE_BYTES // 4, dtype=torch.float32, device=comm.device)
     echo = torch.empty_like(probe)
-    row = torch.zeros(n, dtype=torch.float64)
+    row = torch.zeros(n, dtype=torch.float64, device=comm.device)
     for pairs in tournament(n):
         peer = next((b if a == comm.rank else a for a, b in pairs if comm.rank in (a, b)), None)
         best = math.inf
@@ -83,7 +83,7 @@ def measure_pairs(comm: Comm) -> list[list[float]]:
         if peer is not None:
             row[peer] = best
     rows = comm.all_gather(row, tag="probe")
-    return [[float(rows[i][j]) for j in range(n)] for i in range(n)]
+    return torch.stack(rows).tolist()  # host sync: the ring solver runs on the host
 
 
 def tournament(n: int) -> list[list[tuple[int, int]]]:

@@ -40,6 +40,8 @@ from typing import Any
 
 import torch
 
+from lowband import devices
+
 from lowband.compress.base import COMPRESSORS, Compressor, CompressorOptions, Payload
 from lowband.compress.indices import pack, scatter, unpack
 from lowband.compress.sparse import stable_seed
@@ -81,13 +83,14 @@ def select(flat: torch.Tensor, k: int, sample: float, generator: torch.Generator
     """Ascending indices of at most ``k`` large-|x| elements by sampled threshold (steps 2-3)."""
     n = flat.numel()
     if k == 0:
-        return torch.empty(0, dtype=torch.int64)
+        return torch.empty(0, dtype=torch.int64, device=flat.device)
     magnitude = flat.abs()
     m = min(n, max(MIN_SAMPLE, math.ceil(sample * n)))
-    sampled = magnitude if m == n else magnitude[torch.randint(0, n, (m,), generator=generator)]
+    sampled = magnitude if m == n else magnitude[torch.randint(0, n, (m,), generator=generator,
+                                                                         device=flat.device)]
     top = min(m, max(1, math.ceil(k * m / n)))
     threshold = sampled.topk(top, sorted=False).values.min()
-    idx = (magnitude >= threshold).nonzero().squeeze(1)
+    idx = (magnitude >= threshold).nonzero().squeeze(1)  # host sync on a GPU: the count selected
     if idx.numel() > k:  # hierarchical selection: exact top-k of the selected
         idx = idx[magnitude[idx].topk(k, sorted=False).indices]
     return idx.sort().values
@@ -117,7 +120,7 @@ class DGC(Compressor):
         self.steps[key] = step + 1
         d = density(step, self.options.ratio, self.options.warmup_steps)
         k = min(n, max(1, round(d * n)))
-        generator = torch.Generator().manual_seed(stable_seed(self.options.seed, key, step))
+        generator = devices.generator(flat.device, stable_seed(self.options.seed, key, step))
         idx = select(flat, k, self.options.sample, generator)
         return Payload([pack(flat[idx], idx, n)], ctx=(x.shape, x.dtype))
 

@@ -34,8 +34,19 @@ import math
 
 import torch
 
-_BITS = torch.tensor([1, 2, 4, 8, 16, 32, 64, 128], dtype=torch.uint8)
-_SHIFTS = torch.arange(8, dtype=torch.uint8)
+from lowband import devices
+
+_BITS: dict[torch.device, torch.Tensor] = {}  # per device (a module-level CPU tensor is a GPU trap)
+_SHIFTS: dict[torch.device, torch.Tensor] = {}
+
+
+def _bits(device: torch.device) -> torch.Tensor:
+    return devices.cached(_BITS, device, lambda d: torch.tensor([1, 2, 4, 8, 16, 32, 64, 128], dtype=torch.uint8,
+                                                                device=d))
+
+
+def _shifts(device: torch.device) -> torch.Tensor:
+    return devices.cached(_SHIFTS, device, lambda d: torch.arange(8, dtype=torch.uint8, device=d))
 
 
 def index_dtype(n: int) -> torch.dtype:
@@ -68,9 +79,9 @@ def encode_indices(idx: torch.Tensor, n: int) -> torch.Tensor:
     k = idx.numel()
     if not uses_bitmap(n, k):
         return idx.reshape(-1).to(index_dtype(n)).view(torch.uint8)
-    bits = torch.zeros(bitmap_nbytes(n) * 8, dtype=torch.uint8)
+    bits = torch.zeros(bitmap_nbytes(n) * 8, dtype=torch.uint8, device=idx.device)
     bits[idx] = 1
-    return (bits.view(-1, 8) * _BITS).sum(1, dtype=torch.uint8)
+    return (bits.view(-1, 8) * _bits(idx.device)).sum(1, dtype=torch.uint8)
 
 
 def decode_indices(data: torch.Tensor, n: int, k: int) -> torch.Tensor:
@@ -79,8 +90,8 @@ def decode_indices(data: torch.Tensor, n: int, k: int) -> torch.Tensor:
         raise ValueError(f"{k} indices into {n} elements take {index_nbytes(n, k)} bytes, got {data.numel()}")
     if not uses_bitmap(n, k):
         return data.clone().view(index_dtype(n)).to(torch.int64)  # clone: aligned storage for the view
-    bits = (data.unsqueeze(1) >> _SHIFTS) & 1
-    idx = bits.view(-1)[:n].nonzero().squeeze(1)
+    bits = (data.unsqueeze(1) >> _shifts(data.device)) & 1
+    idx = bits.view(-1)[:n].nonzero().squeeze(1)  # host sync on a GPU: the count of set bits
     if idx.numel() != k:
         raise ValueError(f"bitmap holds {idx.numel()} indices, expected {k}")
     return idx
@@ -123,6 +134,6 @@ def unpack(blob: torch.Tensor, n: int, dtype: torch.dtype, k: int | None = None)
 
 def scatter(values: torch.Tensor, idx: torch.Tensor, shape: torch.Size, dtype: torch.dtype) -> torch.Tensor:
     """A zero tensor of ``shape`` and ``dtype`` holding ``values`` at flat positions ``idx``."""
-    out = torch.zeros(math.prod(shape), dtype=dtype)
+    out = torch.zeros(math.prod(shape), dtype=dtype, device=values.device)
     out[idx] = values.to(dtype)
     return out.view(shape)

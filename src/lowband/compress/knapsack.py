@@ -62,6 +62,7 @@ def solve(layers: Sequence[Sequence[Candidate]], budget: float, levels: int = 10
     if levels < 1:
         raise ValueError(f"levels must be >= 1, got {levels}")
     weights = discretise(layers, budget, levels)
+    # cpu: the L-GreCo knapsack is a small host-side table (levels + 1 entries per layer)
     dp = torch.zeros(levels + 1, dtype=torch.int64)
     choices: list[torch.Tensor] = []
     for candidates, ws in zip(layers, weights):

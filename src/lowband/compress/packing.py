@@ -39,14 +39,18 @@ def packed_nbytes(n: int, bits: int) -> int:
     return (n * bits + 7) // 8
 
 
-def pack(codes: torch.Tensor, bits: int) -> torch.Tensor:
-    """``codes`` (any shape, integer or bool, values in ``[0, 2**bits)``) as a flat uint8 buffer."""
+def pack(codes: torch.Tensor, bits: int, check: bool = True) -> torch.Tensor:
+    """``codes`` (any shape, integer or bool, values in ``[0, 2**bits)``) as a flat uint8 buffer.
+
+    ``check`` verifies the range (a host sync on a GPU); the quantizers, whose codes are in range
+    by construction, pass ``check=False``.
+    """
     check_bits(bits)
     if codes.is_floating_point() or codes.is_complex():
         raise ValueError(f"pack expects integer codes, got {codes.dtype}")
     flat = codes.reshape(-1)
     n = flat.numel()
-    if n and codes.dtype != torch.bool:
+    if check and n and codes.dtype != torch.bool:  # host sync: the range check
         lo, hi = torch.aminmax(flat)
         if int(lo) < 0 or int(hi) >= 1 << bits:
             raise ValueError(f"codes must lie in [0, {1 << bits}) to pack in {bits} bits, "

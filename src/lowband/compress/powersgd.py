@@ -114,6 +114,7 @@ class PowerSGD(Compressor):
         q = self.qs.get(key)
         if q is None or q.shape != (m, r):
             seed = (self.options.seed * 1_000_003 + zlib.crc32(key.encode())) % (2**63)  # type: ignore[attr-defined]
+            # cpu: shared-seed initial factors, the same on every rank and device; moved once
             q = torch.randn(m, r, generator=torch.Generator().manual_seed(seed))
         return orthogonalize(q.to(device=like.device, dtype=like.dtype, copy=True))
 

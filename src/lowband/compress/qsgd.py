@@ -50,6 +50,8 @@ from typing import Any, ClassVar
 
 import torch
 
+from lowband import devices
+
 from lowband.compress.base import COMPRESSORS, Compressor, CompressorOptions, Payload
 from lowband.compress.packing import pack, unpack
 
@@ -73,25 +75,36 @@ def restore(flat: torch.Tensor, ctx: Ctx) -> torch.Tensor:
 
 
 class SeededCompressor(Compressor):
-    """A compressor that draws from its own ``torch.Generator`` (``options.seed``), saved in ``state_dict``."""
+    """A compressor that draws from its own ``torch.Generator`` (``options.seed``), saved in ``state_dict``.
+
+    The noise is drawn on the input's device (:func:`lowband.devices.generator`): a CPU draw copied to
+    a GPU would move 4 bytes per element every step. The generator follows the first device it
+    serves; CPU and CUDA generators give different (equally valid) streams for the same seed.
+    """
 
     def __init__(self, options: CompressorOptions | None = None) -> None:
         super().__init__(options)
-        self.generator = torch.Generator(device="cpu")
-        self.generator.manual_seed(self.options.seed)  # type: ignore[attr-defined]
+        self.seed = int(self.options.seed)  # type: ignore[attr-defined]
+        self.device = torch.device("cpu")  # where the generator draws
+        self.generator = devices.generator(self.device, self.seed)
 
     def for_rank(self, rank: int) -> None:
         """Independent noise per rank: reseed with (seed, rank); rank 0 keeps ``seed`` itself."""
-        self.generator.manual_seed(self.options.seed + 1_000_003 * rank)  # type: ignore[attr-defined]
+        self.seed = int(self.options.seed) + 1_000_003 * rank  # type: ignore[attr-defined]
+        self.generator = devices.generator(self.device, self.seed)
 
     def uniform(self, n: int, device: torch.device) -> torch.Tensor:
         """``n`` draws from U[0, 1) in fp32 on ``device``."""
-        return torch.rand(n, generator=self.generator, dtype=torch.float32).to(device)
+        if self.device != device:  # first use on this device: the same seed there
+            self.device, self.generator = device, devices.generator(device, self.seed)
+        return torch.rand(n, generator=self.generator, dtype=torch.float32, device=device)
 
     def state_dict(self) -> dict[str, Any]:
-        return {"generator": self.generator.get_state()}
+        return {"generator": self.generator.get_state(), "device": str(self.device)}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.device = torch.device(state.get("device", "cpu"))  # checkpoints before GPU support: CPU
+        self.generator = devices.generator(self.device)
         self.generator.set_state(state["generator"])
 
 
@@ -138,7 +151,7 @@ class QSGD(SeededCompressor):
         level = r.floor()
         level += self.uniform(flat.numel(), flat.device) < (r - level)
         codes = level.to(torch.uint8) | ((flat < 0).to(torch.uint8) << (self.bits - 1))
-        return Payload([norms, pack(codes, self.bits)], ctx=(x.shape, x.dtype))
+        return Payload([norms, pack(codes, self.bits, check=False)], ctx=(x.shape, x.dtype))
 
     def decode(self, payload: Payload) -> torch.Tensor:
         norms, packed = payload.tensors
@@ -155,16 +168,18 @@ class QSGD(SeededCompressor):
 def bucket_norms(flat: torch.Tensor, bucket: int) -> torch.Tensor:
     """||x_b||_2 of each bucket of ``bucket`` consecutive elements, fp32 (one norm for n = 0)."""
     if flat.numel() == 0:
-        return torch.zeros(1)
+        return torch.zeros(1, device=flat.device)
     buckets = math.ceil(flat.numel() / bucket)
     padded = torch.zeros(buckets * bucket, dtype=torch.float32, device=flat.device)
     padded[:flat.numel()] = flat
     rows = padded.view(buckets, bucket)
     norms = torch.linalg.vector_norm(rows, dim=1)
-    if not torch.isfinite(norms).all():  # squares beyond the fp32 range: rescale by each row's peak
-        peak = rows.abs().amax(dim=1, keepdim=True).clamp_min(torch.finfo(torch.float32).tiny)
-        norms = peak.squeeze(1) * torch.linalg.vector_norm(rows / peak, dim=1)
-    return norms
+    if flat.is_cpu and torch.isfinite(norms).all():  # a free check on the CPU; on a GPU, no sync: both below
+        return norms
+    # squares beyond the fp32 range: rescale by each row's peak
+    peak = rows.abs().amax(dim=1, keepdim=True).clamp_min(torch.finfo(torch.float32).tiny)
+    safe = peak.squeeze(1) * torch.linalg.vector_norm(rows / peak, dim=1)
+    return torch.where(torch.isfinite(norms), norms, safe)
 
 
 @dataclass(frozen=True)

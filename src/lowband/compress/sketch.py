@@ -74,13 +74,14 @@ from typing import Any, Callable
 
 import torch
 
+from lowband import devices
 from lowband.compress.base import COMPRESSORS, Compressor, CompressorOptions, Exchange, Payload
 from lowband.compress.sparse import stable_seed
 
-Draw = Callable[[int, int, torch.Generator], torch.Tensor]  # (rows r, columns B, generator) -> r x B matrix
+Draw = Callable[[int, int, torch.Generator, torch.device | str], torch.Tensor]  # (r, B, generator, device) -> r x B
 DENSE: dict[str, Draw] = {  # entries of variance 1/r, so that E[M^T M] = I
-    "gaussian": lambda r, b, g: torch.randn(r, b, generator=g).div_(math.sqrt(r)),
-    "sign": lambda r, b, g: (torch.randint(0, 2, (r, b), generator=g, dtype=torch.float32) * 2 - 1)
+    "gaussian": lambda r, b, g, d: torch.randn(r, b, generator=g, device=d).div_(math.sqrt(r)),
+    "sign": lambda r, b, g, d: (torch.randint(0, 2, (r, b), generator=g, dtype=torch.float32, device=d) * 2 - 1)
     .div_(math.sqrt(r)),
 }
 KINDS = ("countsketch", *DENSE)
@@ -156,19 +157,22 @@ class Sketch(Compressor):
         """S is shared by every rank; only the privacy noise is drawn per rank."""
         self.rank = rank
 
-    def plan(self, key: str, shape: torch.Size, dtype: torch.dtype, step: int) -> Plan:
-        """S for ``key`` at call ``step`` (identical on every rank)."""
+    def plan(self, key: str, shape: torch.Size, dtype: torch.dtype, step: int,
+             device: torch.device | str = "cpu") -> Plan:
+        """S for ``key`` at call ``step``, drawn on ``device`` (identical on every rank: all ranks of a
+        run draw on one kind of device, from the same seed)."""
         o, numel = self.options, math.prod(shape)
-        g = torch.Generator().manual_seed(stable_seed(o.seed, key, step))
+        g = devices.generator(device, stable_seed(o.seed, key, step))
         if numel == 0:
             return Plan(shape, dtype, 0)
         if o.kind == "countsketch":
             # (bucket, sign) jointly uniform in one draw; int32 halves the memory and time of int64
-            codes = torch.randint(0, 2 * sketch_size(numel, o), (numel,), generator=g, dtype=torch.int32)
+            codes = torch.randint(0, 2 * sketch_size(numel, o), (numel,), generator=g, dtype=torch.int32,
+                                  device=device)
             return Plan(shape, dtype, numel, codes=codes, scale=self.shrink(numel))
         width = min(o.block, numel)
         rows = max(1, round(o.ratio * width))
-        return Plan(shape, dtype, numel, matrix=DENSE[o.kind](rows, width, g), scale=self.shrink(numel))
+        return Plan(shape, dtype, numel, matrix=DENSE[o.kind](rows, width, g, device), scale=self.shrink(numel))
 
     def variance(self, numel: int) -> float:
         """omega with E||S^T S x||^2 = (1 + omega) ||x||^2: (d - 1) / b for countsketch, (B + 1) / r
@@ -188,26 +192,26 @@ class Sketch(Compressor):
     def encode(self, x: torch.Tensor, key: str) -> Payload:
         step = self.steps.get(key, 0)
         self.steps[key] = step + 1
-        plan = self.plan(key, x.shape, x.dtype, step)
+        plan = self.plan(key, x.shape, x.dtype, step, x.device)
         flat = x.detach().reshape(-1).to(torch.float32)
         size = sketch_size(plan.numel, self.options)
         if plan.numel == 0:
-            y = torch.zeros(0)
+            y = flat.new_zeros(0)
         elif plan.codes is not None:  # y[h] = (sum of x_j with s(j) = +1) - (sum with s(j) = -1)
-            halves = torch.zeros(2 * size).index_add_(0, plan.codes, flat).view(size, 2)
+            halves = flat.new_zeros(2 * size).index_add_(0, plan.codes, flat).view(size, 2)
             y = halves[:, 1] - halves[:, 0]
         else:
             y = (_blocks(flat, plan.matrix.shape[1]) @ plan.matrix.T).reshape(-1)
         if self.options.noise > 0 and size:
-            g = torch.Generator().manual_seed(stable_seed(self.options.seed, f"noise\x00{self.rank}\x00{key}", step))
-            y.add_(torch.randn(size, generator=g), alpha=self.options.noise)
+            g = devices.generator(y.device, stable_seed(self.options.seed, f"noise\x00{self.rank}\x00{key}", step))
+            y.add_(torch.randn(size, generator=g, device=y.device), alpha=self.options.noise)
         return Payload([y], ctx=plan)
 
     def decode(self, payload: Payload) -> torch.Tensor:
         plan: Plan = payload.ctx
         y = payload.tensors[0].to(torch.float32)
         if plan.numel == 0:
-            return torch.zeros(plan.shape, dtype=plan.dtype)
+            return torch.zeros(plan.shape, dtype=plan.dtype, device=y.device)
         if plan.codes is not None:  # s(j) y[h(j)]: one gather from (-y, +y) interleaved
             out = torch.stack([-y, y], dim=1).reshape(-1)[plan.codes]
         else:

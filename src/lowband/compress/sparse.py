@@ -102,6 +102,7 @@ def stable_seed(seed: int, key: str, step: int) -> int:
 def random_subset(n: int, k: int, generator: torch.Generator) -> torch.Tensor:
     """k distinct indices of range(n), uniform over k-subsets, ascending (O(k) memory when k << n)."""
     if 4 * k > n:
+        # cpu: shared-seed indices, drawn on the host so that every device draws the same; moved once
         return torch.randperm(n, generator=generator)[:k].sort().values
     drawn = torch.empty(0, dtype=torch.int64)
     while drawn.numel() < k:  # draws with repetition; the set of distinct draws is exchangeable
@@ -169,16 +170,18 @@ class RandomK(Compressor):
         super().__init__(options)
         self.steps: dict[str, int] = {}
 
-    def indices(self, key: str, n: int, step: int) -> torch.Tensor:
-        """The ascending indices ``key`` sends at ``step`` (identical on every rank)."""
+    def indices(self, key: str, n: int, step: int, device: torch.device | str = "cpu") -> torch.Tensor:
+        """The ascending indices ``key`` sends at ``step`` (identical on every rank), on ``device``.
+
+        Drawn on the CPU, so that they are the same whatever the device, then moved (k int64 values)."""
         generator = torch.Generator().manual_seed(stable_seed(self.options.seed, key, step))
-        return random_subset(n, self.options.count(n), generator)
+        return random_subset(n, self.options.count(n), generator).to(device, non_blocking=True)
 
     def encode(self, x: torch.Tensor, key: str) -> Payload:
         flat = x.detach().reshape(-1)
         step = self.steps.get(key, 0)
         self.steps[key] = step + 1
-        idx = self.indices(key, flat.numel(), step)
+        idx = self.indices(key, flat.numel(), step, flat.device)
         scale = flat.numel() / idx.numel() if self.options.unbiased and idx.numel() else 1.0
         return Payload([flat[idx]], ctx=(x.shape, x.dtype, idx, scale))
 

@@ -64,9 +64,7 @@ class TernGrad(SeededCompressor):
         if clip == 0 or flat.numel() < 2:
             return flat
         bound = clip * flat.std(correction=0)
-        if not bound > 0:
-            return flat
-        return flat.clamp(-bound, bound)
+        return torch.where(bound > 0, flat.clamp(-bound, bound), flat)  # sigma 0: unchanged (no host sync)
 
     def encode(self, x: torch.Tensor, key: str) -> Payload:
         flat = self.clipped(flat_fp32(x))
@@ -75,7 +73,7 @@ class TernGrad(SeededCompressor):
         inv = torch.where(scaler > 0, 1 / scaler, torch.zeros_like(scaler))
         fire = self.uniform(flat.numel(), flat.device) < magnitude * inv
         codes = torch.where(fire, torch.where(flat < 0, 0, 2), 1).to(torch.uint8)  # b + 1
-        return Payload([scaler.reshape(1), pack(codes, 2)], ctx=(x.shape, x.dtype))
+        return Payload([scaler.reshape(1), pack(codes, 2, check=False)], ctx=(x.shape, x.dtype))
 
     def decode(self, payload: Payload) -> torch.Tensor:
         scaler, packed = payload.tensors

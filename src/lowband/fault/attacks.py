@@ -25,6 +25,7 @@ from typing import ClassVar
 
 import torch
 
+from lowband import devices
 from lowband.registry import Registry
 
 
@@ -136,8 +137,8 @@ class Noise(Attack):
 
     def __call__(self, x: torch.Tensor, rank: int, step: int, key: str) -> torch.Tensor:
         seed = zlib.crc32(f"{self.options.seed}\x00{rank}\x00{step}\x00{key}".encode())
-        g = torch.Generator().manual_seed(seed)
-        return (torch.randn(x.shape, generator=g, dtype=torch.float32) * self.options.std).to(x.dtype)
+        g = devices.generator(x.device, seed)
+        return (torch.randn(x.shape, generator=g, dtype=torch.float32, device=x.device) * self.options.std).to(x.dtype)
 
 
 from lowband.fault import poison  # noqa: E402,F401  (registers the data-side attacks: labelflip)

@@ -291,6 +291,7 @@ class ElasticSync:
         started = time.perf_counter()
         source = d.src or d.contributors[0]
         token, src = self.client.token, d.rank(source)
+        # cpu: the state transfer runs on gloo: elastic runs are CPU-only for now (docs/gpu.md)
         header = torch.zeros(2, dtype=torch.int64)
         payload = torch.empty(0, dtype=torch.uint8)
         if token == source:

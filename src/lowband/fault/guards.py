@@ -35,12 +35,26 @@ class NonFiniteError(ValueError):
 
 
 def first_non_finite(named: Sequence[tuple[str, torch.Tensor]]) -> str | None:
-    """A description of the first tensor of ``named`` holding NaN/inf, or None if all are finite."""
-    for name, t in named:
-        if t.is_floating_point() and not torch.isfinite(t).all():
-            bad = int((~torch.isfinite(t)).sum())
-            return f"{name} holds {bad} non-finite values of {t.numel()}"
+    """A description of the first tensor of ``named`` holding NaN/inf, or None if all are finite.
+
+    One device-side reduction over every tensor and one host sync (the decision to send or not);
+    only when something is non-finite are the tensors looked at one by one."""
+    floats = [(name, t) for name, t in named if t.is_floating_point()]
+    if not floats or all_finite([t for _, t in floats]):
+        return None
+    for name, t in floats:
+        finite = torch.isfinite(t)
+        if not finite.all():
+            return f"{name} holds {int((~finite).sum())} non-finite values of {t.numel()}"
     return None
+
+
+def all_finite(tensors: Sequence[torch.Tensor]) -> bool:
+    """Whether every element of every tensor is finite (host sync: one, for the whole list)."""
+    if not tensors:
+        return True
+    flags = torch.stack([torch.isfinite(t).all() for t in tensors])
+    return bool(flags.all())
 
 
 def refuse(reason: str) -> NonFiniteError:
@@ -64,28 +78,42 @@ def trailer_bytes(checksum: bool) -> int:
 
 
 def crc32(data: torch.Tensor) -> int:
-    """CRC-32 (zlib) of a contiguous uint8 tensor: about 1 GB/s, cheap next to any link."""
-    return zlib.crc32(data.contiguous().numpy()) if data.numel() else 0
+    """CRC-32 (zlib) of a contiguous uint8 tensor: about 1 GB/s, cheap next to any link.
+
+    zlib runs on the host: a device tensor is copied there first (host sync; only with ``checksum``)."""
+    return zlib.crc32(data.contiguous().cpu().numpy()) if data.numel() else 0
 
 
 def seal(payload: torch.Tensor, valid: bool, checksum: bool) -> torch.Tensor:
-    """``payload`` (uint8, padded to the common width) followed by the flag and the CRC-32."""
-    trailer = torch.zeros(trailer_bytes(checksum), dtype=torch.uint8)
-    trailer[0] = int(valid)
+    """``payload`` (uint8, padded to the common width) followed by the flag and the CRC-32, on its device."""
+    trailer = [int(valid)]
     if checksum:
-        trailer[1:] = torch.tensor(list(crc32(payload).to_bytes(4, "little")), dtype=torch.uint8)
-    return torch.cat([payload, trailer])
+        trailer += list(crc32(payload).to_bytes(4, "little"))
+    return torch.cat([payload, torch.tensor(trailer, dtype=torch.uint8, device=payload.device)])
 
 
 def verify(buffer: torch.Tensor, width: int, checksum: bool) -> str | None:
     """Why the sealed ``buffer`` is not a valid contribution (``'non-finite'``, ``'checksum'``) or None."""
-    if int(buffer[width]) != 1:
-        return "non-finite"
-    if checksum:
-        sent = int.from_bytes(bytes(buffer[width + 1:width + 1 + TRAILER_CRC].tolist()), "little")
-        if sent != crc32(buffer[:width]):
-            return "checksum"
-    return None
+    return verify_all([buffer], width, checksum)[0]
+
+
+def verify_all(buffers: Sequence[torch.Tensor], width: int, checksum: bool) -> list[str | None]:
+    """:func:`verify` for every rank's buffer, reading all the flags in one host sync."""
+    if not buffers:
+        return []
+    flags = torch.stack([buf[width] for buf in buffers]).tolist()  # host sync: who sent a valid payload
+    reasons: list[str | None] = []
+    for buf, flag in zip(buffers, flags):
+        if flag != 1:
+            reasons.append("non-finite")
+            continue
+        if checksum:
+            tail = buf[width + 1:width + 1 + TRAILER_CRC].cpu().tolist()  # host sync: CRC-32 runs on the host
+            if int.from_bytes(bytes(tail), "little") != crc32(buf[:width]):
+                reasons.append("checksum")
+                continue
+        reasons.append(None)
+    return reasons
 
 
 # -- fault injection ----------------------------------------------------------------------

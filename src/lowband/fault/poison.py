@@ -76,6 +76,7 @@ class LabelFlip(DataAttack):
 
     def table(self, classes: int) -> torch.Tensor:
         """The class map as a (classes,) int64 table."""
+        # cpu: host data, built once per run and moved to the labels' device by targets()
         if classes < 2:
             raise ValueError(f"labelflip needs at least 2 classes, got {classes}")
         if self.options.mode == "reverse":
@@ -97,7 +98,8 @@ def poisoner(attack: str, rank: int, classes: int) -> TargetMap:
     adversary = build(attack, ATTACKS)
     if not isinstance(adversary, DataAttack) or not adversary.applies(rank):
         return _identity
-    adversary.targets(torch.zeros(1, dtype=torch.int64), classes)  # validates classes now, not mid-run
+    # cpu: a one-label probe that validates classes now, not mid-run
+    adversary.targets(torch.zeros(1, dtype=torch.int64), classes)
     return lambda y: adversary.targets(y, classes)
 
 

@@ -1,6 +1,9 @@
 """``torchrun --standalone --nproc-per-node N -m lowband.train [flags]``: one worker per process.
 
-The same flags as ``lowband train``; under torchrun the worker count comes from torchrun.
+The same flags as ``lowband train``; under torchrun the worker count comes from torchrun. With
+``--device cuda`` (or ``auto`` on a machine with a GPU per local worker) each process takes GPU
+``LOCAL_RANK`` and NCCL; a bad flag, or ``--device cuda`` without CUDA, stops every process with
+one line before training (:mod:`lowband.train.precision`, :func:`lowband.devices.resolve_device`).
 """
 
 from __future__ import annotations

@@ -14,6 +14,7 @@ from typing import Any, Sequence
 
 from lowband.algorithms import ALGORITHMS
 from lowband.compress import COMPRESSORS
+from lowband.devices import DEVICE_CHOICES
 from lowband.fault.checkpoint import model_file, resume_mismatch
 from lowband.registry import build, parse_spec
 from lowband.fault.robust import RULES
@@ -22,6 +23,7 @@ from lowband.net.link import Network
 from lowband.net.units import per_worker
 from lowband.train.data import DATASETS, SHARDINGS
 from lowband.train.models import MODELS
+from lowband.train.precision import PRECISIONS, check_config as check_precision
 
 SCHEDULES = ("cosine", "constant")
 RING_MODES = ("rank", "auto")  # rank order (gloo's); measured pairwise bandwidth at start-up
@@ -86,6 +88,8 @@ class TrainConfig:
     elastic_timeout: float = 30.0  # --elastic: seconds to wait for a silent worker (quorum, collectives)
     rejoin_after: float | None = None  # --elastic: restart a departed worker after this many seconds
     init_from: str | None = None  # start from a saved model: a checkpoint file or an algorithm folder with one
+    device: str = "auto"  # auto (CUDA when available), cpu (gloo), cuda (one GPU per local worker, NCCL)
+    precision: str = "fp32"  # fp32, bf16 or fp16 (autocast; fp16 with a loss scaler): lowband.train.precision
 
     def __post_init__(self) -> None:
         if not self.algos:
@@ -155,6 +159,7 @@ class TrainConfig:
         self.check_elastic()
         if self.init_from is not None:
             model_file(self.init_from)  # raises naming the path and what it should be
+        check_precision(self)  # --device and --precision
 
     def check_elastic(self) -> None:
         """``--elastic`` options are consistent (and only given with ``--elastic``)."""
@@ -357,6 +362,10 @@ def build_parser(prog: str = "lowband train") -> argparse.ArgumentParser:
     p.add_argument("--init-from", default=None, metavar="PATH",
                    help="start every algorithm from a saved model (fine-tuning): a checkpoint file, or an algorithm "
                         "folder of a run trained with --checkpoint-every (its last complete checkpoint)")
+    p.add_argument("--device", default=d.device, choices=DEVICE_CHOICES, help="auto: CUDA when available, one GPU "
+                   "per local worker (NCCL), else the CPU (gloo)")
+    p.add_argument("--precision", default=d.precision, choices=tuple(PRECISIONS),
+                   help="autocast of forward passes; fp16 adds a loss scaler (local-update algorithms only)")
     p.add_argument("--elastic", action="store_true",
                    help="elastic membership (the DiLoCo family, localsgd, gossip): survivors go on when workers die or hang, "
                         "restarted workers join at the next outer step (docs/elastic.md)")
@@ -376,7 +385,8 @@ def split_specs(text: str) -> tuple[str, ...]:
 
 
 def config_from_args(argv: Sequence[str] | None = None, prog: str = "lowband train") -> TrainConfig:
-    """Parse flags into a validated :class:`TrainConfig` (errors exit with one line)."""
+    """Parse flags into a validated :class:`TrainConfig`; a bad value exits (status 2) with one line,
+    ``<prog>: error: <what is wrong and the fix>`` (argparse's own syntax errors add its usage)."""
     parser = build_parser(prog)
     ns = vars(parser.parse_args(argv))
     ns["algos"] = split_specs(ns.pop("algo"))
@@ -385,5 +395,5 @@ def config_from_args(argv: Sequence[str] | None = None, prog: str = "lowband tra
     try:
         return TrainConfig(**ns)
     except ValueError as err:
-        parser.error(str(err))
-        raise  # unreachable: parser.error exits
+        parser.exit(2, f"{parser.prog}: error: {err}\n")
+        raise  # unreachable: parser.exit exits

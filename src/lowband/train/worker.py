@@ -17,10 +17,16 @@ For each algorithm of the config, in order and from the same seed and token budg
    (:mod:`lowband.fault.checkpoint`); with ``resume`` an algorithm continues from its last
    complete checkpoint, its metrics file cut back to that step;
 5. at the end write this rank's ledger (the whole run's, resumed or not), and rank 0 writes the report.
+
+Device and precision (``--device``, ``--precision``; :mod:`lowband.train.precision`): the worker
+picks its device before joining the group (CUDA: GPU ``LOCAL_RANK``, made current, and NCCL; the
+CPU: gloo); the model, its batches and everything built from them live there. Forward passes run
+under autocast; fp16 scales the loss and skips overflowing inner steps (still counted).
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import math
@@ -36,6 +42,7 @@ from torch.distributed.elastic.multiprocessing.errors import record
 from lowband.algorithms import ALGORITHMS, Algorithm
 from lowband.comm import Comm, Ledger, group
 from lowband.comm.ring import choose_ring
+from lowband.devices import backend_for, resolve_device
 from lowband.fault.checkpoint import RunCheckpoint, atomic_write_text, load_model_into, truncate_metrics
 from lowband.fault.poison import poisoner
 from lowband.net.link import Network
@@ -43,13 +50,15 @@ from lowband.train.config import TrainConfig, Variant
 from lowband.train.data import Batch, Dataset, load_dataset
 from lowband.train.metrics import MetricsWriter
 from lowband.train.models import MODELS
+from lowband.train.precision import Precision, device_choice
 from lowband.train.progress import TrainProgress
 
 
 @record
 def main(cfg: TrainConfig) -> str:
     """Entry point of one worker; returns the run folder. Rank 0 writes the report."""
-    rank, world_size = group.init_from_env()
+    device = worker_device(cfg)
+    rank, world_size = group.init_from_env(backend_for(device))
     torch.set_num_threads(cfg.threads)
     try:
         data = load_dataset(cfg.data)
@@ -61,9 +70,9 @@ def main(cfg: TrainConfig) -> str:
             network = dataclasses.replace(network, shaped=True)  # the kernel shapes; Comm adds latency
         run_dir = Path(cfg.out) / group.agree(cfg.name or time.strftime("%Y%m%d-%H%M%S"))
         if rank == 0:
-            write_run_info(run_dir, cfg, world_size, network, data)
+            write_run_info(run_dir, cfg, world_size, network, data, device)
         for variant in cfg.variants():
-            train_one(cfg, variant, data, network, run_dir)
+            train_one(cfg, variant, data, network, run_dir, device)
         group.barrier()
         if rank == 0:
             from lowband.bench.report import show_report  # matplotlib: rank 0 only
@@ -72,6 +81,15 @@ def main(cfg: TrainConfig) -> str:
         return str(run_dir)
     finally:
         group.shutdown()
+
+
+def worker_device(cfg: TrainConfig) -> torch.device:
+    """This worker's device (torchrun's LOCAL_RANK among LOCAL_WORLD_SIZE), made current if a GPU."""
+    device = resolve_device(device_choice(cfg), int(os.environ.get("LOCAL_RANK", "0")),
+                            int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
+    if device.type == "cuda":
+        torch.cuda.set_device(device)  # before the group: NCCL and its barriers use the current device
+    return device
 
 
 def build_model(cfg: TrainConfig, data: Dataset) -> nn.Module:
@@ -100,17 +118,20 @@ def build_algorithm(cfg: TrainConfig, variant: Variant, model: nn.Module, comm: 
 
 
 @torch.no_grad()
-def evaluate(model: nn.Module, algo: Algorithm, batches: list[Batch]) -> float:
+def evaluate(model: nn.Module, algo: Algorithm, batches: list[Batch], precision: Precision | None = None) -> float:
     model.eval()
-    with algo.evaluation_parameters():
-        losses = [model(x, y)[1].item() for x, y in batches]
+    autocast = precision.autocast if precision is not None else contextlib.nullcontext
+    with algo.evaluation_parameters(), autocast():
+        losses = [model(x, y)[1].item() for x, y in batches]  # host sync: the loss to report
     model.train()
     return sum(losses) / len(losses)
 
 
-def train_one(cfg: TrainConfig, variant: Variant, data: Dataset, network: Network, run_dir: Path) -> dict[str, Any]:
-    """Train ``variant`` for ``cfg.steps`` steps; returns this rank's final numbers."""
-    model = build_model(cfg, data)
+def train_one(cfg: TrainConfig, variant: Variant, data: Dataset, network: Network, run_dir: Path,
+              device: torch.device = torch.device("cpu")) -> dict[str, Any]:
+    """Train ``variant`` for ``cfg.steps`` steps on ``device``; returns this rank's final numbers."""
+    model = build_model(cfg, data).to(device)
+    precision = Precision(cfg.precision, device)
     comm = Comm(network=network)
     comm.set_ring(choose_ring(cfg.ring, comm))
     rank, world_size = comm.rank, comm.world_size
@@ -118,7 +139,7 @@ def train_one(cfg: TrainConfig, variant: Variant, data: Dataset, network: Networ
     poison = poisoner(getattr(algo.options, "attack", "none"), rank, data.vocab_size)  # labelflip, else identity
     scheduler = torch.optim.lr_scheduler.LambdaLR(algo.optimizer, lr_lambda(cfg))
     generator = torch.Generator().manual_seed(cfg.seed * 1_000_003 + rank)
-    val_batches = data.val_batches(cfg.batch_size, cfg.eval_batches)
+    val_batches = [(x.to(device), y.to(device)) for x, y in data.val_batches(cfg.batch_size, cfg.eval_batches)]
     tokens_per_step = cfg.batch_size * (data.block_size if data.kind == "text" else 1)
     slow_down = 1.0 / cfg.speeds(world_size)[rank] - 1.0  # extra seconds per second of compute
     algo_dir = run_dir / variant.folder
@@ -141,11 +162,12 @@ def train_one(cfg: TrainConfig, variant: Variant, data: Dataset, network: Networ
                 loss = None
             else:
                 loss = compute_step(algo, model, data.batch(generator, cfg.batch_size, rank, world_size,
-                                                            cfg.sharding), poison, slow_down)
+                                                            cfg.sharding), poison, slow_down, precision)
             algo.zero_grad()
             if step == cfg.steps:
                 algo.finish()  # land what is in flight: the last row and evaluation see the final model
             scheduler.step()
+            settle(device)
             elapsed, comm_s = time.perf_counter() - started, comm.wait_seconds - waited
             clock += elapsed
             shown = shown if loss is None else loss.item()
@@ -153,8 +175,9 @@ def train_one(cfg: TrainConfig, variant: Variant, data: Dataset, network: Networ
             row = step_row(step, None if loss is None else shown, worked * tokens_per_step, comm.ledger,
                            elapsed, comm_s, clock, scheduler.get_last_lr()[0])
             if step % cfg.eval_every == 0 or step == cfg.steps:
-                val_loss = row["val_loss"] = evaluate(model, algo, val_batches)
+                val_loss = row["val_loss"] = evaluate(model, algo, val_batches, precision)
                 row.update(algo.metrics())
+                row.update(precision.metrics())
                 progress.evaluation(step, cfg.steps, shown, val_loss, comm.ledger.bytes_sent, clock)
             metrics.write(row)
             if cfg.checkpoint_every and (step % cfg.checkpoint_every == 0 or step == cfg.steps):
@@ -167,24 +190,42 @@ def train_one(cfg: TrainConfig, variant: Variant, data: Dataset, network: Networ
     return {"val_loss": val_loss, "bytes_sent": comm.ledger.bytes_sent, "time_s": clock}
 
 
-def compute_step(algo: Algorithm, model: nn.Module, batch: Batch, poison: Any, slow_down: float) -> torch.Tensor:
-    """One inner step on ``batch``: forward, backward, the simulated slow-down, ``algo.step()``;
-    returns the loss. The slow-down sleeps ``slow_down`` x the measured compute before the
+def compute_step(algo: Algorithm, model: nn.Module, batch: Batch, poison: Any, slow_down: float,
+                 precision: Precision | None = None) -> torch.Tensor:
+    """One inner step on ``batch``: forward (under ``precision``'s autocast), backward, the simulated
+    slow-down, ``algo.step()``; returns the loss. The batch is poisoned on the CPU, then moved to
+    the model's device. The slow-down sleeps ``slow_down`` x the measured compute before the
     algorithm communicates (zeroth-order: after ``zo_step``, compute = its time minus waits)."""
     x, y = batch
     y = poison(y)
+    device = next(model.parameters()).device
+    precision = precision if precision is not None else Precision("fp32", device)
+    x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
     started = time.perf_counter()
     if algo.zeroth_order:  # forward passes only: the algorithm evaluates the closure
         waited = algo.comm.wait_seconds
-        loss = algo.zo_step(lambda: model(x, y)[1])
+
+        def closure() -> torch.Tensor:
+            with precision.autocast():
+                return model(x, y)[1]
+
+        loss = algo.zo_step(closure)
         slow(slow_down * (time.perf_counter() - started - (algo.comm.wait_seconds - waited)))
         return loss
-    _, loss = model(x, y)
-    loss.backward()
+    with precision.autocast():
+        _, loss = model(x, y)
+    precision.backward(loss)
+    settle(device)
     slow(slow_down * (time.perf_counter() - started))
     algo.record_compute(time.perf_counter() - started)  # compute-aware budgets time the ranks' steps
-    algo.step()
+    precision.step(algo)
     return loss
+
+
+def settle(device: torch.device) -> None:
+    """Wait for ``device``'s queued work (a GPU runs behind the host): the step's clock is read after it."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)  # host sync: compute seconds and --worker-speed measure finished work
 
 
 def slow(seconds: float) -> None:
@@ -205,8 +246,10 @@ def step_row(step: int, loss: float | None, tokens: int, ledger: Ledger, elapsed
     return row
 
 
-def write_run_info(run_dir: Path, cfg: TrainConfig, world_size: int, network: Network, data: Dataset) -> None:
-    """``run.json``: the config, world size, network, workers' speeds and each algorithm's options."""
+def write_run_info(run_dir: Path, cfg: TrainConfig, world_size: int, network: Network, data: Dataset,
+                   device: torch.device | None = None) -> None:
+    """``run.json``: the config, world size, network, workers' speeds, each algorithm's options and
+    the device rank 0 trained on (``cuda:0`` where ``--device auto`` found a GPU)."""
     run_dir.mkdir(parents=True, exist_ok=True)
     params = sum(p.numel() for p in build_model(cfg, data).parameters())
     info = {
@@ -216,4 +259,6 @@ def write_run_info(run_dir: Path, cfg: TrainConfig, world_size: int, network: Ne
         "algorithms": {v.label: vars(cfg.options_for(v)) for v in cfg.variants()},
         "folders": {v.label: v.folder for v in cfg.variants()},
     }
+    if device is not None:
+        info["device"] = str(device)
     atomic_write_text(run_dir / "run.json", json.dumps(info, indent=2))  # resuming ranks may read it
