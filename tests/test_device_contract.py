@@ -23,6 +23,8 @@ import fakecuda
 from lowband.comm.aggregate import Aggregator
 from lowband.comm.comm import Comm
 from lowband.compress import COMPRESSORS, build
+from lowband.fault.attacks import ATTACKS
+from lowband.fault.poison import DataAttack
 from lowband.fault.robust import RULES
 from lowband.feedback import FEEDBACK
 
@@ -110,22 +112,21 @@ class TwinComm(Comm):
 
 PIPELINES = [(spec, fb, {}) for spec in COMPRESSORS.names() for fb in ("none", "ef")]
 PIPELINES += [("topk", fb, {}) for fb in FEEDBACK.names()]
-PIPELINES += [("topk", "ef", {"checksum": True}), ("threshold", "none", {"checksum": True}),
-              ("qsgd", "none", {"rule": "median"}), ("identity", "none", {"rule": "centered-clip"}),
-              ("fp16", "none", {"attack": "noise"})]
+PIPELINES += [("topk", "ef", {"checksum": True}), ("threshold", "none", {"checksum": True})]
+PIPELINES += [("qsgd", "none", {"rule": rule}) for rule in RULES.names() if rule != "mean"]
+PIPELINES += [("fp16", "none", {"attack": name}) for name in ATTACKS.names()
+              if not isinstance(build(name, ATTACKS), DataAttack)]  # data attacks act on labels, not the wire
 
 
 @pytest.mark.parametrize("spec,feedback,extra", PIPELINES, ids=[f"{s}-{f}-{'-'.join(e) or 'plain'}"
                                                                  for s, f, e in PIPELINES])
 def test_aggregator_hands_the_wire_device_tensors(spec: str, feedback: str, extra: dict[str, Any],
                                                   monkeypatch: pytest.MonkeyPatch) -> None:
-    from lowband.fault.attacks import ATTACKS
-
     options: dict[str, Any] = {"checksum": extra.get("checksum", False)}
     if "rule" in extra:
         options["rule"] = build(extra["rule"], RULES)
     if "attack" in extra:
-        options["attack"] = build(f"{extra['attack']}:ranks=0", ATTACKS)
+        options["attack"] = build(extra["attack"] + (":ranks=0" if extra["attack"] != "none" else ""), ATTACKS)
     with fakecuda.fake_accelerator(monkeypatch) as mode:
         comm = TwinComm()
         agg = Aggregator(comm, build(spec, COMPRESSORS), build(feedback, FEEDBACK), small_numel=100, **options)
