@@ -34,7 +34,7 @@ def test_crash_mid_write_keeps_the_previous_checkpoint(tmp_path: Path, monkeypat
     monkeypatch.undo()
     state = ckpt.load_checkpoint(path)
     assert state["step"] == 3 and torch.equal(state["w"], torch.arange(4.0))
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["rank0.pt"]  # no temp file left behind
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["rank0.pt", "rank0.pt.sha256"]  # no temp file left
 
 
 def test_crash_on_first_write_leaves_no_file_under_the_final_name(tmp_path: Path,
@@ -54,8 +54,44 @@ def test_missing_or_corrupt_checkpoint_is_one_line_naming_the_file(tmp_path: Pat
     torn.write_bytes(torn.read_bytes()[:200])
     with pytest.raises(ValueError) as err:
         ckpt.load_checkpoint(torn)
+    assert str(err.value).startswith(f"checkpoint {torn} fails its SHA-256 check: ")
+    assert "\n" not in str(err.value)
+    ckpt.digest_file(torn).unlink()  # no digest (a file from elsewhere): torch's own check still catches it
+    with pytest.raises(ValueError) as err:
+        ckpt.load_checkpoint(torn)
     assert str(err.value).startswith(f"checkpoint {torn} is corrupt or incomplete: ")
     assert "\n" not in str(err.value)
+
+
+def test_flipped_bytes_inside_a_tensor_are_refused(tmp_path: Path) -> None:
+    """The silent case: bytes of a tensor's data changed, the zip structure intact, so torch.load would
+    succeed with a wrong weight. The digest refuses it, naming the file; required digests must exist."""
+    path = tmp_path / "rank0.pt"
+    ckpt.save_checkpoint(path, {"w": torch.zeros(4096)})
+    data = bytearray(path.read_bytes())
+    start = data.index(bytes(256))  # inside the tensor's zeros
+    data[start:start + 64] = bytes([0xFF]) * 64
+    path.write_bytes(bytes(data))
+    torch.load(path, weights_only=True)  # torch alone does not notice
+    with pytest.raises(ValueError, match="fails its SHA-256 check") as err:
+        ckpt.load_checkpoint(path)
+    assert str(path) in str(err.value) and "\n" not in str(err.value)
+    ckpt.digest_file(path).unlink()
+    with pytest.raises(ValueError, match="has no digest"):
+        ckpt.load_checkpoint(path, require_digest=True)
+
+
+def test_digest_is_sha256sum_format(tmp_path: Path) -> None:
+    import hashlib
+    import shutil
+    import subprocess
+
+    path = tmp_path / "rank0.pt"
+    ckpt.save_checkpoint(path, {"w": torch.arange(10.0)})
+    assert ckpt.digest_file(path).read_text() == f"{hashlib.sha256(path.read_bytes()).hexdigest()}  rank0.pt\n"
+    if shutil.which("sha256sum"):
+        done = subprocess.run(["sha256sum", "-c", "rank0.pt.sha256"], cwd=tmp_path, capture_output=True, text=True)
+        assert done.returncode == 0 and "rank0.pt: OK" in done.stdout
 
 
 def test_truncate_metrics_drops_rows_after_the_step_and_torn_lines(tmp_path: Path) -> None:
@@ -109,11 +145,12 @@ def _without(rows: list[dict[str, Any]], keys: tuple[str, ...]) -> list[dict[str
     return [{k: v for k, v in r.items() if k not in keys} for r in rows]
 
 
-def test_resume_from_a_checkpoint_is_bit_identical(tmp_path: Path) -> None:
+def test_resume_from_a_checkpoint_is_bit_identical(tmp_path: Path, capfd: pytest.CaptureFixture[str]) -> None:
     """ddp, delayed-diloco and streaming-diloco (averages in flight at step 3), PowerSGD with error
     feedback. Run A trains 6 steps with a checkpoint every 3. B is A's folder as a kill during step 6's
     checkpoint leaves it (step 6's files written but not marked complete, metrics rows past step 3),
-    resumed with --resume: parameters, losses and bytes from step 4 on equal A's bit for bit."""
+    resumed with --resume: parameters, losses and bytes from step 4 on equal A's bit for bit. C is A with
+    bytes flipped in one rank's last checkpoint: --resume refuses it, naming the rank and the file."""
     assert cli_main(["train", "--out", str(tmp_path), "--name", "a", "--no-progress", *FLAGS]) == 0
     run_a, run_b = tmp_path / "a", tmp_path / "b"
     shutil.copytree(run_a, run_b)
@@ -150,6 +187,18 @@ def test_resume_from_a_checkpoint_is_bit_identical(tmp_path: Path) -> None:
             ledger_a, ledger_b = _rows(a / f"ledger_rank{r}.jsonl"), _rows(b / f"ledger_rank{r}.jsonl")
             assert _without(ledger_b, LEDGER_TIMES) == _without(ledger_a, LEDGER_TIMES), label
     assert (run_b / "summary.json").is_file()
+
+    # C: A with 64 bytes flipped inside a tensor of one rank's last checkpoint: --resume refuses it
+    run_c = tmp_path / "c"
+    shutil.copytree(run_a, run_c)
+    victim = ckpt.rank_file(run_c / folders["ddp+powersgd:rank=2+ef"], 6, 1)
+    data = bytearray(victim.read_bytes())
+    middle = len(data) // 2
+    data[middle:middle + 64] = bytes(b ^ 0xFF for b in data[middle:middle + 64])
+    victim.write_bytes(bytes(data))
+    capfd.readouterr()
+    assert cli_main(["train", "--out", str(tmp_path), "--name", "c", "--no-progress", "--resume", *FLAGS]) != 0
+    assert f"worker rank 1 failed: ValueError: checkpoint {victim} fails its SHA-256 check" in capfd.readouterr().err
 
 
 # -- another world size -----------------------------------------------------------------------

@@ -51,6 +51,16 @@ def two_rank_worker() -> dict[str, Any]:
     plain = Comm()
     try:
         # -- correctness (no emulation) -------------------------------------------------
+        import pickle
+
+        def refuse(*args: Any, **kwargs: Any) -> Any:
+            raise AssertionError("agree() unpickled bytes from the network")
+
+        real_loads, pickle.loads = pickle.loads, refuse
+        try:
+            out["agreed"] = lowband.comm.group.agree(f"run-é-{rank}" if rank == 1 else "", src=1)
+        finally:
+            pickle.loads = real_loads
         t = torch.full((5,), float(rank + 1))
         returned = plain.all_reduce(t, tag="sum")
         out["sum"] = t.tolist()
@@ -222,6 +232,7 @@ def test_two_ranks_values(two: dict[int, dict[str, Any]]) -> None:
         assert res["gather"] == [[0, 1, 0], [1, 11, -1]], "all_gather returns rank order"
         assert res["bcast"] == [100.0, 101.0, 102.0, 103.0], "broadcast copies src 1's tensor"
         assert res["async"] == [3.0, 3.0, 3.0]
+        assert res["agreed"] == "run-é-1", "agree() hands every rank src's string (never unpickled)"
     assert two[1]["p2p"] == [0, 3, 6, 9, 12, 15, 18]
     assert two[0]["p2p"] == [1, 4, 7, 10, 13, 16, 19]
 

@@ -10,11 +10,9 @@ from __future__ import annotations
 import os
 import socket
 from datetime import timedelta
-from typing import TypeVar
 
+import torch
 import torch.distributed as dist
-
-T = TypeVar("T")
 
 
 def init_from_env(backend: str = "gloo", timeout_s: float = 300.0) -> tuple[int, int]:
@@ -36,13 +34,27 @@ def world_size() -> int:
     return dist.get_world_size() if dist.is_initialized() else 1
 
 
-def agree(value: T, src: int = 0) -> T:
-    """Every rank gets ``src``'s ``value`` (any picklable object)."""
+def agree(value: str, src: int = 0) -> str:
+    """Every rank gets ``src``'s string (the run's name).
+
+    Sent as its UTF-8 bytes in two tensor broadcasts (length, then bytes), on the group's device
+    (NCCL: the current GPU): nothing received from the network is ever unpickled, unlike
+    ``broadcast_object_list``, which would run whatever a peer's pickle says."""
     if not dist.is_initialized():
         return value
-    box = [value]
-    dist.broadcast_object_list(box, src=src)
-    return box[0]
+    device = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" \
+        else torch.device("cpu")
+    raw = value.encode() if dist.get_rank() == src else b""
+    size = torch.tensor([len(raw)], dtype=torch.int64, device=device)
+    dist.broadcast(size, src=src)
+    data = torch.zeros(int(size.item()), dtype=torch.uint8, device=device)  # host sync: the buffer's size
+    if raw:
+        data.copy_(torch.frombuffer(bytearray(raw), dtype=torch.uint8))
+    dist.broadcast(data, src=src)
+    try:
+        return bytes(data.cpu().tolist()).decode()
+    except UnicodeDecodeError:
+        raise ValueError(f"rank {src} sent a run name that is not UTF-8") from None
 
 
 def barrier() -> None:
@@ -53,6 +65,39 @@ def barrier() -> None:
 def shutdown() -> None:
     if dist.is_initialized():
         dist.destroy_process_group()
+
+
+# -- where worker sockets listen ----------------------------------------------------------------
+IFNAME_VARS = ("GLOO_SOCKET_IFNAME", "NCCL_SOCKET_IFNAME")  # the interface gloo's and NCCL's sockets use
+
+
+def interface_of(address: str) -> str | None:
+    """The name of the local network interface holding IPv4 ``address`` (``127.0.0.1``: ``lo``), or None
+    where it cannot be told (not Linux, no such address)."""
+    try:
+        import fcntl
+        import struct
+
+        names = [name for _, name in socket.if_nameindex()]
+    except (ImportError, OSError, AttributeError):
+        return None
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as probe:
+        for name in names:
+            try:  # SIOCGIFADDR: the interface's IPv4 address
+                packed = fcntl.ioctl(probe.fileno(), 0x8915, struct.pack("256s", name[:15].encode()))
+            except OSError:
+                continue
+            if socket.inet_ntoa(packed[20:24]) == address:
+                return name
+    return None
+
+
+def pin_sockets(address: str) -> dict[str, str]:
+    """The environment that makes gloo's and NCCL's worker sockets use the interface of ``address``
+    (they would otherwise bind to whatever the host name resolves to, a LAN address on many
+    machines); a variable the user set is kept. Empty where the interface cannot be told."""
+    name = interface_of(address)
+    return {var: os.environ.get(var, name) for var in IFNAME_VARS} if name else {}
 
 
 # -- elastic runs (lowband.fault.elastic): a store of the driver, a default group per membership --------

@@ -45,10 +45,19 @@ writing never leaves a half-written checkpoint under its final name. A checkpoin
 rank 0 has atomically rewritten the marker ``checkpoint.json``; resuming reads only the
 step the marker names, so a half-finished set of rank files is never loaded.
 
+Integrity: every checkpoint file has a SHA-256 digest beside it (``rank0.pt.sha256``, in
+``sha256sum`` format: ``sha256sum -c rank0.pt.sha256`` checks it by hand), written after the
+file and before the checkpoint is marked complete. Loading verifies it: a file changed after it
+was written (a flipped byte, a truncated copy) is refused with one line naming the file, never
+loaded. Checkpoints of a run written since digests exist (``"sha256": true`` in the marker) must
+have one; a lone ``.pt`` file (``--init-from model.pt``) is verified when its digest is beside it.
+
 Layout, per algorithm folder of a run::
 
-    runs/<name>/<algo folder>/checkpoint.json           {"step": 6, "world_size": 2, "folder": "checkpoints/step6"}
+    runs/<name>/<algo folder>/checkpoint.json           {"step": 6, "world_size": 2, "folder": "checkpoints/step6",
+                                                         "sha256": true}
     runs/<name>/<algo folder>/checkpoints/step3/rank0.pt
+    runs/<name>/<algo folder>/checkpoints/step3/rank0.pt.sha256
     runs/<name>/<algo folder>/checkpoints/step6/rank0.pt ...
 
 The newest :data:`KEEP` complete checkpoints are kept; rank 0 deletes older ones (and
@@ -57,6 +66,7 @@ leftovers of a crashed run) after writing the marker.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import os
@@ -111,8 +121,40 @@ def _atomic_write(path: Path, write: Any) -> None:
 
 
 def save_checkpoint(path: Path, state: dict[str, Any]) -> None:
-    """``torch.save(state)`` to ``path`` atomically: the old file (if any) or the new one, never half."""
-    _atomic_write(Path(path), lambda f: torch.save(state, f))
+    """``torch.save(state)`` to ``path`` atomically (the old file, if any, or the new one, never half),
+    then its SHA-256 digest to ``<path>.sha256`` (:func:`digest_file`)."""
+    path = Path(path)
+    _atomic_write(path, lambda f: torch.save(state, f))
+    atomic_write_text(digest_file(path), f"{sha256(path)}  {path.name}\n")
+
+
+def digest_file(path: Path) -> Path:
+    """Where the SHA-256 digest of checkpoint ``path`` lives: ``<path>.sha256``."""
+    return path.with_name(path.name + ".sha256")
+
+
+def sha256(path: Path) -> str:
+    """The hex SHA-256 of the file at ``path`` (read in 1 MiB blocks)."""
+    h = hashlib.sha256()
+    with Path(path).open("rb") as f:
+        while block := f.read(1 << 20):
+            h.update(block)
+    return h.hexdigest()
+
+
+def verify(path: Path, required: bool = False) -> None:
+    """Refuse ``path`` unless it matches its digest; a missing digest is refused only when ``required``."""
+    path = Path(path)
+    digest = digest_file(path)
+    if not digest.is_file():
+        if required:
+            raise ValueError(f"checkpoint {path} has no digest ({digest.name} is missing): the checkpoint is "
+                             "incomplete or was tampered with; resume from a complete copy of the run folder")
+        return
+    expected = digest.read_text().split(maxsplit=1)[0] if digest.stat().st_size else ""
+    if sha256(path) != expected:
+        raise ValueError(f"checkpoint {path} fails its SHA-256 check: it changed after it was written (a corrupt "
+                         "copy or disk?); restore it from a copy of the run folder, or train anew with another --name")
 
 
 def atomic_write_text(path: Path, text: str) -> None:
@@ -120,11 +162,13 @@ def atomic_write_text(path: Path, text: str) -> None:
     _atomic_write(Path(path), lambda f: f.write(text.encode()))
 
 
-def load_checkpoint(path: Path) -> dict[str, Any]:
-    """The state saved at ``path``; a missing or unreadable file raises one line naming it."""
+def load_checkpoint(path: Path, require_digest: bool = False) -> dict[str, Any]:
+    """The state saved at ``path``; a missing, unreadable or altered file (:func:`verify`) raises one
+    line naming it. ``require_digest``: refuse a file without its digest too."""
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"checkpoint not found: {path}")
+    verify(path, require_digest)
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as err:  # torch raises many types for truncated or foreign files
@@ -153,7 +197,8 @@ def model_file(path: str | Path) -> Path:
 def load_model_into(model: nn.Module, path: str | Path) -> None:
     """Load the model saved at ``path`` (a checkpoint's ``model``, or a bare state_dict) into ``model``."""
     file = model_file(path)
-    state = load_checkpoint(file)
+    folder = Path(path).expanduser()
+    state = load_checkpoint(file, require_digest=folder.is_dir() and digests_required(folder))
     state = state.get("model", state)
     try:
         model.load_state_dict(state)
@@ -181,6 +226,14 @@ def last_complete_step(algo_dir: Path) -> int | None:
         return int(json.loads(marker.read_text())["step"])
     except (ValueError, KeyError, TypeError) as err:
         raise ValueError(f"checkpoint marker {marker} is unreadable: {err}") from None
+
+
+def digests_required(algo_dir: Path) -> bool:
+    """Whether the marker of ``algo_dir`` says its checkpoints carry digests (runs since they exist)."""
+    try:
+        return bool(json.loads((algo_dir / MARKER).read_text()).get("sha256", False))
+    except (OSError, ValueError, AttributeError):
+        return False
 
 
 def _prune(algo_dir: Path, step: int) -> None:
@@ -236,7 +289,7 @@ class RunCheckpoint:
         self.comm.barrier()  # every rank's file is in place
         if self.comm.rank == 0:
             marker = {"step": step, "world_size": self.comm.world_size,
-                      "folder": str(step_folder(self.algo_dir, step).relative_to(self.algo_dir))}
+                      "folder": str(step_folder(self.algo_dir, step).relative_to(self.algo_dir)), "sha256": True}
             atomic_write_text(self.algo_dir / MARKER, json.dumps(marker))
             _prune(self.algo_dir, step)
 
@@ -250,7 +303,8 @@ class RunCheckpoint:
         if saved_world != world and not self.algo.reshardable:
             raise ValueError(f"checkpoint of {self.algo_dir} was written by {saved_world} workers, this run has "
                              f"{world}: {self.algo.name} resumes only at the same world size")
-        state = load_checkpoint(rank_file(self.algo_dir, step, rank % saved_world))
+        state = load_checkpoint(rank_file(self.algo_dir, step, rank % saved_world),
+                                require_digest=digests_required(self.algo_dir))
         self.model.load_state_dict(state["model"])
         self.algo.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])

@@ -1,8 +1,10 @@
 """Start workers through torchrun's launcher API (``torch.distributed.launcher.api``).
 
 ``launch(fn, 4, cfg)`` is what ``torchrun --standalone --nproc-per-node 4`` does: a local
-c10d rendezvous on a free port of the loopback interface (``bind``), one process per worker with RANK/WORLD_SIZE set, no
-restarts. ``fn`` must be importable (a module-level function). A failed worker surfaces as
+c10d rendezvous on a free port of the loopback interface (``bind``), one process per worker with
+RANK/WORLD_SIZE set, no restarts. The workers' gloo and NCCL sockets are pinned to ``bind``'s
+interface too (``GLOO_SOCKET_IFNAME``/``NCCL_SOCKET_IFNAME``, unless the user set them): nothing
+of a single-machine run listens beyond loopback. ``fn`` must be importable (a module-level function). A failed worker surfaces as
 :class:`WorkerFailed` naming the rank and the cause, never as a hang. A termination signal
 (SIGTERM, SIGINT) stops the workers and surfaces as :class:`Interrupted`, a ``KeyboardInterrupt`` that no
 ``except Exception`` swallows: ``lowband bench`` stops instead of going on to the next run.
@@ -11,6 +13,7 @@ restarts. ``fn`` must be importable (a module-level function). A failed worker s
 from __future__ import annotations
 
 import contextlib
+import os
 import uuid
 from typing import Any, Callable, Iterator
 
@@ -19,7 +22,7 @@ from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
 from torch.distributed.elastic.rendezvous import dynamic_rendezvous
 from torch.distributed.launcher.api import LaunchConfig, elastic_launch
 
-from lowband.comm.group import serve_store
+from lowband.comm.group import pin_sockets, serve_store
 
 
 class WorkerFailed(RuntimeError):
@@ -50,11 +53,27 @@ def launch(fn: Callable[..., Any], nprocs: int, *args: Any, bind: str = "127.0.0
             max_restarts=0, monitor_interval=0.1, start_method="spawn", local_addr=bind,
         )
         try:
-            return elastic_launch(config, fn)(*args)
+            with _environment(pin_sockets(bind)):  # the workers' gloo/NCCL sockets on bind's interface too
+                return elastic_launch(config, fn)(*args)
         except ChildFailedError as err:
             raise WorkerFailed(_describe(err)) from None
         except SignalException as err:  # SIGTERM/SIGINT reached the agent, which stopped the workers:
             raise Interrupted(err.sigval) from None  # stop the caller too
+
+
+@contextlib.contextmanager
+def _environment(values: dict[str, str]) -> Iterator[None]:
+    """``os.environ`` with ``values`` set (the spawned workers inherit it), restored afterwards."""
+    saved = {k: os.environ.get(k) for k in values}
+    os.environ.update(values)
+    try:
+        yield
+    finally:
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
 
 
 @contextlib.contextmanager

@@ -1,0 +1,89 @@
+"""Where a single-machine run's sockets listen: loopback only (issue 23).
+
+``launch()`` hosts the rendezvous and the workers' store on loopback, and pins gloo's worker
+sockets to the loopback interface (``GLOO_SOCKET_IFNAME``/``NCCL_SOCKET_IFNAME`` from
+``pin_sockets``): without that gloo binds to whatever the host name resolves to, a LAN address
+on many machines. Each worker lists its own listening TCP sockets from /proc after a real
+all-reduce, so the check reads what the kernel says, not what the code meant.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+import torch.distributed as dist
+from torch.distributed.elastic.multiprocessing.errors import record
+
+import lowband
+from lowband.comm.group import init_from_env, interface_of, pin_sockets, shutdown
+from lowband.train.launch import launch
+
+pytestmark = pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc/net/tcp (Linux)")
+
+
+def listening_addresses(pid: int | str = "self") -> list[str]:
+    """``ip:port`` of every TCP socket process ``pid`` listens on (IPv4 and IPv6), from /proc."""
+    inodes = set()
+    for fd in Path(f"/proc/{pid}/fd").iterdir():
+        try:
+            target = os.readlink(fd)
+        except OSError:
+            continue
+        if target.startswith("socket:["):
+            inodes.add(target[8:-1])
+    found = []
+    for table, width in (("/proc/net/tcp", 8), ("/proc/net/tcp6", 32)):
+        if not Path(table).exists():
+            continue
+        for line in Path(table).read_text().splitlines()[1:]:
+            fields = line.split()
+            if fields[3] != "0A" or fields[9] not in inodes:  # 0A: LISTEN
+                continue
+            address, port = fields[1].split(":")
+            found.append(f"{_address(address, width)}:{int(port, 16)}")
+    return found
+
+
+def _address(hex_address: str, width: int) -> str:
+    raw = bytes.fromhex(hex_address)
+    if width == 8:
+        return ".".join(str(b) for b in raw[::-1])
+    words = [raw[i:i + 4][::-1] for i in range(0, 16, 4)]  # four little-endian 32-bit words
+    return "[" + bytes(b for w in words for b in w).hex(":", 2) + "]"
+
+
+@record
+def _worker() -> dict[str, Any]:
+    rank, _ = init_from_env("gloo", timeout_s=60)
+    try:
+        t = torch.ones(4)
+        dist.all_reduce(t)
+        return {"sum": t.tolist(), "ifname": os.environ.get("GLOO_SOCKET_IFNAME"), "listening": listening_addresses()}
+    finally:
+        shutdown()
+
+
+def test_interface_of_loopback() -> None:
+    assert interface_of("127.0.0.1") == "lo"
+    assert interface_of("203.0.113.77") is None  # no such local address
+    assert pin_sockets("127.0.0.1") == {"GLOO_SOCKET_IFNAME": os.environ.get("GLOO_SOCKET_IFNAME", "lo"),
+                                        "NCCL_SOCKET_IFNAME": os.environ.get("NCCL_SOCKET_IFNAME", "lo")}
+
+
+def test_workers_listen_on_loopback_only(monkeypatch: pytest.MonkeyPatch) -> None:
+    here = Path(__file__).resolve().parent
+    monkeypatch.setenv("PYTHONPATH", os.pathsep.join([str(here), str(Path(lowband.__file__).parent.parent)]))
+    monkeypatch.delenv("GLOO_SOCKET_IFNAME", raising=False)
+    results = launch(_worker, 2)
+    assert "GLOO_SOCKET_IFNAME" not in os.environ  # restored in the parent
+    for rank, res in results.items():
+        assert res["sum"] == [2.0] * 4
+        assert res["ifname"] == "lo", rank
+        assert res["listening"], f"rank {rank}: gloo's listening socket was not found in /proc"
+        outside = [a for a in res["listening"] if not a.startswith(("127.", "[0000:0000:0000:0000:0000:0000:0000:0001]"))]
+        assert not outside, f"rank {rank} listens beyond loopback: {outside}"
