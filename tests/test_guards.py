@@ -13,6 +13,7 @@ from lowband.comm.aggregate import Aggregator
 from lowband.comm.group import init_from_env, shutdown
 from lowband.compress import COMPRESSORS, build
 from lowband.fault import guards
+from lowband.fault.attacks import ATTACKS
 from lowband.fault.robust import RULES
 from lowband.feedback import FEEDBACK
 from lowband.train.launch import launch
@@ -72,13 +73,19 @@ def guarded(case: str) -> dict[str, object]:
             "corrupt-topk": ("topk:ratio=1.0", "mean", True),
             "corrupt-median": ("identity", "median", True),
             "clean-summed": ("identity", "mean", False),
+            # a rank that passes its own guard, then sends NaN (a fault after it, or a Byzantine sender):
+            # receivers check what they got
+            "attack-median": ("identity", "median", False),
+            "attack-topk": ("topk:ratio=1.0", "mean", False),
+            "attack-trimmed": ("qsgd:bits=8", "trimmed-mean", False),
         }
         out: dict[str, object] = {}
         for call, (name, (compress, rule, checksum)) in enumerate(setups.items()):
             comm = Comm()
             comm.ledger.step = 7 + call
+            attack = build(f"scale:ranks={BAD},factor=nan", ATTACKS) if name.startswith("attack") else None
             agg = Aggregator(comm, build(compress, COMPRESSORS), build("none", FEEDBACK), small_numel=100,
-                             rule=build(rule, RULES), checksum=checksum)
+                             rule=build(rule, RULES), checksum=checksum, attack=attack)
             named = contribution(rank, call)
             if name.startswith("nan") and rank == BAD:
                 named[0][1][3, 3] = float("nan")
@@ -86,13 +93,26 @@ def guarded(case: str) -> dict[str, object]:
                 guards.corrupt_next(BAD, receivers=[0])  # only rank 0 sees it: the agreement must spread it
             agg.mean_(named)
             valid = list(range(world)) if name.startswith("clean") else [r for r in range(world) if r != BAD]
-            ref = exact_mean(valid, call) if rule == "mean" else [
+            ref = exact_mean(valid, call) if rule != "median" else [
                 torch.stack([contribution(r, call)[i][1].double() for r in valid]).median(0).values for i in range(2)]
-            err = max(float((t.double() - e).abs().max()) for (_, t), e in zip(named, ref))
+            if compress.startswith("qsgd"):  # quantised: within QSGD's error, not exact
+                err = 0.0 if all(torch.isfinite(t).all() for _, t in named) else float("inf")
+            else:
+                err = max(float((t.double() - e).abs().max()) for (_, t), e in zip(named, ref))
             out[name] = (err, float(sum(t.double().sum() for _, t in named)),
                          sorted({rec.tag for rec in comm.ledger.records}))
             agg.close()
             comm.close()
+        comm = Comm()  # the mean of a sum cannot exclude a NaN sender: it stops, naming it
+        agg = Aggregator(comm, build("identity", COMPRESSORS), build("none", FEEDBACK), small_numel=100,
+                         attack=build(f"scale:ranks={BAD},factor=nan", ATTACKS))
+        try:
+            agg.mean_(contribution(rank, 99))
+            out["summed-attack"] = "no error"
+        except guards.NonFiniteError as err:
+            out["summed-attack"] = str(err)
+        agg.close()
+        comm.close()
         out["log"] = messages
         return out
     finally:
@@ -101,7 +121,7 @@ def guarded(case: str) -> dict[str, object]:
 
 def test_nan_and_corrupted_contributions_are_excluded_on_four_ranks() -> None:
     results = launch(guarded, WORLD, "all")
-    for name in [n for n in results[0] if n != "log"]:
+    for name in [n for n in results[0] if n not in ("log", "summed-attack")]:
         errs = [results[r][name][0] for r in range(WORLD)]
         sums = {results[r][name][1] for r in range(WORLD)}
         assert max(errs) < 1e-6, (name, errs)  # mean (or median) of the 3 others, exactly
@@ -117,3 +137,9 @@ def test_nan_and_corrupted_contributions_are_excluded_on_four_ranks() -> None:
     assert f"rank 1 step 7: grads excluded rank(s) {BAD} from the round (non-finite)" in others
     assert f"rank 1 step 10: grads excluded rank(s) {BAD} from the round (checksum seen by another rank)" in others
     assert f"rank 0 step 10: grads excluded rank(s) {BAD} from the round (checksum)" in results[0]["log"]
+    for step in (13, 14, 15):  # attack-median, attack-topk, attack-trimmed: named by every receiver
+        assert (f"rank 1 step {step}: grads excluded rank(s) {BAD} from the round (non-finite values received "
+                "from them)") in others, step
+    for r in range(WORLD):
+        assert results[r]["summed-attack"].startswith(f"grads: rank(s) {BAD} sent non-finite values after their "
+                                                      "guard"), results[r]["summed-attack"]

@@ -33,6 +33,7 @@ from typing import Any, Callable, Sequence
 
 import torch
 
+from lowband.comm.buffers import chunks, flat_or_self, small_key, write_back
 from lowband.comm.comm import Comm
 from lowband.compress.base import Compressor, Payload
 from lowband.fault import guards
@@ -163,8 +164,8 @@ class Aggregator:
     def _mean(self, named: Sequence[tuple[str, torch.Tensor]], step: int = 0, bad: str | None = None) -> None:
         groups = self._groups(named)
         valid = bad is None
-        inputs = {key: self.feedback.compensate(key, _flat_or_self(members)) if valid
-                  else torch.zeros_like(_flat_or_self(members)) for key, members in groups.items()}
+        inputs = {key: self.feedback.compensate(key, flat_or_self(members)) if valid
+                  else torch.zeros_like(flat_or_self(members)) for key, members in groups.items()}
         if valid and self.attack.applies(self.comm.rank):
             inputs = {key: self.attack(x, self.comm.rank, step, key) for key, x in inputs.items()}
         if self.robust:
@@ -177,7 +178,7 @@ class Aggregator:
             mean, own = results[key]
             if valid:
                 self.feedback.update(key, inputs[key], own)
-            _write_back(self.feedback.finalize(key, mean), members)
+            write_back(self.feedback.finalize(key, mean), members)
 
     # -- the paths --------------------------------------------------------------------------
     def _rounds(self, inputs: dict[str, torch.Tensor], valid: bool, step: int,
@@ -210,7 +211,26 @@ class Aggregator:
                 except StopIteration as done:
                     results[key] = done.value
             pending = nxt
+        if not self.compressor.summable and type(self.compressor).exchange is Compressor.exchange:
+            results = self._receiver_check(results, received, [r for r in range(n) if mask[r]], step)
         return results
+
+    def _receiver_check(self, results: dict[str, tuple[torch.Tensor, torch.Tensor]],
+                        received: dict[str, Any], ranks: list[int],
+                        step: int) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+        """Receivers check what they got (a sender's own guard ran before any attack or fault): a
+        non-finite mean is traced to the senders whose decoded payloads are non-finite, which are
+        named and excluded; every rank decodes the same bytes, so all exclude alike."""
+        if guards.all_finite([mean for mean, _ in results.values()]):  # host sync: one per call
+            return results
+        decoded = {key: [self.compressor.decode(p) for p in ps] for key, ps in received.items()}
+        ok = guards.finite_per_rank([[d[i] for d in decoded.values()] for i in range(len(ranks))])
+        bad = [r for r, fine in zip(ranks, ok) if not fine]
+        if not bad or len(bad) == len(ranks):
+            raise guards.refuse(f"{self.tag}: no rank sent finite values")
+        guards.warn_excluded(self.comm.rank, self.tag, step, bad, "non-finite values received from them")
+        return {key: (torch.stack([d for d, fine in zip(ds, ok) if fine]).mean(0), results[key][1])
+                for key, ds in decoded.items()}
 
     def _summed(self, inputs: dict[str, torch.Tensor], valid: bool,
                 step: int) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
@@ -226,8 +246,7 @@ class Aggregator:
         self.comm.all_reduce(flags, tag=f"{self.tag}.valid")
         excluded = [r for r, flag in enumerate(flags.tolist()) if flag == 0]  # host sync: who is excluded
         if not excluded:
-            raise NonFiniteError(f"{self.tag}: the summed payload is non-finite although every rank's input is "
-                                 "finite (overflow in a low-precision sum?)")
+            raise NonFiniteError(self._who_sent_non_finite(inputs))
         if len(excluded) == n:
             raise guards.refuse(f"{self.tag}: every rank's contribution is non-finite")
         guards.warn_excluded(self.comm.rank, self.tag, step, excluded, "non-finite")
@@ -238,6 +257,21 @@ class Aggregator:
         scale = n / (n - len(excluded))
         return {key: (mean * scale, own) for key, (mean, own) in redone.items()}
 
+    def _who_sent_non_finite(self, inputs: dict[str, torch.Tensor]) -> str:
+        """Why a sum is non-finite although every rank's input passed its guard: each rank reports
+        whether what it actually sent (after a simulated attack or fault) was finite; a sum cannot
+        be traced further, so the run stops naming those ranks (a robust rule would exclude them)."""
+        flags = torch.zeros(self.comm.world_size, dtype=torch.float32, device=self._device(inputs))
+        flags[self.comm.rank] = float(guards.all_finite(list(inputs.values())))
+        self.comm.all_reduce(flags, tag=f"{self.tag}.valid")
+        senders = [r for r, flag in enumerate(flags.tolist()) if flag == 0]  # host sync: the culprits
+        if senders:
+            return (f"{self.tag}: rank(s) {', '.join(map(str, senders))} sent non-finite values after their guard; "
+                    "the mean of a sum cannot exclude them: use a robust --aggregate (median, trimmed-mean, "
+                    "centered-clip), which excludes such senders")
+        return (f"{self.tag}: the summed payload is non-finite although every rank sent finite values "
+                "(overflow in a low-precision sum?)")
+
     def _robust(self, inputs: dict[str, torch.Tensor], valid: bool,
                 step: int) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
         """Every rank's payload all-gathered, decoded, and combined by the rule over the whole call."""
@@ -246,6 +280,14 @@ class Aggregator:
         ranks = [r for r in range(self.comm.world_size) if mask[r]]
         rows = torch.stack([torch.cat([self.compressor.decode(gathered[key][r]).reshape(-1).float()
                                        for key in inputs]) for r in ranks])
+        ok = torch.isfinite(rows).all(1).tolist()  # host sync: receivers check every sender's decoded values
+        if not all(ok):  # the same bytes on every rank: all exclude alike
+            guards.warn_excluded(self.comm.rank, self.tag, step, [r for r, fine in zip(ranks, ok) if not fine],
+                                 "non-finite values received from them")
+            if not any(ok):
+                raise guards.refuse(f"{self.tag}: no rank sent finite values")
+            keep = [i for i, fine in enumerate(ok) if fine]
+            rows, ranks = rows[torch.tensor(keep, device=rows.device)], [ranks[i] for i in keep]
         aggregate = self.rule("|".join(inputs), rows, ranks)
         results, offset = {}, 0
         for key, x in inputs.items():
@@ -278,7 +320,7 @@ class Aggregator:
             flat = torch.cat([t.reshape(-1) for t in tensors])
             if poison:
                 guards.poison_(flat)
-            for chunk in _chunks(flat, self.bucket_bytes):
+            for chunk in chunks(flat, self.bucket_bytes):
                 self.comm.all_reduce(chunk, tag=self.tag)
             offset = 0
             for t in tensors:
@@ -299,7 +341,7 @@ class Aggregator:
         padded = torch.zeros(width, dtype=torch.uint8, device=own.device)
         padded[:own.numel()] = own
         parts: list[list[torch.Tensor]] = [[] for _ in range(n)]
-        for chunk in _chunks(guards.seal(padded, valid, self.checksum), self.bucket_bytes):
+        for chunk in chunks(guards.seal(padded, valid, self.checksum), self.bucket_bytes):
             gathered = self.comm.all_gather(chunk, tag=self.tag)
             for r, piece in enumerate(gathered):
                 parts[r].append(piece)
@@ -353,32 +395,3 @@ class Aggregator:
     def _device(inputs: dict[str, torch.Tensor]) -> torch.device:
         """The device of the tensors being averaged (where flags that travel with them must live)."""
         return next(iter(inputs.values())).device if inputs else torch.device("cpu")
-
-
-def small_key(dtype: torch.dtype, names: Sequence[str]) -> str:
-    """The key of a bucket of small tensors: ``small.float32[0.bias..4.bias]``.
-
-    It names its first and last members, so the buckets of different calls (one per DDP
-    bucket in :mod:`lowband.comm.ddp_hook`) keep separate feedback and compressor state.
-    """
-    return f"small.{str(dtype).removeprefix('torch.')}[{names[0]}..{names[-1]}]"
-
-
-def _flat_or_self(members: list[torch.Tensor]) -> torch.Tensor:
-    return members[0] if len(members) == 1 else torch.cat([m.reshape(-1) for m in members])
-
-
-def _write_back(result: torch.Tensor, members: list[torch.Tensor]) -> None:
-    if len(members) == 1:
-        members[0].copy_(result.view_as(members[0]))
-        return
-    offset = 0
-    for m in members:
-        m.copy_(result[offset:offset + m.numel()].view_as(m))
-        offset += m.numel()
-
-
-def _chunks(flat: torch.Tensor, max_bytes: int) -> list[torch.Tensor]:
-    """Views of ``flat`` of at most ``max_bytes`` each (at least one element each)."""
-    step = max(1, max_bytes // flat.element_size())
-    return [flat[i:i + step] for i in range(0, flat.numel(), step)]

@@ -48,7 +48,8 @@ from typing import Any, Callable, Sequence
 import torch
 import torch.distributed as dist
 
-from lowband.comm.aggregate import Aggregator, PendingMean, _chunks, _write_back
+from lowband.comm.aggregate import Aggregator, PendingMean
+from lowband.comm.buffers import chunks, write_back
 from lowband.comm.comm import Comm
 from lowband.fault import guards
 
@@ -128,10 +129,10 @@ class HierarchicalAggregator:
         with torch.no_grad(), self.site_comm.background(step):
             tensors = [t for _, t in named]
             for flat, members in _flats(tensors):
-                for chunk in _chunks(flat, self.bucket_bytes):
+                for chunk in chunks(flat, self.bucket_bytes):
                     self.site_comm.all_reduce(chunk, tag=f"{self.tag}.site")  # 1. the site's sum
                 flat.mul_(self.scale)
-                _write_back(flat, members)
+                write_back(flat, members)
             failure: BaseException | None = None
             if self.across is not None:
                 try:
@@ -141,11 +142,11 @@ class HierarchicalAggregator:
                     for t in tensors:
                         t.fill_(float("nan"))
             for flat, members in _flats(tensors):
-                for chunk in _chunks(flat, self.bucket_bytes):
+                for chunk in chunks(flat, self.bucket_bytes):
                     self.site_comm.broadcast(chunk, src=0, tag=f"{self.tag}.bcast")  # 3. from the leader
                 if failure is None and not guards.all_finite([flat]):  # host sync: did every site fail?
                     failure = guards.refuse(f"{self.tag}: every site's contribution is non-finite")
-                _write_back(flat, members)
+                write_back(flat, members)
             if failure is not None:
                 raise failure
 

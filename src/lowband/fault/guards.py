@@ -57,6 +57,12 @@ def all_finite(tensors: Sequence[torch.Tensor]) -> bool:
     return bool(flags.all())
 
 
+def finite_per_rank(per_rank: Sequence[Sequence[torch.Tensor]]) -> list[bool]:
+    """For each rank's tensors, whether all are finite (host sync: one for every rank at once)."""
+    flags = torch.stack([torch.stack([torch.isfinite(t).all() for t in ts]).all() for ts in per_rank])
+    return [bool(f) for f in flags.tolist()]
+
+
 def refuse(reason: str) -> NonFiniteError:
     """The error when no rank has a finite contribution (the old strict behaviour's message)."""
     return NonFiniteError(f"{reason}; not sent (lower the learning rate, or clip gradients with --grad-clip)")
