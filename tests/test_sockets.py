@@ -87,3 +87,48 @@ def test_workers_listen_on_loopback_only(monkeypatch: pytest.MonkeyPatch) -> Non
         assert res["listening"], f"rank {rank}: gloo's listening socket was not found in /proc"
         outside = [a for a in res["listening"] if not a.startswith(("127.", "[0000:0000:0000:0000:0000:0000:0000:0001]"))]
         assert not outside, f"rank {rank} listens beyond loopback: {outside}"
+
+
+def descendants(pid: int) -> list[int]:
+    """``pid`` and every process below it (from /proc/*/stat)."""
+    children: dict[int, list[int]] = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        children.setdefault(int(fields[1]), []).append(int(stat.parent.name))
+    out, todo = [], [pid]
+    while todo:
+        p = todo.pop()
+        out.append(p)
+        todo.extend(children.get(p, []))
+    return out
+
+
+def test_an_elastic_run_listens_on_loopback_only(tmp_path: Path) -> None:
+    """``--elastic``: the driver's store, each worker's launcher (its rendezvous and shared stores)
+    and the workers' gloo sockets, sampled every 0.2 s over a whole run: all on loopback."""
+    import subprocess
+    import time
+
+    cmd = [sys.executable, "-m", "lowband.cli", "train", "--algo", "diloco", "--elastic", "--workers", "2",
+           "-H", "4", "--steps", "16", "--batch-size", "4", "--bandwidth", "none", "--latency", "none",
+           "--eval-every", "8", "--eval-batches", "1", "--no-progress", "--out", str(tmp_path), "--name", "e"]
+    env = {k: v for k, v in os.environ.items() if k not in ("GLOO_SOCKET_IFNAME", "NCCL_SOCKET_IFNAME")}
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    seen: dict[str, set[int]] = {}
+    deadline = time.monotonic() + 170
+    while proc.poll() is None and time.monotonic() < deadline:
+        for pid in descendants(proc.pid):
+            try:
+                for address in listening_addresses(pid):
+                    seen.setdefault(address, set()).add(pid)
+            except OSError:  # the process ended while being read
+                pass
+        time.sleep(0.2)
+    out = proc.communicate(timeout=30)[0] if proc.poll() is not None else (proc.kill(), "timed out")[1]
+    assert proc.returncode == 0, out[-2000:]
+    assert len({pid for pids in seen.values() for pid in pids}) >= 3, seen  # driver, agents, workers seen
+    outside = [a for a in seen if not a.startswith(("127.", "[0000:0000:0000:0000:0000:0000:0000:0001]"))]
+    assert not outside, f"an elastic run listened beyond loopback: {outside}"

@@ -6,10 +6,10 @@ The driver (this process) owns three things for the whole run:
   the quorum keys and every process group's rendezvous live in it;
 * the :class:`~lowband.fault.quorum.QuorumService`, polled every 20 ms, which decides each
   outer step's members and whether it commits;
-* one single-process torchrun job per worker (``python -m torch.distributed.run --standalone
-  --nproc-per-node 1 -m lowband.train.elastic_worker``), in its own session so that it and
-  its worker can be killed together. torchrun's agent stops every worker of a job when one
-  dies, so workers are separate jobs and survivors keep running when one of them exits.
+* one single-process job per worker (``python -m lowband.train.elastic_agent``: torchrun's
+  launcher API with its stores and the worker's sockets on loopback only), in its own session
+  so that it and its worker can be killed together. torchrun's agent stops every worker of a
+  job when one dies, so workers are separate jobs and survivors keep running when one exits.
 
 A worker's exit is seen within one poll (its agent notices within 0.1 s): an exit code other
 than 0 is a departure; the service fails the quorum in progress at once and forms the next
@@ -38,8 +38,7 @@ from lowband.train.config import TrainConfig
 from lowband.train.launch import WorkerFailed
 
 POLL_S = 0.02
-TORCHRUN = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "1",
-            "--max-restarts", "0", "--monitor-interval", "0.1", "-m", "lowband.train.elastic_worker"]
+AGENT = [sys.executable, "-m", "lowband.train.elastic_agent"]  # one worker, every socket on loopback
 
 
 class Supervisor:
@@ -63,7 +62,7 @@ class Supervisor:
         logs = self.algo_dir / "logs"
         logs.mkdir(parents=True, exist_ok=True)
         with (logs / f"replica{token}.log").open("w") as out:
-            self.procs[token] = subprocess.Popen(TORCHRUN, env=env, stdout=out, stderr=subprocess.STDOUT,
+            self.procs[token] = subprocess.Popen(AGENT, env=env, stdout=out, stderr=subprocess.STDOUT,
                                                  start_new_session=True)
         self.service.spawned(token, starter=incarnation == 0)
         if incarnation:
@@ -125,9 +124,9 @@ class Supervisor:
     def _cause(self, token: str, code: int) -> str:
         log = self.algo_dir / "logs" / f"replica{token}.log"
         text = log.read_text(errors="replace") if log.is_file() else ""
-        found = re.findall(r"exitcode\s*:\s*(-?\d+)", text)
-        if found and int(found[-1]) < 0:
-            return f"killed by signal {-int(found[-1])}"
+        signals = re.findall(r"killed by signal (\d+)", text)  # lowband.train.elastic_agent's line
+        if signals:
+            return f"killed by signal {signals[-1]}"
         lines = [line.strip() for line in text.splitlines() if line.strip()]
         errors = [line for line in lines if "Error" in line or "error" in line]
         return f"exit code {code}" + (f" ({errors[-1][:200]})" if errors else "")

@@ -1,5 +1,5 @@
-"""One worker of an elastic run: ``python -m torch.distributed.run --standalone --nproc-per-node 1 -m
-lowband.train.elastic_worker``, started by the ``lowband train --elastic`` driver (:mod:`lowband.train.elastic`).
+"""One worker of an elastic run, started by the ``lowband train --elastic`` driver (:mod:`lowband.train.elastic`)
+as its own single-process job (``python -m lowband.train.elastic_agent``: torchrun's launcher API on loopback).
 
 Each worker is its own single-process torchrun job (torchrun's agent stops every worker of a
 job when one dies, so survivors could not go on inside one job); workers find each other
