@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import math
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Sequence
@@ -15,6 +16,7 @@ from typing import Any, Sequence
 from lowband.algorithms import ALGORITHMS
 from lowband.compress import COMPRESSORS
 from lowband.devices import DEVICE_CHOICES
+from lowband.fault.attacks import ATTACKS
 from lowband.fault.checkpoint import model_file, resume_mismatch
 from lowband.registry import build, parse_spec
 from lowband.fault.robust import RULES
@@ -108,8 +110,13 @@ class TrainConfig:
             if getattr(self, name) is not None and getattr(self, name) < 1:
                 raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(self, name)}")
         for name in ("lr", "outer_lr", "bucket_mb"):
-            if getattr(self, name) is not None and getattr(self, name) <= 0:
-                raise ValueError(f"--{name.replace('_', '-')} must be > 0, got {getattr(self, name)}")
+            value = getattr(self, name)
+            if value is not None and not (value > 0 and math.isfinite(value)):
+                raise ValueError(f"--{name.replace('_', '-')} must be a finite number > 0, got {value}")
+        for name in ("weight_decay", "grad_clip", "outer_momentum"):
+            value = getattr(self, name)
+            if value is not None and not (value >= 0 and math.isfinite(value)):
+                raise ValueError(f"--{name.replace('_', '-')} must be a finite number >= 0, got {value}")
         if self.schedule not in SCHEDULES:
             raise ValueError(f"unknown schedule {self.schedule!r}; choose one of: {', '.join(SCHEDULES)}")
         if self.sharding not in SHARDINGS:
@@ -145,6 +152,11 @@ class TrainConfig:
                        {f.name for f in dataclasses.fields(parse_spec(a, ALGORITHMS)[0].Options)}]
             if lacking:
                 raise ValueError(f"--{flag} applies to {which}, not {', '.join(lacking)}")
+        if self.attack is not None:
+            beyond = sorted(r for r in build(self.attack, ATTACKS).ranks if r >= self.workers)
+            if beyond:
+                raise ValueError(f"--attack names rank(s) {', '.join(map(str, beyond))}, but ranks run 0.."
+                                 f"{self.workers - 1} with --workers {self.workers}")
         if self.elastic and self.attack is not None and self.attack.partition(":")[0].strip() == "labelflip":
             raise ValueError("--attack labelflip poisons data in `lowband train` without --elastic only")
         for algo in self.algos:
@@ -154,12 +166,12 @@ class TrainConfig:
                                  "--sites and the link between them (--wan-bandwidth)")
         if self.checkpoint_every < 0:
             raise ValueError(f"--checkpoint-every must be >= 0 (0: no checkpoints), got {self.checkpoint_every}")
+        check_precision(self)  # --device and --precision
         if self.resume:
             self.check_resumable()
         self.check_elastic()
         if self.init_from is not None:
             model_file(self.init_from)  # raises naming the path and what it should be
-        check_precision(self)  # --device and --precision
 
     def check_elastic(self) -> None:
         """``--elastic`` options are consistent (and only given with ``--elastic``)."""
@@ -185,6 +197,8 @@ class TrainConfig:
         if not self.name:
             raise ValueError("--resume needs --name: the run folder to continue")
         run_dir = Path(self.out) / self.name
+        if not (run_dir / "run.json").is_file():
+            raise ValueError(f"nothing to resume: {run_dir} holds no run (check --out and --name, or drop --resume)")
         differing = resume_mismatch(run_dir, self.to_dict())
         if "--workers" in differing and all(parse_spec(a, ALGORITHMS)[0].reshardable for a in self.algos):
             differing.remove("--workers")  # re-sharded on restore (lowband.fault.checkpoint)
