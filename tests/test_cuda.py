@@ -131,12 +131,13 @@ def _two_rank_gloo_cuda() -> dict[str, Any]:
         shutdown()
 
 
-def test_two_rank_gloo_with_cuda_tensors() -> None:
+def test_two_rank_gloo_with_cuda_tensors(monkeypatch: pytest.MonkeyPatch) -> None:
     """Two ranks on one GPU over gloo (NCCL needs one GPU per rank): the all-gather path with its
     sizes, trailer and CRC on CUDA tensors, and the same mean on both ranks."""
-    os.environ.setdefault("PYTHONPATH", os.pathsep.join([os.path.dirname(__file__),
-                                                         os.path.dirname(os.path.dirname(lowband.__file__))]))
     from lowband.train.launch import launch
 
+    paths = [os.path.dirname(__file__), os.path.dirname(os.path.dirname(lowband.__file__)),
+             os.environ.get("PYTHONPATH", "")]
+    monkeypatch.setenv("PYTHONPATH", os.pathsep.join(p for p in paths if p))  # the workers import this file
     results = launch(_two_rank_gloo_cuda, 2)
     assert results[0] == results[1]
