@@ -132,3 +132,30 @@ def test_an_elastic_run_listens_on_loopback_only(tmp_path: Path) -> None:
     assert len({pid for pids in seen.values() for pid in pids}) >= 3, seen  # driver, agents, workers seen
     outside = [a for a in seen if not a.startswith(("127.", "[0000:0000:0000:0000:0000:0000:0000:0001]"))]
     assert not outside, f"an elastic run listened beyond loopback: {outside}"
+
+
+@record
+def _failing_worker() -> None:
+    import tempfile
+
+    assert os.stat(tempfile.gettempdir()).st_mode & 0o077 == 0, "the workers' temp folder is private"
+    raise RuntimeError("planned failure")
+
+
+def test_a_failed_launch_leaves_nothing_in_the_shared_temp_folder(monkeypatch: pytest.MonkeyPatch) -> None:
+    """torch's per-worker error files (pickles the launcher reads back) and torchelastic's logs go to a
+    private folder of the launch, removed afterwards, not to the shared temp folder."""
+    import tempfile
+
+    from lowband.train.launch import WorkerFailed
+
+    here = Path(__file__).resolve().parent
+    monkeypatch.setenv("PYTHONPATH", os.pathsep.join([str(here), str(Path(lowband.__file__).parent.parent)]))
+    shared = Path(tempfile.gettempdir())
+    patterns = ("pytorch-errorfile-*", "torchelastic_*", "lowband-launch-*")
+    before = {p for pattern in patterns for p in shared.glob(pattern)}
+    with pytest.raises(WorkerFailed, match="worker rank 0 failed: .*planned failure"):
+        launch(_failing_worker, 2)
+    after = {p for pattern in patterns for p in shared.glob(pattern)}
+    assert after <= before, sorted(map(str, after - before))
+    assert tempfile.gettempdir() == str(shared)  # restored

@@ -14,6 +14,8 @@ from __future__ import annotations
 
 import contextlib
 import os
+import shutil
+import tempfile
 import uuid
 from typing import Any, Callable, Iterator
 
@@ -46,19 +48,37 @@ def launch(fn: Callable[..., Any], nprocs: int, *args: Any, bind: str = "127.0.0
     and has the agent create the workers' shared store the same way."""
     if nprocs < 1:
         raise ValueError(f"workers must be >= 1, got {nprocs}")
-    with _bound_store(bind) as port:
+    # the workers' gloo/NCCL sockets on bind's interface too; every temp file of the launch (torch's
+    # error files, torchelastic's logs) in a private folder
+    with _bound_store(bind) as port, _private_tmp() as tmp, _environment({**pin_sockets(bind), "TMPDIR": tmp}):
         config = LaunchConfig(
             min_nodes=1, max_nodes=1, nproc_per_node=nprocs, run_id=f"lowband-{uuid.uuid4().hex[:8]}",
             rdzv_backend="c10d", rdzv_endpoint=f"{bind}:{port}", rdzv_configs={"timeout": 120, "is_host": False},
             max_restarts=0, monitor_interval=0.1, start_method="spawn", local_addr=bind,
         )
         try:
-            with _environment(pin_sockets(bind)):  # the workers' gloo/NCCL sockets on bind's interface too
-                return elastic_launch(config, fn)(*args)
+            return elastic_launch(config, fn)(*args)
         except ChildFailedError as err:
             raise WorkerFailed(_describe(err)) from None
         except SignalException as err:  # SIGTERM/SIGINT reached the agent, which stopped the workers:
             raise Interrupted(err.sigval) from None  # stop the caller too
+
+
+@contextlib.contextmanager
+def _private_tmp() -> Iterator[str]:
+    """A temp folder only this user can use (mode 0700) for one launch, removed afterwards.
+
+    torch's process starter gives each worker an error file (``pytorch-errorfile-*.pickle``, a
+    traceback the launcher unpickles) and torchelastic writes its logs, both in the temp folder:
+    in a shared ``/tmp`` they were left behind, readable by everyone, under names another local
+    user could create first. Here they live and die in this folder."""
+    path = tempfile.mkdtemp(prefix="lowband-launch-")
+    saved, tempfile.tempdir = tempfile.tempdir, path
+    try:
+        yield path
+    finally:
+        tempfile.tempdir = saved
+        shutil.rmtree(path, ignore_errors=True)
 
 
 @contextlib.contextmanager
