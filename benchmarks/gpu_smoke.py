@@ -55,7 +55,8 @@ def groups(compressors: Sequence[str]) -> list[Group]:
 def run_group(group: Group, args: argparse.Namespace, workers: int) -> list[dict[str, Any]]:
     """Train one group; its rows (label, losses, bytes, step time, ok)."""
     name = f"gpu-smoke-{group.name}"
-    cfg = TrainConfig(algos=group.algos, compress=group.compress, data=args.data, workers=workers, steps=args.steps,
+    cfg = TrainConfig(algos=group.algos, compress=group.compress, data=args.data, workers=workers,
+                      steps=args.steps,
                       eval_every=max(1, args.steps // 2), warmup_steps=min(5, args.steps), device=args.device,
                       precision=group.precision, bandwidth=args.bandwidth, latency=args.latency,
                       out=str(args.runs), name=name, progress=False, threads=args.threads)
@@ -65,8 +66,8 @@ def run_group(group: Group, args: argparse.Namespace, workers: int) -> list[dict
     for row in summary.rows:
         loss = row.final_val_loss if row.final_val_loss is not None else row.final_train_loss
         steps = max(1, row.steps)
-        rows.append({"group": group.name, "precision": group.precision, "run": row.name,
-                     "final_loss": loss, "bytes_sent": int(row.bytes_sent_per_worker), "step_s": row.wall_clock_s / steps,
+        rows.append({"group": group.name, "precision": group.precision, "run": row.name, "final_loss": loss,
+                     "bytes_sent": int(row.bytes_sent_per_worker), "step_s": row.wall_clock_s / steps,
                      "ok": loss is not None and math.isfinite(loss)})
     return rows
 

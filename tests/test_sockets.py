@@ -23,6 +23,7 @@ import lowband
 from lowband.comm.group import init_from_env, interface_of, pin_sockets, shutdown
 from lowband.train.launch import launch
 
+LOOPBACK = ("127.", "[0000:0000:0000:0000:0000:0000:0000:0001]")  # listening addresses as /proc shows them
 pytestmark = pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc/net/tcp (Linux)")
 
 
@@ -85,7 +86,7 @@ def test_workers_listen_on_loopback_only(monkeypatch: pytest.MonkeyPatch) -> Non
         assert res["sum"] == [2.0] * 4
         assert res["ifname"] == "lo", rank
         assert res["listening"], f"rank {rank}: gloo's listening socket was not found in /proc"
-        outside = [a for a in res["listening"] if not a.startswith(("127.", "[0000:0000:0000:0000:0000:0000:0000:0001]"))]
+        outside = [a for a in res["listening"] if not a.startswith(LOOPBACK)]
         assert not outside, f"rank {rank} listens beyond loopback: {outside}"
 
 
@@ -130,7 +131,7 @@ def test_an_elastic_run_listens_on_loopback_only(tmp_path: Path) -> None:
     out = proc.communicate(timeout=30)[0] if proc.poll() is not None else (proc.kill(), "timed out")[1]
     assert proc.returncode == 0, out[-2000:]
     assert len({pid for pids in seen.values() for pid in pids}) >= 3, seen  # driver, agents, workers seen
-    outside = [a for a in seen if not a.startswith(("127.", "[0000:0000:0000:0000:0000:0000:0000:0001]"))]
+    outside = [a for a in seen if not a.startswith(LOOPBACK)]
     assert not outside, f"an elastic run listened beyond loopback: {outside}"
 
 

@@ -71,7 +71,8 @@ def test_algorithm_specs_carry_their_own_options() -> None:
     (["--outer-lr", "inf"], "--outer-lr must be a finite number > 0, got inf"),
     (["--grad-clip", "nan"], "--grad-clip must be a finite number >= 0, got nan"),
     (["--weight-decay", "-0.1"], "--weight-decay must be a finite number >= 0, got -0.1"),
-    (["--attack", "signflip:ranks=7", "--workers", "2"], "--attack names rank(s) 7, but ranks run 0..1 with --workers 2"),
+    (["--attack", "signflip:ranks=7", "--workers", "2"],
+     "--attack names rank(s) 7, but ranks run 0..1 with --workers 2"),
     (["--resume", "--name", "no-such-run-here", "--out", "/nonexistent"],
      "nothing to resume: /nonexistent/no-such-run-here holds no run (check --out and --name, or drop --resume)"),
 ])

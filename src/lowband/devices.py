@@ -29,7 +29,8 @@ def generator(device: torch.device | str, seed: int | None = None) -> torch.Gene
     return g
 
 
-def cached(cache: dict[torch.device, torch.Tensor], device: torch.device, make: Callable[[torch.device], torch.Tensor]) -> torch.Tensor:
+def cached(cache: dict[torch.device, torch.Tensor], device: torch.device,
+           make: Callable[[torch.device], torch.Tensor]) -> torch.Tensor:
     """A small constant tensor per device, made once by ``make(device)`` (module-level tensors are CPU traps)."""
     t = cache.get(device)
     if t is None:
