@@ -71,11 +71,14 @@ def test_missing_data_file_is_named_before_any_worker_starts(tmp_path: Path,
 
 
 def test_worker_side_data_error_names_rank_and_path(tmp_path: Path) -> None:
-    """Under torchrun the config is built in each worker; the failure still names rank and path."""
+    """A data error only the workers can find (the file changed after the parent checked it) still
+    names rank and path. (A file that is too short from the start is refused in the parent.)"""
     book = tmp_path / "book.txt"
-    book.write_text("x" * 10)  # exists, but too short for one 128-character window
+    book.write_text("x" * 2000)
+    cfg = TrainConfig(data=str(book), workers=2, steps=1, out=str(tmp_path), progress=False)
+    book.write_text("x" * 10)  # now too short for one 128-character window
     with pytest.raises(WorkerFailed, match=r"worker rank [01] failed: ValueError: text 'book.txt' has 10 characters"):
-        launch(worker_main, 2, TrainConfig(data=str(book), workers=2, steps=1, out=str(tmp_path), progress=False))
+        launch(worker_main, 2, cfg)
 
 
 def crash_on_rank_one() -> None:

@@ -151,3 +151,23 @@ def test_feedback_on_a_non_contraction_warns_once_per_variant(capsys: pytest.Cap
     monkeypatch.setattr("lowband.train.run.run", lambda cfg: {})  # the warning, not the training
     assert cli_main(["train", "--algo", "ddp", "--compress", "terngrad", "--feedback", "ef21"]) == 0
     assert "warning: ddp+terngrad+ef21: terngrad is not a contraction" in capsys.readouterr().err
+
+
+def test_bad_data_and_out_fail_before_any_worker_starts(tmp_path, capsys: pytest.CaptureFixture[str]) -> None:
+    """A binary or too-short --data file and an --out that is a file: one line each, in the parent."""
+    binary, short, a_file = tmp_path / "model.bin", tmp_path / "short.txt", tmp_path / "runs"
+    binary.write_bytes(bytes([0, 1, 255, 254]) * 100)
+    short.write_text("To be, or not to be")
+    a_file.write_text("")
+    cases = [(["--data", str(binary)], f"--data {binary} is not UTF-8 text (byte 2: a binary file?)"),
+             (["--data", str(short)], f"--data {short} has 19 characters: too short for block size 128"),
+             (["--out", str(a_file)], f"--out {a_file} is a file: give a folder for the runs")]
+    for argv, message in cases:
+        with pytest.raises(SystemExit) as exit_info:
+            config_from_args(argv)
+        assert exit_info.value.code == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and message in err[0], err
+    long = tmp_path / "long.txt"
+    long.write_text("All the world's a stage. " * 100)
+    assert config_from_args(["--data", str(long)]).data == str(long)

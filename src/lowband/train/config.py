@@ -23,7 +23,7 @@ from lowband.fault.robust import RULES
 from lowband.feedback import FEEDBACK
 from lowband.net.link import Network
 from lowband.net.units import per_worker
-from lowband.train.data import DATASETS, SHARDINGS
+from lowband.train.data import DATASETS, SHARDINGS, check_text_path
 from lowband.train.models import MODELS
 from lowband.train.precision import PRECISIONS, check_config as check_precision
 
@@ -105,6 +105,10 @@ class TrainConfig:
                 build(spec, FEEDBACK)
         if self.data not in DATASETS and not Path(self.data).expanduser().exists():
             raise ValueError(f"data file not found: {self.data} (or use one of: {', '.join(DATASETS.names())})")
+        if self.data not in DATASETS:
+            check_text_path(Path(self.data).expanduser())  # binary, unreadable or too short: before workers start
+        if Path(self.out).expanduser().exists() and not Path(self.out).expanduser().is_dir():
+            raise ValueError(f"--out {self.out} is a file: give a folder for the runs")
         positive = ("workers", "steps", "batch_size", "inner_steps", "eval_every", "eval_batches", "threads")
         for name in positive:
             if getattr(self, name) is not None and getattr(self, name) < 1:

@@ -13,6 +13,8 @@ slice (a non-IID split for heterogeneity studies).
 
 from __future__ import annotations
 
+import math
+
 import importlib.util
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -133,6 +135,29 @@ def text_path(path: Path, val_fraction: float = 0.1) -> Dataset:
         raise FileNotFoundError(f"no *.txt files in folder {path}")
     return text_dataset(path.name, "\n".join(f.read_text(encoding="utf-8", errors="replace") for f in files),
                         val_fraction)
+
+
+def check_text_path(path: Path, val_fraction: float = 0.1, block_size: int = 128) -> None:
+    """What :func:`text_path` would refuse, found before any worker starts (one line naming the fix):
+    a missing path, a folder without ``*.txt``, a file that is not UTF-8 text, too little text."""
+    if not path.exists():
+        raise FileNotFoundError(f"data file not found: {path}")
+    files = sorted(path.rglob("*.txt")) if path.is_dir() else [path]
+    if not files:
+        raise FileNotFoundError(f"no *.txt files in folder {path}")
+    chars = 0
+    for f in files:
+        try:
+            chars += len(f.read_bytes().decode("utf-8"))
+        except UnicodeDecodeError as err:
+            raise ValueError(f"--data {f} is not UTF-8 text (byte {err.start}: a binary file?): give a text "
+                             "file or a folder of *.txt files") from None
+        except OSError as err:
+            raise ValueError(f"--data {f} cannot be read: {err.strerror}") from None
+    needed = math.ceil((block_size + 2) / min(val_fraction, 1 - val_fraction)) + 1
+    if chars < needed:
+        raise ValueError(f"--data {path} has {chars} characters: too short for block size {block_size} "
+                         f"(at least {needed})")
 
 
 def load_dataset(name: str, val_fraction: float = 0.1) -> Dataset:
