@@ -225,12 +225,11 @@ class Aggregator:
             return results
         decoded = {key: [self.compressor.decode(p) for p in ps] for key, ps in received.items()}
         ok = guards.finite_per_rank([[d[i] for d in decoded.values()] for i in range(len(ranks))])
-        bad = [r for r, fine in zip(ranks, ok) if not fine]
-        if not bad or len(bad) == len(ranks):
-            raise guards.refuse(f"{self.tag}: no rank sent finite values")
-        guards.warn_excluded(self.comm.rank, self.tag, step, bad, "non-finite values received from them")
-        return {key: (torch.stack([d for d, fine in zip(ds, ok) if fine]).mean(0), results[key][1])
-                for key, ds in decoded.items()}
+        keep = guards.finite_senders(ok, ranks, self.comm.rank, self.tag, step)
+        if len(keep) == len(ranks):
+            raise NonFiniteError(f"{self.tag}: the mean is non-finite although every sender's values are finite "
+                                 "(overflow?)")
+        return {key: (torch.stack([ds[i] for i in keep]).mean(0), results[key][1]) for key, ds in decoded.items()}
 
     def _summed(self, inputs: dict[str, torch.Tensor], valid: bool,
                 step: int) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
@@ -281,12 +280,8 @@ class Aggregator:
         rows = torch.stack([torch.cat([self.compressor.decode(gathered[key][r]).reshape(-1).float()
                                        for key in inputs]) for r in ranks])
         ok = torch.isfinite(rows).all(1).tolist()  # host sync: receivers check every sender's decoded values
-        if not all(ok):  # the same bytes on every rank: all exclude alike
-            guards.warn_excluded(self.comm.rank, self.tag, step, [r for r, fine in zip(ranks, ok) if not fine],
-                                 "non-finite values received from them")
-            if not any(ok):
-                raise guards.refuse(f"{self.tag}: no rank sent finite values")
-            keep = [i for i, fine in enumerate(ok) if fine]
+        keep = guards.finite_senders(ok, ranks, self.comm.rank, self.tag, step)  # alike on every rank
+        if len(keep) < len(ranks):
             rows, ranks = rows[torch.tensor(keep, device=rows.device)], [ranks[i] for i in keep]
         aggregate = self.rule("|".join(inputs), rows, ranks)
         results, offset = {}, 0

@@ -40,6 +40,7 @@ from typing import Any, Callable, Iterator
 import torch
 import torch.distributed as dist
 
+from lowband.comm.group import group_device
 from lowband.comm.ledger import Ledger, Record
 from lowband.net import cost
 from lowband.net.link import Link, Network
@@ -223,7 +224,7 @@ class Comm:
         """Wait for every rank (control traffic: not emulated, not charged). Under NCCL the barrier
         runs on the caller's current GPU, made current on the comm thread too."""
         if self._pool is not None:
-            device = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_initialized() else None
+            device = self.device if self.device.type == "cuda" else None
 
             def run() -> None:
                 _enter(device)
@@ -293,13 +294,6 @@ class Comm:
 
         handle = Handle(self, self._pool.submit(execute))
         return handle if async_op else handle.wait()
-
-
-def group_device(group: dist.ProcessGroup | None = None) -> torch.device:
-    """The device a group's collectives take tensors on: the current GPU under NCCL, else the CPU."""
-    if dist.is_available() and dist.is_initialized() and dist.get_backend(group) == "nccl":
-        return torch.device("cuda", torch.cuda.current_device())
-    return torch.device("cpu")
 
 
 def _cuda_device(obj: Any) -> torch.device | None:

@@ -42,8 +42,7 @@ def agree(value: str, src: int = 0) -> str:
     ``broadcast_object_list``, which would run whatever a peer's pickle says."""
     if not dist.is_initialized():
         return value
-    device = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" \
-        else torch.device("cpu")
+    device = group_device()
     raw = value.encode() if dist.get_rank() == src else b""
     size = torch.tensor([len(raw)], dtype=torch.int64, device=device)
     dist.broadcast(size, src=src)
@@ -55,6 +54,13 @@ def agree(value: str, src: int = 0) -> str:
         return bytes(data.cpu().tolist()).decode()
     except UnicodeDecodeError:
         raise ValueError(f"rank {src} sent a run name that is not UTF-8") from None
+
+
+def group_device(group: dist.ProcessGroup | None = None) -> torch.device:
+    """The device a group's collectives take tensors on: the current GPU under NCCL, else the CPU."""
+    if dist.is_available() and dist.is_initialized() and dist.get_backend(group) == "nccl":
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
 
 
 def barrier() -> None:

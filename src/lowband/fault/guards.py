@@ -51,16 +51,24 @@ def first_non_finite(named: Sequence[tuple[str, torch.Tensor]]) -> str | None:
 
 def all_finite(tensors: Sequence[torch.Tensor]) -> bool:
     """Whether every element of every tensor is finite (host sync: one, for the whole list)."""
-    if not tensors:
-        return True
-    flags = torch.stack([torch.isfinite(t).all() for t in tensors])
-    return bool(flags.all())
+    return not tensors or finite_per_rank([tensors])[0]
 
 
 def finite_per_rank(per_rank: Sequence[Sequence[torch.Tensor]]) -> list[bool]:
     """For each rank's tensors, whether all are finite (host sync: one for every rank at once)."""
     flags = torch.stack([torch.stack([torch.isfinite(t).all() for t in ts]).all() for ts in per_rank])
     return [bool(f) for f in flags.tolist()]
+
+
+def finite_senders(ok: Sequence[bool], ranks: Sequence[int], rank: int, tag: str, step: int) -> list[int]:
+    """Receivers' side: the positions of the senders whose values are finite (``ok``, per sender of
+    ``ranks``); the others are named in a warning; none finite raises :class:`NonFiniteError`."""
+    bad = [r for r, fine in zip(ranks, ok) if not fine]
+    if bad and len(bad) == len(ranks):
+        raise refuse(f"{tag}: no rank sent finite values")
+    if bad:
+        warn_excluded(rank, tag, step, bad, "non-finite values received from them")
+    return [i for i, fine in enumerate(ok) if fine]
 
 
 def refuse(reason: str) -> NonFiniteError:
