@@ -178,8 +178,10 @@ def test_the_stores_listen_on_loopback_only() -> None:
     from torch.distributed.elastic.rendezvous import dynamic_rendezvous
 
     from lowband.train.launch import _bound_store
+    from lowband.train.nodes import Nodes
 
-    with _bound_store("127.0.0.1") as port:
+    with _bound_store("127.0.0.1", Nodes()) as endpoint:
+        port = int(endpoint.rpartition(":")[2])
         shared = dynamic_rendezvous.DynamicRendezvousHandler._create_tcp_store_server(None, "0.0.0.0", 0)
         for p in (port, shared.port):
             lines = [line for line in _listening(p).splitlines() if f":{p} " in line]

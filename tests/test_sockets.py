@@ -38,7 +38,7 @@ def listening_addresses(pid: int | str = "self") -> list[str]:
         if target.startswith("socket:["):
             inodes.add(target[8:-1])
     found = []
-    for table, width in (("/proc/net/tcp", 8), ("/proc/net/tcp6", 32)):
+    for table, width in ((f"/proc/{pid}/net/tcp", 8), (f"/proc/{pid}/net/tcp6", 32)):  # pid's network namespace
         if not Path(table).exists():
             continue
         for line in Path(table).read_text().splitlines()[1:]:
@@ -143,9 +143,11 @@ def _failing_worker() -> None:
     raise RuntimeError("planned failure")
 
 
-def test_a_failed_launch_leaves_nothing_in_the_shared_temp_folder(monkeypatch: pytest.MonkeyPatch) -> None:
+def test_a_failed_launch_leaves_nothing_in_the_shared_temp_folder(monkeypatch: pytest.MonkeyPatch, tmp_path: Path,
+                                                                  capfd: pytest.CaptureFixture) -> None:
     """torch's per-worker error files (pickles the launcher reads back) and torchelastic's logs go to a
-    private folder of the launch, removed afterwards, not to the shared temp folder."""
+    private folder of the launch, removed afterwards, not to the shared temp folder; the agent's dump of
+    the failure (the worker's traceback) goes to the run folder's launch.log, not the terminal."""
     import tempfile
 
     from lowband.train.launch import WorkerFailed
@@ -155,8 +157,11 @@ def test_a_failed_launch_leaves_nothing_in_the_shared_temp_folder(monkeypatch: p
     shared = Path(tempfile.gettempdir())
     patterns = ("pytorch-errorfile-*", "torchelastic_*", "lowband-launch-*")
     before = {p for pattern in patterns for p in shared.glob(pattern)}
-    with pytest.raises(WorkerFailed, match="worker rank 0 failed: .*planned failure"):
-        launch(_failing_worker, 2)
+    with pytest.raises(WorkerFailed, match=r"worker rank \d failed: .*planned failure"):
+        launch(_failing_worker, 2, log_file=tmp_path / "run" / "launch.log")
     after = {p for pattern in patterns for p in shared.glob(pattern)}
     assert after <= before, sorted(map(str, after - before))
     assert tempfile.gettempdir() == str(shared)  # restored
+    log = (tmp_path / "run" / "launch.log").read_text()
+    assert "Traceback" in log and "planned failure" in log
+    assert "Traceback" not in capfd.readouterr().err

@@ -103,7 +103,7 @@ def test_cli_unknown_command_lists_commands(capsys: pytest.CaptureFixture[str]) 
 
 def test_cli_report_on_missing_folder_names_it(tmp_path, capsys: pytest.CaptureFixture[str]) -> None:
     missing = tmp_path / "nope"
-    assert cli_main(["report", str(missing)]) == 1
+    assert cli_main(["report", str(missing)]) == 2  # a bad input (issue 23)
     assert str(missing) in capsys.readouterr().err
 
 
@@ -148,7 +148,7 @@ def test_feedback_on_a_non_contraction_warns_once_per_variant(capsys: pytest.Cap
     assert "--feedback none" in line and "unbiased=false" in line
     every = ";".join(ALGORITHMS.names())
     assert config_from_args(["--algo", every]).feedback_warnings() == []  # no algorithm's defaults trip it
-    monkeypatch.setattr("lowband.train.run.run", lambda cfg: {})  # the warning, not the training
+    monkeypatch.setattr("lowband.train.run.run", lambda cfg, *where: {})  # the warning, not the training
     assert cli_main(["train", "--algo", "ddp", "--compress", "terngrad", "--feedback", "ef21"]) == 0
     assert "warning: ddp+terngrad+ef21: terngrad is not a contraction" in capsys.readouterr().err
 

@@ -10,12 +10,14 @@
 from __future__ import annotations
 
 import argparse
+import os
 import signal
 import sys
 from pathlib import Path
 from typing import Callable
 
 from rich.console import Console
+from rich.markup import escape  # messages print as written: '[[task]]' is no markup
 
 from lowband.registry import Registry
 
@@ -27,33 +29,40 @@ console = Console(stderr=True, highlight=False, soft_wrap=True)
 def train(argv: list[str]) -> int:
     """Start ``--workers`` processes through torchrun's launcher API and train."""
     from lowband.devices import check_gpus
-    from lowband.train.config import config_from_args
+    from lowband.train.checks import worker_warnings
+    from lowband.fault.injection import parse_faults
+    from lowband.train.config import parse_train_args
     from lowband.net.netns import NetnsUnavailable
-    from lowband.train.launch import WorkerFailed
+    from lowband.train.launch import RendezvousFailed, WorkerFailed
 
     from lowband.train.run import run
 
-    cfg = config_from_args(argv)
+    cfg, nodes = parse_train_args(argv)
     try:
         check_gpus(cfg.device, cfg.workers)  # one GPU per worker, before any worker starts
+        bind = nodes.bind()  # the interface every socket listens on
+        parse_faults(os.environ.get("LOWBAND_FAULT", ""))  # fault injection for tests: a bad spec fails here
     except ValueError as err:
-        console.print(f"[red]error[/red]: {err}")
+        console.print(f"[red]error[/red]: {escape(str(err))}")
         return 2
-    console.print(f"[bold]lowband[/bold]: {cfg.model} on {cfg.data}, {cfg.workers} workers, "
+    machines = (f" on node {nodes.node_rank} of {nodes.nnodes} (rendezvous {nodes.rdzv_endpoint}, sockets on {bind})"
+                if nodes.multi else "")
+    console.print(f"[bold]lowband[/bold]: {cfg.model} on {cfg.data}, {cfg.workers} workers{machines}, "
                   f"link {cfg.bandwidth} / {cfg.latency} ({cfg.net}), {cfg.steps} steps each of: {', '.join(cfg.algos)}"
                   + ("" if (cfg.device, cfg.precision) == ("auto", "fp32") else f" ({cfg.device}, {cfg.precision})"))
-    for line in cfg.feedback_warnings():
-        console.print(f"[yellow]warning[/yellow]: {line}")
+    for line in [*worker_warnings(cfg.workers), *cfg.feedback_warnings()]:
+        console.print(f"[yellow]warning[/yellow]: {escape(line)}")
     try:
-        run(cfg)
-    except NetnsUnavailable as err:
-        console.print(f"[red]error[/red]: {err}")
+        run(cfg, nodes, bind)
+    except (NetnsUnavailable, RendezvousFailed) as err:
+        console.print(f"[red]error[/red]: {escape(str(err))}")
         return 2
     except WorkerFailed as err:
-        console.print(f"[red]error[/red]: {err}")
+        console.print(f"[red]error[/red]: {escape(str(err))}")
         return 1
-    except KeyboardInterrupt as err:  # Ctrl-C; SIGTERM through torchrun's agent (launch.Interrupted)
-        console.print("[red]interrupted[/red]: per-rank metrics written so far are kept in the run folder")
+    except KeyboardInterrupt as err:  # Ctrl-C, SIGTERM: the workers are stopped already (launch.Interrupted)
+        console.print(f"[red]interrupted[/red]: {escape(str(err) or 'stopped by signal 2')}; "
+                      "per-rank metrics written so far are kept in the run folder")
         return 128 + int(getattr(err, "sigval", signal.SIGINT))
     return 0
 
@@ -88,10 +97,11 @@ def bench(argv: list[str]) -> int:
         text = args.spec.read_text() if args.spec else DEFAULT_SPEC
         spec = SweepSpec.from_dict(_bench_overrides(parse_toml(text, source), args), source)
     except FileNotFoundError:
-        console.print(f"[red]error[/red]: spec file not found: {args.spec} (lowband bench --print-spec > my.toml)")
+        console.print(f"[red]error[/red]: spec file not found: {escape(str(args.spec))} "
+                      "(lowband bench --print-spec > my.toml)")
         return 2
     except (SpecError, ValueError, KeyError) as err:
-        console.print(f"[red]error[/red]: {err}")
+        console.print(f"[red]error[/red]: {escape(str(err))}")
         return 2
     try:
         result = run_sweep(spec, args.out, dry_run=args.dry_run)
@@ -153,8 +163,12 @@ def report(argv: list[str]) -> int:
             return 0
         show_report(args.run_dir, args.target_loss)
     except (FileNotFoundError, ValueError) as err:
-        console.print(f"[red]error[/red]: {err}")
-        return 1
+        if args.run_dir.exists():  # a run or sweep folder with nothing to report yet
+            console.print(f"[red]error[/red]: {escape(str(err))}")
+            return 1
+        console.print(f"[red]error[/red]: {escape(str(err))}; give a run folder of lowband train or a sweep folder "
+                      "of lowband bench")
+        return 2
     return 0
 
 
@@ -184,10 +198,10 @@ def simulate(argv: list[str]) -> int:
             args.run_dir, args.algo, workers=args.workers, bandwidth=args.bandwidth, latency=args.latency,
             params=args.params, compute_scale=args.compute_scale, seed=args.seed, worker_speed=args.worker_speed)
     except FileNotFoundError as err:
-        console.print(f"[red]error[/red]: {err}; give a run folder written by lowband train")
-        return 1
+        console.print(f"[red]error[/red]: {escape(str(err))}; give a run folder written by lowband train")
+        return 2
     except ValueError as err:
-        console.print(f"[red]error[/red]: {err}")
+        console.print(f"[red]error[/red]: {escape(str(err))}")
         return 2
     print_table(run, target, projections)
     if args.json is not None:
@@ -213,7 +227,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         run = COMMANDS.get(command)
     except ValueError as err:
-        console.print(f"[red]error[/red]: {err}")
+        console.print(f"[red]error[/red]: {escape(str(err))}")
         return 2
     return run(rest)
 

@@ -192,6 +192,12 @@ class SweepSpec:
         unknown = sorted(set(data) - set(SPEC_KEYS))
         if unknown:
             raise SpecError(f"{source}: unknown key(s) {', '.join(unknown)}; the keys are: {', '.join(SPEC_KEYS)}")
+        for key in ("task", "network", "entry", "train"):  # tables, not values: `task = [1]` is not a task
+            value, table = data.get(key), "a [train] table" if key == "train" else f"[[{key}]] tables"
+            if key in data and not (isinstance(value, dict) if key == "train" else
+                    isinstance(value, list) and all(isinstance(v, dict) for v in value)):
+                raise SpecError(f"{source}: {key} = {value!r} is not written as {table} of key = value "
+                                "lines; lowband bench --print-spec shows the format")
         try:
             entries = tuple(Entry(**e) for e in data.get("entry", [{"algo": "ddp"}]))
             return cls(

@@ -39,6 +39,7 @@ from lowband.compress.base import Compressor, Payload
 from lowband.fault import guards
 from lowband.fault.attacks import Attack, NoAttack
 from lowband.fault.guards import NonFiniteError
+from lowband.fault.injection import payload_faults
 from lowband.fault.robust import Mean, Rule
 from lowband.feedback.base import Feedback
 
@@ -100,7 +101,8 @@ class Aggregator:
         if checksum and compressor.summable and not self.robust:
             raise ValueError("checksum needs the all-gather path (a non-summable compressor or a robust aggregate "
                              "rule): summed all-reduce payloads carry no per-rank checksum")
-        self.attack, self.checksum = attack if attack is not None else NoAttack(), checksum
+        attack = attack if attack is not None else NoAttack()  # then LOWBAND_FAULT's payload faults, if any:
+        self.checksum, self.attack = checksum, payload_faults(attack, summed=compressor.summable and not self.robust)
         self.comm, self.compressor, self.feedback, self.tag = comm, compressor, feedback, tag
         compressor.for_rank(comm.rank)
         self.small_numel, self.bucket_bytes = small_numel, int(bucket_mb * 1e6)
@@ -336,7 +338,8 @@ class Aggregator:
         padded = torch.zeros(width, dtype=torch.uint8, device=own.device)
         padded[:own.numel()] = own
         parts: list[list[torch.Tensor]] = [[] for _ in range(n)]
-        for chunk in chunks(guards.seal(padded, valid, self.checksum), self.bucket_bytes):
+        sealed = self.attack.on_wire(guards.seal(padded, valid, self.checksum), own.numel(), self.comm.rank, step)
+        for chunk in chunks(sealed, self.bucket_bytes):
             gathered = self.comm.all_gather(chunk, tag=self.tag)
             for r, piece in enumerate(gathered):
                 parts[r].append(piece)

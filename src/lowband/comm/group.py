@@ -22,6 +22,7 @@ def init_from_env(backend: str = "gloo", timeout_s: float = 300.0) -> tuple[int,
     """
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
     if world_size > 1 and not dist.is_initialized():
+        os.environ.update(worker_sockets())
         dist.init_process_group(backend, timeout=timedelta(seconds=timeout_s))
     return rank(), world_size
 
@@ -56,6 +57,24 @@ def agree(value: str, src: int = 0) -> str:
         raise ValueError(f"rank {src} sent a run name that is not UTF-8") from None
 
 
+def all_gather_bytes(data: bytes) -> list[bytes]:
+    """Every rank's ``data``, index = rank (control plane: not charged to a ledger, never unpickled).
+
+    Sizes first, then the bytes padded to the longest, on the group's device."""
+    if not dist.is_initialized():
+        return [data]
+    device, world = group_device(), dist.get_world_size()
+    sizes = [torch.zeros(1, dtype=torch.int64, device=device) for _ in range(world)]
+    dist.all_gather(sizes, torch.tensor([len(data)], dtype=torch.int64, device=device))
+    lengths = [int(n.item()) for n in sizes]  # host sync: the buffers' sizes
+    mine = torch.zeros(max(lengths), dtype=torch.uint8, device=device)
+    if data:
+        mine[:len(data)].copy_(torch.frombuffer(bytearray(data), dtype=torch.uint8))
+    gathered = [torch.empty_like(mine) for _ in range(world)]
+    dist.all_gather(gathered, mine)
+    return [t[:n].cpu().numpy().tobytes() for t, n in zip(gathered, lengths)]
+
+
 def group_device(group: dist.ProcessGroup | None = None) -> torch.device:
     """The device a group's collectives take tensors on: the current GPU under NCCL, else the CPU."""
     if dist.is_available() and dist.is_initialized() and dist.get_backend(group) == "nccl":
@@ -80,22 +99,32 @@ IFNAME_VARS = ("GLOO_SOCKET_IFNAME", "NCCL_SOCKET_IFNAME")  # the interface gloo
 def interface_of(address: str) -> str | None:
     """The name of the local network interface holding IPv4 ``address`` (``127.0.0.1``: ``lo``), or None
     where it cannot be told (not Linux, no such address)."""
+    return next((name for name, held in _ipv4_interfaces() if held == address), None)
+
+
+def address_of(name: str) -> str | None:
+    """The IPv4 address of local interface ``name``, or None (no such interface, or no IPv4 address)."""
+    return next((held for iface, held in _ipv4_interfaces() if iface == name), None)
+
+
+def _ipv4_interfaces() -> list[tuple[str, str]]:
+    """``(interface, IPv4 address)`` of every local interface that has one (Linux; empty elsewhere)."""
     try:
         import fcntl
         import struct
 
         names = [name for _, name in socket.if_nameindex()]
     except (ImportError, OSError, AttributeError):
-        return None
+        return []
+    found = []
     with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as probe:
         for name in names:
             try:  # SIOCGIFADDR: the interface's IPv4 address
                 packed = fcntl.ioctl(probe.fileno(), 0x8915, struct.pack("256s", name[:15].encode()))
             except OSError:
                 continue
-            if socket.inet_ntoa(packed[20:24]) == address:
-                return name
-    return None
+            found.append((name, socket.inet_ntoa(packed[20:24])))
+    return found
 
 
 def pin_sockets(address: str) -> dict[str, str]:
@@ -104,6 +133,40 @@ def pin_sockets(address: str) -> dict[str, str]:
     machines); a variable the user set is kept. Empty where the interface cannot be told."""
     name = interface_of(address)
     return {var: os.environ.get(var, name) for var in IFNAME_VARS} if name else {}
+
+
+def address_towards(host: str) -> str:
+    """This machine's IPv4 address on the route to ``host`` (a connected UDP socket: nothing is sent)."""
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as probe:
+        try:
+            probe.connect((host, 9))
+        except OSError as err:
+            raise ValueError(f"no route to {host} ({err.strerror or err}): check the rendezvous address, or name "
+                             f"the interface with --iface / LOWBAND_IFACE") from None
+        return str(probe.getsockname()[0])
+
+
+def worker_sockets() -> dict[str, str]:
+    """The interface a worker's gloo/NCCL sockets use, as environment (``GLOO_SOCKET_IFNAME``...).
+
+    lowband's launcher sets it for its workers; under a plain ``torchrun`` it is ``LOWBAND_IFACE``
+    (a name or an address), else the interface on the route to the store (``MASTER_ADDR``): the one
+    the run already meets on, instead of whatever the host name resolves to. Variables the user
+    set are kept; nothing where nothing can be told."""
+    iface = os.environ.get("LOWBAND_IFACE")
+    if iface:
+        address = iface if interface_of(iface) else address_of(iface)
+        if address is None:
+            raise ValueError(f"LOWBAND_IFACE={iface}: no interface of that name with an IPv4 address, nor an "
+                             f"address of this machine")
+        return pin_sockets(address)
+    master = os.environ.get("MASTER_ADDR")
+    if not master or all(var in os.environ for var in IFNAME_VARS):
+        return {}
+    try:
+        return pin_sockets(address_towards(master))
+    except ValueError:
+        return {}
 
 
 # -- elastic runs (lowband.fault.elastic): a store of the driver, a default group per membership --------

@@ -65,6 +65,12 @@ class Attack(ABC):
     def __call__(self, x: torch.Tensor, rank: int, step: int, key: str) -> torch.Tensor:
         """What rank ``rank`` sends instead of ``x`` (a new tensor)."""
 
+    def on_wire(self, sealed: torch.Tensor, nbytes: int, rank: int, step: int) -> torch.Tensor:
+        """The all-gather buffer rank ``rank`` sends (``nbytes`` payload bytes, padding, then the trailer with
+        its CRC-32); attacks change values before compression, so this sends it as is. A payload fault
+        (:class:`lowband.fault.injection.PayloadFaults`) spoils bytes here."""
+        return sealed
+
 
 ATTACKS: Registry[type[Attack]] = Registry("attack")
 

@@ -172,8 +172,10 @@ def load_checkpoint(path: Path, require_digest: bool = False) -> dict[str, Any]:
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as err:  # torch raises many types for truncated or foreign files
-        cause = (str(err).strip().splitlines() or [type(err).__name__])[0]
-        raise ValueError(f"checkpoint {path} is corrupt or incomplete: {type(err).__name__}: {cause}") from None
+        # the first sentence: torch's weights-only refusal goes on to advise weights_only=False, wrong here
+        cause = (str(err).strip().splitlines() or [type(err).__name__])[0].split(". ")[0]
+        raise ValueError(f"checkpoint {path} is corrupt or incomplete: {type(err).__name__}: {cause}; give a "
+                         "checkpoint lowband wrote (--checkpoint-every), or restore the file from a copy") from None
     if not isinstance(state, dict):
         raise ValueError(f"checkpoint {path} is corrupt or incomplete: holds a {type(state).__name__}, not a dict")
     return state
@@ -194,12 +196,19 @@ def model_file(path: str | Path) -> Path:
     return path
 
 
-def load_model_into(model: nn.Module, path: str | Path) -> None:
-    """Load the model saved at ``path`` (a checkpoint's ``model``, or a bare state_dict) into ``model``."""
+def init_state(path: str | Path) -> tuple[Path, dict[str, Any]]:
+    """The file ``--init-from PATH`` loads (:func:`model_file`) and the model state it holds (a checkpoint's
+    ``model``, or a bare state_dict), verified as :func:`load_checkpoint` does (a folder's checkpoints must
+    have their digest when its marker says they do). Raises one line naming the file."""
     file = model_file(path)
     folder = Path(path).expanduser()
     state = load_checkpoint(file, require_digest=folder.is_dir() and digests_required(folder))
-    state = state.get("model", state)
+    return file, state.get("model", state)
+
+
+def load_model_into(model: nn.Module, path: str | Path) -> None:
+    """Load the model saved at ``path`` (a checkpoint's ``model``, or a bare state_dict) into ``model``."""
+    file, state = init_state(path)
     try:
         model.load_state_dict(state)
     except RuntimeError as err:

@@ -65,6 +65,7 @@ class NetnsSpec:
     namespaces: tuple[str, ...]
     bridge_ip: str
     ifname: str = IFNAME
+    addresses: tuple[str, ...] = ()  # each namespace's address on its link, in rank order
 
 
 def check_supported() -> None:
@@ -139,7 +140,7 @@ class ShapedNetwork:
                 self._run("tc", "-n", ns, "qdisc", "add", "dev", IFNAME, "root", *tbf_args(link.bandwidth))
                 self._run("tc", "qdisc", "add", "dev", host_end, "root", *tbf_args(link.bandwidth))
         log.info("netns: %d namespaces on bridge %s (%s)", len(self.namespaces), self.bridge, subnet)
-        return NetnsSpec(self.namespaces, bridge_ip)
+        return NetnsSpec(self.namespaces, bridge_ip, addresses=tuple(str(h) for h in hosts[9:9 + len(self.namespaces)]))
 
     def close(self) -> None:
         """Kill what runs inside the namespaces, delete them and the bridge (idempotent)."""
@@ -253,4 +254,8 @@ def _quiet(*cmd: str) -> None:
 
 
 def _terminate(signum: int, frame: FrameType | None) -> None:
-    raise KeyboardInterrupt(f"signal {signum}")  # unwinds through ShapedNetwork.__exit__
+    """SIGTERM while the namespaces are built: unwind through ShapedNetwork.__exit__ (which removes them)
+    as an interruption by that signal (the CLI exits 128 + signum)."""
+    stop = KeyboardInterrupt(f"stopped by signal {signum}")
+    stop.sigval = signum  # type: ignore[attr-defined]
+    raise stop

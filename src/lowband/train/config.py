@@ -17,14 +17,16 @@ from lowband.algorithms import ALGORITHMS
 from lowband.compress import COMPRESSORS
 from lowband.devices import DEVICE_CHOICES
 from lowband.fault.attacks import ATTACKS
-from lowband.fault.checkpoint import model_file, resume_mismatch
+from lowband.fault.checkpoint import resume_mismatch
 from lowband.registry import build, parse_spec
 from lowband.fault.robust import RULES
 from lowband.feedback import FEEDBACK
 from lowband.net.link import Network
 from lowband.net.units import per_worker
-from lowband.train.data import DATASETS, SHARDINGS, check_text_path
+from lowband.train.checks import check_data, check_init_from, check_model_data
+from lowband.train.data import SHARDINGS
 from lowband.train.models import MODELS
+from lowband.train.nodes import Nodes, add_arguments as add_node_arguments, check_nodes, pop_nodes
 from lowband.train.precision import PRECISIONS, check_config as check_precision
 
 SCHEDULES = ("cosine", "constant")
@@ -103,10 +105,8 @@ class TrainConfig:
         for spec in self.feedback:
             if spec != DEFAULT:
                 build(spec, FEEDBACK)
-        if self.data not in DATASETS and not Path(self.data).expanduser().exists():
-            raise ValueError(f"data file not found: {self.data} (or use one of: {', '.join(DATASETS.names())})")
-        if self.data not in DATASETS:
-            check_text_path(Path(self.data).expanduser())  # binary, unreadable or too short: before workers start
+        check_data(self.data)  # missing, binary, unreadable or too short: before workers start (checks.py)
+        check_model_data(self.model, self.data)  # gpt needs text, cnn images
         if Path(self.out).expanduser().exists() and not Path(self.out).expanduser().is_dir():
             raise ValueError(f"--out {self.out} is a file: give a folder for the runs")
         positive = ("workers", "steps", "batch_size", "inner_steps", "eval_every", "eval_batches", "threads")
@@ -175,7 +175,7 @@ class TrainConfig:
             self.check_resumable()
         self.check_elastic()
         if self.init_from is not None:
-            model_file(self.init_from)  # raises naming the path and what it should be
+            check_init_from(self.init_from, self.model, self.data)  # exists, SHA-256, loads, fits the model
 
     def check_elastic(self) -> None:
         """``--elastic`` options are consistent (and only given with ``--elastic``)."""
@@ -393,6 +393,7 @@ def build_parser(prog: str = "lowband train") -> argparse.ArgumentParser:
                    help="--elastic: seconds before a silent worker is dropped from the quorum")
     p.add_argument("--rejoin-after", type=float, default=None, metavar="SECONDS",
                    help="--elastic: restart a worker that left after this many seconds (default: never)")
+    add_node_arguments(p)
     return p
 
 
@@ -404,14 +405,28 @@ def split_specs(text: str) -> tuple[str, ...]:
 
 def config_from_args(argv: Sequence[str] | None = None, prog: str = "lowband train") -> TrainConfig:
     """Parse flags into a validated :class:`TrainConfig`; a bad value exits (status 2) with one line,
-    ``<prog>: error: <what is wrong and the fix>`` (argparse's own syntax errors add its usage)."""
+    ``<prog>: error: <what is wrong and the fix>`` (argparse's own syntax errors add its usage).
+    The machine flags (:mod:`lowband.train.nodes`) are refused: they belong to ``lowband train``."""
+    cfg, nodes = parse_train_args(argv, prog)
+    if nodes != Nodes():
+        build_parser(prog).exit(2, f"{prog}: error: --nnodes/--node-rank/--rdzv-endpoint/--iface are for `lowband "
+                                   f"train`; under torchrun give torchrun its --nnodes/--rdzv-endpoint, and "
+                                   f"LOWBAND_IFACE=<interface> for the workers' sockets\n")
+    return cfg
+
+
+def parse_train_args(argv: Sequence[str] | None = None, prog: str = "lowband train") -> tuple[TrainConfig, Nodes]:
+    """:func:`config_from_args` with the machine flags: (the config, the machines of the run)."""
     parser = build_parser(prog)
     ns = vars(parser.parse_args(argv))
     ns["algos"] = split_specs(ns.pop("algo"))
     ns["compress"] = tuple(c.strip() for c in ns["compress"].split(";") if c.strip()) or (DEFAULT,)
     ns["feedback"] = tuple(f.strip() for f in ns["feedback"].split(";") if f.strip()) or (DEFAULT,)
     try:
-        return TrainConfig(**ns)
+        nodes = pop_nodes(ns)
+        cfg = TrainConfig(**ns)
+        check_nodes(cfg, nodes)
+        return cfg, nodes
     except ValueError as err:
         parser.exit(2, f"{parser.prog}: error: {err}\n")
         raise  # unreachable: parser.exit exits

@@ -85,6 +85,13 @@ class Dataset:
 
 
 DATASETS: Registry[Callable[[float], Dataset]] = Registry("dataset")
+# each registered dataset's kind, known without loading it (the parent's checks; a test keeps it in step)
+DATASET_KINDS: dict[str, Literal["text", "image"]] = {"shakespeare": "text", "mnist": "image"}
+
+
+def dataset_kind(name: str) -> Literal["text", "image"]:
+    """What ``load_dataset(name)`` returns, without loading: a registered dataset's kind; a path is text."""
+    return DATASET_KINDS.get(name, "text")
 
 
 def _package_dir(module: str, install: str) -> Path:

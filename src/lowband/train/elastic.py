@@ -16,6 +16,12 @@ than 0 is a departure; the service fails the quorum in progress at once and form
 one without it. ``--rejoin-after S`` restarts a departed worker (same replica id, next
 incarnation) S seconds later, unless training has finished; it joins at the next outer step.
 Output of each worker goes to ``<run>/<algo>/logs/replica<r>.<incarnation>.log``.
+
+SIGTERM or SIGINT (Ctrl-C) to the driver stops the run: every job gets SIGTERM (its agent stops
+its worker, which dies at once), whatever is left of a job after :data:`STOP_GRACE_S` gets SIGKILL,
+the jobs' temp folder (their ``TMPDIR``) is removed, the store closes, and the driver ends with
+:class:`~lowband.train.launch.Interrupted` ("stopped by signal 15, 3 workers stopped"). Later
+signals during that stop are ignored.
 """
 
 from __future__ import annotations
@@ -24,9 +30,11 @@ import dataclasses
 import json
 import os
 import re
+import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 from typing import Any, Callable
@@ -35,9 +43,11 @@ from lowband.comm import group
 from lowband.fault.checkpoint import atomic_write_text
 from lowband.fault.quorum import QuorumService, replica_of
 from lowband.train.config import TrainConfig
-from lowband.train.launch import WorkerFailed
+from lowband.train.launch import Interrupted, WorkerFailed
+from lowband.train.shutdown import handling
 
 POLL_S = 0.02
+STOP_GRACE_S = 3.0  # a stopped job's agent and worker end in well under 1 s; then SIGKILL
 AGENT = [sys.executable, "-m", "lowband.train.elastic_agent"]  # one worker, every socket on loopback
 
 
@@ -53,12 +63,14 @@ class Supervisor:
         self.respawns: list[tuple[float, int, int]] = []  # (when, replica, incarnation)
         self.exits: dict[str, int] = {}
         self.started = time.monotonic()
+        self.signum: int | None = None  # the signal that stops the run, once one came
+        self.tmp = ""  # the jobs' temp folder (their TMPDIR), for the run's lifetime
 
     def spawn(self, replica: int, incarnation: int) -> None:
         token = f"{replica}.{incarnation}"
         env = {**os.environ, "LOWBAND_ELASTIC_STORE": f"127.0.0.1:{self.store.port}",
                "LOWBAND_REPLICA": str(replica), "LOWBAND_INCARNATION": str(incarnation),
-               "LOWBAND_ELASTIC_CONFIG": str(self.config_path)}
+               "LOWBAND_ELASTIC_CONFIG": str(self.config_path), "TMPDIR": self.tmp}
         logs = self.algo_dir / "logs"
         logs.mkdir(parents=True, exist_ok=True)
         with (logs / f"replica{token}.log").open("w") as out:
@@ -69,21 +81,31 @@ class Supervisor:
             self.say(f"{self._t()} replica {replica} restarted (incarnation {incarnation})")
 
     def run(self) -> dict[str, int]:
-        """Supervise until every worker has exited; returns {token: exit code}."""
-        try:
-            for replica in range(self.cfg.workers):
-                self.spawn(replica, 0)
-            while self.procs or self.respawns:
-                self._reap()
-                self._respawn()
-                self.service.restart_pending = bool(self.respawns)
-                self.service.poll()
-                self._report()
-                if self.service.aborted is not None:
-                    raise WorkerFailed(self.service.aborted)
-                time.sleep(POLL_S)
-        finally:
-            self.stop()
+        """Supervise until every worker has exited; returns {token: exit code}. Raises
+        :class:`~lowband.train.launch.Interrupted` when SIGTERM or SIGINT stopped it (see the module
+        docstring). Runs once: the store is closed afterwards."""
+        self.tmp = tempfile.mkdtemp(prefix="lowband-elastic-")
+        with handling(self._on_signal):
+            try:
+                for replica in range(self.cfg.workers):
+                    if self.signum is None:
+                        self.spawn(replica, 0)
+                while (self.procs or self.respawns) and self.signum is None:
+                    self._reap()
+                    self._respawn()
+                    self.service.restart_pending = bool(self.respawns)
+                    self.service.poll()
+                    self._report()
+                    if self.service.aborted is not None:
+                        raise WorkerFailed(self.service.aborted)
+                    time.sleep(POLL_S)
+            finally:
+                stopped = self.stop()
+                shutil.rmtree(self.tmp, ignore_errors=True)
+                del self.service, self.store  # the last references: the store's server and its socket close now
+        if self.signum is not None:
+            err = Interrupted(self.signum, f"{stopped} worker{'s' * (stopped != 1)} stopped")
+            raise err
         if not any(code == 0 for code in self.exits.values()):
             raise WorkerFailed(f"no worker finished; see the logs in {self.algo_dir / 'logs'}")
         return self.exits
@@ -131,19 +153,55 @@ class Supervisor:
         errors = [line for line in lines if "Error" in line or "error" in line]
         return f"exit code {code}" + (f" ({errors[-1][:200]})" if errors else "")
 
-    def stop(self) -> None:
-        """Kill every worker still running (its torchrun agent and worker together)."""
-        for proc in self.procs.values():
-            try:
-                os.killpg(proc.pid, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
-        for proc in self.procs.values():
+    def _on_signal(self, signum: int, frame: object) -> None:
+        if self.signum is None:  # the loop stops within one poll; later signals change nothing
+            self.signum = signum
+
+    def stop(self, grace_s: float = STOP_GRACE_S) -> int:
+        """Stop every worker still running, its job's process group (torchrun's agent, the worker, the
+        agent's resource tracker) together: SIGTERM, then SIGKILL to whatever is left of a group after
+        ``grace_s``. Returns how many were running."""
+        procs = list(self.procs.values())
+        if not procs:
+            return 0
+        for proc in procs:
+            _signal_group(proc.pid, signal.SIGTERM)
+        deadline = time.monotonic() + grace_s
+        while time.monotonic() < deadline:
+            for proc in procs:
+                proc.poll()  # reaps the agents that ended
+            if not _live_groups({proc.pid for proc in procs}):
+                break
+            time.sleep(POLL_S)
+        for pgid in _live_groups({proc.pid for proc in procs}):
+            _signal_group(pgid, signal.SIGKILL)
+        for proc in procs:
             proc.wait()
         self.procs.clear()
+        return len(procs)
 
     def _t(self) -> str:
         return f"[{time.monotonic() - self.started:7.1f}s]"
+
+
+def _signal_group(pgid: int, signum: int) -> None:
+    try:
+        os.killpg(pgid, signum)
+    except ProcessLookupError:
+        pass
+
+
+def _live_groups(pgids: set[int]) -> set[int]:
+    """Those of ``pgids`` with a process that is not a zombie (from /proc/*/stat)."""
+    live: set[int] = set()
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()  # state ppid pgrp ...
+        except OSError:
+            continue
+        if fields[0] != "Z" and int(fields[2]) in pgids:
+            live.add(int(fields[2]))
+    return live
 
 
 def run_elastic(cfg: TrainConfig, say: Callable[[str], None] = print) -> dict[str, Any]:

@@ -8,7 +8,9 @@ shared store and the worker's gloo sockets all listen on ``127.0.0.1`` only. (``
 (:func:`lowband.train.elastic_worker.main`) builds its process groups from the driver's store.
 
 A failure ends the job with exit code 1 and one line on stderr (``lowband elastic worker:
-worker rank 0 failed: killed by signal 9``), which the driver reads back from the log.
+worker rank 0 failed: killed by signal 9``), which the driver reads back from the log. SIGTERM
+(the driver stopping the run) kills the worker at once (:func:`lowband.train.shutdown.stop_on_signal`)
+and ends the job with 128 + 15 and one line.
 """
 
 from __future__ import annotations
@@ -17,7 +19,8 @@ import sys
 
 from torch.distributed.elastic.multiprocessing.errors import record
 
-from lowband.train.launch import WorkerFailed, launch
+from lowband.train.launch import Interrupted, WorkerFailed, launch
+from lowband.train.shutdown import stop_on_signal
 
 
 @record
@@ -32,10 +35,14 @@ def run_worker() -> None:
 
 def main() -> int:
     try:
-        launch(run_worker, 1)
+        with stop_on_signal():
+            launch(run_worker, 1)
     except WorkerFailed as err:
         print(f"lowband elastic worker: {err}", file=sys.stderr, flush=True)
         return 1
+    except Interrupted as err:
+        print(f"lowband elastic worker: {err}", file=sys.stderr, flush=True)
+        return 128 + err.sigval
     return 0
 
 

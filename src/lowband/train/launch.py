@@ -13,55 +13,116 @@ of a single-machine run listens beyond loopback. ``fn`` must be importable (a mo
 from __future__ import annotations
 
 import contextlib
+import logging
 import os
 import shutil
 import tempfile
 import uuid
+from pathlib import Path
 from typing import Any, Callable, Iterator
 
 from torch.distributed.elastic.multiprocessing.api import SignalException
 from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
-from torch.distributed.elastic.rendezvous import dynamic_rendezvous
+from torch.distributed.elastic.rendezvous import RendezvousError, dynamic_rendezvous
 from torch.distributed.launcher.api import LaunchConfig, elastic_launch
 
 from lowband.comm.group import pin_sockets, serve_store
+from lowband.train.nodes import Nodes
+from lowband.train.shutdown import stop_on_signal
+
+TORCH_LOGGERS = ("torch.distributed.elastic", "torch.multiprocessing")  # what a failed launch dumps
+JOIN_TIMEOUT_S = 600  # several machines: how long a node waits for the others (torchrun's default)
 
 
 class WorkerFailed(RuntimeError):
     """One or more workers exited with an error; the message names ranks and causes."""
 
 
+class RendezvousFailed(RuntimeError):
+    """The machines of a run could not meet (endpoint taken or unreachable, a node never joined)."""
+
+
 class Interrupted(KeyboardInterrupt):
     """A termination signal stopped the run (a ``KeyboardInterrupt``: ``except Exception`` lets it through)."""
 
-    def __init__(self, sigval: int) -> None:
-        super().__init__(f"stopped by signal {int(sigval)}")
+    def __init__(self, sigval: int, detail: str = "") -> None:
+        super().__init__(f"stopped by signal {int(sigval)}" + (f", {detail}" if detail else ""))
         self.sigval = int(sigval)
 
 
-def launch(fn: Callable[..., Any], nprocs: int, *args: Any, bind: str = "127.0.0.1") -> dict[int, Any]:
-    """Run ``fn(*args)`` in ``nprocs`` worker processes; returns {rank: return value}.
+def launch(fn: Callable[..., Any], nprocs: int, *args: Any, bind: str = "127.0.0.1",
+           nodes: Nodes | None = None, log_file: Path | None = None) -> dict[int, Any]:
+    """Run ``fn(*args)`` in ``nprocs`` worker processes; returns {rank: return value} of this machine's ranks.
 
     The stores listen on ``bind`` only (default loopback: nothing off this machine can reach
     them). TCPStore listens on every interface whatever host it is given, so lowband hosts the
     rendezvous store itself on a socket bound to ``bind`` (the agent joins it, ``is_host=False``)
-    and has the agent create the workers' shared store the same way."""
+    and has the agent create the workers' shared store the same way.
+
+    With ``nodes`` of several machines (:class:`lowband.train.nodes.Nodes`), this is one machine's
+    ``torchrun --nnodes N --rdzv-backend c10d --rdzv-endpoint HOST:PORT``: node 0 hosts the
+    rendezvous store on HOST:PORT, every node waits (up to :data:`JOIN_TIMEOUT_S`) for the others.
+
+    ``log_file``: torchelastic's and torch's process starter's warnings and errors (a failed
+    worker's traceback: ~40 lines) go there instead of the terminal, which gets the one line of
+    :class:`WorkerFailed`; the file is only created when something is logged."""
     if nprocs < 1:
         raise ValueError(f"workers must be >= 1, got {nprocs}")
+    nodes = nodes or Nodes()
     # the workers' gloo/NCCL sockets on bind's interface too; every temp file of the launch (torch's
     # error files, torchelastic's logs) in a private folder
-    with _bound_store(bind) as port, _private_tmp() as tmp, _environment({**pin_sockets(bind), "TMPDIR": tmp}):
+    with _bound_store(bind, nodes) as endpoint, _private_tmp() as tmp, _logs_to(log_file), \
+            _environment({**pin_sockets(bind), "TMPDIR": tmp}):
         config = LaunchConfig(
-            min_nodes=1, max_nodes=1, nproc_per_node=nprocs, run_id=f"lowband-{uuid.uuid4().hex[:8]}",
-            rdzv_backend="c10d", rdzv_endpoint=f"{bind}:{port}", rdzv_configs={"timeout": 120, "is_host": False},
+            min_nodes=nodes.nnodes, max_nodes=nodes.nnodes, nproc_per_node=nprocs,
+            run_id=f"lowband-{nodes.rdzv_endpoint}" if nodes.multi else f"lowband-{uuid.uuid4().hex[:8]}",
+            rdzv_backend="c10d", rdzv_endpoint=endpoint,
+            rdzv_configs={"timeout": JOIN_TIMEOUT_S if nodes.multi else 120, "is_host": False},
             max_restarts=0, monitor_interval=0.1, start_method="spawn", local_addr=bind,
         )
         try:
-            return elastic_launch(config, fn)(*args)
+            with stop_on_signal():  # SIGTERM/SIGINT: every worker killed at once, even mid-start
+                return elastic_launch(config, fn)(*args)
         except ChildFailedError as err:
             raise WorkerFailed(_describe(err)) from None
+        except RendezvousError as err:  # another node never came, or the endpoint is unreachable
+            raise RendezvousFailed(f"the rendezvous at {endpoint} failed ({type(err).__name__}): "
+                                   f"{_last_line(str(err))}") from None
         except SignalException as err:  # SIGTERM/SIGINT reached the agent, which stopped the workers:
             raise Interrupted(err.sigval) from None  # stop the caller too
+
+
+@contextlib.contextmanager
+def _logs_to(path: Path | None) -> Iterator[None]:
+    """torchelastic's and the process starter's log records into ``path`` (created when the first
+    record comes) instead of the terminal, for the launch; nothing changes when ``path`` is None."""
+    if path is None:
+        yield
+        return
+    handler = _LazyFileHandler(path)
+    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    loggers = [logging.getLogger(name) for name in TORCH_LOGGERS]
+    saved = [(lg.propagate, lg.handlers[:]) for lg in loggers]
+    for lg in loggers:
+        lg.propagate, lg.handlers = False, [handler]
+    try:
+        yield
+    finally:
+        for lg, (propagate, handlers) in zip(loggers, saved):
+            lg.propagate, lg.handlers = propagate, handlers
+        handler.close()
+
+
+class _LazyFileHandler(logging.FileHandler):
+    """A file handler whose file (and folder) appear with the first record."""
+
+    def __init__(self, path: Path) -> None:
+        super().__init__(path, delay=True)
+        self.path = path
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        super().emit(record)
 
 
 @contextlib.contextmanager
@@ -97,15 +158,28 @@ def _environment(values: dict[str, str]) -> Iterator[None]:
 
 
 @contextlib.contextmanager
-def _bound_store(host: str) -> Iterator[int]:
+def _bound_store(host: str, nodes: Nodes) -> Iterator[str]:
     """The rendezvous store, and the workers' shared store torchrun's agent creates after it,
-    both listening on ``host`` only, for the run's lifetime; yields the rendezvous port."""
-    store = serve_store(host, timeout_s=300)
+    both listening on ``host`` only, for the run's lifetime; yields the rendezvous endpoint.
+
+    One machine: the rendezvous store on a free port of ``host``. Several: node 0 serves it on
+    ``--rdzv-endpoint``, the other nodes only join it."""
+    if nodes.multi:
+        rdzv_host, port = nodes.endpoint()
+        try:
+            store = serve_store(rdzv_host, port, timeout_s=300) if nodes.node_rank == 0 else None
+        except OSError as err:
+            raise RendezvousFailed(f"--rdzv-endpoint {nodes.rdzv_endpoint}: node 0 cannot listen there "
+                                   f"({err.strerror or err}): choose a free port") from None
+        endpoint = f"{rdzv_host}:{port}"
+    else:
+        store = serve_store(host, timeout_s=300)
+        endpoint = f"{host}:{store.port}"
     handler = dynamic_rendezvous.DynamicRendezvousHandler
     original = handler._create_tcp_store_server
     handler._create_tcp_store_server = lambda self, addr, port: serve_store(host, timeout_s=300)  # type: ignore[method-assign]
     try:
-        yield store.port
+        yield endpoint
     finally:
         handler._create_tcp_store_server = original  # type: ignore[method-assign]
         del store

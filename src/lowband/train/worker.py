@@ -187,7 +187,21 @@ def train_one(cfg: TrainConfig, variant: Variant, data: Dataset, network: Networ
     with MetricsWriter(algo_dir / f"ledger_rank{rank}.jsonl") as ledger_out:
         for rec in comm.ledger.records:
             ledger_out.write(rec.to_dict())
+    if int(os.environ.get("LOCAL_WORLD_SIZE", world_size)) < world_size:  # ranks on other machines
+        collect_logs(algo_dir, rank)
     return {"val_loss": val_loss, "bytes_sent": comm.ledger.bytes_sent, "time_s": clock}
+
+
+def collect_logs(algo_dir: Path, rank: int) -> None:
+    """Several machines: rank 0 receives every rank's metrics and ledger files for the report and
+    writes those its folder lacks (on a shared folder, none); every rank keeps its own."""
+    for pattern in ("rank{}.jsonl", "ledger_rank{}.jsonl"):
+        blobs = group.all_gather_bytes((algo_dir / pattern.format(rank)).read_bytes())
+        if rank == 0:
+            for other, blob in enumerate(blobs):
+                path = algo_dir / pattern.format(other)
+                if not path.exists():
+                    atomic_write_text(path, blob.decode())
 
 
 def compute_step(algo: Algorithm, model: nn.Module, batch: Batch, poison: Any, slow_down: float,
