@@ -40,6 +40,7 @@ import torch
 from lowband.algorithms.base import ALGORITHMS
 from lowband.algorithms.ddp import DDP, DDPOptions
 from lowband.fault.stragglers import Arrival, Arrivals, Controller
+from lowband.algorithms.commplan import Setup, Sync, average
 
 
 @dataclass(frozen=True)
@@ -68,6 +69,11 @@ class BackupDDP(DDP):
     name = "ddp-backup"
     Options = BackupDDPOptions
     options: BackupDDPOptions
+
+    @classmethod
+    def comm_plan(cls, options: Any, setup: Setup) -> tuple[Sync, ...]:
+        """As ddp: dropped ranks send zeros."""
+        return average(options, setup, "grads", 1)
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)

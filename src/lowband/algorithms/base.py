@@ -88,6 +88,14 @@ class Algorithm:
     reshardable: ClassVar[bool] = False
     zeroth_order: ClassVar[bool] = False  # True: driven by zo_step(closure) instead of backward + step()
 
+    @classmethod
+    def comm_plan(cls, options: Any, setup: Any) -> tuple[Any, ...]:
+        """What one rank sends, as the planner charges it (:mod:`lowband.algorithms.commplan`): a tuple of
+        ``Sync`` events built from ``options`` and the ``Setup`` (model size, workers, link). Every
+        registered algorithm declares its own next to the code that communicates."""
+        raise ValueError(f"algorithm {cls.name!r} declares no communication plan: define comm_plan in its class "
+                         f"(lowband.algorithms.commplan)")
+
     def __init__(self, model: nn.Module, optimizer: torch.optim.Optimizer, comm: Comm,
                  options: Options | None = None, grad_clip: float = 0.0) -> None:
         self.model, self.optimizer, self.comm = model, optimizer, comm

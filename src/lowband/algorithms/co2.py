@@ -70,6 +70,7 @@ from lowband.algorithms.base import ALGORITHMS
 from lowband.algorithms.budget import refuse_speed
 from lowband.algorithms.delayed_diloco import Named, OverlappedDiLoCo
 from lowband.algorithms.diloco import DiLoCoOptions
+from lowband.algorithms.commplan import Setup, Sync, average
 
 
 @dataclass(frozen=True)
@@ -101,6 +102,12 @@ class CO2(OverlappedDiLoCo):
     Options = CO2Options
     reshardable = False  # not verified at another world size (its staleness penalty state)
     options: CO2Options  # type: ignore[assignment]
+
+    @classmethod
+    def comm_plan(cls, options: Any, setup: Setup) -> tuple[Sync, ...]:
+        """Every H steps, hidden by a round when asynchronous."""
+        hidden = options.inner_steps if options.asynchronous else 0
+        return average(options, setup, "outer", options.inner_steps, hidden)
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)

@@ -25,6 +25,7 @@ import torch
 from lowband.algorithms.base import ALGORITHMS, Algorithm, SyncOptions
 from lowband.fault.stragglers import STRAGGLERS
 from lowband.registry import build
+from lowband.algorithms.commplan import Setup, Sync, average
 
 
 @dataclass(frozen=True)
@@ -44,6 +45,11 @@ class DDP(Algorithm):
     name = "ddp"
     Options = DDPOptions
     options: DDPOptions
+
+    @classmethod
+    def comm_plan(cls, options: Any, setup: Setup) -> tuple[Sync, ...]:
+        """The gradients through ``compress`` every step, blocking."""
+        return average(options, setup, "grads", 1)
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)

@@ -57,6 +57,7 @@ from lowband.algorithms.base import ALGORITHMS
 from lowband.algorithms.budget import refuse_speed
 from lowband.algorithms.diloco import DiLoCo, DiLoCoOptions
 from lowband.comm.aggregate import PendingMean
+from lowband.algorithms.commplan import Setup, Sync, average
 
 Named = list[tuple[str, torch.Tensor]]
 
@@ -147,6 +148,11 @@ class DelayedDiLoCoOptions(DiLoCoOptions):
 class DelayedDiLoCo(OverlappedDiLoCo):
     name = "delayed-diloco"
     Options = DelayedDiLoCoOptions
+
+    @classmethod
+    def comm_plan(cls, options: Any, setup: Setup) -> tuple[Sync, ...]:
+        """Every H steps, hidden by the next round (H steps of compute)."""
+        return average(options, setup, "outer", options.inner_steps, options.inner_steps)
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)

@@ -41,6 +41,7 @@ import torch
 
 from lowband.algorithms.base import ALGORITHMS, Algorithm
 from lowband.algorithms.budget import LocalWorkOptions, SpeedBudget
+from lowband.algorithms.commplan import Setup, Sync, average
 
 
 OUTER_OPTIMIZERS = ("sgd", "adam")
@@ -73,6 +74,11 @@ class DiLoCo(Algorithm):
     Options = DiLoCoOptions
     reshardable = True  # global model, outer optimizer, counters and averages in flight agree on every rank
     options: DiLoCoOptions
+
+    @classmethod
+    def comm_plan(cls, options: Any, setup: Setup) -> tuple[Sync, ...]:
+        """The outer gradient through ``compress`` every H steps, blocking."""
+        return average(options, setup, "outer", options.inner_steps)
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)

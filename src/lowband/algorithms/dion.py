@@ -66,6 +66,7 @@ from lowband.algorithms.base import ALGORITHMS, Options, flatten, unflatten_into
 from lowband.algorithms.signs import OwnUpdate, param_groups
 from lowband.net.cost import ring_all_reduce
 from lowband.net.link import Link
+from lowband.algorithms.commplan import Setup, Sync
 
 DEFAULT_RANK_FRACTION = 0.25  # the reference's best-practice note: 1/4 is near full rank at 3B
 SCALAR_OPTIMIZERS = ("adamw", "lion")
@@ -151,6 +152,17 @@ class Dion(OwnUpdate):
     name = "dion"
     Options = DionOptions
     options: DionOptions
+
+    @classmethod
+    def comm_plan(cls, options: Any, setup: Setup) -> tuple[Sync, ...]:
+        """P then R (d r floats each per d x d matrix) all-reduced every step, or the fp32 gradients when
+        the factors are no smaller (embeddings and 1-D parameters counted as matrices)."""
+        d = setup.side
+        r = options.matrix_rank(d, d)
+        if 2 * d * r >= d * d:
+            return (Sync("grads", "all_reduce", 4.0 * setup.params),)
+        factors = 4.0 * setup.params / d * r  # params / d^2 matrices, d r floats each
+        return (Sync("dion.P", "all_reduce", factors), Sync("dion.R", "all_reduce", factors))
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)

@@ -33,6 +33,7 @@ Example::
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Any
 
@@ -41,6 +42,7 @@ import torch
 from lowband.algorithms.base import ALGORITHMS, Options, flatten, views
 from lowband.algorithms.signs import OwnUpdate, pack_signs, param_groups, unpack_signs
 from lowband.comm import Comm
+from lowband.algorithms.commplan import Setup, Sync
 
 VOTES = ("majority", "average")
 
@@ -82,6 +84,11 @@ class DistLion(OwnUpdate):
     name = "dist-lion"
     Options = DistLionOptions
     options: DistLionOptions
+
+    @classmethod
+    def comm_plan(cls, options: Any, setup: Setup) -> tuple[Sync, ...]:
+        """ceil(P / 8) bytes of packed signs, all-gathered every step."""
+        return (Sync("signs", "all_gather", float(math.ceil(setup.params / 8))),)
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)

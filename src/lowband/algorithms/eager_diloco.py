@@ -74,6 +74,7 @@ from lowband.algorithms.base import ALGORITHMS
 from lowband.algorithms.budget import refuse_speed
 from lowband.algorithms.delayed_diloco import Named, OverlappedDiLoCo
 from lowband.algorithms.diloco import DiLoCoOptions
+from lowband.algorithms.commplan import Setup, Sync, average
 
 
 @dataclass(frozen=True)
@@ -94,6 +95,11 @@ class EagerDiLoCo(OverlappedDiLoCo):
     Options = EagerDiLoCoOptions
     reshardable = False  # each rank's own fresh outer gradient is part of the state
     options: EagerDiLoCoOptions
+
+    @classmethod
+    def comm_plan(cls, options: Any, setup: Setup) -> tuple[Sync, ...]:
+        """Every H steps, hidden by the next round (H steps of compute)."""
+        return average(options, setup, "outer", options.inner_steps, options.inner_steps)
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)

@@ -50,6 +50,7 @@ import torch
 from lowband.algorithms.base import ALGORITHMS, Algorithm, Options, consensus_distance, flatten, unflatten_into
 from lowband.comm import Comm
 from lowband.comm.comm import Handle
+from lowband.algorithms.commplan import Setup, Sync, exchange
 
 
 # ----------------------------------------------------------------------------- topologies
@@ -158,6 +159,11 @@ class Gossip(Algorithm):
     name = "gossip"
     Options = GossipOptions
     options: GossipOptions
+
+    @classmethod
+    def comm_plan(cls, options: Any, setup: Setup) -> tuple[Sync, ...]:
+        """The fp32 model to each neighbour (the busiest rank's degree) every ``period`` steps."""
+        return exchange(options, setup, options.period, max(map(len, neighbours(options.topology, setup.workers))))
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)

@@ -34,12 +34,14 @@ Example::
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 
 from lowband.algorithms.base import ALGORITHMS
 from lowband.algorithms.budget import LocalWorkOptions
 from lowband.algorithms.diloco import DiLoCo
+from lowband.algorithms.commplan import Setup, Sync, average
 
 
 @dataclass(frozen=True)
@@ -58,6 +60,11 @@ class LocalSGD(DiLoCo):
     name = "localsgd"
     Options = LocalSGDOptions
     options: LocalSGDOptions  # type: ignore[assignment]
+
+    @classmethod
+    def comm_plan(cls, options: Any, setup: Setup) -> tuple[Sync, ...]:
+        """The model average through ``compress`` every H steps, blocking."""
+        return average(options, setup, "outer", options.inner_steps)
 
     def build_outer_optimizer(self) -> torch.optim.Optimizer:
         """Step 4: theta_g - 1.0 * mean_i(theta_g - theta_i) = mean_i theta_i; no state to keep."""

@@ -66,6 +66,7 @@ from typing import Any
 import torch
 
 from lowband.algorithms.base import ALGORITHMS, Algorithm, Options, consensus_distance, flatten, unflatten_into
+from lowband.algorithms.commplan import Setup, Sync, exchange
 
 SEED_STRIDE = 1_000_003  # generator seed of outer step t: seed * SEED_STRIDE + t
 
@@ -126,6 +127,11 @@ class NoLoCo(Algorithm):
     name = "noloco"
     Options = NoLoCoOptions
     options: NoLoCoOptions
+
+    @classmethod
+    def comm_plan(cls, options: Any, setup: Setup) -> tuple[Sync, ...]:
+        """The fp32 model to one partner (two in an odd world's group of three) every H steps."""
+        return exchange(options, setup, options.inner_steps, min(setup.workers - 1, 2 if setup.workers % 2 else 1))
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)

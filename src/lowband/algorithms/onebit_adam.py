@@ -45,6 +45,7 @@ import torch
 from lowband.algorithms.base import ALGORITHMS, Options, flatten, unflatten_into, views
 from lowband.algorithms.signs import OwnUpdate, pack_signs, param_groups, unpack_signs
 from lowband.comm import Comm
+from lowband.algorithms.commplan import Setup, Sync
 
 DEFAULT_BETAS = (0.9, 0.999)  # for inner optimizers without betas (SGD)
 DEFAULT_EPS = 1e-8
@@ -118,6 +119,14 @@ class OneBitAdam(OwnUpdate):
     name = "onebit-adam"
     Options = OneBitAdamOptions
     options: OneBitAdamOptions
+
+    @classmethod
+    def comm_plan(cls, options: Any, setup: Setup) -> tuple[Sync, ...]:
+        """fp32 all-reduce of the gradients until freeze_step, then 1-bit chunks: all-to-all + all-gather."""
+        chunk = padded_numel(setup.params, setup.workers) // (8 * setup.workers) + 4  # packed signs + one fp32 scale
+        return (Sync("grads", "all_reduce", 4.0 * setup.params, stop=options.freeze_step),
+                Sync("momentum.a2a", "all_to_all", float(setup.workers * chunk), start=options.freeze_step),
+                Sync("momentum.gather", "all_gather", float(chunk), start=options.freeze_step))
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)

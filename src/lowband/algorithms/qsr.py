@@ -46,6 +46,7 @@ import torch
 
 from lowband.algorithms.base import ALGORITHMS, SyncOptions
 from lowband.algorithms.localsgd import LocalSGD
+from lowband.algorithms.commplan import Setup, Sync, average
 
 MAX_PERIOD = 2**31  # the rule is clamped here: a tiny lr must not overflow a float
 MAX_RATIO = math.sqrt(MAX_PERIOD)
@@ -97,6 +98,11 @@ class QSR(LocalSGD):
     name = "qsr"
     Options = QSROptions
     options: QSROptions  # type: ignore[assignment]
+
+    @classmethod
+    def comm_plan(cls, options: Any, setup: Setup) -> tuple[Sync, ...]:
+        """Every ``h_base`` steps, its shortest period: an upper bound on its traffic."""
+        return average(options, setup, "outer", options.h_base)
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)

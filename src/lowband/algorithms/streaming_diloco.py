@@ -63,6 +63,7 @@ from lowband.algorithms.base import ALGORITHMS
 from lowband.algorithms.budget import refuse_speed
 from lowband.algorithms.diloco import DiLoCo, DiLoCoOptions
 from lowband.comm.aggregate import PendingMean
+from lowband.algorithms.commplan import Setup, Sync, average
 
 
 @dataclass(frozen=True)
@@ -128,6 +129,12 @@ class StreamingDiLoCo(DiLoCo):
     name = "streaming-diloco"
     Options = StreamingDiLoCoOptions
     options: StreamingDiLoCoOptions
+
+    @classmethod
+    def comm_plan(cls, options: Any, setup: Setup) -> tuple[Sync, ...]:
+        """1/P of the model every H/P steps (P fragments staggered), hidden by ``tau`` steps."""
+        return average(options, setup, "fragment", options.inner_steps / options.fragments, options.tau,
+                       1 / options.fragments)
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)

@@ -59,6 +59,7 @@ from lowband import devices
 from lowband.algorithms.base import ALGORITHMS, Options
 from lowband.algorithms.signs import OwnUpdate, param_groups
 from lowband.compress.sparse import stable_seed
+from lowband.algorithms.commplan import Setup, Sync
 
 ABSTAIN = 0  # the byte of a worker that contributes nothing this step
 OFFSET = 128  # byte = q + OFFSET, q in [-127, 127]
@@ -171,6 +172,11 @@ class ZOOneByte(OwnUpdate):
     zeroth_order = True
     Options = ZOOneByteOptions
     options: ZOOneByteOptions
+
+    @classmethod
+    def comm_plan(cls, options: Any, setup: Setup) -> tuple[Sync, ...]:
+        """One byte per worker per step, all-gathered."""
+        return (Sync("bytes", "all_gather", 1.0),)
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)

@@ -18,9 +18,10 @@ yields one payload per communication round and receives the reduced result; the 
 
 from __future__ import annotations
 
+import math
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
-from typing import Any, ClassVar, Generator, Union
+from typing import Any, Callable, ClassVar, Generator, Union
 
 import torch
 
@@ -54,7 +55,31 @@ class Compressor(ABC):
     name: ClassVar[str] = ""
     summable: ClassVar[bool] = False
     contraction: ClassVar[bool] = False  # ||C(x) - x|| <= ||x||: see is_contraction
+    fixed_size: ClassVar[bool] = True  # the payload's size depends on the input's shape only (else sizes go first)
     Options: ClassVar[type[CompressorOptions]] = CompressorOptions
+    PROBE_SIDE: ClassVar[int] = 256  # the default wire model encodes one matrix of at most this side
+
+    @classmethod
+    def wire_bytes(cls, options: CompressorOptions, numel: int, side: int) -> tuple[float, ...]:
+        """Bytes one rank sends per communication round for ``numel`` fp32 elements held in
+        ``side x side`` matrices: the planner's wire model (``lowband plan``).
+
+        Default, for any compressor: measured. One random matrix of side ``min(side, PROBE_SIDE)``
+        goes through :meth:`exchange` (world of one) and each round's payload bytes are scaled by
+        ``numel`` / the probe's elements. Compressors whose bytes do not scale linearly with the
+        matrix (PowerSGD's d r per matrix) or that are cheaper to count override it exactly."""
+        d = max(1, min(side, cls.PROBE_SIDE, math.isqrt(max(numel, 1))))
+        probe = torch.randn(d, d, generator=torch.Generator().manual_seed(0))  # cpu: a planning probe
+        rounds: list[float] = []
+        compressor = cls(options)
+        steps = compressor.exchange(probe, "probe", 1)
+        try:
+            payload = next(steps)
+            while True:
+                rounds.append(payload.nbytes * numel / probe.numel())
+                payload = steps.send(payload if compressor.summable else [payload])
+        except StopIteration:
+            return tuple(rounds)
 
     def __init__(self, options: CompressorOptions | None = None) -> None:
         self.options = options if options is not None else type(self).Options()
@@ -105,6 +130,12 @@ class Compressor(ABC):
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         pass
+
+
+def per_matrix(numel: int, side: int, per: Callable[[int], float]) -> tuple[float]:
+    """One round of ``per(elements)`` bytes for each ``side x side`` matrix of ``numel`` elements (the last partial)."""
+    full, rest = divmod(numel, side * side)
+    return (full * per(side * side) + (per(rest) if rest else 0),)
 
 
 COMPRESSORS: Registry[type[Compressor]] = Registry("compressor")

@@ -36,14 +36,14 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, cast
 
 import torch
 
 from lowband import devices
 
-from lowband.compress.base import COMPRESSORS, Compressor, CompressorOptions, Payload
-from lowband.compress.indices import pack, scatter, unpack
+from lowband.compress.base import COMPRESSORS, Compressor, CompressorOptions, Payload, per_matrix
+from lowband.compress.indices import index_nbytes, pack, scatter, unpack
 from lowband.compress.sparse import stable_seed
 
 WARMUP_START = 0.25  # the paper: 75% sparsity in the first warm-up epoch
@@ -96,6 +96,11 @@ def select(flat: torch.Tensor, k: int, sample: float, generator: torch.Generator
     return idx.sort().values
 
 
+def _sparse_bytes(n: int, k: int) -> int:
+    """k fp32 values and their packed indices among n."""
+    return 4 * k + index_nbytes(n, k)
+
+
 @COMPRESSORS.register("dgc")
 class DGC(Compressor):
     """Sampled-threshold top-k with warm-up; see the module docstring."""
@@ -104,6 +109,11 @@ class DGC(Compressor):
     fixed_size = False
     contraction = True  # sends the largest elements, zeros the rest: a top-k
     Options = DGCOptions
+
+    @classmethod
+    def wire_bytes(cls, options: CompressorOptions, numel: int, side: int) -> tuple[float, ...]:
+        ratio = cast(DGCOptions, options).ratio  # after warm-up: the final density, values + packed indices
+        return per_matrix(numel, side, lambda n: _sparse_bytes(n, max(1, round(ratio * n))))
 
     def __init__(self, options: DGCOptions | None = None) -> None:
         super().__init__(options)

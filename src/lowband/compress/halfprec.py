@@ -16,13 +16,17 @@ from typing import ClassVar
 
 import torch
 
-from lowband.compress.base import COMPRESSORS, Compressor, Payload
+from lowband.compress.base import COMPRESSORS, Compressor, CompressorOptions, Payload
 
 
 class _HalfPrecision(Compressor):
     contraction = True
     summable = True
     wire_dtype: ClassVar[torch.dtype]
+
+    @classmethod
+    def wire_bytes(cls, options: CompressorOptions, numel: int, side: int) -> tuple[float, ...]:
+        return (2.0 * numel,)
 
     def encode(self, x: torch.Tensor, key: str) -> Payload:
         return Payload([x.to(self.wire_dtype).contiguous()], ctx=(x.shape, x.dtype))

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from lowband.compress.base import COMPRESSORS, Compressor, Payload
+from lowband.compress.base import COMPRESSORS, Compressor, CompressorOptions, Payload
 
 
 @COMPRESSORS.register("identity")
@@ -12,6 +12,10 @@ class Identity(Compressor):
     name = "identity"
     contraction = True
     summable = True
+
+    @classmethod
+    def wire_bytes(cls, options: CompressorOptions, numel: int, side: int) -> tuple[float, ...]:
+        return (4.0 * numel,)
 
     def encode(self, x: torch.Tensor, key: str) -> Payload:
         return Payload([x.contiguous()], ctx=x.shape)

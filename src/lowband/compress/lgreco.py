@@ -52,13 +52,13 @@ from __future__ import annotations
 import copy
 import math
 from dataclasses import dataclass
-from typing import Any, Optional
+from typing import Any, Optional, cast
 
 import torch
 
 from lowband.compress.base import COMPRESSORS, Compressor, CompressorOptions, Exchange, Payload
 from lowband.compress.knapsack import Candidate, assign
-from lowband.registry import Registry, build
+from lowband.registry import Registry, build, parse_spec
 
 
 @dataclass(frozen=True)
@@ -153,6 +153,13 @@ class LGreCo(Compressor):
     name = "lgreco"
     Options = LGreCoOptions
     options: LGreCoOptions
+
+    @classmethod
+    def wire_bytes(cls, options: CompressorOptions, numel: int, side: int) -> tuple[float, ...]:
+        """The family at the uniform default setting: the total error budget the per-layer choice keeps."""
+        o = cast(LGreCoOptions, options)
+        family, kwargs = parse_spec(o.spec(o.default_setting()), COMPRESSORS)
+        return family.wire_bytes(family.Options(**kwargs), numel, side)
 
     def __init__(self, options: Optional[LGreCoOptions] = None) -> None:
         super().__init__(options)

@@ -52,7 +52,7 @@ from __future__ import annotations
 
 import zlib
 from dataclasses import dataclass
-from typing import Any, Optional
+from typing import Any, Optional, cast
 
 import torch
 
@@ -87,6 +87,15 @@ class PowerSGD(Compressor):
     contraction = True
     summable = True  # every round's payload (P, then Q) is summed by an all-reduce
     Options = PowerSGDOptions
+
+    @classmethod
+    def wire_bytes(cls, options: CompressorOptions, numel: int, side: int) -> tuple[float, ...]:
+        """P (d x r) then Q (d x r) in fp32 per d x d matrix; raw where that would not compress enough."""
+        o = cast(PowerSGDOptions, options)
+        r = min(side, o.rank)
+        if side * side / (2 * side * r) <= o.min_compression_rate:
+            return (4.0 * numel,)  # the compressor sends such tensors raw
+        return (numel / (side * side) * 4 * r * side,) * 2
 
     def __init__(self, options: Optional[PowerSGDOptions] = None) -> None:
         super().__init__(options)

@@ -46,13 +46,13 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Any, ClassVar
+from typing import Any, ClassVar, cast
 
 import torch
 
 from lowband import devices
 
-from lowband.compress.base import COMPRESSORS, Compressor, CompressorOptions, Payload
+from lowband.compress.base import COMPRESSORS, Compressor, CompressorOptions, Payload, per_matrix
 from lowband.compress.packing import pack, unpack
 
 Ctx = tuple[torch.Size, torch.dtype]
@@ -127,6 +127,11 @@ class QSGD(SeededCompressor):
     summable = False
     Options: ClassVar[type[CompressorOptions]] = QSGDOptions
 
+    @classmethod
+    def wire_bytes(cls, options: CompressorOptions, numel: int, side: int) -> tuple[float, ...]:
+        o = cast(QSGDOptions, options)  # fp32 norm per bucket + bits per element, packed
+        return per_matrix(numel, side, lambda n: 4 * math.ceil(n / (o.bucket or n)) + math.ceil(n * o.bits / 8))
+
     @property
     def bits(self) -> int:
         return int(self.options.bits)  # type: ignore[attr-defined]
@@ -196,6 +201,11 @@ class Int8(Compressor):
     summable = False
     contraction = True  # deterministic rounding: each element moves by at most (max - min) / 510
     Options: ClassVar[type[CompressorOptions]] = Int8Options
+
+    @classmethod
+    def wire_bytes(cls, options: CompressorOptions, numel: int, side: int) -> tuple[float, ...]:
+        chunk = cast(Int8Options, options).chunk  # a byte per element + min and scale per chunk
+        return per_matrix(numel, side, lambda n: n + 8 * (math.ceil(n / chunk) if chunk else 1))
 
     def _layout(self, n: int) -> tuple[int, int]:
         """(chunks, elements per chunk) for ``n`` elements; one chunk per tensor when ``chunk`` is 0."""

@@ -28,7 +28,7 @@ import math
 
 import torch
 
-from lowband.compress.base import COMPRESSORS, Compressor, Payload
+from lowband.compress.base import COMPRESSORS, Compressor, CompressorOptions, Payload, per_matrix
 from lowband.compress.packing import pack, unpack
 from lowband.compress.qsgd import flat_fp32, restore
 
@@ -38,6 +38,10 @@ class Sign(Compressor):
     name = "sign"
     contraction = True
     summable = False
+
+    @classmethod
+    def wire_bytes(cls, options: CompressorOptions, numel: int, side: int) -> tuple[float, ...]:
+        return per_matrix(numel, side, lambda n: math.ceil(n / 8) + 4)  # packed signs + one fp32 scale
 
     def encode(self, x: torch.Tensor, key: str) -> Payload:
         flat = flat_fp32(x)

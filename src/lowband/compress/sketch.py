@@ -70,12 +70,12 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import Any, Callable, cast
 
 import torch
 
 from lowband import devices
-from lowband.compress.base import COMPRESSORS, Compressor, CompressorOptions, Exchange, Payload
+from lowband.compress.base import COMPRESSORS, Compressor, CompressorOptions, Exchange, Payload, per_matrix
 from lowband.compress.sparse import stable_seed
 
 Draw = Callable[[int, int, torch.Generator, torch.device | str], torch.Tensor]  # (r, B, generator, device) -> r x B
@@ -143,6 +143,10 @@ class Sketch(Compressor):
     summable = True
     Options = SketchOptions
     options: SketchOptions
+
+    @classmethod
+    def wire_bytes(cls, options: CompressorOptions, numel: int, side: int) -> tuple[float, ...]:
+        return per_matrix(numel, side, lambda n: 4 * sketch_size(n, cast(SketchOptions, options)))
 
     def is_contraction(self) -> bool:
         """Only with ``unbiased=false`` (the module docstring's error-feedback paragraph)."""

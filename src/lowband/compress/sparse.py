@@ -41,12 +41,12 @@ from __future__ import annotations
 import math
 import zlib
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, cast
 
 import torch
 
-from lowband.compress.base import COMPRESSORS, Compressor, CompressorOptions, Payload
-from lowband.compress.indices import pack, scatter, unpack
+from lowband.compress.base import COMPRESSORS, Compressor, CompressorOptions, Payload, per_matrix
+from lowband.compress.indices import index_nbytes, pack, scatter, unpack
 
 DEFAULT_RATIO = 0.01
 
@@ -133,6 +133,11 @@ class TopK(_Sparse):
     name = "topk"
     Options = SparseOptions
 
+    @classmethod
+    def wire_bytes(cls, options: CompressorOptions, numel: int, side: int) -> tuple[float, ...]:
+        count = cast(SparseOptions, options).count  # fp32 values + packed indices
+        return per_matrix(numel, side, lambda n: 4 * count(n) + index_nbytes(n, count(n)))
+
     def encode(self, x: torch.Tensor, key: str) -> Payload:
         flat = x.detach().reshape(-1)
         k = self.options.count(flat.numel())
@@ -148,6 +153,11 @@ class Threshold(_Sparse):
     fixed_size = False
     Options = ThresholdOptions
 
+    @classmethod
+    def wire_bytes(cls, options: CompressorOptions, numel: int, side: int) -> tuple[float, ...]:
+        tau = cast(ThresholdOptions, options).tau
+        raise ValueError(f"threshold:tau={tau} sends a data-dependent count: plan it as topk:ratio=R")
+
     def encode(self, x: torch.Tensor, key: str) -> Payload:
         flat = x.detach().reshape(-1)
         idx = (flat.abs() >= self.options.tau).nonzero().squeeze(1)
@@ -161,6 +171,11 @@ class RandomK(Compressor):
     name = "randomk"
     summable = True
     Options = RandomKOptions
+
+    @classmethod
+    def wire_bytes(cls, options: CompressorOptions, numel: int, side: int) -> tuple[float, ...]:
+        count = cast(RandomKOptions, options).count  # fp32 values only: the indices come from the shared seed
+        return per_matrix(numel, side, lambda n: 4 * count(n))
 
     def is_contraction(self) -> bool:
         """Only without the n / k rescaling (``unbiased=false``): rescaled, its error is ~sqrt(n / k) x the input."""

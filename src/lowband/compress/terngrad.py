@@ -35,7 +35,7 @@ from typing import ClassVar
 
 import torch
 
-from lowband.compress.base import COMPRESSORS, CompressorOptions, Payload
+from lowband.compress.base import COMPRESSORS, CompressorOptions, Payload, per_matrix
 from lowband.compress.packing import pack, unpack
 from lowband.compress.qsgd import SeededCompressor, check_int, flat_fp32, restore
 
@@ -57,6 +57,10 @@ class TernGrad(SeededCompressor):
     name = "terngrad"
     summable = False
     Options: ClassVar[type[CompressorOptions]] = TernGradOptions
+
+    @classmethod
+    def wire_bytes(cls, options: CompressorOptions, numel: int, side: int) -> tuple[float, ...]:
+        return per_matrix(numel, side, lambda n: math.ceil(n / 4) + 4)  # 2 bits per element + one fp32 scale
 
     def clipped(self, flat: torch.Tensor) -> torch.Tensor:
         """Step 1: ``flat`` clamped to +-clip standard deviations (unchanged if clip or sigma is 0)."""
