@@ -59,7 +59,7 @@ def _checkpoint(folder: Path, flip: bool = False, model: str = "gpt") -> None:
     inverted afterwards."""
     import torch
 
-    from lowband.fault.checkpoint import save_checkpoint
+    from lowband.train.checkpoint import save_checkpoint
     from lowband.train.data import Dataset
     from lowband.train.models import MODELS
 

@@ -45,12 +45,12 @@ import tarfile
 from pathlib import Path
 from typing import Any, Iterator, Sequence
 
-from lowband.bench.simulation import load_traces, make_target
-from lowband.bench.summary import load_run
 from lowband.bench.sweep import Entry, SweepSpec, run_sweep
 from lowband.bench.sweep_report import write_sweep_report
-from lowband.net.simulate import simulate
 from lowband.net.units import format_bytes
+from lowband.predict.simulate import simulate
+from lowband.predict.simulate_cli import load_traces, make_target
+from lowband.report.summary import load_run
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # its sibling, also when loaded by path (tests)
 from case_study_findings import by_entry, findings, mean  # noqa: E402

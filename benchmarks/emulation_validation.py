@@ -39,11 +39,11 @@ from rich.table import Table
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from emulation import OPS, _combine, bench_worker  # noqa: E402  (a sibling script)
 
-from lowband.bench.summary import load_run, summarize  # noqa: E402
 from lowband.net import cost  # noqa: E402
 from lowband.net.link import Link, Network  # noqa: E402
 from lowband.net.netns import NetnsUnavailable, ShapedNetwork, check_supported, netns_worker  # noqa: E402
 from lowband.net.units import format_bytes, parse_bandwidth  # noqa: E402
+from lowband.report.summary import load_run, summarize  # noqa: E402
 from lowband.train.config import TrainConfig  # noqa: E402
 from lowband.train.launch import launch  # noqa: E402
 from lowband.train.run import run  # noqa: E402

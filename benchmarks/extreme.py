@@ -33,11 +33,11 @@ from typing import Any, Sequence
 from rich.console import Console
 from rich.table import Table
 
-from lowband.bench.summary import load_run
 from lowband.bench.sweep import Entry, SweepSpec, folder_name, run_sweep
 from lowband.bench.sweep_report import group_rows, load_groups, summarize_group, write_sweep_report
-from lowband.fault.checkpoint import last_complete_step
 from lowband.net.units import format_bytes
+from lowband.report.summary import load_run
+from lowband.train.checkpoint import last_complete_step
 from lowband.train.config import TrainConfig
 from lowband.train.run import run
 

@@ -26,8 +26,8 @@ import time
 from pathlib import Path
 from typing import Any, Sequence
 
-from lowband.train.config import config_from_args
 from lowband.train.elastic import run_elastic
+from lowband.train.flags import config_from_args
 
 RESULTS = Path(__file__).parent / "results" / "faults.json"
 POINTS = ("step", "step", "sync", "commit")  # kills between steps are the common case

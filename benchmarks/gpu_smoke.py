@@ -25,8 +25,8 @@ from typing import Any, Sequence
 
 import torch
 
-from lowband.bench.summary import load_run, summarize
 from lowband.compress import COMPRESSORS
+from lowband.report.summary import load_run, summarize
 from lowband.train.config import TrainConfig
 from lowband.train.launch import launch
 from lowband.train.worker import main as worker_main

@@ -21,8 +21,8 @@ import sys
 from pathlib import Path
 from typing import Sequence
 
-from lowband.bench.report import show_report
-from lowband.bench.summary import load_run, summarize
+from lowband.report.render import show_report
+from lowband.report.summary import load_run, summarize
 from lowband.train.config import TrainConfig
 from lowband.train.launch import launch
 from lowband.train.worker import main as worker_main

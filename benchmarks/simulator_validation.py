@@ -33,9 +33,9 @@ from typing import Any, Sequence
 from rich.console import Console
 from rich.table import Table
 
-from lowband.bench.simulation import load_traces, make_target
-from lowband.bench.summary import load_run
-from lowband.net.simulate import Projection, simulate
+from lowband.predict.simulate import Projection, simulate
+from lowband.predict.simulate_cli import load_traces, make_target
+from lowband.report.summary import load_run
 from lowband.train.config import TrainConfig
 from lowband.train.launch import launch
 from lowband.train.worker import main as worker_main

@@ -15,10 +15,10 @@ import torch
 
 from lowband.bench.sweep import SpecError, SweepSpec
 from lowband.cli import main as cli_main
-from lowband.fault.checkpoint import digest_file, save_checkpoint
 from lowband.train import checks
-from lowband.train.config import config_from_args
+from lowband.train.checkpoint import digest_file, save_checkpoint
 from lowband.train.data import DATASET_KINDS, DATASETS, load_dataset
+from lowband.train.flags import config_from_args
 from lowband.train.models import MODELS
 
 BENCHMARK = Path(__file__).resolve().parent.parent / "benchmarks" / "bad_inputs.py"

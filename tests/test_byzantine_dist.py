@@ -14,11 +14,11 @@ import pytest
 import torch
 from torch.distributed.elastic.multiprocessing.errors import record
 
+from lowband.adversity.poison import poisoner
 from lowband.algorithms import ALGORITHMS
 from lowband.algorithms.ddp import DDPOptions
 from lowband.comm import Comm
 from lowband.comm.group import init_from_env, shutdown
-from lowband.fault.poison import poisoner
 from lowband.train.launch import launch
 from test_robust import sequence_batch
 from tiny import VOCAB, tiny_gpt

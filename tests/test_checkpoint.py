@@ -11,8 +11,9 @@ import pytest
 import torch
 
 from lowband.cli import main as cli_main
-from lowband.fault import checkpoint as ckpt
-from lowband.train.config import TrainConfig, config_from_args
+from lowband.train import checkpoint as ckpt
+from lowband.train.config import TrainConfig
+from lowband.train.flags import config_from_args
 
 WALL_CLOCK = ("compute_s", "comm_s", "time_s")  # the only columns a resumed run may change
 LEDGER_TIMES = ("start", "end")

@@ -9,9 +9,9 @@ import torch
 
 from lowband.comm import Comm
 from lowband.comm.aggregate import Aggregator
+from lowband.comm.aggregate import small_key
 from lowband.compress import COMPRESSORS, Compressor, Payload, build
 from lowband.compress.packing import pack, packed_nbytes, unpack
-from lowband.comm.aggregate import small_key
 from lowband.compress.qsgd import QSGD
 from lowband.feedback import FEEDBACK
 from lowband.feedback.ef import ErrorFeedback

@@ -56,7 +56,7 @@ SYNC_ALLOWLIST: dict[str, str] = {
     # not algorithm code: every aggregator call goes through it (comm/aggregate.py); documented there as
     # the host decision to send or not, one sync per checked list (today two per mean_: the inputs and
     # the summed payload)
-    "fault/guards.py": "all_finite(): whether this rank's contribution (and the summed payload) is finite "
+    "comm/guards.py": "all_finite(): whether this rank's contribution (and the summed payload) is finite "
                        "decides on the host whether it is sent or the round redone",
 }
 
@@ -65,7 +65,7 @@ SKIPPED: dict[str, str] = {}
 
 # algorithm name -> why it cannot run on MirrorComm (a stand-in world of 2 without a process group)
 MIRROR_SKIPPED: dict[str, str] = {
-    "ddp-backup": "its arrival protocol (fault/stragglers.Arrivals) needs torchrun's TCPStore and a real second "
+    "ddp-backup": "its arrival protocol (adversity/stragglers.Arrivals) needs torchrun's TCPStore and a real second "
                   "rank; at world size 1 it is plain ddp, covered by test_algorithm_stays_on_device",
 }
 

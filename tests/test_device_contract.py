@@ -20,12 +20,12 @@ import pytest
 import torch
 
 import fakecuda
+from lowband.adversity.attacks import ATTACKS
+from lowband.adversity.poison import DataAttack
 from lowband.comm.aggregate import Aggregator
 from lowband.comm.comm import Comm
+from lowband.comm.robust import RULES
 from lowband.compress import COMPRESSORS, build
-from lowband.fault.attacks import ATTACKS
-from lowband.fault.poison import DataAttack
-from lowband.fault.robust import RULES
 from lowband.feedback import FEEDBACK
 
 # a few non-default options whose code paths differ (bitmap indices, dense sketches, 8-bit QSGD)
@@ -35,7 +35,7 @@ SPECS = COMPRESSORS.names() + VARIANTS
 
 # source file -> why the host must wait for the device there (each is one decision per call)
 SYNCS_ALLOWED = {
-    "fault/guards.py": "whether to send (non-finite input), which senders are valid, CRC-32 on the host",
+    "comm/guards.py": "whether to send (non-finite input), which senders are valid, CRC-32 on the host",
     "comm/aggregate.py": "which ranks are excluded; receive sizes of variable-size payloads",
     "compress/indices.py": "a bitmap's count of set bits (nonzero)",
     "compress/sparse.py": "threshold: how many elements pass (nonzero)",

@@ -21,7 +21,8 @@ from lowband.comm import Comm
 from lowband.comm import comm as comm_module
 from lowband.devices import NO_CUDA, backend_for, check_gpus, resolve_device
 from lowband.net import cost
-from lowband.train.config import TrainConfig, config_from_args
+from lowband.train.config import TrainConfig
+from lowband.train.flags import config_from_args
 
 
 def gpus(monkeypatch: pytest.MonkeyPatch, count: int) -> None:

@@ -16,9 +16,9 @@ import pytest
 import torch
 
 from lowband.comm import group
-from lowband.fault.elastic import StateChecksumError, pack_state, parse_faults, unpack_state
-from lowband.fault.quorum import QuorumAborted, QuorumClient, QuorumService
-from lowband.train.config import config_from_args
+from lowband.elastic.membership import StateChecksumError, pack_state, parse_faults, unpack_state
+from lowband.elastic.quorum import QuorumAborted, QuorumClient, QuorumService
+from lowband.train.flags import config_from_args
 
 # a short run: 3 workers, H=5, no emulated link; about 0.1 s per step on 2 shared cores
 FLAGS = ["--algo", "diloco", "--elastic", "--workers", "3", "-H", "5", "--batch-size", "4",

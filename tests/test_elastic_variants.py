@@ -13,7 +13,8 @@ from typing import Any
 
 import pytest
 
-from lowband.fault.elastic import ELASTIC_ALGORITHMS, check_elastic
+from lowband.elastic import ELASTIC
+from lowband.elastic.membership import check_elastic
 
 # 3 workers, H=5, no emulated link; a run's wall-clock is mostly the workers' start-up
 FLAGS = ["--elastic", "--workers", "3", "-H", "5", "--batch-size", "4", "--bandwidth", "none", "--latency", "none",
@@ -50,7 +51,7 @@ def _final_loss(algo_dir: Path, replica: int) -> float:
 
 
 def test_every_local_update_variant_and_gossip_is_elastic_with_one_line_refusals() -> None:
-    assert set(ALGOS) | {"localsgd"} == set(ELASTIC_ALGORITHMS)
+    assert set(ALGOS) | {"localsgd"} == set(ELASTIC.names())
     for spec in ALGOS.values():
         check_elastic([spec], 3, 2)
     for spec, message in (("noloco", "not noloco"), ("co2:asynchronous=false", "asynchronous=true only"),

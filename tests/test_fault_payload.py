@@ -16,17 +16,15 @@ import pytest
 import torch
 from torch.distributed.elastic.multiprocessing.errors import record
 
+from lowband.adversity import injection
+from lowband.adversity.attacks import ATTACKS, NoAttack
+from lowband.adversity.injection import Fault, FaultPlan, PayloadFaults, parse_faults, payload_faults
 from lowband.algorithms import ALGORITHMS
 from lowband.algorithms.ddp import DDPOptions
-from lowband.comm import Comm
-from lowband.comm.aggregate import Aggregator
+from lowband.comm import Comm, guards
 from lowband.comm.group import init_from_env, shutdown
-from lowband.compress import COMPRESSORS, build
-from lowband.fault import guards, injection
-from lowband.fault.attacks import ATTACKS, NoAttack
-from lowband.fault.guards import NonFiniteError
-from lowband.fault.injection import Fault, FaultPlan, PayloadFaults, parse_faults, payload_faults
-from lowband.feedback import FEEDBACK
+from lowband.comm.guards import NonFiniteError
+from lowband.compress import build
 from lowband.train.launch import launch
 from tiny import batch, tiny_gpt
 
@@ -96,11 +94,12 @@ def test_corrupt_flips_a_sealed_byte_so_the_checksum_fails(monkeypatch: pytest.M
     assert guards.verify(fault.on_wire(guards.seal(payload, True, True), 8, 0, FROM), 8, True) is None
     assert guards.verify(fault.on_wire(guards.seal(payload, True, True), 8, BAD, FROM), 8, True) == "checksum"
     assert guards.verify(fault.on_wire(guards.seal(payload, True, False), 8, BAD, FROM), 8, False) is None  # unseen
-    comm = Comm()
-    with caplog.at_level(logging.WARNING, logger=injection.wire_log.name):
-        Aggregator(comm, build("identity", COMPRESSORS), build("none", FEEDBACK))  # a summed mean: warned
+    comm, model = Comm(), torch.nn.Linear(2, 2)
+    with caplog.at_level(logging.WARNING, logger=injection.wire_log.name):  # ddp's summed mean: warned
+        algo = ALGORITHMS.get("ddp")(model, torch.optim.SGD(model.parameters(), lr=0.1), comm)
     comm.close()
     assert "does nothing on a summed all-reduce" in caplog.text
+    assert isinstance(algo.aggregator.attack, PayloadFaults)  # the algorithm hands the faults to its aggregator
 
 
 # -- 3 ranks, real training -------------------------------------------------------------------

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from lowband.fault.elastic import FaultPlan, parse_faults
+from lowband.elastic.membership import FaultPlan, parse_faults
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
 from faults import fault_plan  # noqa: E402

@@ -8,13 +8,13 @@ import pytest
 import torch
 from torch.distributed.elastic.multiprocessing.errors import record
 
+from lowband.adversity.attacks import ATTACKS
 from lowband.comm import Comm
+from lowband.comm import guards
 from lowband.comm.aggregate import Aggregator
 from lowband.comm.group import init_from_env, shutdown
+from lowband.comm.robust import RULES
 from lowband.compress import COMPRESSORS, build
-from lowband.fault import guards
-from lowband.fault.attacks import ATTACKS
-from lowband.fault.robust import RULES
 from lowband.feedback import FEEDBACK
 from lowband.train.launch import launch
 

@@ -1,13 +1,13 @@
-"""Planning a mixed cluster (lowband.net.hetero, `lowband plan --worker-speed --sites`)."""
+"""Planning a mixed cluster (lowband.predict.hetero, `lowband plan --worker-speed --sites`)."""
 
 from __future__ import annotations
 
 import pytest
 
-from lowband.bench.planning import main as plan_main
 from lowband.net import cost
-from lowband.net.hetero import Cluster, best_ring, budgets, hierarchical_seconds, plan_cluster, ring_seconds
 from lowband.net.link import Link, Network
+from lowband.predict.hetero import Cluster, best_ring, budgets, hierarchical_seconds, plan_cluster, ring_seconds
+from lowband.predict.plan_cli import main as plan_main
 
 MB = 10**6
 

@@ -14,10 +14,10 @@ from torch.distributed.elastic.multiprocessing.errors import record
 
 import lowband
 from lowband.algorithms.base import SyncOptions
+from lowband.comm import guards
 from lowband.comm.aggregate import Aggregator
 from lowband.comm.hierarchy import HierarchicalAggregator
 from lowband.compress import COMPRESSORS, build
-from lowband.fault import guards
 from lowband.feedback import FEEDBACK
 from lowband.net.link import Network
 from lowband.train.launch import launch

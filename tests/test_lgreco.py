@@ -17,13 +17,13 @@ import torch
 from torch.distributed.elastic.multiprocessing.errors import record
 
 from lowband.algorithms.base import Algorithm
-from lowband.bench.report import write_report
 from lowband.algorithms.ddp import DDP, DDPOptions
 from lowband.comm import Comm
 from lowband.comm.group import init_from_env, shutdown
 from lowband.compress import COMPRESSORS, build
 from lowband.compress.knapsack import Candidate, assign, discretise, solve, total
 from lowband.compress.lgreco import LGreCo
+from lowband.report.render import write_report
 from lowband.train.launch import launch
 from lowband.train.models.gpt import GPT
 from test_report import make_run

@@ -12,8 +12,9 @@ from torch.distributed.elastic.multiprocessing.errors import record
 
 from lowband import cli
 from lowband.comm import group
+from lowband.train.config import TrainConfig
+from lowband.train.flags import config_from_args, parse_train_args
 from lowband.train.launch import launch
-from lowband.train.config import TrainConfig, config_from_args, parse_train_args
 from lowband.train.nodes import LOOPBACK, Nodes, check_nodes, resolve_iface
 
 

@@ -133,7 +133,8 @@ def test_registered_with_validated_options() -> None:
 def test_eager_runs_with_its_own_stable_outer_step_unless_told_otherwise() -> None:
     """Mostly-stale eager gradients need lr 0.3 / momentum 0.8 (DiLoCo's 0.7 / 0.9 oscillates):
     the CLI keeps them unless --outer-lr / --outer-momentum are given."""
-    from lowband.train.config import Variant, config_from_args
+    from lowband.train.config import Variant
+    from lowband.train.flags import config_from_args
 
     eager = config_from_args(["--algo", "eager-diloco;diloco"])
     assert [(o.outer_lr, o.outer_momentum) for o in map(eager.options_for, eager.variants())] == [(0.3, 0.8), (0.7, 0.9)]

@@ -1,4 +1,4 @@
-"""The planner (``lowband.net.plan``, ``lowband plan``) against hand-computed values."""
+"""The planner (``lowband.predict.plan``, ``lowband plan``) against hand-computed values."""
 
 from __future__ import annotations
 
@@ -13,7 +13,7 @@ from lowband.algorithms.dist_lion import vote_bytes
 from lowband.algorithms.onebit_adam import compressed_bytes
 from lowband.cli import main as cli_main
 from lowband.net.link import Link
-from lowband.net.plan import Measured, Row, Setup, comm_plan, plan_rows, predict, recommend, wire
+from lowband.predict.plan import Measured, Row, Setup, comm_plan, plan_rows, predict, recommend, wire
 
 # 1M fp32 parameters (4 MB) on 4 workers, 100mbit = 12.5 MB/s, 1 ms per hop, 0.1 s per step, 100 steps
 SETUP = Setup(params=1_000_000, workers=4, link=Link(12_500_000.0, 0.001), step_time=0.1, steps=100)

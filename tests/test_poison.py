@@ -5,15 +5,16 @@ from __future__ import annotations
 import pytest
 import torch
 
+from lowband.adversity.attacks import ATTACKS
+from lowband.adversity.poison import LabelFlip, poisoner
 from lowband.algorithms.ddp import DDPOptions
 from lowband.comm import Comm
 from lowband.comm.aggregate import Aggregator
 from lowband.compress import COMPRESSORS
-from lowband.fault.attacks import ATTACKS
-from lowband.fault.poison import LabelFlip, poisoner
 from lowband.feedback import FEEDBACK
 from lowband.registry import build
-from lowband.train.config import TrainConfig, Variant, config_from_args
+from lowband.train.config import TrainConfig, Variant
+from lowband.train.flags import config_from_args
 
 
 def test_reverse_maps_mnist_digits_to_nine_minus_y_and_characters_backwards() -> None:
@@ -58,7 +59,7 @@ def test_attack_flag_reaches_averaging_algorithms_and_is_refused_elsewhere() -> 
     cfg = config_from_args(["--algo", "ddp;diloco", "--attack", "labelflip:ranks=1", "--aggregate", "median"])
     assert [cfg.options_for(v).attack for v in cfg.variants()] == ["labelflip:ranks=1"] * 2
     assert config_from_args(["--algo", "ddp"]).options_for(Variant("ddp")).attack == "none"
-    with pytest.raises(ValueError, match="--attack applies to algorithms that average through the aggregator"):
+    with pytest.raises(ValueError, match="--attack applies to co2, ddp, .*, not "):
         TrainConfig(algos=("ddp", "gossip"), attack="signflip:ranks=0")
     with pytest.raises(ValueError, match="unknown attack 'flip'"):
         TrainConfig(algos=("ddp",), attack="flip")

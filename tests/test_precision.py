@@ -16,7 +16,8 @@ from lowband.algorithms.diloco import DiLoCoOptions
 from lowband.cli import main as cli_main
 from lowband.comm import Comm
 from lowband.comm.group import init_from_env, shutdown
-from lowband.train.config import TrainConfig, config_from_args
+from lowband.train.config import TrainConfig
+from lowband.train.flags import config_from_args
 from lowband.train.launch import launch
 from lowband.train.precision import Precision, finite_steps_only, fp16_tolerant
 from tiny import batch, flat, tiny_gpt

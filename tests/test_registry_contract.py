@@ -26,7 +26,7 @@ from lowband.compress import COMPRESSORS, Compressor, Payload, build
 from lowband.compress.base import CompressorOptions
 from lowband.feedback import FEEDBACK
 from lowband.net.link import Link
-from lowband.net.plan import plan_rows
+from lowband.predict.plan import plan_rows
 from lowband.train.launch import launch
 
 KEYS = ("w", "b", "v")

@@ -9,9 +9,9 @@ from typing import Any
 import pytest
 from rich.console import Console
 
-from lowband.bench import load_run, print_summary, summarize, write_report
-from lowband.bench.plots import MANY, _draw, line_style, smooth
-from lowband.bench.report import format_seconds
+from lowband.report import load_run, print_summary, summarize, write_report
+from lowband.report.plots import MANY, _draw, line_style, smooth
+from lowband.report.render import format_seconds
 
 STEPS = 20
 VAL_STEPS = (5, 10, 15, 20)

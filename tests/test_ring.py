@@ -13,7 +13,7 @@ import pytest
 from torch.distributed.elastic.multiprocessing.errors import record
 
 import lowband
-from lowband.comm.ring import PROBE_BYTES, choose_ring, tournament
+from lowband.comm.ring_probe import PROBE_BYTES, choose_ring, tournament
 from lowband.net.link import Network
 from lowband.net.ring import EXHAUSTIVE, TOLERANCE, best_ring, heuristic_ring, ring_cost
 from lowband.train.launch import launch

@@ -7,14 +7,14 @@ import pytest
 import torch
 from torch.distributed.elastic.multiprocessing.errors import record
 
+from lowband.adversity.attacks import ATTACKS
 from lowband.algorithms import ALGORITHMS
 from lowband.algorithms.ddp import DDPOptions
 from lowband.comm import Comm
 from lowband.comm.aggregate import Aggregator
 from lowband.comm.group import init_from_env, shutdown
+from lowband.comm.robust import RULES, build
 from lowband.compress import COMPRESSORS
-from lowband.fault.attacks import ATTACKS
-from lowband.fault.robust import RULES, build
 from lowband.feedback import FEEDBACK
 from lowband.train.launch import launch
 from tiny import B, T, VOCAB, tiny_gpt

@@ -18,8 +18,8 @@ from pathlib import Path
 import pytest
 import torch.multiprocessing
 
-from lowband.train.config import config_from_args
 from lowband.train.elastic import Supervisor
+from lowband.train.flags import config_from_args
 from lowband.train.launch import Interrupted
 from lowband.train.shutdown import STOP_SIGNALS, stop_on_signal
 

@@ -8,14 +8,14 @@ from pathlib import Path
 
 import pytest
 
-from lowband.bench.simulation import load_traces, simulate_run
-from lowband.bench.summary import load_run
 from lowband.cli import main as cli_main
 from lowband.comm.ledger import Ledger, Record
 from lowband.net import cost
 from lowband.net.link import Link
-from lowband.net.schedule import RankLog, Trace, build_trace
-from lowband.net.simulate import Target, expected_max, simulate
+from lowband.predict.schedule import RankLog, Trace, build_trace
+from lowband.predict.simulate import Target, expected_max, simulate
+from lowband.predict.simulate_cli import load_traces, simulate_run
+from lowband.report.summary import load_run
 
 ALGOS = ("ddp", "diloco", "delayed-diloco")
 STEPS = 8
@@ -252,7 +252,7 @@ def test_cli_worker_speed_slows_the_projection(run_dir: Path, capsys: pytest.Cap
 
 
 def test_the_ring_a_run_charged_is_the_link_it_is_replayed_on(run_dir: Path, tmp_path: Path) -> None:
-    from lowband.bench.simulation import measured_link
+    from lowband.predict.simulate_cli import measured_link
 
     copy = tmp_path / "run"
     shutil.copytree(run_dir, copy)

@@ -11,12 +11,12 @@ import pytest
 import torch
 from torch.distributed.elastic.multiprocessing.errors import record
 
+from lowband.adversity.stragglers import STRAGGLERS, Arrivals, Controller
 from lowband.algorithms import ALGORITHMS
 from lowband.algorithms.backup_ddp import BackupDDPOptions
 from lowband.algorithms.ddp import DDPOptions
 from lowband.comm import Comm
 from lowband.comm.group import init_from_env, shutdown
-from lowband.fault.stragglers import STRAGGLERS, Arrivals, Controller
 from lowband.registry import build
 from lowband.train.config import TrainConfig
 from lowband.train.launch import launch
@@ -37,7 +37,7 @@ def test_straggler_schedules_are_deterministic_and_validated() -> None:
         DDPOptions(straggle="slow")
     with pytest.raises(ValueError, match="use feedback=none and aggregate=mean"):
         BackupDDPOptions(feedback="ef")
-    with pytest.raises(ValueError, match="--straggle applies to ddp and ddp-backup, not diloco"):
+    with pytest.raises(ValueError, match="--straggle applies to ddp, ddp-backup, not diloco"):
         TrainConfig(algos=("ddp-backup", "diloco"), straggle="fixed:ranks=1")
 
 

@@ -21,9 +21,9 @@ import torch.distributed as dist
 from lowband.bench.peers import PEERS, TORCH_LABELS, TORCHFT_LABELS
 from lowband.bench.peers.common import EmulatedGroup, EmulatedLink, PeerError
 from lowband.bench.peers.torch_ddp import TorchPeerOptions, run_torch
-from lowband.bench.summary import load_run, summarize
-from lowband.fault.checkpoint import load_checkpoint, rank_file
 from lowband.net.link import Link
+from lowband.report.summary import load_run, summarize
+from lowband.train.checkpoint import load_checkpoint, rank_file
 from lowband.train.config import TrainConfig
 from lowband.train.data import load_dataset
 from lowband.train.launch import launch

@@ -19,9 +19,9 @@ pytest.importorskip("torchft")
 
 from lowband.bench.peers import torchft_diloco as peer  # noqa: E402
 from lowband.bench.peers.torchft_replica import model_fragments  # noqa: E402
-from lowband.bench.summary import load_run, summarize  # noqa: E402
 from lowband.net import cost  # noqa: E402
 from lowband.net.link import Link, Network  # noqa: E402
+from lowband.report.summary import load_run, summarize  # noqa: E402
 from lowband.train.config import TrainConfig  # noqa: E402
 from lowband.train.data import load_dataset  # noqa: E402
 from lowband.train.launch import launch  # noqa: E402

@@ -5,11 +5,12 @@ from __future__ import annotations
 import pytest
 
 from lowband.algorithms import ALGORITHMS
-from lowband.cli import main as cli_main
-from lowband.train.config import TrainConfig, config_from_args
 from lowband.algorithms.ddp import DDPOptions
 from lowband.algorithms.diloco import DiLoCoOptions
+from lowband.cli import main as cli_main
+from lowband.train.config import TrainConfig
 from lowband.train.config import Variant
+from lowband.train.flags import config_from_args
 
 
 def test_defaults_are_the_main_job() -> None:

@@ -19,8 +19,8 @@ from lowband.algorithms.zo_onebyte import (ABSTAIN, ZOOneByte, ZOOneByteOptions,
                                            perturbation_seed, quantize)
 from lowband.comm import Comm
 from lowband.comm.group import init_from_env, shutdown
-from lowband.fault.checkpoint import MARKER, atomic_write_text, load_model_into, rank_file, save_checkpoint
 from lowband.registry import parse_spec
+from lowband.train.checkpoint import MARKER, atomic_write_text, load_model_into, rank_file, save_checkpoint
 from lowband.train.config import TrainConfig, Variant
 from lowband.train.launch import launch
 from lowband.train.models.gpt import GPT

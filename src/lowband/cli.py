@@ -30,8 +30,8 @@ def train(argv: list[str]) -> int:
     """Start ``--workers`` processes through torchrun's launcher API and train."""
     from lowband.devices import check_gpus
     from lowband.train.checks import worker_warnings
-    from lowband.fault.injection import parse_faults
-    from lowband.train.config import parse_train_args
+    from lowband.adversity.injection import parse_faults
+    from lowband.train.flags import parse_train_args
     from lowband.net.netns import NetnsUnavailable
     from lowband.train.launch import RendezvousFailed, WorkerFailed
 
@@ -148,7 +148,7 @@ def _entry(text: str) -> dict[str, str]:
 @COMMANDS.register("report")
 def report(argv: list[str]) -> int:
     """Rebuild summary.json, summary.md, the plots and report.html from a run folder."""
-    from lowband.bench.report import show_report
+    from lowband.report.render import show_report
 
     parser = argparse.ArgumentParser(prog="lowband report", description=report.__doc__)
     parser.add_argument("run_dir", type=Path, help="a folder written by lowband train (runs/<name>)")
@@ -175,8 +175,8 @@ def report(argv: list[str]) -> int:
 @COMMANDS.register("simulate")
 def simulate(argv: list[str]) -> int:
     """Project a measured run to another worker count, model size and network (docs/simulator.md)."""
-    from lowband.bench.simulation import print_table, simulate_run, write_json
-    from lowband.net.simulate import MAX_WORKERS
+    from lowband.predict.simulate_cli import print_table, simulate_run, write_json
+    from lowband.predict.simulate import MAX_WORKERS
 
     parser = argparse.ArgumentParser(prog="lowband simulate", description=simulate.__doc__)
     parser.add_argument("run_dir", type=Path, help="a folder written by lowband train (runs/<name>)")
@@ -213,7 +213,7 @@ def simulate(argv: list[str]) -> int:
 @COMMANDS.register("plan")
 def plan(argv: list[str]) -> int:
     """Predict wall-clock, bytes and exposed communication per algorithm; recommend one."""
-    from lowband.bench.planning import main as plan_main
+    from lowband.predict.plan_cli import main as plan_main
 
     return plan_main(argv)
 

@@ -9,7 +9,7 @@ Machine Learning" (Xu, Neglia & Sebastianelli, arXiv:2004.14696). Each step, on 
 1. ``b`` for this step: ``backups``, or with ``dynamic=true`` the controller's choice from the
    last ``window`` steps' published times (identical on every rank);
 2. serve the simulated straggler delay (``straggle=...``), unless ``n - b`` other ranks are
-   ready first: then abandon it (:class:`~lowband.fault.stragglers.Arrivals`, a counter in
+   ready first: then abandon it (:class:`~lowband.adversity.stragglers.Arrivals`, a counter in
    the process group's store decides the first ``n - b``, exactly);
 3. a dropped rank zeroes its gradient; every rank joins the usual aggregation (any summable or
    gathered compressor, no feedback, ``mean``) and scales the result by ``n / (n - b)``: the
@@ -17,7 +17,7 @@ Machine Learning" (Xu, Neglia & Sebastianelli, arXiv:2004.14696). Each step, on 
 4. inner optimizer step on every rank with the same averaged gradient: ranks stay identical
    (a dropped rank's own gradient is discarded, as in the paper).
 
-What this saves and what it does not (details in :mod:`lowband.fault.stragglers` and
+What this saves and what it does not (details in :mod:`lowband.adversity.stragglers` and
 docs/robustness.md): the part of a straggler's *simulated* delay after the ``n - b``-th arrival
 is saved; a rank whose *real* forward/backward is slow still holds the all-reduce back, because
 the collective needs every rank to enter it. Bytes on the wire are those of ddp: dropped ranks
@@ -37,10 +37,10 @@ from typing import Any
 
 import torch
 
+from lowband.adversity.stragglers import Arrival, Arrivals, Controller
 from lowband.algorithms.base import ALGORITHMS
-from lowband.algorithms.ddp import DDP, DDPOptions
-from lowband.fault.stragglers import Arrival, Arrivals, Controller
 from lowband.algorithms.commplan import Setup, Sync, average
+from lowband.algorithms.ddp import DDP, DDPOptions
 
 
 @dataclass(frozen=True)

@@ -24,12 +24,13 @@ from typing import Any, Callable, ClassVar, Iterator
 import torch
 from torch import nn
 
+from lowband.adversity.attacks import ATTACKS, NoAttack
+from lowband.adversity.injection import payload_faults
 from lowband.comm import Comm
 from lowband.comm.aggregate import Aggregator
 from lowband.comm.hierarchy import HierarchicalAggregator
+from lowband.comm.robust import RULES, Mean
 from lowband.compress import COMPRESSORS, build, parse_spec
-from lowband.fault.attacks import ATTACKS, NoAttack
-from lowband.fault.robust import RULES, Mean
 from lowband.feedback import FEEDBACK
 from lowband.registry import Registry
 
@@ -84,7 +85,7 @@ class Algorithm:
     name: ClassVar[str] = ""
     Options: ClassVar[type[Options]] = Options
     # its state_dict is the same on every rank except the model, inner optimizer and feedback
-    # residuals, so a checkpoint can be resumed at another world size (lowband.fault.checkpoint)
+    # residuals, so a checkpoint can be resumed at another world size (lowband.train.checkpoint)
     reshardable: ClassVar[bool] = False
     zeroth_order: ClassVar[bool] = False  # True: driven by zo_step(closure) instead of backward + step()
 
@@ -207,9 +208,11 @@ class Algorithm:
         assert isinstance(o, SyncOptions), f"{type(self).__name__} options do not configure compression"
 
         def pipeline(comm: Comm) -> Aggregator:
-            return Aggregator(comm, build(o.compress, COMPRESSORS), build(o.feedback, FEEDBACK), tag=tag,
-                              small_numel=o.small_numel, bucket_mb=o.bucket_mb, rule=build(o.aggregate, RULES),
-                              attack=build(o.attack, ATTACKS), checksum=o.checksum)
+            compressor, rule = build(o.compress, COMPRESSORS), build(o.aggregate, RULES)
+            summed = compressor.summable and isinstance(rule, Mean)  # an all-reduce: no per-rank bytes to spoil
+            attack = payload_faults(build(o.attack, ATTACKS), summed)  # and LOWBAND_FAULT's payload faults, if any
+            return Aggregator(comm, compressor, build(o.feedback, FEEDBACK), tag=tag, small_numel=o.small_numel,
+                              bucket_mb=o.bucket_mb, rule=rule, attack=attack, checksum=o.checksum)
 
         return HierarchicalAggregator(self.comm, pipeline, tag, o.bucket_mb) if o.hierarchical else pipeline(self.comm)
 

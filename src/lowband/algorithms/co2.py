@@ -68,9 +68,9 @@ import torch
 
 from lowband.algorithms.base import ALGORITHMS
 from lowband.algorithms.budget import refuse_speed
+from lowband.algorithms.commplan import Setup, Sync, average
 from lowband.algorithms.delayed_diloco import Named, OverlappedDiLoCo
 from lowband.algorithms.diloco import DiLoCoOptions
-from lowband.algorithms.commplan import Setup, Sync, average
 
 
 @dataclass(frozen=True)

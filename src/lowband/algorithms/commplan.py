@@ -2,7 +2,7 @@
 
 Every registered algorithm declares its own plan (``Algorithm.comm_plan(options, setup)``, next to
 the code that communicates) from the events here; every compressor its own bytes
-(:meth:`lowband.compress.Compressor.wire_bytes`). :mod:`lowband.net.plan` turns the events into
+(:meth:`lowband.compress.Compressor.wire_bytes`). :mod:`lowband.predict.plan` turns the events into
 seconds and bytes over a budget of steps (docs/planner.md).
 """
 

@@ -22,16 +22,16 @@ from typing import Any
 
 import torch
 
+from lowband.adversity.stragglers import STRAGGLERS
 from lowband.algorithms.base import ALGORITHMS, Algorithm, SyncOptions
-from lowband.fault.stragglers import STRAGGLERS
-from lowband.registry import build
 from lowband.algorithms.commplan import Setup, Sync, average
+from lowband.registry import build
 
 
 @dataclass(frozen=True)
 class DDPOptions(SyncOptions):
     """``compress``/``feedback`` choose what the gradients become on the wire (default: fp32);
-    ``straggle`` simulates slow ranks (:mod:`lowband.fault.stragglers`)."""
+    ``straggle`` simulates slow ranks (:mod:`lowband.adversity.stragglers`)."""
 
     straggle: str = "none"  # 'fixed:ranks=3,delay=0.5', 'random:prob=0.1,delay=0.5,seed=0'
 

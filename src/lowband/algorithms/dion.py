@@ -63,10 +63,10 @@ import torch
 from torch import nn
 
 from lowband.algorithms.base import ALGORITHMS, Options, flatten, unflatten_into, views
+from lowband.algorithms.commplan import Setup, Sync
 from lowband.algorithms.signs import OwnUpdate, param_groups
 from lowband.net.cost import ring_all_reduce
 from lowband.net.link import Link
-from lowband.algorithms.commplan import Setup, Sync
 
 DEFAULT_RANK_FRACTION = 0.25  # the reference's best-practice note: 1/4 is near full rank at 3B
 SCALAR_OPTIMIZERS = ("adamw", "lion")

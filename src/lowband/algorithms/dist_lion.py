@@ -40,9 +40,9 @@ from typing import Any
 import torch
 
 from lowband.algorithms.base import ALGORITHMS, Options, flatten, views
+from lowband.algorithms.commplan import Setup, Sync
 from lowband.algorithms.signs import OwnUpdate, pack_signs, param_groups, unpack_signs
 from lowband.comm import Comm
-from lowband.algorithms.commplan import Setup, Sync
 
 VOTES = ("majority", "average")
 

@@ -29,7 +29,7 @@ rather than only noise.
 5. with ``merge_at_end`` :meth:`Gossip.finish` replaces every model by the exact average of
    all of them (one charged all-reduce): every rank ends with the same parameters.
 
-Under ``lowband train --elastic`` (:mod:`lowband.fault.elastic_gossip`) the graph is rebuilt
+Under ``lowband train --elastic`` (:mod:`lowband.elastic.decentralized`) the graph is rebuilt
 over the current members at a quorum every ``quorum_every`` steps; see docs/elastic.md.
 
 Example::
@@ -48,9 +48,9 @@ from typing import Any, Callable
 import torch
 
 from lowband.algorithms.base import ALGORITHMS, Algorithm, Options, consensus_distance, flatten, unflatten_into
+from lowband.algorithms.commplan import Setup, Sync, exchange
 from lowband.comm import Comm
 from lowband.comm.comm import Handle
-from lowband.algorithms.commplan import Setup, Sync, exchange
 
 
 # ----------------------------------------------------------------------------- topologies

@@ -40,8 +40,8 @@ import torch
 
 from lowband.algorithms.base import ALGORITHMS
 from lowband.algorithms.budget import LocalWorkOptions
-from lowband.algorithms.diloco import DiLoCo
 from lowband.algorithms.commplan import Setup, Sync, average
+from lowband.algorithms.diloco import DiLoCo
 
 
 @dataclass(frozen=True)

@@ -43,9 +43,9 @@ from typing import Any
 import torch
 
 from lowband.algorithms.base import ALGORITHMS, Options, flatten, unflatten_into, views
+from lowband.algorithms.commplan import Setup, Sync
 from lowband.algorithms.signs import OwnUpdate, pack_signs, param_groups, unpack_signs
 from lowband.comm import Comm
-from lowband.algorithms.commplan import Setup, Sync
 
 DEFAULT_BETAS = (0.9, 0.999)  # for inner optimizers without betas (SGD)
 DEFAULT_EPS = 1e-8

@@ -45,8 +45,8 @@ from typing import Any
 import torch
 
 from lowband.algorithms.base import ALGORITHMS, SyncOptions
-from lowband.algorithms.localsgd import LocalSGD
 from lowband.algorithms.commplan import Setup, Sync, average
+from lowband.algorithms.localsgd import LocalSGD
 
 MAX_PERIOD = 2**31  # the rule is clamped here: a tiny lr must not overflow a float
 MAX_RATIO = math.sqrt(MAX_PERIOD)

@@ -61,9 +61,9 @@ import torch
 
 from lowband.algorithms.base import ALGORITHMS
 from lowband.algorithms.budget import refuse_speed
+from lowband.algorithms.commplan import Setup, Sync, average
 from lowband.algorithms.diloco import DiLoCo, DiLoCoOptions
 from lowband.comm.aggregate import PendingMean
-from lowband.algorithms.commplan import Setup, Sync, average
 
 
 @dataclass(frozen=True)

@@ -57,9 +57,9 @@ import torch
 
 from lowband import devices
 from lowband.algorithms.base import ALGORITHMS, Options
+from lowband.algorithms.commplan import Setup, Sync
 from lowband.algorithms.signs import OwnUpdate, param_groups
 from lowband.compress.sparse import stable_seed
-from lowband.algorithms.commplan import Setup, Sync
 
 ABSTAIN = 0  # the byte of a worker that contributes nothing this step
 OFFSET = 128  # byte = q + OFFSET, q in [-127, 127]

@@ -1,18 +1,2 @@
-"""Benchmark results: load a run folder, summarize it, print and write reports."""
-
-from __future__ import annotations
-
-from lowband.bench.report import print_summary, show_report, write_report
-from lowband.bench.summary import AlgorithmSummary, Ratios, Run, Summary, load_run, summarize
-
-__all__ = [
-    "AlgorithmSummary",
-    "Ratios",
-    "Run",
-    "Summary",
-    "load_run",
-    "print_summary",
-    "show_report",
-    "summarize",
-    "write_report",
-]
+"""Sweeps of runs (``lowband bench``: algorithms x networks x seeds, resumable) and the peers they
+are compared with (torch's DDP hooks, torchft); reports come from :mod:`lowband.report`."""

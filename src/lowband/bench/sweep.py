@@ -34,7 +34,7 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
 from lowband.net.link import Network
-from lowband.fault.checkpoint import RUN_CONTROL
+from lowband.train.checkpoint import RUN_CONTROL
 from lowband.train.config import DEFAULT, TrainConfig, Variant
 
 DEFAULT_SPEC = """\

@@ -27,11 +27,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from lowband.bench.plots import _plot_png, line_style, new_figure, save_png
-from lowband.bench.report import _CSS, _html_table
-from lowband.bench.summary import Run, Summary, _finite, auto_target, load_run, summarize
 from lowband.bench.sweep import folder_name as _folder
 from lowband.net.units import format_bytes, parse_bandwidth
+from lowband.report.plots import _plot_png, line_style, new_figure, save_png
+from lowband.report.render import _CSS, _html_table
+from lowband.report.summary import Run, Summary, _finite, auto_target, load_run, summarize
 
 HEADERS = ("entry", "seeds", "time to target", "bytes to target", "final val loss", "exposed comm s",
            "compute s / step", "utilisation", "speed-up vs {base}", "reached")

@@ -4,7 +4,7 @@
 with their mean over ranks, as it crosses the wire in compressed form:
 
 1. guard: a rank whose input holds NaN/inf sends zeros and is excluded from the round
-   (logged with rank, tensor and step; :mod:`lowband.fault.guards`); all ranks invalid:
+   (logged with rank, tensor and step; :mod:`lowband.comm.guards`); all ranks invalid:
    :class:`NonFiniteError`;
 2. group: tensors of fewer than ``small_numel`` elements are concatenated into one
    bucket per dtype, keyed by :func:`small_key` (compressing a 128-element bias alone is waste);
@@ -13,7 +13,7 @@ with their mean over ranks, as it crosses the wire in compressed form:
 4. per round, every group's payload travels in one flat buffer (chunked to
    ``bucket_mb``): summed by all-reduce when the compressor is summable, otherwise
    all-gathered as bytes and handed back per rank (robust ``rule``: always all-gathered,
-   decoded per rank and combined by the rule, :mod:`lowband.fault.robust`);
+   decoded per rank and combined by the rule, :mod:`lowband.comm.robust`);
 5. ``feedback.update`` with what this rank's payload decoded to, ``feedback.finalize``
    on the mean, and the result is written back in place.
 
@@ -33,14 +33,13 @@ from typing import Any, Callable, Sequence
 
 import torch
 
+from lowband.comm import guards
 from lowband.comm.buffers import chunks, flat_or_self, small_key, write_back
 from lowband.comm.comm import Comm
+from lowband.comm.guards import NonFiniteError
+from lowband.comm.robust import Mean, Rule
+from lowband.comm.tamper import Tamper
 from lowband.compress.base import Compressor, Payload
-from lowband.fault import guards
-from lowband.fault.attacks import Attack, NoAttack
-from lowband.fault.guards import NonFiniteError
-from lowband.fault.injection import payload_faults
-from lowband.fault.robust import Mean, Rule
 from lowband.feedback.base import Feedback
 
 COLLECTIVES = ("auto", "all_reduce", "all_gather")
@@ -79,7 +78,7 @@ class Aggregator:
 
     def __init__(self, comm: Comm, compressor: Compressor, feedback: Feedback, tag: str = "grads",
                  small_numel: int = 4096, bucket_mb: float = 25.0, collective: str = "auto",
-                 rule: Rule | None = None, attack: Attack | None = None, checksum: bool = False) -> None:
+                 rule: Rule | None = None, attack: Tamper | None = None, checksum: bool = False) -> None:
         if collective not in COLLECTIVES:
             raise ValueError(f"unknown collective {collective!r}; choose one of: {', '.join(COLLECTIVES)}")
         if collective == "all_reduce" and not compressor.summable:
@@ -101,8 +100,7 @@ class Aggregator:
         if checksum and compressor.summable and not self.robust:
             raise ValueError("checksum needs the all-gather path (a non-summable compressor or a robust aggregate "
                              "rule): summed all-reduce payloads carry no per-rank checksum")
-        attack = attack if attack is not None else NoAttack()  # then LOWBAND_FAULT's payload faults, if any:
-        self.checksum, self.attack = checksum, payload_faults(attack, summed=compressor.summable and not self.robust)
+        self.checksum, self.attack = checksum, attack if attack is not None else Tamper()
         self.comm, self.compressor, self.feedback, self.tag = comm, compressor, feedback, tag
         compressor.for_rank(comm.rank)
         self.small_numel, self.bucket_bytes = small_numel, int(bucket_mb * 1e6)

@@ -82,6 +82,14 @@ def group_device(group: dist.ProcessGroup | None = None) -> torch.device:
     return torch.device("cpu")
 
 
+def control_store(prefix: str, store: dist.Store | None = None) -> dist.Store:
+    """Keys under ``prefix`` in ``store`` (default: the store the process group was built from, torchrun's
+    TCPStore): control-plane messages, never charged to a ledger."""
+    if store is None:
+        store = dist.distributed_c10d._get_default_store()
+    return dist.PrefixStore(prefix, store)
+
+
 def barrier() -> None:
     if dist.is_initialized():
         dist.barrier()
@@ -169,7 +177,7 @@ def worker_sockets() -> dict[str, str]:
         return {}
 
 
-# -- elastic runs (lowband.fault.elastic): a store of the driver, a default group per membership --------
+# -- elastic runs (lowband.elastic.membership): a store of the driver, a default group per membership --------
 def serve_store(host: str = "127.0.0.1", port: int = 0, timeout_s: float = 60.0) -> dist.TCPStore:
     """A TCPStore server listening on ``host`` only (``port=0``: a free port, read it from
     ``.port``); loopback unless told. TCPStore alone listens on every interface whatever host

@@ -48,10 +48,10 @@ from typing import Any, Callable, Sequence
 import torch
 import torch.distributed as dist
 
+from lowband.comm import guards
 from lowband.comm.aggregate import Aggregator, PendingMean
 from lowband.comm.buffers import chunks, write_back
 from lowband.comm.comm import Comm
-from lowband.fault import guards
 
 log = logging.getLogger(__name__)
 

@@ -5,7 +5,7 @@ operation, a free-form ``tag`` (what was sent: ``grads``, ``outer``, ``init``), 
 size, the bytes this rank sent and received under the collective's algorithm (see
 :mod:`lowband.net.cost`), the participants, when it started and ended on the link, and
 the training step during which it was issued (``Ledger.step`` at submission; 0 before the
-first step, e.g. the initial broadcast). :mod:`lowband.net.schedule` reads this schedule and :mod:`lowband.net.simulate` replays it.
+first step, e.g. the initial broadcast). :mod:`lowband.predict.schedule` reads this schedule and :mod:`lowband.predict.simulate` replays it.
 """
 
 from __future__ import annotations

@@ -31,7 +31,7 @@ gossip step without neighbours) costs nothing.
 
 The emulation (:mod:`lowband.comm`) makes each collective it runs (the first eight rows; for
 a broadcast, gloo's, not the ideal tree) complete no earlier than this time, and the ledger charges these byte counts; the last five
-are alternatives for planning (:mod:`lowband.net.plan`). Thakur, Rabenseifner & Gropp,
+are alternatives for planning (:mod:`lowband.predict.plan`). Thakur, Rabenseifner & Gropp,
 "Optimization of Collective Communication Operations in MPICH" (2005) derive the same
 formulas.
 """

@@ -5,7 +5,7 @@ speeds matters: with two sites joined by a slow WAN, a ring in rank order over i
 sites (``0,1,0,1``) crosses the WAN at every hop, a site-contiguous ring only twice. PCCL
 (Prime Collective Communications Library, arXiv:2505.14065) measures the pairwise bandwidth
 between peers and solves for the ring order as a travelling-salesman problem; lowband does
-the same on a matrix of measured seconds (:func:`lowband.comm.ring.choose_ring` fills it).
+the same on a matrix of measured seconds (:func:`lowband.comm.ring_probe.choose_ring` fills it).
 
 :func:`best_ring` (``seconds[i][j]``: time of one probe exchanged between ranks i and j; the
 matrix need not be symmetric, a hop costs ``max(seconds[i][j], seconds[j][i])``):

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import sys
 
-from lowband.train.config import config_from_args
+from lowband.train.flags import config_from_args
 from lowband.train.worker import main as worker_main
 
 

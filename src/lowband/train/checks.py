@@ -21,7 +21,7 @@ from pathlib import Path
 
 import torch
 
-from lowband.fault.checkpoint import init_state, model_file
+from lowband.train.checkpoint import init_state, model_file
 from lowband.train.data import DATASETS, Dataset, check_text_path, dataset_kind
 from lowband.train.models import MODELS
 

@@ -1,33 +1,30 @@
-"""Training configuration: one frozen dataclass, one argparse parser for every entry point.
+"""Training configuration: one frozen dataclass, validated on construction.
 
-``lowband train`` and ``torchrun -m lowband.train`` read the same flags. Values are
-validated on construction; a bad value raises one line saying what is wrong.
+``lowband train`` and ``torchrun -m lowband.train`` read the same flags into it
+(:mod:`lowband.train.flags`); a bad value raises one line saying what is wrong and the fix.
 """
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import math
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
+from lowband.adversity.attacks import ATTACKS
 from lowband.algorithms import ALGORITHMS
+from lowband.comm.robust import RULES
 from lowband.compress import COMPRESSORS
-from lowband.devices import DEVICE_CHOICES
-from lowband.fault.attacks import ATTACKS
-from lowband.fault.checkpoint import resume_mismatch
-from lowband.registry import build, parse_spec
-from lowband.fault.robust import RULES
 from lowband.feedback import FEEDBACK
 from lowband.net.link import Network
 from lowband.net.units import per_worker
+from lowband.registry import build, parse_spec
+from lowband.train.checkpoint import resume_mismatch
 from lowband.train.checks import check_data, check_init_from, check_model_data
 from lowband.train.data import SHARDINGS
 from lowband.train.models import MODELS
-from lowband.train.nodes import Nodes, add_arguments as add_node_arguments, check_nodes, pop_nodes
-from lowband.train.precision import PRECISIONS, check_config as check_precision
+from lowband.train.precision import check_config as check_precision
 
 SCHEDULES = ("cosine", "constant")
 RING_MODES = ("rank", "auto")  # rank order (gloo's); measured pairwise bandwidth at start-up
@@ -84,7 +81,7 @@ class TrainConfig:
     out: str = "runs"
     name: str | None = None
     progress: bool = True
-    checkpoint_every: int = 0  # steps between checkpoints (0: none); see lowband.fault.checkpoint
+    checkpoint_every: int = 0  # steps between checkpoints (0: none); see lowband.train.checkpoint
     resume: bool = False  # continue the run folder --name from each algorithm's last complete checkpoint
     # elastic membership (docs/elastic.md): workers may die, hang, restart and join while training goes on
     elastic: bool = False
@@ -96,6 +93,23 @@ class TrainConfig:
     precision: str = "fp32"  # fp32, bf16 or fp16 (autocast; fp16 with a loss scaler): lowband.train.precision
 
     def __post_init__(self) -> None:
+        self.check_specs()
+        check_data(self.data)  # missing, binary, unreadable or too short: before workers start (checks.py)
+        check_model_data(self.model, self.data)  # gpt needs text, cnn images
+        if Path(self.out).expanduser().exists() and not Path(self.out).expanduser().is_dir():
+            raise ValueError(f"--out {self.out} is a file: give a folder for the runs")
+        self.check_numbers()
+        self.check_network()
+        self.check_algorithm_flags()
+        check_precision(self)  # --device and --precision
+        if self.resume:
+            self.check_resumable()
+        self.check_elastic()
+        if self.init_from is not None:
+            check_init_from(self.init_from, self.model, self.data)  # exists, SHA-256, loads, fits the model
+
+    def check_specs(self) -> None:
+        """Algorithms, model, compressors and feedback exist, with valid options."""
         if not self.algos:
             raise ValueError("give at least one algorithm with --algo")
         MODELS.get(self.model)
@@ -105,10 +119,9 @@ class TrainConfig:
         for spec in self.feedback:
             if spec != DEFAULT:
                 build(spec, FEEDBACK)
-        check_data(self.data)  # missing, binary, unreadable or too short: before workers start (checks.py)
-        check_model_data(self.model, self.data)  # gpt needs text, cnn images
-        if Path(self.out).expanduser().exists() and not Path(self.out).expanduser().is_dir():
-            raise ValueError(f"--out {self.out} is a file: give a folder for the runs")
+
+    def check_numbers(self) -> None:
+        """Counts >= 1, rates finite and > 0 (or >= 0), ratios in range, known schedule and sharding."""
         positive = ("workers", "steps", "batch_size", "inner_steps", "eval_every", "eval_batches", "threads")
         for name in positive:
             if getattr(self, name) is not None and getattr(self, name) < 1:
@@ -129,6 +142,11 @@ class TrainConfig:
             raise ValueError(f"--min-lr-ratio must be in [0, 1], got {self.min_lr_ratio}")
         if self.warmup_steps < 0:
             raise ValueError(f"--warmup-steps must be >= 0, got {self.warmup_steps}")
+        if self.checkpoint_every < 0:
+            raise ValueError(f"--checkpoint-every must be >= 0 (0: no checkpoints), got {self.checkpoint_every}")
+
+    def check_network(self) -> None:
+        """Links, sites, speeds and ring order describe ``--workers`` workers; --net is known."""
         self.network(self.workers)  # validates units, per-rank lists, sites and the WAN
         self.speeds(self.workers)
         if self.ring not in RING_MODES:
@@ -141,21 +159,17 @@ class TrainConfig:
         if self.net == "netns" and (self.sites is not None or self.ring != "rank"):
             raise ValueError("--sites and --ring are emulated by --net model only (netns shapes one link per worker, "
                              "and gloo's ring follows rank order): use --net model")
+
+    def check_algorithm_flags(self) -> None:
+        """A flag that sets an algorithm option (--aggregate, --attack, --budget...) is given only with
+        algorithms whose options have it (read from their ``Options``), with valid values."""
         if self.aggregate is not None:
             build(self.aggregate, RULES)  # raises with the valid rules and options
-            alone = [a for a in self.algos if "aggregate" not in
-                     {f.name for f in dataclasses.fields(parse_spec(a, ALGORITHMS)[0].Options)}]
-            if alone:
-                raise ValueError(f"--aggregate applies to algorithms that average through the aggregator "
-                                 f"(ddp and the DiLoCo family), not {', '.join(alone)}")
-        for flag, which in (("attack", "algorithms that average through the aggregator (ddp and the DiLoCo family)"),
-                            ("straggle", "ddp and ddp-backup"),
-                            ("hierarchical", "algorithms that average through the aggregator (ddp and the DiLoCo family)"),
-                            ("budget", "diloco and localsgd")):  # algorithm options given for every algorithm
-            lacking = [a for a in self.algos if getattr(self, flag) is not None and flag not in
-                       {f.name for f in dataclasses.fields(parse_spec(a, ALGORITHMS)[0].Options)}]
+        for flag in ("aggregate", "attack", "straggle", "hierarchical", "budget"):
+            lacking = [a for a in self.algos if getattr(self, flag) is not None and flag not in _fields(a)]
             if lacking:
-                raise ValueError(f"--{flag} applies to {which}, not {', '.join(lacking)}")
+                having = [n for n in ALGORITHMS.names() if flag in _fields(n)]
+                raise ValueError(f"--{flag} applies to {', '.join(having)}, not {', '.join(lacking)}")
         if self.attack is not None:
             beyond = sorted(r for r in build(self.attack, ATTACKS).ranks if r >= self.workers)
             if beyond:
@@ -163,23 +177,15 @@ class TrainConfig:
                                  f"{self.workers - 1} with --workers {self.workers}")
         if self.elastic and self.attack is not None and self.attack.partition(":")[0].strip() == "labelflip":
             raise ValueError("--attack labelflip poisons data in `lowband train` without --elastic only")
-        for algo in self.algos:
-            options = self.options_for(Variant(algo))  # raises with the valid names, options and ranges
-            if getattr(options, "hierarchical", False) and not self.network(self.workers).multisite:
+        for algo in self.algos:  # options_for raises with the valid names, options and ranges
+            if getattr(self.options_for(Variant(algo)), "hierarchical", False) and \
+                    not self.network(self.workers).multisite:
                 raise ValueError("--hierarchical averages inside each site first: give workers at several "
                                  "--sites and the link between them (--wan-bandwidth)")
-        if self.checkpoint_every < 0:
-            raise ValueError(f"--checkpoint-every must be >= 0 (0: no checkpoints), got {self.checkpoint_every}")
-        check_precision(self)  # --device and --precision
-        if self.resume:
-            self.check_resumable()
-        self.check_elastic()
-        if self.init_from is not None:
-            check_init_from(self.init_from, self.model, self.data)  # exists, SHA-256, loads, fits the model
 
     def check_elastic(self) -> None:
         """``--elastic`` options are consistent (and only given with ``--elastic``)."""
-        from lowband.fault.elastic import check_elastic
+        from lowband.elastic.membership import check_elastic
 
         if not self.elastic:
             if self.min_workers != 1 or self.rejoin_after is not None:
@@ -205,7 +211,7 @@ class TrainConfig:
             raise ValueError(f"nothing to resume: {run_dir} holds no run (check --out and --name, or drop --resume)")
         differing = resume_mismatch(run_dir, self.to_dict())
         if "--workers" in differing and all(parse_spec(a, ALGORITHMS)[0].reshardable for a in self.algos):
-            differing.remove("--workers")  # re-sharded on restore (lowband.fault.checkpoint)
+            differing.remove("--workers")  # re-sharded on restore (lowband.train.checkpoint)
         if differing:
             raise ValueError(f"cannot resume {run_dir}: it was trained with different {', '.join(differing)} "
                              "(give the same values, or a new --name)")
@@ -273,6 +279,11 @@ class TrainConfig:
         return cls.Options(**{**values, **spec_kwargs})
 
 
+def _fields(algo: str) -> set[str]:
+    """The option names of algorithm spec ``algo`` (``diloco:inner_steps=5`` -> DiLoCo's Options fields)."""
+    return {f.name for f in dataclasses.fields(parse_spec(algo, ALGORITHMS)[0].Options)}
+
+
 @dataclass(frozen=True)
 class Variant:
     """One training run of a comparison: an algorithm with a compressor and a feedback."""
@@ -299,134 +310,3 @@ class Variant:
     def folder(self) -> str:
         """The label as a folder name (``:`` and ``,`` are not portable in paths)."""
         return self.label.replace(":", "-").replace(",", "_")
-
-
-def build_parser(prog: str = "lowband train") -> argparse.ArgumentParser:
-    d = TrainConfig()
-    p = argparse.ArgumentParser(prog=prog, description="Train a model across workers over an emulated slow link.",
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("--algo", default=",".join(d.algos),
-                   help=f"algorithms, run one after the other: {', '.join(ALGORITHMS.names())}; separated by ';' "
-                        "(or ',' when none has options), each with options: 'diloco:inner_steps=50;localsgd'")
-    p.add_argument("--compress", default=";".join(d.compress),
-                   help=f"what gradients (ddp) or outer gradients (diloco) become on the wire: 'default' (the algorithm's own: "
-                        f"fp32 for most, 4-bit for streaming-diloco), {', '.join(COMPRESSORS.names())}, "
-                        "with options ('topk:ratio=0.01', 'powersgd:rank=2'); several separated by ';' run one after the other")
-    p.add_argument("--feedback", default=";".join(d.feedback),
-                   help=f"error feedback: 'default' (the algorithm's own), {', '.join(FEEDBACK.names())}; several separated by ';'")
-    p.add_argument("--model", default=d.model, help=f"one of: {', '.join(MODELS.names())}")
-    p.add_argument("--data", default=d.data, help="shakespeare, mnist, or a path to a text file or folder")
-    p.add_argument("--workers", type=int, default=d.workers, help="worker processes (ignored under torchrun)")
-    p.add_argument("--steps", type=int, default=d.steps, help="training steps per worker (same token budget for every algorithm)")
-    p.add_argument("--batch-size", type=int, default=d.batch_size, help="sequences (or images) per worker per step")
-    p.add_argument("--lr", type=float, default=d.lr, help="peak (inner) learning rate, AdamW")
-    p.add_argument("--min-lr-ratio", type=float, default=d.min_lr_ratio, help="final lr / peak lr for cosine")
-    p.add_argument("--warmup-steps", type=int, default=d.warmup_steps)
-    p.add_argument("--schedule", default=d.schedule, choices=SCHEDULES)
-    p.add_argument("--weight-decay", type=float, default=d.weight_decay)
-    p.add_argument("--grad-clip", type=float, default=d.grad_clip, help="clip the local gradient norm (0: off)")
-    own = "(default: each algorithm's own"
-    p.add_argument("--inner-steps", "-H", type=int, default=None,
-                   help=f"local-update family: inner steps per round {own}; DiLoCo: 20)")
-    p.add_argument("--outer-optimizer", default=None, choices=("sgd", "adam"),
-                   help=f"outer optimizer (sgd is Nesterov unless --no-nesterov) {own}; DiLoCo: sgd)")
-    p.add_argument("--outer-lr", type=float, default=None, help=f"outer learning rate {own}; DiLoCo: 0.7)")
-    p.add_argument("--outer-momentum", type=float, default=None, help=f"outer momentum {own}; DiLoCo: 0.9)")
-    p.add_argument("--no-nesterov", dest="nesterov", action="store_false", default=None,
-                   help="plain momentum SGD as the outer optimizer")
-    p.add_argument("--bucket-mb", type=float, default=d.bucket_mb, help="DDP: gradient bucket size")
-    p.add_argument("--aggregate", default=None,
-                   help=f"robust aggregation for untrusted workers: {', '.join(RULES.names())}, with options "
-                        "('trimmed-mean:trim=0.25', 'centered-clip:tau=1,iters=3'; docs/robustness.md) (default: mean)")
-    p.add_argument("--attack", default=None,
-                   help="simulate Byzantine ranks (docs/robustness.md): 'signflip:ranks=0', "
-                        "'scale:ranks=0+5,factor=-10', 'noise:std=1', 'labelflip:ranks=1' (trains on flipped labels)")
-    p.add_argument("--straggle", default=None,
-                   help="simulate slow ranks for ddp and ddp-backup: 'fixed:ranks=3,delay=0.5' (seconds per step), "
-                        "'random:prob=0.1,delay=0.5,seed=0' (docs/robustness.md)")
-    p.add_argument("--bandwidth", default=d.bandwidth, help="per-worker link: 100mbit, 1gbit, 12.5MB/s, 'none'; or one per worker, comma-separated")
-    p.add_argument("--latency", default=d.latency, help="per-hop latency: 20ms, 'none'; or one per worker")
-    p.add_argument("--sites", default=None, help="each worker's site, comma-separated ('0,0,1,1'): workers at "
-                   "different sites talk through --wan-bandwidth/--wan-latency (docs/heterogeneous.md)")
-    p.add_argument("--wan-bandwidth", default=None, help="--sites: the link between two sites, per direction, "
-                   "shared by the flows crossing it ('50mbit')")
-    p.add_argument("--wan-latency", default=None, help="--sites: latency added across sites ('30ms')")
-    p.add_argument("--worker-speed", default=None, help="compute speed per worker, comma-separated ('1,1,0.5,0.25'; "
-                   "0.5: each step takes twice as long as measured)")
-    p.add_argument("--ring", default=d.ring, help="ring order of collectives: 'rank', 'auto' (measure pairwise "
-                   "bandwidth at start-up and avoid slow links), or an order ('0,2,1,3')")
-    p.add_argument("--hierarchical", action="store_true", default=None,
-                   help="--sites: average inside each site first, send one update per site across the WAN")
-    p.add_argument("--budget", default=None, choices=("fixed", "speed"),
-                   help="diloco, localsgd: inner steps per round, 'fixed' (H each) or 'speed' (proportional to each "
-                        "worker's measured speed, updates weighted by the work done)")
-    p.add_argument("--net", default=d.net, choices=NET_MODES,
-                   help="model: in-process link emulation; netns: each worker in a network namespace behind a "
-                        "tc-shaped veth link (Linux, root; docs/emulation.md)")
-    p.add_argument("--sharding", default=d.sharding, choices=SHARDINGS, help="how ranks split the training data")
-    p.add_argument("--seed", type=int, default=d.seed)
-    p.add_argument("--eval-every", type=int, default=d.eval_every, help="steps between held-out evaluations")
-    p.add_argument("--eval-batches", type=int, default=d.eval_batches)
-    p.add_argument("--target-loss", type=float, default=None, help="validation loss for time-to-target (default: the best loss every algorithm reaches)")
-    p.add_argument("--threads", type=int, default=d.threads, help="torch threads per worker")
-    p.add_argument("--out", default=d.out, help="folder for run folders")
-    p.add_argument("--name", default=None, help="run folder name (default: a timestamp)")
-    p.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bar")
-    p.add_argument("--checkpoint-every", type=int, default=d.checkpoint_every,
-                   help="save every rank's full state every N steps and at the end (0: never); docs/checkpoints.md")
-    p.add_argument("--resume", action="store_true",
-                   help="continue the run folder --name from each algorithm's last complete checkpoint "
-                        "(an algorithm without one starts from scratch)")
-    p.add_argument("--init-from", default=None, metavar="PATH",
-                   help="start every algorithm from a saved model (fine-tuning): a checkpoint file, or an algorithm "
-                        "folder of a run trained with --checkpoint-every (its last complete checkpoint)")
-    p.add_argument("--device", default=d.device, choices=DEVICE_CHOICES, help="auto: CUDA when available, one GPU "
-                   "per local worker (NCCL), else the CPU (gloo)")
-    p.add_argument("--precision", default=d.precision, choices=tuple(PRECISIONS),
-                   help="autocast of forward passes; fp16 adds a loss scaler (local-update algorithms only)")
-    p.add_argument("--elastic", action="store_true",
-                   help="elastic membership (the DiLoCo family, localsgd, gossip): survivors go on when workers die or hang, "
-                        "restarted workers join at the next outer step (docs/elastic.md)")
-    p.add_argument("--min-workers", type=int, default=d.min_workers,
-                   help="--elastic: stop with an error when fewer workers are left")
-    p.add_argument("--elastic-timeout", type=float, default=d.elastic_timeout,
-                   help="--elastic: seconds before a silent worker is dropped from the quorum")
-    p.add_argument("--rejoin-after", type=float, default=None, metavar="SECONDS",
-                   help="--elastic: restart a worker that left after this many seconds (default: never)")
-    add_node_arguments(p)
-    return p
-
-
-def split_specs(text: str) -> tuple[str, ...]:
-    """``'ddp;diloco:inner_steps=50'`` -> two specs; ``'ddp,diloco'`` (no options) too."""
-    sep = ";" if (";" in text or ":" in text) else ","
-    return tuple(part.strip() for part in text.split(sep) if part.strip())
-
-
-def config_from_args(argv: Sequence[str] | None = None, prog: str = "lowband train") -> TrainConfig:
-    """Parse flags into a validated :class:`TrainConfig`; a bad value exits (status 2) with one line,
-    ``<prog>: error: <what is wrong and the fix>`` (argparse's own syntax errors add its usage).
-    The machine flags (:mod:`lowband.train.nodes`) are refused: they belong to ``lowband train``."""
-    cfg, nodes = parse_train_args(argv, prog)
-    if nodes != Nodes():
-        build_parser(prog).exit(2, f"{prog}: error: --nnodes/--node-rank/--rdzv-endpoint/--iface are for `lowband "
-                                   f"train`; under torchrun give torchrun its --nnodes/--rdzv-endpoint, and "
-                                   f"LOWBAND_IFACE=<interface> for the workers' sockets\n")
-    return cfg
-
-
-def parse_train_args(argv: Sequence[str] | None = None, prog: str = "lowband train") -> tuple[TrainConfig, Nodes]:
-    """:func:`config_from_args` with the machine flags: (the config, the machines of the run)."""
-    parser = build_parser(prog)
-    ns = vars(parser.parse_args(argv))
-    ns["algos"] = split_specs(ns.pop("algo"))
-    ns["compress"] = tuple(c.strip() for c in ns["compress"].split(";") if c.strip()) or (DEFAULT,)
-    ns["feedback"] = tuple(f.strip() for f in ns["feedback"].split(";") if f.strip()) or (DEFAULT,)
-    try:
-        nodes = pop_nodes(ns)
-        cfg = TrainConfig(**ns)
-        check_nodes(cfg, nodes)
-        return cfg, nodes
-    except ValueError as err:
-        parser.exit(2, f"{parser.prog}: error: {err}\n")
-        raise  # unreachable: parser.exit exits

@@ -4,7 +4,7 @@ The driver (this process) owns three things for the whole run:
 
 * a :class:`torch.distributed.TCPStore` server on loopback (``127.0.0.1``, a free port):
   the quorum keys and every process group's rendezvous live in it;
-* the :class:`~lowband.fault.quorum.QuorumService`, polled every 20 ms, which decides each
+* the :class:`~lowband.elastic.quorum.QuorumService`, polled every 20 ms, which decides each
   outer step's members and whether it commits;
 * one single-process job per worker (``python -m lowband.train.elastic_agent``: torchrun's
   launcher API with its stores and the worker's sockets on loopback only), in its own session
@@ -40,8 +40,8 @@ from pathlib import Path
 from typing import Any, Callable
 
 from lowband.comm import group
-from lowband.fault.checkpoint import atomic_write_text
-from lowband.fault.quorum import QuorumService, replica_of
+from lowband.elastic.quorum import QuorumService, replica_of
+from lowband.train.checkpoint import atomic_write_text
 from lowband.train.config import TrainConfig
 from lowband.train.launch import Interrupted, WorkerFailed
 from lowband.train.shutdown import handling
@@ -221,7 +221,7 @@ def run_elastic(cfg: TrainConfig, say: Callable[[str], None] = print) -> dict[st
     config_path = run_dir / "elastic_config.json"
     atomic_write_text(config_path, json.dumps(cfg.to_dict()))
     exits = Supervisor(cfg, algo_dir, config_path, say).run()
-    from lowband.bench.report import show_report
+    from lowband.report.render import show_report
 
     show_report(run_dir, cfg.target_loss)
     return exits

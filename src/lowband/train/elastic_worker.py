@@ -4,13 +4,13 @@ as its own single-process job (``python -m lowband.train.elastic_agent``: torchr
 Each worker is its own single-process torchrun job (torchrun's agent stops every worker of a
 job when one dies, so survivors could not go on inside one job); workers find each other
 through the driver's store (``LOWBAND_ELASTIC_STORE=host:port``) and the quorum protocol of
-:mod:`lowband.fault.quorum`. The environment names the worker: ``LOWBAND_REPLICA`` (its id,
+:mod:`lowband.elastic.quorum`. The environment names the worker: ``LOWBAND_REPLICA`` (its id,
 the rank it had at the start) and ``LOWBAND_INCARNATION`` (0, then 1, 2 ... when restarted);
 ``LOWBAND_ELASTIC_CONFIG`` is the run's config (JSON).
 
 The loop is :func:`lowband.train.worker.train_one`'s, with the elastic differences:
 
-* the algorithm's synchronisation goes through its :class:`~lowband.fault.elastic.ElasticSync`
+* the algorithm's synchronisation goes through its :class:`~lowband.elastic.membership.ElasticSync`
   (``ELASTIC``: DiLoCo's, the overlapped variants' drains, gossip's quorum points);
 * a joiner continues at the step (and on the clock) of the worker it got the state from;
 * metrics go to ``rank<replica>.jsonl`` (a restarted replica appends to its file) with a
@@ -33,8 +33,8 @@ import torch
 from torch.distributed.elastic.multiprocessing.errors import record
 
 from lowband.comm import Comm, group
-from lowband.fault.elastic import ELASTIC, FaultPlan, LoopState
-from lowband.fault.quorum import QuorumAborted, QuorumClient, TrainingOver
+from lowband.elastic.membership import ELASTIC, FaultPlan, LoopState
+from lowband.elastic.quorum import QuorumAborted, QuorumClient, TrainingOver
 from lowband.train.config import TrainConfig
 from lowband.train.data import load_dataset
 from lowband.train.metrics import MetricsWriter

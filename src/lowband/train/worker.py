@@ -14,7 +14,7 @@ For each algorithm of the config, in order and from the same seed and token budg
 3. every ``eval_every`` steps evaluate the held-out loss of the model all ranks agree on
    (evaluation time is kept out of the training clock);
 4. every ``checkpoint_every`` steps (and at the end) save this rank's full state
-   (:mod:`lowband.fault.checkpoint`); with ``resume`` an algorithm continues from its last
+   (:mod:`lowband.train.checkpoint`); with ``resume`` an algorithm continues from its last
    complete checkpoint, its metrics file cut back to that step;
 5. at the end write this rank's ledger (the whole run's, resumed or not), and rank 0 writes the report.
 
@@ -39,13 +39,13 @@ import torch
 from torch import nn
 from torch.distributed.elastic.multiprocessing.errors import record
 
+from lowband.adversity.poison import poisoner
 from lowband.algorithms import ALGORITHMS, Algorithm
 from lowband.comm import Comm, Ledger, group
-from lowband.comm.ring import choose_ring
+from lowband.comm.ring_probe import choose_ring
 from lowband.devices import backend_for, resolve_device
-from lowband.fault.checkpoint import RunCheckpoint, atomic_write_text, load_model_into, truncate_metrics
-from lowband.fault.poison import poisoner
 from lowband.net.link import Network
+from lowband.train.checkpoint import RunCheckpoint, atomic_write_text, load_model_into, truncate_metrics
 from lowband.train.config import TrainConfig, Variant
 from lowband.train.data import Batch, Dataset, load_dataset
 from lowband.train.metrics import MetricsWriter
@@ -75,7 +75,7 @@ def main(cfg: TrainConfig) -> str:
             train_one(cfg, variant, data, network, run_dir, device)
         group.barrier()
         if rank == 0:
-            from lowband.bench.report import show_report  # matplotlib: rank 0 only
+            from lowband.report.render import show_report  # matplotlib: rank 0 only
 
             show_report(run_dir, cfg.target_loss)
         return str(run_dir)
@@ -250,7 +250,7 @@ def slow(seconds: float) -> None:
 
 def step_row(step: int, loss: float | None, tokens: int, ledger: Ledger, elapsed: float, comm_s: float,
              clock: float, lr: float) -> dict[str, Any]:
-    """One JSONL metrics row (the format :mod:`lowband.bench.summary` reads); an iteration the
+    """One JSONL metrics row (the format :mod:`lowband.report.summary` reads); an iteration the
     rank sat out (compute-aware budgets) has no ``loss``."""
     row = {"step": step, "loss": loss, "tokens": tokens, "bytes_sent": ledger.bytes_sent,
            "bytes_received": ledger.bytes_received, "compute_s": elapsed - comm_s, "comm_s": comm_s,

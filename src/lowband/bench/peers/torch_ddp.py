@@ -50,8 +50,9 @@ from torch.distributed.elastic.multiprocessing.errors import record
 
 from lowband.bench.peers import TORCH_LABELS
 from lowband.bench.peers.common import EmulatedLink, PeerError, emulated_world, register_peer, write_ledger
-from lowband.train.config import TrainConfig, Variant, config_from_args
+from lowband.train.config import TrainConfig, Variant
 from lowband.train.data import Batch, Dataset, load_dataset
+from lowband.train.flags import config_from_args
 from lowband.train.launch import WorkerFailed, launch
 from lowband.train.metrics import MetricsWriter
 from lowband.train.worker import build_model, lr_lambda, step_row
@@ -270,7 +271,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"error: {err}", file=sys.stderr)
         return 1
     if ns.report:
-        from lowband.bench.report import show_report
+        from lowband.report.render import show_report
 
         show_report(run_dir, cfg.target_loss)
     return 0

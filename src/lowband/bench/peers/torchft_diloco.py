@@ -52,8 +52,9 @@ from typing import Iterator, Sequence
 
 from lowband.bench.peers.common import SAME_TASK, EmulatedLink, PeerError, register_peer
 from lowband.bench.peers.torchft_replica import PeerOptions, diloco_options, replica_main
-from lowband.train.config import TrainConfig, config_from_args
+from lowband.train.config import TrainConfig
 from lowband.train.data import load_dataset
+from lowband.train.flags import config_from_args
 from lowband.train.launch import WorkerFailed, launch
 from lowband.train.worker import build_model
 
@@ -188,7 +189,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"error: {err}", file=sys.stderr)
         return 1
     if ns.report:
-        from lowband.bench.report import show_report
+        from lowband.report.render import show_report
 
         show_report(run_dir, cfg.target_loss)
     return 0

@@ -13,7 +13,7 @@ on every aggregation. ``ranks`` lists the attacking ranks joined by ``+`` (``ran
   (``seed``, rank, step, key) so runs are reproducible.
 
 Label flipping is data-side (a worker trains on flipped labels and sends an honest update
-of them): :mod:`lowband.fault.poison` registers it here as ``labelflip``.
+of them): :mod:`lowband.adversity.poison` registers it here as ``labelflip``.
 """
 
 from __future__ import annotations
@@ -26,6 +26,7 @@ from typing import ClassVar
 import torch
 
 from lowband import devices
+from lowband.comm.tamper import Tamper
 from lowband.registry import Registry
 
 
@@ -48,8 +49,9 @@ class AttackOptions:
         parse_ranks(self.ranks)
 
 
-class Attack(ABC):
-    """Base class; subclasses set ``name`` and ``Options`` and register in :data:`ATTACKS`."""
+class Attack(Tamper, ABC):
+    """Base class; subclasses set ``name`` and ``Options`` and register in :data:`ATTACKS`. The aggregator
+    applies it through its :class:`~lowband.comm.tamper.Tamper` hook."""
 
     name: ClassVar[str] = ""
     Options: ClassVar[type[AttackOptions]] = AttackOptions
@@ -65,11 +67,8 @@ class Attack(ABC):
     def __call__(self, x: torch.Tensor, rank: int, step: int, key: str) -> torch.Tensor:
         """What rank ``rank`` sends instead of ``x`` (a new tensor)."""
 
-    def on_wire(self, sealed: torch.Tensor, nbytes: int, rank: int, step: int) -> torch.Tensor:
-        """The all-gather buffer rank ``rank`` sends (``nbytes`` payload bytes, padding, then the trailer with
-        its CRC-32); attacks change values before compression, so this sends it as is. A payload fault
-        (:class:`lowband.fault.injection.PayloadFaults`) spoils bytes here."""
-        return sealed
+    # on_wire (Tamper's): attacks change values before compression, so the sealed buffer goes as is;
+    # a payload fault (:class:`lowband.adversity.injection.PayloadFaults`) spoils bytes there.
 
 
 ATTACKS: Registry[type[Attack]] = Registry("attack")
@@ -146,5 +145,3 @@ class Noise(Attack):
         g = devices.generator(x.device, seed)
         return (torch.randn(x.shape, generator=g, dtype=torch.float32, device=x.device) * self.options.std).to(x.dtype)
 
-
-from lowband.fault import poison  # noqa: E402,F401  (registers the data-side attacks: labelflip)

@@ -37,7 +37,7 @@ from typing import Sequence
 
 import torch
 
-from lowband.fault.attacks import Attack
+from lowband.adversity.attacks import Attack
 
 FAULT_KINDS = ("kill", "hang", "corrupt", "nan")
 FAULT_POINTS = ("step", "sync", "commit")
@@ -48,8 +48,8 @@ FORMS = ("kill|hang|corrupt:rank=R[,step=S][,at=step|sync|commit][,seconds=T][,i
 _POINTS = {"kill": FAULT_POINTS, "hang": FAULT_POINTS, "corrupt": (*FAULT_POINTS, WIRE), "nan": (WIRE,)}
 _KEYS = {"rank", "step", "at", "seconds", "incarnation"}
 _WIRE_KEYS = {"rank", "step", "at"}
-log = logging.getLogger("lowband.fault.elastic")
-wire_log = logging.getLogger("lowband.fault.injection")
+log = logging.getLogger("lowband.elastic.membership")
+wire_log = logging.getLogger("lowband.adversity.injection")
 
 
 @dataclass(frozen=True)

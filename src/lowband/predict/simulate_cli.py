@@ -1,7 +1,7 @@
 """``lowband simulate``'s glue: read a run folder into traces, build the target, show the result.
 
-The model itself is :mod:`lowband.net.simulate` (pure); this module reads files
-(through :func:`lowband.bench.summary.load_run`), resolves defaults from the run (its
+The model itself is :mod:`lowband.predict.simulate` (pure); this module reads files
+(through :func:`lowband.report.summary.load_run`), resolves defaults from the run (its
 worker count, params, network) and renders the measured-vs-projected table and JSON.
 """
 
@@ -15,11 +15,11 @@ from typing import Any, Callable
 from rich.console import Console
 from rich.table import Table
 
-from lowband.bench.summary import Run, _read_jsonl, load_run
 from lowband.net.link import Link, Network
-from lowband.net.schedule import RankLog, Trace, build_trace
-from lowband.net.simulate import Projection, Target, simulate
 from lowband.net.units import format_bandwidth, format_bytes, parse_bandwidth, parse_latency, per_worker
+from lowband.predict.schedule import RankLog, Trace, build_trace
+from lowband.predict.simulate import Projection, Target, simulate
+from lowband.report.summary import Run, _read_jsonl, load_run
 
 
 def measured_network(run: Run) -> Network | None:

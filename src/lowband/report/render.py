@@ -25,9 +25,9 @@ import json
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from lowband.bench.plots import CONSENSUS, PLOTS, render_plots, title
-from lowband.bench.summary import AlgorithmSummary, Ratios, Run, Summary, load_run, summarize
 from lowband.net.units import format_bytes
+from lowband.report.plots import CONSENSUS, PLOTS, render_plots, title
+from lowband.report.summary import AlgorithmSummary, Ratios, Run, Summary, load_run, summarize
 
 if TYPE_CHECKING:
     from rich.console import Console

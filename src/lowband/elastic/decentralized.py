@@ -38,10 +38,10 @@ from typing import Any
 import torch
 
 from lowband.comm import group
-from lowband.fault.elastic import ELASTIC, ElasticSync, digest_of
-from lowband.fault.quorum import Decision
+from lowband.elastic.membership import ELASTIC, ElasticSync, digest_of
+from lowband.elastic.quorum import Decision
 
-log = logging.getLogger("lowband.fault.elastic")
+log = logging.getLogger("lowband.elastic.membership")
 
 
 class GossipSync(ElasticSync):

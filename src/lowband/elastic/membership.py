@@ -3,11 +3,11 @@
 :class:`ElasticSync` takes over an algorithm's ``synchronise`` (DiLoCo's outer step, local
 SGD's averaging). The algorithms that keep averages in flight across outer steps
 (``delayed-diloco``, ``eager-diloco``, ``co2``, ``streaming-diloco``) and ``gossip`` have their
-own subclasses (:mod:`lowband.fault.elastic_overlap`, :mod:`lowband.fault.elastic_gossip`),
+own subclasses (:mod:`lowband.elastic.overlapped`, :mod:`lowband.elastic.decentralized`),
 registered in :data:`ELASTIC` under the algorithm's name. At every outer step, on every worker:
 
-1. **quorum**: arrive at the :class:`~lowband.fault.quorum.QuorumService` and get the
-   members of this attempt (:class:`~lowband.fault.quorum.Decision`);
+1. **quorum**: arrive at the :class:`~lowband.elastic.quorum.QuorumService` and get the
+   members of this attempt (:class:`~lowband.elastic.quorum.Decision`);
 2. **group**: if the membership changed (or the last attempt failed), rebuild the default
    process group over the members (``pg/<epoch>/`` in the driver's store) and re-point the
    :class:`~lowband.comm.Comm` at it (one ledger across groups);
@@ -28,7 +28,7 @@ once by the service when a member's process exits) every 50 ms, and give up: the
 communication and aggregation threads are left to fail on their own and fresh ones take
 over (:meth:`ElasticSync._abandon`).
 
-Fault injection (``LOWBAND_FAULT``) lives in :mod:`lowband.fault.injection`.
+Fault injection (``LOWBAND_FAULT``) lives in :mod:`lowband.adversity.injection`.
 """
 
 from __future__ import annotations
@@ -44,15 +44,15 @@ from typing import Any, Callable, Sequence
 
 import torch
 
+from lowband.adversity.injection import Fault, FaultPlan, parse_faults  # noqa: F401  (re-exported)
 from lowband.comm import group
-from lowband.fault.injection import Fault, FaultPlan, parse_faults  # noqa: F401  (re-exported)
-from lowband.fault.quorum import Decision, QuorumClient, replica_of
+from lowband.elastic.quorum import Decision, QuorumClient, replica_of
 from lowband.feedback import FEEDBACK
 from lowband.net.link import Network
 from lowband.registry import Registry, build, parse_spec
 
 STORE_POLL_S = 0.05  # while a collective runs: how often the store is asked whether a member failed
-log = logging.getLogger("lowband.fault.elastic")
+log = logging.getLogger("lowband.elastic.membership")
 
 
 class StateChecksumError(RuntimeError):
@@ -68,7 +68,7 @@ def check_elastic(algos: Sequence[str], workers: int, min_workers: int) -> None:
     names = [a.partition(":")[0].strip() for a in algos]
     unsupported = [n for n in names if n not in ELASTIC]
     if unsupported:
-        raise ValueError(f"--elastic supports {', '.join(ELASTIC_ALGORITHMS)}, not {', '.join(unsupported)}")
+        raise ValueError(f"--elastic supports {', '.join(ELASTIC.names())}, not {', '.join(unsupported)}")
     for spec in algos:
         from lowband.algorithms import ALGORITHMS
 
@@ -375,7 +375,3 @@ def digest_of(tensors: list[torch.Tensor]) -> str:
 ELASTIC: Registry[type[ElasticSync]] = Registry("elastic algorithm")
 ELASTIC.register("diloco")(ElasticSync)
 ELASTIC.register("localsgd")(ElasticSync)
-
-from lowband.fault import elastic_gossip, elastic_overlap  # noqa: E402,F401  (they register theirs)
-
-ELASTIC_ALGORITHMS = tuple(ELASTIC.names())

@@ -1,4 +1,4 @@
-"""``lowband plan``: the command line over :mod:`lowband.net.plan` (flags, table, JSON).
+"""``lowband plan``: the command line over :mod:`lowband.predict.plan` (flags, table, JSON).
 
     lowband plan --params 7e9 --workers 64 --bandwidth 1gbit --latency 30ms --step-time 0.8s --steps 10000
     lowband plan --params 1e8 --workers 4 --bandwidth 1gbit --sites 0,0,1,1 --wan-bandwidth 50mbit \
@@ -7,7 +7,7 @@
 With ``--worker-speed``/``--sites``/per-worker ``--bandwidth`` the rows are charged as a
 synchronous schedule runs on that cluster: the slowest worker bounds every step
 (``--step-time`` is a full-speed worker's) and collectives run on the best ring order's
-slowest hop; a second table (:mod:`lowband.net.hetero`) names the groups, the ring order,
+slowest hop; a second table (:mod:`lowband.predict.hetero`) names the groups, the ring order,
 flat vs hierarchical averaging and the work to give each worker.
 """
 
@@ -22,9 +22,9 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import TYPE_CHECKING, NoReturn, Sequence
 
-from lowband.net.hetero import Cluster, ClusterPlan, plan_cluster
 from lowband.net.link import Network
-from lowband.net.plan import (ALL_REDUCES, CONVERGED_WITHIN, DDP_COMPRESSORS, Row, Setup, comm_plan, plan_rows,
+from lowband.predict.hetero import Cluster, ClusterPlan, plan_cluster
+from lowband.predict.plan import (ALL_REDUCES, CONVERGED_WITHIN, DDP_COMPRESSORS, Row, Setup, comm_plan, plan_rows,
                               predict, recommend, row_specs)
 from lowband.net.units import format_bandwidth, per_worker
 

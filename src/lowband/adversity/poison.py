@@ -1,6 +1,6 @@
 """Data poisoning by a worker: label flipping, a data-side simulated Byzantine attack.
 
-The update attacks of :mod:`lowband.fault.attacks` change what a rank *sends*; a data attack
+The update attacks of :mod:`lowband.adversity.attacks` change what a rank *sends*; a data attack
 changes what it *trains on*: the attacking rank computes an honest gradient of a poisoned
 batch, so its contribution looks like any other worker's (Biggio et al., "Poisoning Attacks
 against Support Vector Machines", ICML 2012; label flipping as evaluated for
@@ -31,7 +31,7 @@ from typing import Callable, ClassVar
 
 import torch
 
-from lowband.fault.attacks import ATTACKS, Attack, AttackOptions
+from lowband.adversity.attacks import ATTACKS, Attack, AttackOptions
 from lowband.registry import build
 
 TargetMap = Callable[[torch.Tensor], torch.Tensor]

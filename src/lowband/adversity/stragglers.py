@@ -50,9 +50,8 @@ from abc import ABC, abstractmethod
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
-import torch.distributed as dist
-
-from lowband.fault.attacks import parse_ranks
+from lowband.adversity.attacks import parse_ranks
+from lowband.comm import group
 from lowband.registry import Registry
 
 POLL_S = 0.005  # how often a straggler checks whether k others are ready
@@ -153,12 +152,10 @@ class Arrivals:
     _instances = 0  # every rank builds its algorithms in the same order: same namespace
 
     def __init__(self, rank: int, world_size: int, store: Any | None = None, instance: int | None = None) -> None:
-        if store is None:
-            store = dist.distributed_c10d._get_default_store()  # torchrun's TCPStore (control plane)
         if instance is None:
             Arrivals._instances += 1
             instance = Arrivals._instances
-        self.store = dist.PrefixStore(f"lowband.backup/{instance}/", store)
+        self.store = group.control_store(f"lowband.backup/{instance}/", store)
         self.rank, self.n = rank, world_size
 
     def arrive(self, step: int, k: int, started: float, delay: float) -> Arrival:

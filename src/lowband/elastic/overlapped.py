@@ -3,7 +3,7 @@
 ``delayed-diloco`` (DiLoCoX's one-step delay, arXiv:2506.21263), ``eager-diloco`` (Kale et al.,
 arXiv:2502.12996), ``co2`` (Sun et al., arXiv:2401.16265) and ``streaming-diloco`` (Douillard et
 al., arXiv:2501.18512) start an average in the background and apply it later (one round later,
-or tau steps later per fragment). :class:`~lowband.fault.elastic.ElasticSync` commits or skips
+or tau steps later per fragment). :class:`~lowband.elastic.membership.ElasticSync` commits or skips
 one blocking outer step; here an average can be in flight while the membership changes.
 
 The rule is **drain at a membership change**: an average is applied only at a quorum point
@@ -50,11 +50,11 @@ from typing import Any
 import torch
 
 from lowband.algorithms.diloco import DiLoCo
-from lowband.fault.elastic import ELASTIC, ElasticSync
-from lowband.fault.quorum import Decision
+from lowband.elastic.membership import ELASTIC, ElasticSync
+from lowband.elastic.quorum import Decision
 
 Named = list[tuple[str, torch.Tensor]]
-log = logging.getLogger("lowband.fault.elastic")
+log = logging.getLogger("lowband.elastic.membership")
 
 
 class DrainingSync(ElasticSync):

@@ -1,6 +1,6 @@
 """The plots of a run's report: loss against steps, bytes and wall-clock, and consensus distance.
 
-:func:`render_plots` returns ``{file stem: PNG bytes}``; :mod:`lowband.bench.report` writes them
+:func:`render_plots` returns ``{file stem: PNG bytes}``; :mod:`lowband.report.render` writes them
 and inlines them in ``report.html``. matplotlib is imported inside the functions (slow to import).
 """
 
@@ -9,8 +9,8 @@ from __future__ import annotations
 import io
 from typing import TYPE_CHECKING, Any, Callable
 
-from lowband.bench.summary import Record, Run, Summary
 from lowband.net.units import format_bytes
+from lowband.report.summary import Record, Run, Summary
 
 if TYPE_CHECKING:
     from matplotlib.axes import Axes
@@ -126,7 +126,7 @@ def _plot_png(run: Run, summary: Summary, x_key: str, x_label: str) -> bytes:
     log_x = x_key == "bytes_sent"
     _draw(ax, run, summary, x_key, log_x)
     if x_key in ("step", "time_s"):
-        from lowband.bench.membership import mark_membership
+        from lowband.report.membership import mark_membership
 
         mark_membership(ax, run, x_key)  # elastic runs: joins and departures
     if log_x:

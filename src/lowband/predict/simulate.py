@@ -5,7 +5,7 @@ of every step and a ledger of every operation (with the step that issued it). Th
 simulator turns that into a *schedule* and replays it under the alpha-beta costs of
 :mod:`lowband.net.cost` for the target configuration:
 
-1. **Schedule** (:func:`lowband.net.schedule.build_trace`): every op with its issue step,
+1. **Schedule** (:func:`lowband.predict.schedule.build_trace`): every op with its issue step,
    blocking or asynchronous (then with the step by which it must be complete), and the
    overhead it took beyond its modelled time, which is carried over unchanged.
 2. **Compute**. A rank's step compute is ``compute_s`` scaled by ``compute_scale``
@@ -54,7 +54,7 @@ from typing import Sequence
 import numpy as np
 
 from lowband.net.link import Link
-from lowband.net.schedule import Op, Trace, op_cost
+from lowband.predict.schedule import Op, Trace, op_cost
 
 MAX_WORKERS = 10_240
 

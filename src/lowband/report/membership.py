@@ -8,7 +8,7 @@ from typing import TYPE_CHECKING, Any
 if TYPE_CHECKING:
     from matplotlib.axes import Axes
 
-    from lowband.bench.summary import Run
+    from lowband.report.summary import Run
 
 STYLE = {"leave": ("tab:red", "worker left"), "join": ("tab:green", "worker joined")}
 

@@ -1,4 +1,4 @@
-"""The schedule of a measured run: what :mod:`lowband.net.simulate` replays.
+"""The schedule of a measured run: what :mod:`lowband.predict.simulate` replays.
 
 A run folder holds, per algorithm and rank, the compute and blocked-communication seconds
 of every step and a ledger of every operation (with the step that issued it).
