@@ -39,7 +39,7 @@ import fakecuda
 from lowband.algorithms import ALGORITHMS, Algorithm
 from lowband.comm import Comm
 from lowband.comm.comm import Handle
-from tiny import batch, tiny_gpt
+from tiny import batch, one_step, tiny_gpt
 
 H = 2  # inner steps (or the algorithm's equivalent) between synchronisations
 STEPS = 5  # passes two synchronisations, and onebit-adam's freeze (freeze_step = H)
@@ -188,13 +188,7 @@ def build(name: str, extra: dict[str, Any] | None = None, comm: Comm | None = No
 def train(algo: Algorithm, steps: range) -> None:
     model = algo.model
     for step in steps:
-        x, y = (fakecuda.to_device(t) for t in batch(0, step))
-        if algo.zeroth_order:
-            algo.zo_step(lambda: model(x, y)[1])
-        else:
-            model(x, y)[1].backward()
-            algo.step()
-            algo.zero_grad()
+        one_step(model, algo, *(fakecuda.to_device(t) for t in batch(0, step)))
 
 
 def tensors(state: Any, path: str = "state") -> Iterator[tuple[str, torch.Tensor]]:

@@ -36,6 +36,16 @@ def train(model: torch.nn.Module, algo: Any, steps: range, rank: int = 0) -> lis
     return history
 
 
+def one_step(model: torch.nn.Module, algo: Any, x: torch.Tensor, y: torch.Tensor) -> None:
+    """One training step on (x, y): ``zo_step`` for zeroth-order algorithms, else backward and ``step()``."""
+    if algo.zeroth_order:
+        algo.zo_step(lambda: model(x, y)[1])
+    else:
+        model(x, y)[1].backward()
+        algo.step()
+    algo.zero_grad()
+
+
 def flat(tensors: Any) -> torch.Tensor:
     """All tensors as one detached 1-D copy."""
     return torch.cat([t.detach().reshape(-1) for t in tensors]).clone()

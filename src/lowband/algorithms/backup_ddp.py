@@ -69,6 +69,7 @@ class BackupDDP(DDP):
     name = "ddp-backup"
     Options = BackupDDPOptions
     options: BackupDDPOptions
+    deterministic = False  # which n - b ranks contribute is decided by who is ready first
 
     @classmethod
     def comm_plan(cls, options: Any, setup: Setup) -> tuple[Sync, ...]:
