@@ -156,7 +156,7 @@ def worker(setup: Setup) -> dict[str, dict[str, Any]]:
             for label, compressor, overlap in LOWBAND_ROWS:
                 model = build_model(setup)
                 ddp = DistributedDataParallel(model, bucket_cap_mb=setup.bucket_cap_mb)
-                state, hook = lowband.ddp_hook(model, compressor=compressor, process_group=hook_group,
+                state, hook = lowband.ddp_hook(model, compress=compressor, process_group=hook_group,
                                                network=network, overlap=overlap)
                 ddp.register_comm_hook(state, hook)
                 states.append(state)

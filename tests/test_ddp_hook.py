@@ -45,7 +45,7 @@ def compare_hooks(specs: list[str]) -> dict[str, float]:
             compressor, _, feedback = spec.partition("+")
             m = model()
             ddp = DistributedDataParallel(m, bucket_cap_mb=0.005)
-            state, hook = lowband.ddp_hook(m, compressor=compressor, feedback=feedback or "none")
+            state, hook = lowband.ddp_hook(m, compress=compressor, feedback=feedback or "none")
             ddp.register_comm_hook(state, hook)
             worst = 0.0
             for step in range(3):
@@ -88,7 +88,7 @@ def train_with_hook(spec: str, overlap: bool, rank: int, steps: int = 4) -> dict
     m = model()
     ddp = DistributedDataParallel(m, bucket_cap_mb=0.001)  # one bucket in step 1, then 3 (DDP rebuilds them)
     network = Network.parse("1gbit", "2ms", 2)  # futures cannot be done when the hook returns
-    state, hook = lowband.ddp_hook(m, compressor=compressor, feedback=feedback or "none", network=network,
+    state, hook = lowband.ddp_hook(m, compress=compressor, feedback=feedback or "none", network=network,
                                    overlap=overlap)
     seen: list[tuple[torch.Tensor, torch.futures.Future, bool]] = []
 
@@ -159,7 +159,7 @@ def nan_backward(overlap: bool) -> str:
     try:
         m = model()
         ddp = DistributedDataParallel(m, bucket_cap_mb=0.005)
-        state, hook = lowband.ddp_hook(m, compressor="identity", overlap=overlap)
+        state, hook = lowband.ddp_hook(m, compress="identity", overlap=overlap)
         ddp.register_comm_hook(state, hook)
         x, y = torch.randn(8, 32), torch.randint(0, 10, (8,))
         try:

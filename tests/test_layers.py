@@ -25,7 +25,7 @@ FLOORS: tuple[tuple[str, ...], ...] = (
     ("predict",),  # planner, heterogeneous plans, schedules, the simulator
     ("train",),  # config, the worker loop, launch, checkpoints, data, models
     ("bench",),  # sweeps and peers
-    ("cli", "__init__"),  # the command line and the public entry points
+    ("cli", "api", "__init__", "__main__"),  # the command line and the public API
 )
 LEVEL = {name: i for i, names in enumerate(FLOORS) for name in names}
 

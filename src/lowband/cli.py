@@ -5,6 +5,9 @@
     lowband report RUN_DIR     rebuild the table, plots and report.html of a run folder (or sweep)
     lowband plan [flags]       predict wall-clock and bytes of every algorithm (no training)
     lowband simulate RUN_DIR   project a measured run to other workers, model size and network
+    lowband --version          lowband's, torch's and Python's versions
+
+``python -m lowband`` is the same command.
 """
 
 from __future__ import annotations
@@ -223,6 +226,13 @@ def main(argv: list[str] | None = None) -> int:
     if not argv or argv[0] in ("-h", "--help"):
         print(__doc__.strip())
         return 0 if argv else 2
+    if argv[0] in ("-V", "--version"):
+        import torch
+
+        from lowband import __version__
+
+        print(f"lowband {__version__} (torch {torch.__version__}, Python {sys.version.split()[0]})")
+        return 0
     command, rest = argv[0], argv[1:]
     try:
         run = COMMANDS.get(command)

@@ -108,3 +108,37 @@ def build(spec: str, registry: "Registry[Any]") -> Any:
     cls, kwargs = parse_spec(spec, registry)
     return cls(cls.Options(**kwargs))
 
+
+def resolve(value: Any, registry: "Registry[Any]", **options: Any) -> Any:
+    """An instance from whatever a user gives: a name or spec string (``"powersgd"``,
+    ``"powersgd:rank=2"``) with ``options`` as keyword arguments on top, a registered class, or an
+    instance (as it is: options then go to its constructor, not here)."""
+    if isinstance(value, str):
+        cls, kwargs = parse_spec(value, registry)
+        return cls(cls.Options(**{**kwargs, **options}))
+    if isinstance(value, type):
+        return value(value.Options(**options))
+    if options:
+        raise ValueError(f"{registry.kind} options {', '.join(sorted(options))} go with a name or a class, not with "
+                         f"an instance ({type(value).__name__}): give them to its constructor")
+    return value
+
+
+def options_from(cls: type, options: Any, kwargs: dict[str, Any]) -> Any:
+    """An options dataclass from ``options`` or keyword arguments (not both); defaults when neither."""
+    if options is not None and kwargs:
+        raise ValueError(f"give {cls.__name__} or keyword options, not both (got {', '.join(sorted(kwargs))})")
+    unknown = sorted(set(kwargs) - {f.name for f in dataclasses.fields(cls)})
+    if unknown:
+        valid = ", ".join(f.name for f in dataclasses.fields(cls)) or "none"
+        raise ValueError(f"{cls.__name__} has no option {', '.join(unknown)}; options are: {valid}")
+    return options if options is not None else cls(**kwargs)
+
+
+def class_named(registry: "Registry[Any]", name: str) -> Any:
+    """The registered class called ``name`` (``PowerSGD``): a package's ``__getattr__`` exports them all."""
+    for key in registry.names():
+        if registry.get(key).__name__ == name:
+            return registry.get(key)
+    raise AttributeError(name)
+

@@ -88,6 +88,7 @@ class Algorithm:
     # residuals, so a checkpoint can be resumed at another world size (lowband.train.checkpoint)
     reshardable: ClassVar[bool] = False
     zeroth_order: ClassVar[bool] = False  # True: driven by zo_step(closure) instead of backward + step()
+    deterministic: ClassVar[bool] = True  # False: the result depends on timing (who arrives first), not only seeds
 
     @classmethod
     def comm_plan(cls, options: Any, setup: Any) -> tuple[Any, ...]:

@@ -1,6 +1,6 @@
 """``lowband.ddp_hook``: any lowband compressor and feedback as a torch DDP communication hook.
 
-    state, hook = lowband.ddp_hook(model, compressor="powersgd:rank=2", feedback="ef")
+    state, hook = lowband.ddp_hook(model, compress="powersgd:rank=2", feedback="ef")
     ddp = DistributedDataParallel(model)
     ddp.register_comm_hook(state, hook)
 
@@ -36,9 +36,10 @@ on every rank. ``overlap=False`` reduces each bucket inside the hook (blocking),
 # No ``from __future__ import annotations`` here: DDP checks the hook's ``bucket`` annotation
 # against ``dist.GradBucket`` at registration, and a string annotation fails that check.
 import time
+import warnings
 from dataclasses import dataclass
 from functools import partial
-from typing import Callable, List, Optional, Tuple
+from typing import Any, Callable, List, Optional, Tuple
 
 import torch
 import torch.distributed as dist
@@ -46,9 +47,11 @@ from torch import nn
 
 from lowband.comm.aggregate import Aggregator
 from lowband.comm.comm import Comm
-from lowband.compress import COMPRESSORS, build
+from lowband.compress import COMPRESSORS
 from lowband.feedback import FEEDBACK
+from lowband.feedback.base import pairing_warning
 from lowband.net.link import Network
+from lowband.registry import resolve
 
 Hook = Callable[["HookState", dist.GradBucket], torch.futures.Future]
 
@@ -82,18 +85,25 @@ class HookState:
         self.aggregator.comm.close()
 
 
-def ddp_hook(model: Optional[nn.Module] = None, compressor: str = "identity", feedback: str = "none",
+def ddp_hook(model: Optional[nn.Module] = None, compress: Any = "identity", feedback: Any = "none",
              process_group: Optional[dist.ProcessGroup] = None, network: Optional[Network] = None,
-             small_numel: int = 4096, overlap: bool = True) -> Tuple[HookState, Hook]:
+             small_numel: int = 4096, overlap: bool = True, compressor: Any = None) -> Tuple[HookState, Hook]:
     """``(state, hook)`` for ``DistributedDataParallel.register_comm_hook``.
 
-    ``model`` (the module before wrapping) names the parameters so state is keyed by name;
-    ``network`` emulates a slow link for the hook's traffic, charged to ``state.aggregator.comm.ledger``;
-    ``overlap`` returns each bucket's future before its mean is computed (False: blocks in the hook).
+    ``compress`` and ``feedback``: a name or spec string (``"powersgd:rank=2"``), a registered class,
+    or an instance (``lowband.compress.PowerSGD(rank=2)``); ``compressor`` is the older name of
+    ``compress``. ``model`` (the module before wrapping) names the parameters so state is keyed by
+    name; ``network`` emulates a slow link for the hook's traffic, charged to the hook's ledger
+    (``lowband.ledger(state)``); ``overlap`` returns each bucket's future before its mean is computed
+    (False: blocks in the hook). Feeding back a compressor that is not a contraction warns
+    (:func:`lowband.feedback.base.pairing_warning`).
     """
+    chosen, fed_back = resolve(compress if compressor is None else compressor, COMPRESSORS), resolve(feedback, FEEDBACK)
+    line = pairing_warning(chosen, fed_back)
+    if line:
+        warnings.warn(line, stacklevel=2)
     comm = Comm(group=process_group, network=network)
-    aggregator = Aggregator(comm, build(compressor, COMPRESSORS), build(feedback, FEEDBACK),
-                            tag="grads", small_numel=small_numel)
+    aggregator = Aggregator(comm, chosen, fed_back, tag="grads", small_numel=small_numel)
     names = {id(p): n for n, p in model.named_parameters()} if model is not None else {}
     return HookState(aggregator, names, overlap=overlap), _hook
 

@@ -25,7 +25,7 @@ from typing import Any, Callable, ClassVar, Generator, Union
 
 import torch
 
-from lowband.registry import Registry, build, parse_spec  # noqa: F401  (re-exported)
+from lowband.registry import Registry, build, options_from, parse_spec  # noqa: F401  (re-exported)
 
 
 @dataclass
@@ -81,8 +81,9 @@ class Compressor(ABC):
         except StopIteration:
             return tuple(rounds)
 
-    def __init__(self, options: CompressorOptions | None = None) -> None:
-        self.options = options if options is not None else type(self).Options()
+    def __init__(self, options: CompressorOptions | None = None, **kwargs: Any) -> None:
+        """``PowerSGD(PowerSGDOptions(rank=2))`` or ``PowerSGD(rank=2)``: the options, validated."""
+        self.options = options_from(type(self).Options, options, kwargs)
 
     def is_contraction(self) -> bool:
         """Whether its error is never larger than its input (||C(x) - x|| <= ||x||), which error feedback

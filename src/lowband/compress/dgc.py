@@ -115,8 +115,8 @@ class DGC(Compressor):
         ratio = cast(DGCOptions, options).ratio  # after warm-up: the final density, values + packed indices
         return per_matrix(numel, side, lambda n: _sparse_bytes(n, max(1, round(ratio * n))))
 
-    def __init__(self, options: DGCOptions | None = None) -> None:
-        super().__init__(options)
+    def __init__(self, options: DGCOptions | None = None, **kwargs: Any) -> None:
+        super().__init__(options, **kwargs)
         self.steps: dict[str, int] = {}
 
     def density(self, key: str) -> float:

@@ -161,8 +161,8 @@ class LGreCo(Compressor):
         family, kwargs = parse_spec(o.spec(o.default_setting()), COMPRESSORS)
         return family.wire_bytes(family.Options(**kwargs), numel, side)
 
-    def __init__(self, options: Optional[LGreCoOptions] = None) -> None:
-        super().__init__(options)
+    def __init__(self, options: Optional[LGreCoOptions] = None, **kwargs: Any) -> None:
+        super().__init__(options, **kwargs)
         self.settings = self.options.settings()
         self.default = self.options.default_setting()
         self.family = FAMILIES.get(self.options.family)

@@ -97,8 +97,8 @@ class PowerSGD(Compressor):
             return (4.0 * numel,)  # the compressor sends such tensors raw
         return (numel / (side * side) * 4 * r * side,) * 2
 
-    def __init__(self, options: Optional[PowerSGDOptions] = None) -> None:
-        super().__init__(options)
+    def __init__(self, options: Optional[PowerSGDOptions] = None, **kwargs: Any) -> None:
+        super().__init__(options, **kwargs)
         self.qs: dict[str, torch.Tensor] = {}  # key -> (m, r) averaged Q of the last exchange
         self.steps: dict[str, int] = {}  # key -> exchanges so far (raw ones included)
 

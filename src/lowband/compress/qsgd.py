@@ -82,8 +82,8 @@ class SeededCompressor(Compressor):
     serves; CPU and CUDA generators give different (equally valid) streams for the same seed.
     """
 
-    def __init__(self, options: CompressorOptions | None = None) -> None:
-        super().__init__(options)
+    def __init__(self, options: CompressorOptions | None = None, **kwargs: Any) -> None:
+        super().__init__(options, **kwargs)
         self.seed = int(self.options.seed)  # type: ignore[attr-defined]
         self.device = torch.device("cpu")  # where the generator draws
         self.generator = devices.generator(self.device, self.seed)

@@ -152,8 +152,8 @@ class Sketch(Compressor):
         """Only with ``unbiased=false`` (the module docstring's error-feedback paragraph)."""
         return not self.options.unbiased
 
-    def __init__(self, options: SketchOptions | None = None) -> None:
-        super().__init__(options)
+    def __init__(self, options: SketchOptions | None = None, **kwargs: Any) -> None:
+        super().__init__(options, **kwargs)
         self.steps: dict[str, int] = {}
         self.rank, self.world_size = 0, 1
 

@@ -181,8 +181,8 @@ class RandomK(Compressor):
         """Only without the n / k rescaling (``unbiased=false``): rescaled, its error is ~sqrt(n / k) x the input."""
         return not self.options.unbiased
 
-    def __init__(self, options: RandomKOptions | None = None) -> None:
-        super().__init__(options)
+    def __init__(self, options: RandomKOptions | None = None, **kwargs: Any) -> None:
+        super().__init__(options, **kwargs)
         self.steps: dict[str, int] = {}
 
     def indices(self, key: str, n: int, step: int, device: torch.device | str = "cpu") -> torch.Tensor:

@@ -17,7 +17,8 @@ from typing import Any, ClassVar
 
 import torch
 
-from lowband.registry import Registry
+from lowband.compress.base import Compressor
+from lowband.registry import Registry, options_from
 
 
 @dataclass(frozen=True)
@@ -31,8 +32,9 @@ class Feedback(ABC):
     name: ClassVar[str] = ""
     Options: ClassVar[type[FeedbackOptions]] = FeedbackOptions
 
-    def __init__(self, options: FeedbackOptions | None = None) -> None:
-        self.options = options if options is not None else type(self).Options()
+    def __init__(self, options: FeedbackOptions | None = None, **kwargs: Any) -> None:
+        """``EF21(EF21Options(...))`` or with the options as keyword arguments."""
+        self.options = options_from(type(self).Options, options, kwargs)
         self.state: dict[str, dict[str, torch.Tensor]] = {}
 
     def compensate(self, key: str, x: torch.Tensor) -> torch.Tensor:
@@ -59,6 +61,18 @@ class Feedback(ABC):
 
 
 FEEDBACK: Registry[type[Feedback]] = Registry("feedback")
+
+
+def pairing_warning(compressor: Compressor, feedback: Feedback, spec: str | None = None) -> str | None:
+    """Why feeding back ``compressor``'s error diverges, or None: error feedback needs a contraction
+    (:meth:`~lowband.compress.Compressor.is_contraction`), else its residual grows without bound
+    (``spec``: how the user wrote the compressor, for the message).
+    The CLI, ``lowband.ddp_hook`` and ``lowband.wrap`` all warn with this line."""
+    if feedback.name == "none" or compressor.is_contraction():
+        return None
+    return (f"{spec or compressor.name} is not a contraction (its error can exceed its input), so {feedback.name}'s "
+            "residual grows without bound; use no feedback (--feedback none, feedback='none'), or a contraction "
+            "(topk, sign, powersgd; randomk or sketch with unbiased=false); docs/compression.md")
 
 
 @FEEDBACK.register("none")

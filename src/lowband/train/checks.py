@@ -23,7 +23,8 @@ import torch
 
 from lowband.train.checkpoint import init_state, model_file
 from lowband.train.data import DATASETS, Dataset, check_text_path, dataset_kind
-from lowband.train.models import MODELS
+from lowband.train.models import MODELS, model_builder
+from lowband.train.user import is_spec, load_callable
 
 OVERSUBSCRIBED = 4  # workers per CPU core above which `lowband train` warns
 
@@ -31,6 +32,9 @@ OVERSUBSCRIBED = 4  # workers per CPU core above which `lowband train` warns
 def check_data(data: str) -> None:
     """``--data``: a registered dataset, or a path :func:`~lowband.train.data.text_path` would accept."""
     if data in DATASETS:
+        return
+    if is_spec(data):
+        load_callable(data, "--data")  # importable and callable; what it returns is the workers' to find
         return
     path = Path(data).expanduser()
     if not path.exists():
@@ -58,7 +62,10 @@ def _shapes(model: str, data: str, vocab_size: int) -> dict[str, tuple[int, ...]
 
 def check_model_data(model: str, data: str) -> None:
     """The model takes ``data``'s kind (``gpt`` text, ``cnn`` images); raises the builder's one line, which
-    names the fix ("try --model cnn")."""
+    names the fix ("try --model cnn"). A user's model or data (``module:factory``) is only imported here."""
+    if is_spec(model) or is_spec(data):
+        model_builder(model)
+        return
     _shapes(model, data, 61)
 
 
@@ -67,6 +74,9 @@ def check_init_from(init_from: str, model: str, data: str) -> None:
     as a state dict, and holds ``model``'s layers with their shapes (those that do not depend on the
     vocabulary, which only the workers know); raises one line naming the file and the fix."""
     stat = model_file(init_from).stat()  # no such file, or a folder without a complete checkpoint: one line
+    if is_spec(model) or is_spec(data):  # a user's model: its layers are the workers' to compare
+        init_state(init_from)
+        return
     _check_init_from(init_from, model, data, stat.st_size, stat.st_mtime_ns)
 
 

@@ -17,13 +17,14 @@ from lowband.algorithms import ALGORITHMS
 from lowband.comm.robust import RULES
 from lowband.compress import COMPRESSORS
 from lowband.feedback import FEEDBACK
+from lowband.feedback.base import pairing_warning
 from lowband.net.link import Network
 from lowband.net.units import per_worker
 from lowband.registry import build, parse_spec
 from lowband.train.checkpoint import resume_mismatch
 from lowband.train.checks import check_data, check_init_from, check_model_data
 from lowband.train.data import SHARDINGS
-from lowband.train.models import MODELS
+from lowband.train.models import model_builder
 from lowband.train.precision import check_config as check_precision
 
 SCHEDULES = ("cosine", "constant")
@@ -112,7 +113,7 @@ class TrainConfig:
         """Algorithms, model, compressors and feedback exist, with valid options."""
         if not self.algos:
             raise ValueError("give at least one algorithm with --algo")
-        MODELS.get(self.model)
+        model_builder(self.model)  # a registered model, or an importable module:factory
         for spec in self.compress:
             if spec != DEFAULT:
                 build(spec, COMPRESSORS)  # raises with the valid names, options and ranges
@@ -259,11 +260,11 @@ class TrainConfig:
         out = []
         for variant in self.variants():
             options = self.options_for(variant)
-            compress, feedback = getattr(options, "compress", "identity"), getattr(options, "feedback", "none")
-            if feedback != "none" and not build(compress, COMPRESSORS).is_contraction():
-                out.append(f"{variant.label}: {compress} is not a contraction (its error can exceed its input), "
-                           f"so {feedback}'s residual grows without bound; use --feedback none, or a contraction "
-                           "(topk, sign, powersgd; randomk or sketch with unbiased=false); docs/compression.md")
+            compress = getattr(options, "compress", "identity")
+            line = pairing_warning(build(compress, COMPRESSORS), build(getattr(options, "feedback", "none"), FEEDBACK),
+                                   compress)
+            if line:
+                out.append(f"{variant.label}: {line}")
         return out
 
     def options_for(self, variant: "Variant") -> Any:

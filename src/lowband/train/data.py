@@ -24,6 +24,7 @@ import numpy as np
 import torch
 
 from lowband.registry import Registry
+from lowband.train.user import is_spec, load_callable
 
 Batch = tuple[torch.Tensor, torch.Tensor]
 SHARDINGS = ("iid", "contiguous")
@@ -167,10 +168,30 @@ def check_text_path(path: Path, val_fraction: float = 0.1, block_size: int = 128
                          f"(at least {needed})")
 
 
+def user_dataset(spec: str) -> Dataset:
+    """``--data module:factory``: its Dataset, or ``(train, val)`` token ids or ``(inputs, labels)`` pairs."""
+    made = load_callable(spec, "--data")()
+    if isinstance(made, Dataset):
+        return made
+    if isinstance(made, tuple) and len(made) == 2:
+        train, val = made
+        if isinstance(train, torch.Tensor) and isinstance(val, torch.Tensor) and train.dim() == val.dim() == 1:
+            vocab = int(max(train.max(), val.max())) + 1  # host sync: once, at load
+            block = max(1, min(128, len(train) - 2, len(val) - 2))
+            return Dataset(spec, "text", train.long(), val.long(), vocab, block_size=block)
+        if all(isinstance(s, tuple) and len(s) == 2 for s in made):
+            vocab = int(max(train[1].max(), val[1].max())) + 1
+            return Dataset(spec, "image", (train[0], train[1].long()), (val[0], val[1].long()), vocab)
+    raise ValueError(f"--data {spec}: the factory must return a lowband.train.data.Dataset, (train, val) 1-D token "
+                     "tensors, or ((inputs, labels), (inputs, labels)) tensors")
+
+
 def load_dataset(name: str, val_fraction: float = 0.1) -> Dataset:
-    """A registered dataset by name, or a local text file or folder by path."""
+    """A registered dataset by name, a user's factory (``module:function``), or a local text file or folder."""
     if name in DATASETS:
         return DATASETS.get(name)(val_fraction)
+    if is_spec(name):
+        return user_dataset(name)
     if "/" in name or "." in name or Path(name).exists():
         return text_path(Path(name).expanduser(), val_fraction)
     DATASETS.get(name)  # raises: unknown dataset, with the valid names

@@ -43,8 +43,10 @@ def _task_flags(parser: argparse.ArgumentParser, d: TrainConfig) -> None:
                         "with options ('topk:ratio=0.01', 'powersgd:rank=2'); several separated by ';' run one after the other")
     p.add_argument("--feedback", default=";".join(d.feedback),
                    help=f"error feedback: 'default' (the algorithm's own), {', '.join(FEEDBACK.names())}; several separated by ';'")
-    p.add_argument("--model", default=d.model, help=f"one of: {', '.join(MODELS.names())}")
-    p.add_argument("--data", default=d.data, help="shakespeare, mnist, or a path to a text file or folder")
+    p.add_argument("--model", default=d.model, help=f"one of: {', '.join(MODELS.names())}, or your own: "
+                   "package.module:factory (docs/api.md)")
+    p.add_argument("--data", default=d.data, help="shakespeare, mnist, a path to a text file or folder, or your own: "
+                   "package.module:factory (docs/api.md)")
     p.add_argument("--workers", type=int, default=d.workers, help="worker processes (ignored under torchrun)")
     p.add_argument("--steps", type=int, default=d.steps, help="training steps per worker (same token budget for every algorithm)")
     p.add_argument("--batch-size", type=int, default=d.batch_size, help="sequences (or images) per worker per step")

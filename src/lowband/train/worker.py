@@ -49,7 +49,7 @@ from lowband.train.checkpoint import RunCheckpoint, atomic_write_text, load_mode
 from lowband.train.config import TrainConfig, Variant
 from lowband.train.data import Batch, Dataset, load_dataset
 from lowband.train.metrics import MetricsWriter
-from lowband.train.models import MODELS
+from lowband.train.models import model_builder
 from lowband.train.precision import Precision, device_choice
 from lowband.train.progress import TrainProgress
 
@@ -94,7 +94,7 @@ def worker_device(cfg: TrainConfig) -> torch.device:
 
 def build_model(cfg: TrainConfig, data: Dataset) -> nn.Module:
     torch.manual_seed(cfg.seed)  # identical initialisation on every rank and for every algorithm
-    model = MODELS.get(cfg.model)(data)
+    model = model_builder(cfg.model)(data)
     if cfg.init_from:  # fine-tuning: start from a saved model
         load_model_into(model, cfg.init_from)
     return model

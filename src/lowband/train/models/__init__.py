@@ -10,6 +10,7 @@ from lowband.registry import Registry
 from lowband.train.data import Dataset
 from lowband.train.models.cnn import CNN
 from lowband.train.models.gpt import GPT, GPTConfig
+from lowband.train.user import is_spec, load_callable, user_model
 
 MODELS: Registry[Callable[[Dataset], nn.Module]] = Registry("model")
 
@@ -36,4 +37,12 @@ def build_cnn(data: Dataset) -> nn.Module:
     return CNN(num_classes=data.vocab_size)
 
 
-__all__ = ["MODELS", "GPT", "GPTConfig", "CNN"]
+def model_builder(name: str) -> Callable[[Dataset], nn.Module]:
+    """A registered model by name, or a user's factory (``--model module:factory``, :mod:`lowband.train.user`)."""
+    if is_spec(name):
+        load_callable(name, "--model")  # importable, callable: one line otherwise
+        return lambda data: user_model(name, data)
+    return MODELS.get(name)
+
+
+__all__ = ["MODELS", "GPT", "GPTConfig", "CNN", "model_builder"]
