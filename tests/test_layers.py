@@ -13,7 +13,7 @@ import lowband
 ROOT = Path(lowband.__file__).parent
 # bottom to top: a module may import its own floor and the floors listed before it
 FLOORS: tuple[tuple[str, ...], ...] = (
-    ("registry", "devices"),  # foundations: name -> class registries, where tensors live
+    ("registry", "devices", "version"),  # foundations: name -> class registries, where tensors live
     ("net",),  # wire physics: units, links, alpha-beta costs, ring order, namespaces and tc
     ("compress",),  # what a tensor becomes on the wire; each declares its bytes
     ("feedback",),  # error feedback around a compressor

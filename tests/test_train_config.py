@@ -172,3 +172,17 @@ def test_bad_data_and_out_fail_before_any_worker_starts(tmp_path, capsys: pytest
     long = tmp_path / "long.txt"
     long.write_text("All the world's a stage. " * 100)
     assert config_from_args(["--data", str(long)]).data == str(long)
+
+
+def test_help_has_groups_every_flag_explained_and_no_default_twice() -> None:
+    from lowband.train.flags import build_parser
+
+    parser = build_parser()
+    titles = {g.title for g in parser._action_groups}
+    assert {"what is trained, how long, with which optimizer", "the network (docs/emulation.md, docs/topology.md)",
+            "machines (docs/multinode.md)"} <= titles, titles
+    unexplained = [a.option_strings for a in parser._actions if not a.help]
+    assert not unexplained, f"flags without help: {unexplained}"
+    text = parser.format_help()
+    for block in text.split("\n  -")[1:]:
+        assert block.count("(default") + block.count("(Default") <= 1, block

@@ -74,6 +74,8 @@ def test_a_user_model_and_data_train(folder: Path, model: str, data: str) -> Non
     for algo in ("ddp", "diloco"):
         losses = val_losses(folder, algo)
         assert len(losses) == 2 and losses[-1] < losses[0], (algo, losses)
+    env = json.loads((folder / "runs" / "run" / "run.json").read_text())["environment"]
+    assert env["torch"] == __import__("torch").__version__ and env["backend"] == "gloo" and env["python"], env
 
 
 @pytest.mark.parametrize("flags, message", [

@@ -11,7 +11,7 @@ from __future__ import annotations
 import importlib
 from typing import Any
 
-__version__ = "0.1.0"
+from lowband.version import __version__
 API = ("init", "wrap", "ddp_hook", "ledger", "save", "load", "Runtime")
 PACKAGES = ("compress", "feedback", "algorithms")
 __all__ = [*API, *PACKAGES, "__version__"]

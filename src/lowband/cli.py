@@ -229,7 +229,7 @@ def main(argv: list[str] | None = None) -> int:
     if argv[0] in ("-V", "--version"):
         import torch
 
-        from lowband import __version__
+        from lowband.version import __version__
 
         print(f"lowband {__version__} (torch {torch.__version__}, Python {sys.version.split()[0]})")
         return 0

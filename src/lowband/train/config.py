@@ -24,6 +24,7 @@ from lowband.registry import build, parse_spec
 from lowband.train.checkpoint import resume_mismatch
 from lowband.train.checks import check_data, check_init_from, check_model_data
 from lowband.train.data import SHARDINGS
+from lowband.train.metrics import check_logs
 from lowband.train.models import model_builder
 from lowband.train.precision import check_config as check_precision
 
@@ -92,6 +93,7 @@ class TrainConfig:
     init_from: str | None = None  # start from a saved model: a checkpoint file or an algorithm folder with one
     device: str = "auto"  # auto (CUDA when available), cpu (gloo), cuda (one GPU per local worker, NCCL)
     precision: str = "fp32"  # fp32, bf16 or fp16 (autocast; fp16 with a loss scaler): lowband.train.precision
+    log: str = "jsonl"  # also csv and/or tensorboard (rank 0's rows): lowband.train.metrics.Trackers
 
     def __post_init__(self) -> None:
         self.check_specs()
@@ -103,6 +105,7 @@ class TrainConfig:
         self.check_network()
         self.check_algorithm_flags()
         check_precision(self)  # --device and --precision
+        check_logs(self.log)  # known names; tensorboard installed
         if self.resume:
             self.check_resumable()
         self.check_elastic()
@@ -197,9 +200,10 @@ class TrainConfig:
         if self.sites is not None or self.worker_speed is not None or self.ring != "rank" or speed:
             raise ValueError("--elastic does not take --sites, --worker-speed, --ring or --budget speed yet "
                              "(docs/heterogeneous.md)")
-        if len(self.variants()) != 1 or self.net != "model" or self.resume or self.checkpoint_every:
+        if len(self.variants()) != 1 or self.net != "model" or self.resume or self.checkpoint_every or \
+                self.log != "jsonl":
             raise ValueError("--elastic runs one --algo/--compress/--feedback with --net model, "
-                             "without --resume or --checkpoint-every")
+                             "without --resume, --checkpoint-every or --log")
         if self.elastic_timeout <= 0 or (self.rejoin_after is not None and self.rejoin_after < 0):
             raise ValueError("--elastic-timeout must be > 0 and --rejoin-after >= 0")
 

@@ -21,11 +21,22 @@ from lowband.train.nodes import Nodes, add_arguments as add_node_arguments, chec
 from lowband.train.precision import PRECISIONS
 
 
+class _Help(argparse.ArgumentDefaultsHelpFormatter):
+    """Appends ``(default: X)`` only where the help does not speak of its default already and X says
+    something (not None, not a flag's False)."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        text = action.help or ""
+        if "default" in text or action.default is None or isinstance(action.default, bool):
+            return text
+        return super()._get_help_string(action) or text
+
+
 def build_parser(prog: str = "lowband train") -> argparse.ArgumentParser:
     """Every flag, in titled groups, with the defaults of :class:`TrainConfig` (the main job)."""
     d = TrainConfig()
     p = argparse.ArgumentParser(prog=prog, description="Train a model across workers over an emulated slow link.",
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                                formatter_class=_Help)
     for add in (_task_flags, _algorithm_flags, _network_flags, _run_flags, _elastic_flags):
         add(p, d)
     add_node_arguments(p)
@@ -52,12 +63,12 @@ def _task_flags(parser: argparse.ArgumentParser, d: TrainConfig) -> None:
     p.add_argument("--batch-size", type=int, default=d.batch_size, help="sequences (or images) per worker per step")
     p.add_argument("--lr", type=float, default=d.lr, help="peak (inner) learning rate, AdamW")
     p.add_argument("--min-lr-ratio", type=float, default=d.min_lr_ratio, help="final lr / peak lr for cosine")
-    p.add_argument("--warmup-steps", type=int, default=d.warmup_steps)
-    p.add_argument("--schedule", default=d.schedule, choices=SCHEDULES)
-    p.add_argument("--weight-decay", type=float, default=d.weight_decay)
+    p.add_argument("--warmup-steps", type=int, default=d.warmup_steps, help="linear lr warm-up steps")
+    p.add_argument("--schedule", default=d.schedule, choices=SCHEDULES, help="lr after the warm-up")
+    p.add_argument("--weight-decay", type=float, default=d.weight_decay, help="AdamW's decoupled weight decay")
     p.add_argument("--grad-clip", type=float, default=d.grad_clip, help="clip the local gradient norm (0: off)")
     p.add_argument("--sharding", default=d.sharding, choices=SHARDINGS, help="how ranks split the training data")
-    p.add_argument("--seed", type=int, default=d.seed)
+    p.add_argument("--seed", type=int, default=d.seed, help="initial model, batches and every seeded draw")
 
 
 def _algorithm_flags(parser: argparse.ArgumentParser, d: TrainConfig) -> None:
@@ -109,12 +120,14 @@ def _network_flags(parser: argparse.ArgumentParser, d: TrainConfig) -> None:
 def _run_flags(parser: argparse.ArgumentParser, d: TrainConfig) -> None:
     p = parser.add_argument_group("evaluation, output, checkpoints, devices")
     p.add_argument("--eval-every", type=int, default=d.eval_every, help="steps between held-out evaluations")
-    p.add_argument("--eval-batches", type=int, default=d.eval_batches)
+    p.add_argument("--eval-batches", type=int, default=d.eval_batches, help="held-out batches per evaluation")
     p.add_argument("--target-loss", type=float, default=None, help="validation loss for time-to-target (default: the best loss every algorithm reaches)")
     p.add_argument("--threads", type=int, default=d.threads, help="torch threads per worker")
     p.add_argument("--out", default=d.out, help="folder for run folders")
     p.add_argument("--name", default=None, help="run folder name (default: a timestamp)")
     p.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bar")
+    p.add_argument("--log", default=d.log, help="where metrics go besides each rank's JSONL: csv and/or tensorboard, "
+                   "comma-separated (tensorboard: pip install 'lowband[log]'; event files in <run>/tensorboard)")
     p.add_argument("--checkpoint-every", type=int, default=d.checkpoint_every,
                    help="save every rank's full state every N steps and at the end (0: never); docs/checkpoints.md")
     p.add_argument("--resume", action="store_true",

@@ -31,6 +31,9 @@ import dataclasses
 import json
 import math
 import os
+import platform
+import socket
+import subprocess
 import time
 from pathlib import Path
 from typing import Any
@@ -48,10 +51,11 @@ from lowband.net.link import Network
 from lowband.train.checkpoint import RunCheckpoint, atomic_write_text, load_model_into, truncate_metrics
 from lowband.train.config import TrainConfig, Variant
 from lowband.train.data import Batch, Dataset, load_dataset
-from lowband.train.metrics import MetricsWriter
+from lowband.train.metrics import MetricsWriter, Trackers, check_logs
 from lowband.train.models import model_builder
 from lowband.train.precision import Precision, device_choice
 from lowband.train.progress import TrainProgress
+from lowband.version import __version__
 
 
 @record
@@ -152,7 +156,8 @@ def train_one(cfg: TrainConfig, variant: Variant, data: Dataset, network: Networ
     shown = math.nan  # the last training loss this rank computed (an idle iteration computes none)
     if resumed:
         truncate_metrics(algo_dir / f"rank{rank}.jsonl", start)  # drop rows written after the checkpoint
-    with MetricsWriter(algo_dir / f"rank{rank}.jsonl", append=resumed is not None) as metrics, \
+    trackers = Trackers(check_logs(cfg.log) if rank == 0 else (), run_dir, variant.folder, resumed is not None)
+    with MetricsWriter(algo_dir / f"rank{rank}.jsonl", append=resumed is not None) as metrics, trackers, \
             TrainProgress(variant.label, cfg.steps, cfg.progress and rank == 0) as progress:
         for step in range(start + 1, cfg.steps + 1):
             comm.ledger.step = step  # ledger records carry the step that issued them
@@ -180,6 +185,7 @@ def train_one(cfg: TrainConfig, variant: Variant, data: Dataset, network: Networ
                 row.update(precision.metrics())
                 progress.evaluation(step, cfg.steps, shown, val_loss, comm.ledger.bytes_sent, clock)
             metrics.write(row)
+            trackers.write(row)
             if cfg.checkpoint_every and (step % cfg.checkpoint_every == 0 or step == cfg.steps):
                 checkpoint.save(step, clock, val_loss)  # collective; after the row, as resuming expects
             progress.update(step, shown, comm.ledger.bytes_sent, clock)
@@ -275,4 +281,18 @@ def write_run_info(run_dir: Path, cfg: TrainConfig, world_size: int, network: Ne
     }
     if device is not None:
         info["device"] = str(device)
+    info["environment"] = environment()
     atomic_write_text(run_dir / "run.json", json.dumps(info, indent=2))  # resuming ranks may read it
+
+
+def environment() -> dict[str, Any]:
+    """What a result depends on beyond the config: versions, host, backend, and the git revision of the
+    folder the run started in (None outside a repository)."""
+    try:
+        revision = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
+                                  timeout=5).stdout.strip() or None
+    except (OSError, subprocess.SubprocessError):
+        revision = None
+    backend = torch.distributed.get_backend() if torch.distributed.is_initialized() else None
+    return {"lowband": __version__, "torch": torch.__version__, "python": platform.python_version(),
+            "host": socket.gethostname(), "backend": backend, "git": revision}
