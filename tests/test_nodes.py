@@ -49,6 +49,9 @@ def test_several_machines_bind_to_the_rendezvous_interface(monkeypatch: pytest.M
     assert Nodes(2, 1, "127.0.0.1:29400").bind() == LOOPBACK  # the others: the route towards it
     with pytest.raises(ValueError, match="203.0.113.9 is not an address of this machine, and node 0 hosts"):
         Nodes(2, 0, "203.0.113.9:29400").bind()
+    assert Nodes(2, 0, "127.0.0.1:29400", iface="lo").bind() == LOOPBACK
+    with pytest.raises(ValueError, match=r"--rdzv-endpoint 10.9.9.9:29400 is not on --iface lo \(127.0.0.1\)"):
+        Nodes(2, 0, "10.9.9.9:29400", iface="lo").bind()
 
 
 def test_machine_flags_refused_where_they_cannot_work() -> None:

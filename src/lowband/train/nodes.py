@@ -73,7 +73,11 @@ class Nodes:
         """The IPv4 address every socket of this machine's part of the run listens on (module docstring)."""
         iface = self.iface or os.environ.get(IFACE_ENV) or None
         if iface:
-            return resolve_iface(iface)
+            address = resolve_iface(iface)
+            if self.multi and self.node_rank == 0 and _ipv4(self.endpoint()[0]) != address:
+                raise ValueError(f"--rdzv-endpoint {self.rdzv_endpoint} is not on --iface {iface} ({address}): node 0 "
+                                 f"hosts the rendezvous there; give {address}:PORT, or drop --iface")
+            return address
         if not self.multi:
             return LOOPBACK
         host, _ = self.endpoint()

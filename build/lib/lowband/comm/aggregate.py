@@ -1,0 +1,393 @@
+"""Compressed averaging: compensate -> encode -> communicate -> decode -> update.
+
+:class:`Aggregator` replaces a set of named tensors (gradients, DiLoCo's outer gradients)
+with their mean over ranks, as it crosses the wire in compressed form:
+
+1. guard: a rank whose input holds NaN/inf sends zeros and is excluded from the round
+   (logged with rank, tensor and step; :mod:`lowband.comm.guards`); all ranks invalid:
+   :class:`NonFiniteError`;
+2. group: tensors of fewer than ``small_numel`` elements are concatenated into one
+   bucket per dtype, keyed by :func:`small_key` (compressing a 128-element bias alone is waste);
+3. per group: ``feedback.compensate`` then ``compressor.exchange`` (a generator with one
+   payload per round);
+4. per round, every group's payload travels in one flat buffer (chunked to
+   ``bucket_mb``): summed by all-reduce when the compressor is summable, otherwise
+   all-gathered as bytes and handed back per rank (robust ``rule``: always all-gathered,
+   decoded per rank and combined by the rule, :mod:`lowband.comm.robust`);
+5. ``feedback.update`` with what this rank's payload decoded to, ``feedback.finalize``
+   on the mean, and the result is written back in place.
+
+The ledger therefore charges exactly the payload bytes: no headers are sent, since shapes
+and dtypes are known to every rank, except the all-gather trailer (1 valid-flag byte, plus a
+4-byte CRC-32 with ``checksum``). Exclusions cost nothing while every rank is healthy; see
+docs/robustness.md for what a fault costs. With ``world_size == 1`` the same
+pipeline runs without communicating, so compression error is visible in one process too.
+"""
+
+from __future__ import annotations
+
+import time
+from collections import defaultdict
+from concurrent.futures import Future, ThreadPoolExecutor
+from typing import Any, Callable, Sequence
+
+import torch
+
+from lowband.comm import guards
+from lowband.comm.buffers import chunks, flat_or_self, small_key, write_back
+from lowband.comm.comm import Comm
+from lowband.comm.guards import NonFiniteError
+from lowband.comm.robust import Mean, Rule
+from lowband.comm.tamper import Tamper
+from lowband.compress.base import Compressor, Payload
+from lowband.feedback.base import Feedback
+
+COLLECTIVES = ("auto", "all_reduce", "all_gather")
+__all__ = ["Aggregator", "NonFiniteError", "PendingMean", "small_key"]
+
+
+class PendingMean:
+    """A mean in flight (:meth:`Aggregator.mean_async`); ``wait()`` blocks until it is written back."""
+
+    def __init__(self, comm: Comm, future: Future) -> None:
+        self._comm, self._future = comm, future
+
+    def done(self) -> bool:
+        return self._future.done()
+
+    def wait(self) -> None:
+        started = time.perf_counter()
+        self._future.result()
+        self._comm.account_wait(time.perf_counter() - started)
+
+    def add_done_callback(self, fn: Callable[[BaseException | None], None]) -> None:
+        """Call ``fn(None)`` once the mean is written back, or ``fn(error)`` if it failed: on the
+        aggregator's thread (on this one, at once, if already done). Nothing is charged to
+        ``wait_seconds``; a bridge to another future (:mod:`lowband.comm.ddp_hook`) times its own wait."""
+        self._future.add_done_callback(lambda future: fn(future.exception()))
+
+
+class Aggregator:
+    """Mean of named tensors over ranks through ``compressor`` with ``feedback``.
+
+    Example::
+
+        agg = Aggregator(comm, build("topk:ratio=0.01", COMPRESSORS), build("ef", FEEDBACK))
+        agg.mean_([(name, p.grad) for name, p in model.named_parameters()])
+    """
+
+    def __init__(self, comm: Comm, compressor: Compressor, feedback: Feedback, tag: str = "grads",
+                 small_numel: int = 4096, bucket_mb: float = 25.0, collective: str = "auto",
+                 rule: Rule | None = None, attack: Tamper | None = None, checksum: bool = False) -> None:
+        if collective not in COLLECTIVES:
+            raise ValueError(f"unknown collective {collective!r}; choose one of: {', '.join(COLLECTIVES)}")
+        if collective == "all_reduce" and not compressor.summable:
+            raise ValueError(f"compressor {compressor.name!r} cannot use all_reduce: its payloads from different "
+                             "ranks cannot be summed (different indices, scales or codes); use all_gather or auto")
+        if collective == "all_gather" and compressor.summable:
+            raise ValueError(f"compressor {compressor.name!r} is summable: all_gather would move n times the bytes "
+                             "of all_reduce for the same result; use all_reduce or auto")
+        if small_numel < 0 or bucket_mb <= 0:
+            raise ValueError(f"small_numel must be >= 0 and bucket_mb > 0, got {small_numel} and {bucket_mb}")
+        self.rule = rule if rule is not None else Mean()
+        self.robust = not isinstance(self.rule, Mean)
+        if self.robust and type(compressor).exchange is not Compressor.exchange:
+            raise ValueError(f"aggregation rule {self.rule.name!r} needs every rank's decoded contribution; "
+                             f"compressor {compressor.name!r} exchanges in several summed rounds: use identity, "
+                             "a half-precision, sparse or quantising compressor, or aggregate=mean")
+        if self.robust and collective == "all_reduce":
+            raise ValueError(f"aggregation rule {self.rule.name!r} needs every rank's contribution: all_gather")
+        if checksum and compressor.summable and not self.robust:
+            raise ValueError("checksum needs the all-gather path (a non-summable compressor or a robust aggregate "
+                             "rule): summed all-reduce payloads carry no per-rank checksum")
+        self.checksum, self.attack = checksum, attack if attack is not None else Tamper()
+        self.comm, self.compressor, self.feedback, self.tag = comm, compressor, feedback, tag
+        compressor.for_rank(comm.rank)
+        self.small_numel, self.bucket_bytes = small_numel, int(bucket_mb * 1e6)
+        self._pool: ThreadPoolExecutor | None = None
+
+    def mean_(self, named: Sequence[tuple[str, torch.Tensor]]) -> None:
+        """Replace every tensor of ``named`` in place with its mean over ranks (blocks)."""
+        self.mean_async(named).wait()
+
+    def mean_async(self, named: Sequence[tuple[str, torch.Tensor]]) -> "PendingMean":
+        """Start :meth:`mean_` on the aggregator's thread; ``wait()`` on the result finishes it.
+
+        The tensors must not be touched until then. Every call, sync or async, runs on one
+        thread in call order, so collectives keep the same order on every rank. Non-finite
+        input is detected here, before anything is sent: in a world of one it raises
+        :class:`NonFiniteError`; otherwise this rank's contribution is excluded (logged).
+        """
+        bad = guards.first_non_finite(named)
+        step = self.comm.ledger.step
+        if bad is not None:
+            if self.comm.world_size == 1:
+                raise guards.refuse(bad)
+            guards.warn_own(self.comm.rank, self.tag, step, bad)
+        if self._pool is None:
+            self._pool = ThreadPoolExecutor(1, thread_name_prefix="lowband-aggregate")
+        return PendingMean(self.comm, self._pool.submit(self._run, list(named), step, bad))
+
+    def mean_at(self, named: Sequence[tuple[str, torch.Tensor]], step: int) -> None:
+        """:meth:`mean_` on the calling thread, its records stamped with ``step``: for a caller that
+        already runs on its own thread (:class:`~lowband.comm.hierarchy.HierarchicalAggregator`)."""
+        bad = guards.first_non_finite(named)
+        if bad is not None:
+            if self.comm.world_size == 1:
+                raise guards.refuse(bad)
+            guards.warn_own(self.comm.rank, self.tag, step, bad)
+        self._run(list(named), step, bad)
+
+    def _run(self, named: list[tuple[str, torch.Tensor]], step: int, bad: str | None) -> None:
+        with torch.no_grad(), self.comm.background(step):
+            self._mean(named, step, bad)
+
+    def state_dict(self) -> dict[str, Any]:
+        """What this pipeline remembers between rounds: compressor, feedback and rule state."""
+        return {"compressor": self.compressor.state_dict(), "feedback": self.feedback.state_dict(),
+                "rule": self.rule.state_dict()}
+
+    def metrics(self) -> dict[str, Any]:
+        """The compressor's numbers for the metrics row (:meth:`Compressor.metrics`)."""
+        return self.compressor.metrics()
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.compressor.load_state_dict(state["compressor"])
+        self.feedback.load_state_dict(state["feedback"])
+        self.rule.load_state_dict(state.get("rule", {}))  # checkpoints from before robust rules have none
+
+    def close(self) -> None:
+        if self._pool is not None:
+            self._pool.shutdown(wait=True)
+            self._pool = None
+
+    def _mean(self, named: Sequence[tuple[str, torch.Tensor]], step: int = 0, bad: str | None = None) -> None:
+        groups = self._groups(named)
+        valid = bad is None
+        inputs = {key: self.feedback.compensate(key, flat_or_self(members)) if valid
+                  else torch.zeros_like(flat_or_self(members)) for key, members in groups.items()}
+        if valid and self.attack.applies(self.comm.rank):
+            inputs = {key: self.attack(x, self.comm.rank, step, key) for key, x in inputs.items()}
+        if self.robust:
+            results = self._robust(inputs, valid, step)
+        elif self.compressor.summable:
+            results = self._summed(inputs, valid, step)
+        else:
+            results = self._rounds(inputs, valid, step)
+        for key, members in groups.items():
+            mean, own = results[key]
+            if valid:
+                self.feedback.update(key, inputs[key], own)
+            write_back(self.feedback.finalize(key, mean), members)
+
+    # -- the paths --------------------------------------------------------------------------
+    def _rounds(self, inputs: dict[str, torch.Tensor], valid: bool, step: int,
+                poison: bool = False) -> dict[str, tuple[torch.Tensor, torch.Tensor]] | None:
+        """The compressor's rounds; None if a summed round 1 is non-finite (``poison``: this rank's is)."""
+        n = self.comm.world_size
+        exchanges = {key: self.compressor.exchange(x, key, n) for key, x in inputs.items()}
+        pending = {key: next(ex) for key, ex in exchanges.items()}
+        results: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+        first, mask = True, [True] * n
+        received: dict[str, Payload | list[Payload]]
+        while pending:
+            if self.compressor.summable:
+                summed = self._all_reduce(pending, poison=first and poison)
+                if first and not guards.all_finite([t for p in summed.values() for t in p.tensors
+                                                    if t.is_floating_point()]):  # host sync: one per call
+                    for ex in exchanges.values():
+                        ex.close()
+                    return None
+                received = dict(summed)
+            else:
+                gathered, ok = self._all_gather(pending, valid, step)
+                mask = [a and b for a, b in zip(mask, ok)]
+                received = {key: [p for p, keep in zip(ps, mask) if keep] for key, ps in gathered.items()}
+            first = False
+            nxt: dict[str, Payload] = {}
+            for key, answer in received.items():
+                try:
+                    nxt[key] = exchanges[key].send(answer)
+                except StopIteration as done:
+                    results[key] = done.value
+            pending = nxt
+        if not self.compressor.summable and type(self.compressor).exchange is Compressor.exchange:
+            results = self._receiver_check(results, received, [r for r in range(n) if mask[r]], step)
+        return results
+
+    def _receiver_check(self, results: dict[str, tuple[torch.Tensor, torch.Tensor]],
+                        received: dict[str, Any], ranks: list[int],
+                        step: int) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+        """Receivers check what they got (a sender's own guard ran before any attack or fault): a
+        non-finite mean is traced to the senders whose decoded payloads are non-finite, which are
+        named and excluded; every rank decodes the same bytes, so all exclude alike."""
+        if guards.all_finite([mean for mean, _ in results.values()]):  # host sync: one per call
+            return results
+        decoded = {key: [self.compressor.decode(p) for p in ps] for key, ps in received.items()}
+        ok = guards.finite_per_rank([[d[i] for d in decoded.values()] for i in range(len(ranks))])
+        keep = guards.finite_senders(ok, ranks, self.comm.rank, self.tag, step)
+        if len(keep) == len(ranks):
+            raise NonFiniteError(f"{self.tag}: the mean is non-finite although every sender's values are finite "
+                                 "(overflow?)")
+        return {key: (torch.stack([ds[i] for i in keep]).mean(0), results[key][1]) for key, ds in decoded.items()}
+
+    def _summed(self, inputs: dict[str, torch.Tensor], valid: bool,
+                step: int) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+        """All-reduce path. An invalid rank poisons its round-1 payload with NaN, so every rank sees
+        a non-finite sum; only then do ranks exchange validity flags and redo the round without it."""
+        snapshot = self.compressor.state_dict()
+        results = self._rounds(inputs, valid, step, poison=not valid)
+        if results is not None:
+            return results
+        n = self.comm.world_size
+        flags = torch.zeros(n, dtype=torch.float32, device=self._device(inputs))
+        flags[self.comm.rank] = float(valid)
+        self.comm.all_reduce(flags, tag=f"{self.tag}.valid")
+        excluded = [r for r, flag in enumerate(flags.tolist()) if flag == 0]  # host sync: who is excluded
+        if not excluded:
+            raise NonFiniteError(self._who_sent_non_finite(inputs))
+        if len(excluded) == n:
+            raise guards.refuse(f"{self.tag}: every rank's contribution is non-finite")
+        guards.warn_excluded(self.comm.rank, self.tag, step, excluded, "non-finite")
+        self.compressor.load_state_dict(snapshot)
+        redone = self._rounds(inputs, valid, step)
+        if redone is None:
+            raise NonFiniteError(f"{self.tag}: the summed payload is non-finite without the excluded ranks")
+        scale = n / (n - len(excluded))
+        return {key: (mean * scale, own) for key, (mean, own) in redone.items()}
+
+    def _who_sent_non_finite(self, inputs: dict[str, torch.Tensor]) -> str:
+        """Why a sum is non-finite although every rank's input passed its guard: each rank reports
+        whether what it actually sent (after a simulated attack or fault) was finite; a sum cannot
+        be traced further, so the run stops naming those ranks (a robust rule would exclude them)."""
+        flags = torch.zeros(self.comm.world_size, dtype=torch.float32, device=self._device(inputs))
+        flags[self.comm.rank] = float(guards.all_finite(list(inputs.values())))
+        self.comm.all_reduce(flags, tag=f"{self.tag}.valid")
+        senders = [r for r, flag in enumerate(flags.tolist()) if flag == 0]  # host sync: the culprits
+        if senders:
+            return (f"{self.tag}: rank(s) {', '.join(map(str, senders))} sent non-finite values after their guard; "
+                    "the mean of a sum cannot exclude them: use a robust --aggregate (median, trimmed-mean, "
+                    "centered-clip), which excludes such senders")
+        return (f"{self.tag}: the summed payload is non-finite although every rank sent finite values "
+                "(overflow in a low-precision sum?)")
+
+    def _robust(self, inputs: dict[str, torch.Tensor], valid: bool,
+                step: int) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+        """Every rank's payload all-gathered, decoded, and combined by the rule over the whole call."""
+        payloads = {key: self.compressor.encode(x, key) for key, x in inputs.items()}
+        gathered, mask = self._all_gather(payloads, valid, step)
+        ranks = [r for r in range(self.comm.world_size) if mask[r]]
+        rows = torch.stack([torch.cat([self.compressor.decode(gathered[key][r]).reshape(-1).float()
+                                       for key in inputs]) for r in ranks])
+        ok = torch.isfinite(rows).all(1).tolist()  # host sync: receivers check every sender's decoded values
+        keep = guards.finite_senders(ok, ranks, self.comm.rank, self.tag, step)  # alike on every rank
+        if len(keep) < len(ranks):
+            rows, ranks = rows[torch.tensor(keep, device=rows.device)], [ranks[i] for i in keep]
+        aggregate = self.rule("|".join(inputs), rows, ranks)
+        results, offset = {}, 0
+        for key, x in inputs.items():
+            own = self.compressor.decode(payloads[key])
+            results[key] = (aggregate[offset:offset + x.numel()].view(x.shape).to(x.dtype), own)
+            offset += x.numel()
+        return results
+
+    # -- grouping -------------------------------------------------------------------------
+    def _groups(self, named: Sequence[tuple[str, torch.Tensor]]) -> dict[str, list[torch.Tensor]]:
+        groups: dict[str, list[torch.Tensor]] = {}
+        small: dict[torch.dtype, list[tuple[str, torch.Tensor]]] = defaultdict(list)
+        for name, t in named:
+            if t.numel() < self.small_numel:
+                small[t.dtype].append((name, t))
+            else:
+                groups[name] = [t]
+        for dtype, members in small.items():
+            groups[small_key(dtype, [name for name, _ in members])] = [t for _, t in members]
+        return groups
+
+    # -- communication --------------------------------------------------------------------
+    def _all_reduce(self, pending: dict[str, Payload], poison: bool = False) -> dict[str, Payload]:
+        by_dtype: dict[torch.dtype, list[torch.Tensor]] = defaultdict(list)
+        for payload in pending.values():
+            for t in payload.tensors:
+                by_dtype[t.dtype].append(t)
+        summed: dict[int, torch.Tensor] = {}
+        for tensors in by_dtype.values():
+            flat = torch.cat([t.reshape(-1) for t in tensors])
+            if poison:
+                guards.poison_(flat)
+            for chunk in chunks(flat, self.bucket_bytes):
+                self.comm.all_reduce(chunk, tag=self.tag)
+            offset = 0
+            for t in tensors:
+                summed[id(t)] = flat[offset:offset + t.numel()].view_as(t)
+                offset += t.numel()
+        return {key: Payload([summed[id(t)] for t in p.tensors], p.ctx) for key, p in pending.items()}
+
+    def _all_gather(self, pending: dict[str, Payload], valid: bool = True,
+                    step: int = 0) -> tuple[dict[str, list[Payload]], list[bool]]:
+        """Every rank's payloads, and which ranks' are valid (flag byte, CRC-32 with ``checksum``)."""
+        n = self.comm.world_size
+        tensors = [t.contiguous() for p in pending.values() for t in p.tensors]
+        if n == 1 or not tensors:
+            return {key: [p] * n for key, p in pending.items()}, [True] * n
+        sizes = self._gathered_sizes(tensors)  # [rank][tensor] element counts, on the host
+        own = torch.cat([t.reshape(-1).view(torch.uint8) for t in tensors])
+        width = max(sum(c * t.element_size() for c, t in zip(row, tensors)) for row in sizes)
+        padded = torch.zeros(width, dtype=torch.uint8, device=own.device)
+        padded[:own.numel()] = own
+        parts: list[list[torch.Tensor]] = [[] for _ in range(n)]
+        sealed = self.attack.on_wire(guards.seal(padded, valid, self.checksum), own.numel(), self.comm.rank, step)
+        for chunk in chunks(sealed, self.bucket_bytes):
+            gathered = self.comm.all_gather(chunk, tag=self.tag)
+            for r, piece in enumerate(gathered):
+                parts[r].append(piece)
+        per_rank = [torch.cat(p) for p in parts]
+        guards.apply_corruptions(per_rank, width, self.comm.rank)
+        mask = self._agree(guards.verify_all(per_rank, width, self.checksum), step, own.device)
+        out: dict[str, list[Payload]] = {key: [] for key in pending}
+        for r, buf in enumerate(per_rank):
+            offset, i = 0, 0
+            for key, payload in pending.items():
+                decoded = []
+                for t in payload.tensors:
+                    count = sizes[r][i]
+                    nbytes = count * t.element_size()
+                    raw = buf[offset:offset + nbytes]
+                    if offset % t.element_size():  # misaligned after an odd-length byte tensor
+                        raw = raw.clone()
+                    piece = raw.view(t.dtype)
+                    decoded.append(piece.view(t.shape) if count == t.numel() else piece)
+                    offset, i = offset + nbytes, i + 1
+                out[key].append(Payload(decoded, payload.ctx))
+        return out, mask
+
+    def _agree(self, reasons: list[str | None], step: int, device: torch.device) -> list[bool]:
+        """Which ranks' contributions count. With ``checksum``, one all-reduce of n int32 flags (on
+        ``device``, the payload's) makes every rank exclude a sender that any receiver saw corrupted
+        (ranks must stay equal)."""
+        bad = [int(r is not None) for r in reasons]
+        if self.checksum:
+            flags = torch.tensor(bad, dtype=torch.int32, device=device)
+            self.comm.all_reduce(flags, tag=f"{self.tag}.valid")
+            bad = flags.tolist()  # host sync: the agreed exclusions
+        excluded = [r for r in range(len(reasons)) if bad[r] > 0]
+        if len(excluded) == len(reasons):
+            raise guards.refuse(f"{self.tag}: no rank has a valid contribution")
+        if excluded:
+            why = ", ".join(sorted({reasons[r] or "checksum seen by another rank" for r in excluded}))
+            guards.warn_excluded(self.comm.rank, self.tag, step, excluded, why)
+        return [r not in excluded for r in range(len(reasons))]
+
+    def _gathered_sizes(self, tensors: list[torch.Tensor]) -> list[list[int]]:
+        """Element counts of every payload tensor on every rank (one small all-gather if they vary)."""
+        own = [t.numel() for t in tensors]
+        if getattr(self.compressor, "fixed_size", True) or self.comm.world_size == 1:
+            return [own] * self.comm.world_size
+        sent = torch.tensor(own, dtype=torch.int64, device=tensors[0].device)
+        # host sync: the receive buffers' sizes
+        return torch.stack(self.comm.all_gather(sent, tag=f"{self.tag}.sizes")).tolist()
+
+    @staticmethod
+    def _device(inputs: dict[str, torch.Tensor]) -> torch.device:
+        """The device of the tensors being averaged (where flags that travel with them must live)."""
+        return next(iter(inputs.values())).device if inputs else torch.device("cpu")

@@ -1,0 +1,142 @@
+"""The compressor contract: what a tensor becomes on the wire, and back. Pure: never communicates.
+
+A compressor turns a tensor into a :class:`Payload` — the tensors that cross the wire
+plus a local context that never does (shape, dtype: what every receiver knows already) —
+and decodes payloads back. Its ``nbytes`` is the exact byte count the ledger charges.
+
+Two kinds, declared by ``summable``:
+
+* summable (fp16, PowerSGD factors, shared-seed random-k): payloads of all ranks can be
+  summed element-wise by an all-reduce and ``decode(sum of payloads) == sum of decodes``;
+* not summable (top-k, sign, QSGD): every rank's payload is all-gathered and decoded one
+  by one.
+
+Multi-round compressors (PowerSGD) override :meth:`Compressor.exchange`, a generator that
+yields one payload per communication round and receives the reduced result; the caller
+(:class:`lowband.comm.aggregate.Aggregator`) does the communicating.
+"""
+
+from __future__ import annotations
+
+import math
+from abc import ABC, abstractmethod
+from dataclasses import dataclass
+from typing import Any, Callable, ClassVar, Generator, Union
+
+import torch
+
+from lowband.registry import Registry, build, options_from, parse_spec  # noqa: F401  (re-exported)
+
+
+@dataclass
+class Payload:
+    """``tensors`` cross the wire; ``ctx`` stays local (it must not depend on the rank's data)."""
+
+    tensors: list[torch.Tensor]
+    ctx: Any = None
+
+    @property
+    def nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in self.tensors)
+
+
+@dataclass(frozen=True)
+class CompressorOptions:
+    """Base for compressor options (frozen, validated in ``__post_init__``)."""
+
+
+Received = Union[Payload, list[Payload]]  # the summed payload, or every rank's payload in rank order
+Exchange = Generator[Payload, Received, tuple[torch.Tensor, torch.Tensor]]
+
+
+class Compressor(ABC):
+    """Base class. Subclasses set ``name``, ``summable``, ``Options`` and register in COMPRESSORS."""
+
+    name: ClassVar[str] = ""
+    summable: ClassVar[bool] = False
+    contraction: ClassVar[bool] = False  # ||C(x) - x|| <= ||x||: see is_contraction
+    fixed_size: ClassVar[bool] = True  # the payload's size depends on the input's shape only (else sizes go first)
+    Options: ClassVar[type[CompressorOptions]] = CompressorOptions
+    PROBE_SIDE: ClassVar[int] = 256  # the default wire model encodes one matrix of at most this side
+
+    @classmethod
+    def wire_bytes(cls, options: CompressorOptions, numel: int, side: int) -> tuple[float, ...]:
+        """Bytes one rank sends per communication round for ``numel`` fp32 elements held in
+        ``side x side`` matrices: the planner's wire model (``lowband plan``).
+
+        Default, for any compressor: measured. One random matrix of side ``min(side, PROBE_SIDE)``
+        goes through :meth:`exchange` (world of one) and each round's payload bytes are scaled by
+        ``numel`` / the probe's elements. Compressors whose bytes do not scale linearly with the
+        matrix (PowerSGD's d r per matrix) or that are cheaper to count override it exactly."""
+        d = max(1, min(side, cls.PROBE_SIDE, math.isqrt(max(numel, 1))))
+        probe = torch.randn(d, d, generator=torch.Generator().manual_seed(0))  # cpu: a planning probe
+        rounds: list[float] = []
+        compressor = cls(options)
+        steps = compressor.exchange(probe, "probe", 1)
+        try:
+            payload = next(steps)
+            while True:
+                rounds.append(payload.nbytes * numel / probe.numel())
+                payload = steps.send(payload if compressor.summable else [payload])
+        except StopIteration:
+            return tuple(rounds)
+
+    def __init__(self, options: CompressorOptions | None = None, **kwargs: Any) -> None:
+        """``PowerSGD(PowerSGDOptions(rank=2))`` or ``PowerSGD(rank=2)``: the options, validated."""
+        self.options = options_from(type(self).Options, options, kwargs)
+
+    def is_contraction(self) -> bool:
+        """Whether its error is never larger than its input (||C(x) - x|| <= ||x||), which error feedback
+        needs to keep its residual bounded (Stich et al., arXiv:1809.07599; Karimireddy et al.,
+        arXiv:1901.09847). Unbiased compressors whose variance exceeds the input's norm
+        (rescaled random-k or sketch, QSGD at 2 or 4 bits, TernGrad) are not: with feedback they diverge."""
+        return self.contraction
+
+    @abstractmethod
+    def encode(self, x: torch.Tensor, key: str) -> Payload:
+        """Compress ``x`` (any shape, float dtype); ``key`` names the tensor (state is kept per key)."""
+
+    @abstractmethod
+    def decode(self, payload: Payload) -> torch.Tensor:
+        """The tensor a payload stands for (shape and dtype of the encoded input)."""
+
+    def exchange(self, x: torch.Tensor, key: str, world_size: int) -> Exchange:
+        """Rounds of communication for one tensor; returns (mean over ranks, own decoded).
+
+        Single round by default. Summable: encode x / n, so the summed payload decodes to
+        the mean (and fp16 sums cannot overflow where fp32 would not). Otherwise: decode
+        every rank's payload and average.
+        """
+        if self.summable:
+            own = self.encode(x / world_size, key)
+            summed = yield own
+            assert isinstance(summed, Payload)
+            return self.decode(summed), self.decode(own) * world_size
+        own = self.encode(x, key)
+        everyone = yield own
+        assert isinstance(everyone, list)
+        decoded = [self.decode(p) for p in everyone]
+        return torch.stack(decoded).mean(0), self.decode(own)
+
+    def for_rank(self, rank: int) -> None:
+        """Called once by the aggregator with this process's rank (seeded compressors draw
+        independent noise per rank; shared-seed ones, like random-k, must not)."""
+
+    def metrics(self) -> dict[str, Any]:
+        """Numbers for the metrics row at each evaluation (lgreco: its per-layer choices); default none."""
+        return {}
+
+    def state_dict(self) -> dict[str, Any]:
+        return {}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        pass
+
+
+def per_matrix(numel: int, side: int, per: Callable[[int], float]) -> tuple[float]:
+    """One round of ``per(elements)`` bytes for each ``side x side`` matrix of ``numel`` elements (the last partial)."""
+    full, rest = divmod(numel, side * side)
+    return (full * per(side * side) + (per(rest) if rest else 0),)
+
+
+COMPRESSORS: Registry[type[Compressor]] = Registry("compressor")

@@ -1,0 +1,139 @@
+"""Index encoding for sparse payloads: the narrowest integer list, or a bitmap, whichever is smaller.
+
+A sparse payload names ``k`` positions of a tensor of ``n`` elements. Two encodings:
+
+* a list of ``k`` indices in the narrowest unsigned type holding ``n - 1``: uint8
+  (n <= 256), uint16 (n <= 65 536), uint32 (n <= 2**32), else int64 — ``k * width`` bytes;
+* a bitmap of ``n`` bits, least significant bit first, packed into ``ceil(n / 8)`` bytes.
+
+The smaller one is used (the list on a tie). The choice is a function of ``(n, k)`` only
+(:func:`index_nbytes`, :func:`uses_bitmap`), so no flag crosses the wire:
+
+1. ``n`` comes from the shape every rank knows;
+2. ``k`` is either known from the options (top-k, random-k) or, for variable-size
+   payloads (threshold, DGC), recovered from the payload's byte length by
+   :func:`count_from_nbytes` — the aggregator already exchanges those lengths, so no
+   header is sent.
+
+The bitmap cannot carry order or repeats: pass sorted, distinct indices (decoding always
+returns them ascending then). Integers are stored in native byte order.
+
+A whole sparse payload (values then indices) is one uint8 tensor (:func:`pack`,
+:func:`unpack`): the aggregator's all-gather moves bytes, and a single byte tensor has no
+alignment requirement wherever it lands in the gathered buffer.
+
+Example::
+
+    blob = pack(values, idx, n)                     # values.numel()*4 + index_nbytes(n, k) bytes
+    values, idx = unpack(blob, n, torch.float32)    # k recovered from len(blob)
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from lowband import devices
+
+_BITS: dict[torch.device, torch.Tensor] = {}  # per device (a module-level CPU tensor is a GPU trap)
+_SHIFTS: dict[torch.device, torch.Tensor] = {}
+
+
+def _bits(device: torch.device) -> torch.Tensor:
+    return devices.cached(_BITS, device, lambda d: torch.tensor([1, 2, 4, 8, 16, 32, 64, 128], dtype=torch.uint8,
+                                                                device=d))
+
+
+def _shifts(device: torch.device) -> torch.Tensor:
+    return devices.cached(_SHIFTS, device, lambda d: torch.arange(8, dtype=torch.uint8, device=d))
+
+
+def index_dtype(n: int) -> torch.dtype:
+    """The narrowest integer dtype holding every index of a tensor of ``n`` elements."""
+    if n <= 1 << 8:
+        return torch.uint8
+    if n <= 1 << 16:
+        return torch.uint16
+    if n <= 1 << 32:
+        return torch.uint32
+    return torch.int64
+
+
+def bitmap_nbytes(n: int) -> int:
+    return (n + 7) // 8
+
+
+def uses_bitmap(n: int, k: int) -> bool:
+    """Whether ``k`` of ``n`` indices travel as a bitmap (strictly smaller than the list)."""
+    return bitmap_nbytes(n) < k * index_dtype(n).itemsize
+
+
+def index_nbytes(n: int, k: int) -> int:
+    """Bytes of ``k`` indices into ``n`` elements: min(list, bitmap)."""
+    return min(k * index_dtype(n).itemsize, bitmap_nbytes(n))
+
+
+def encode_indices(idx: torch.Tensor, n: int) -> torch.Tensor:
+    """``idx`` (int64, sorted and distinct for the bitmap) as ``index_nbytes(n, k)`` uint8 bytes."""
+    k = idx.numel()
+    if not uses_bitmap(n, k):
+        return idx.reshape(-1).to(index_dtype(n)).view(torch.uint8)
+    bits = torch.zeros(bitmap_nbytes(n) * 8, dtype=torch.uint8, device=idx.device)
+    bits[idx] = 1
+    return (bits.view(-1, 8) * _bits(idx.device)).sum(1, dtype=torch.uint8)
+
+
+def decode_indices(data: torch.Tensor, n: int, k: int) -> torch.Tensor:
+    """int64 indices from :func:`encode_indices` bytes (ascending when a bitmap was used)."""
+    if data.numel() != index_nbytes(n, k):
+        raise ValueError(f"{k} indices into {n} elements take {index_nbytes(n, k)} bytes, got {data.numel()}")
+    if not uses_bitmap(n, k):
+        return data.clone().view(index_dtype(n)).to(torch.int64)  # clone: aligned storage for the view
+    bits = (data.unsqueeze(1) >> _shifts(data.device)) & 1
+    idx = bits.view(-1)[:n].nonzero().squeeze(1)  # host sync on a GPU: the count of set bits
+    if idx.numel() != k:
+        raise ValueError(f"bitmap holds {idx.numel()} indices, expected {k}")
+    return idx
+
+
+def count_from_nbytes(n: int, nbytes: int, value_size: int) -> int:
+    """``k`` such that ``k * value_size + index_nbytes(n, k) == nbytes`` (the total grows with k)."""
+    listed = nbytes // (value_size + index_dtype(n).itemsize)
+    if listed * (value_size + index_dtype(n).itemsize) == nbytes and not uses_bitmap(n, listed):
+        return listed
+    mapped = (nbytes - bitmap_nbytes(n)) // value_size
+    if mapped >= 0 and mapped * value_size + bitmap_nbytes(n) == nbytes and uses_bitmap(n, mapped):
+        return mapped
+    raise ValueError(f"{nbytes} bytes are no sparse payload of a tensor of {n} elements "
+                     f"with {value_size}-byte values")
+
+
+def payload_nbytes(n: int, k: int, value_size: int) -> int:
+    """Exact bytes of :func:`pack` for ``k`` values of ``value_size`` bytes out of ``n``."""
+    return k * value_size + index_nbytes(n, k)
+
+
+def pack(values: torch.Tensor, idx: torch.Tensor, n: int) -> torch.Tensor:
+    """One uint8 tensor: the values' bytes, then the encoded indices (``idx`` sorted, distinct)."""
+    raw = values.reshape(-1).contiguous().view(torch.uint8)
+    return torch.cat([raw, encode_indices(idx, n)])
+
+
+def unpack(blob: torch.Tensor, n: int, dtype: torch.dtype, k: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """(values of ``dtype``, int64 indices) from :func:`pack`; ``k`` from the length when not given."""
+    size = dtype.itemsize
+    if k is None:
+        k = count_from_nbytes(n, blob.numel(), size)
+    elif blob.numel() != payload_nbytes(n, k, size):
+        raise ValueError(f"payload of {k} of {n} elements takes {payload_nbytes(n, k, size)} bytes, "
+                         f"got {blob.numel()}")
+    values = blob[:k * size].clone().view(dtype)
+    return values, decode_indices(blob[k * size:], n, k)
+
+
+def scatter(values: torch.Tensor, idx: torch.Tensor, shape: torch.Size, dtype: torch.dtype) -> torch.Tensor:
+    """A zero tensor of ``shape`` and ``dtype`` holding ``values`` at flat positions ``idx``."""
+    out = torch.zeros(math.prod(shape), dtype=dtype, device=values.device)
+    out[idx] = values.to(dtype)
+    return out.view(shape)

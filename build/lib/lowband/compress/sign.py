@@ -1,0 +1,55 @@
+"""``sign``: scaled sign, 1 bit per element plus one fp32 scale (biased; use with error feedback).
+
+Karimireddy et al., "Error Feedback Fixes SignSGD and other Gradient Compression Schemes"
+(arXiv:1901.09847), the scaled sign of EF-signSGD; signSGD itself is Bernstein et al.
+(arXiv:1802.04434). Sends ``ceil(n / 8) + 4`` bytes:
+
+1. scale = ||x||_1 / n, the mean absolute value (fp32, one scalar in the payload; 0 for
+   an empty tensor);
+2. bit_i = 1 if x_i < 0 else 0: zeros count as positive, so they decode to +scale (a
+   third value would need a second bit; error feedback carries the difference);
+3. pack the bits, 8 per byte;
+4. decode: scale * (1 - 2 * bit_i).
+
+A contraction: ||C(x) - x||^2 = ||x||^2 - ||x||_1^2 / n < ||x||^2 for every x != 0 (a
+delta-approximate compressor with delta = ||x||_1^2 / (n ||x||_2^2) in Karimireddy et al.),
+which is what error feedback needs to converge.
+
+Example::
+
+    c = build("sign", COMPRESSORS)
+    payload = c.encode(grad, "layer.weight")   # nbytes = ceil(grad.numel() / 8) + 4
+    approx = c.decode(payload)                 # +-mean|grad| with the signs of grad
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from lowband.compress.base import COMPRESSORS, Compressor, CompressorOptions, Payload, per_matrix
+from lowband.compress.packing import pack, unpack
+from lowband.compress.qsgd import flat_fp32, restore
+
+
+@COMPRESSORS.register("sign")
+class Sign(Compressor):
+    name = "sign"
+    contraction = True
+    summable = False
+
+    @classmethod
+    def wire_bytes(cls, options: CompressorOptions, numel: int, side: int) -> tuple[float, ...]:
+        return per_matrix(numel, side, lambda n: math.ceil(n / 8) + 4)  # packed signs + one fp32 scale
+
+    def encode(self, x: torch.Tensor, key: str) -> Payload:
+        flat = flat_fp32(x)
+        scale = flat.abs().sum() / max(flat.numel(), 1)
+        return Payload([scale.reshape(1), pack(flat < 0, 1)], ctx=(x.shape, x.dtype))
+
+    def decode(self, payload: Payload) -> torch.Tensor:
+        scale, packed = payload.tensors
+        shape, _ = payload.ctx
+        bits = unpack(packed, 1, math.prod(shape)).to(torch.float32)
+        return restore((1 - 2 * bits) * scale.to(torch.float32), payload.ctx)

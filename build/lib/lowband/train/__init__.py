@@ -1,0 +1,1 @@
+"""The runner: worker entry point, launcher, models, datasets, metrics, progress."""

@@ -1,0 +1,317 @@
+"""Training configuration: one frozen dataclass, validated on construction.
+
+``lowband train`` and ``torchrun -m lowband.train`` read the same flags into it
+(:mod:`lowband.train.flags`); a bad value raises one line saying what is wrong and the fix.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from lowband.adversity.attacks import ATTACKS
+from lowband.algorithms import ALGORITHMS
+from lowband.comm.robust import RULES
+from lowband.compress import COMPRESSORS
+from lowband.feedback import FEEDBACK
+from lowband.feedback.base import pairing_warning
+from lowband.net.link import Network
+from lowband.net.units import per_worker
+from lowband.registry import build, parse_spec
+from lowband.train.checkpoint import resume_mismatch
+from lowband.train.checks import check_data, check_init_from, check_model_data
+from lowband.train.data import SHARDINGS
+from lowband.train.metrics import check_logs
+from lowband.train.models import model_builder
+from lowband.train.precision import check_config as check_precision
+
+SCHEDULES = ("cosine", "constant")
+RING_MODES = ("rank", "auto")  # rank order (gloo's); measured pairwise bandwidth at start-up
+NET_MODES = ("model", "netns")  # in-process emulation; real namespaces + tc-shaped links (root)
+DEFAULT = "default"  # --compress/--feedback: the algorithm's own default
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """Everything one training run needs; defaults are the main job (`lowband train`)."""
+
+    algos: tuple[str, ...] = ("ddp", "diloco")
+    compress: tuple[str, ...] = (DEFAULT,)  # DEFAULT: each algorithm's own default (identity for ddp)
+    feedback: tuple[str, ...] = (DEFAULT,)
+    model: str = "gpt"
+    data: str = "shakespeare"
+    workers: int = 4
+    steps: int = 400
+    batch_size: int = 16
+    lr: float = 3e-3
+    min_lr_ratio: float = 0.1
+    warmup_steps: int = 20
+    schedule: str = "cosine"
+    weight_decay: float = 0.1
+    grad_clip: float = 1.0
+    # the local-update family's hyperparameters: None = each algorithm's own default (DiLoCo:
+    # H 20, Nesterov SGD lr 0.7 momentum 0.9); a value given here overrides every algorithm's
+    inner_steps: int | None = None
+    outer_optimizer: str | None = None
+    outer_lr: float | None = None
+    outer_momentum: float | None = None
+    nesterov: bool | None = None
+    bucket_mb: float = 25.0
+    aggregate: str | None = None  # a robust rule for every averaging algorithm: 'median', 'centered-clip:tau=1'
+    attack: str | None = None  # simulated Byzantine ranks (tests, benchmarks): 'signflip:ranks=0', 'labelflip:ranks=1'
+    straggle: str | None = None  # simulated slow ranks (ddp, ddp-backup): 'fixed:ranks=3,delay=0.5', 'random:prob=0.1'
+    bandwidth: str = "100mbit"
+    latency: str = "20ms"
+    # heterogeneity (docs/heterogeneous.md): sites joined by a WAN, uneven workers, ring order, hierarchy
+    sites: str | None = None  # each worker's site, '0,0,1,1'
+    wan_bandwidth: str | None = None  # the link between two sites (per direction, shared by its flows)
+    wan_latency: str | None = None
+    worker_speed: str | None = None  # compute speed per worker, '1,1,0.5,0.25' (0.5: steps take twice as long)
+    ring: str = "rank"  # ring order of collectives: 'rank', 'auto' (measured at start-up), or '0,2,1,3'
+    hierarchical: bool | None = None  # average inside each site first, one update per site across the WAN
+    budget: str | None = None  # local-update family: 'fixed' (H each) or 'speed' (inner steps follow measured speed)
+    net: str = "model"  # 'model': in-process emulation; 'netns': real shaped links (lowband.net.netns)
+    sharding: str = "iid"
+    seed: int = 0
+    eval_every: int = 25
+    eval_batches: int = 8
+    target_loss: float | None = None
+    threads: int = 1
+    out: str = "runs"
+    name: str | None = None
+    progress: bool = True
+    checkpoint_every: int = 0  # steps between checkpoints (0: none); see lowband.train.checkpoint
+    resume: bool = False  # continue the run folder --name from each algorithm's last complete checkpoint
+    # elastic membership (docs/elastic.md): workers may die, hang, restart and join while training goes on
+    elastic: bool = False
+    min_workers: int = 1  # --elastic: fewer members than this stops the run with one line
+    elastic_timeout: float = 30.0  # --elastic: seconds to wait for a silent worker (quorum, collectives)
+    rejoin_after: float | None = None  # --elastic: restart a departed worker after this many seconds
+    init_from: str | None = None  # start from a saved model: a checkpoint file or an algorithm folder with one
+    device: str = "auto"  # auto (CUDA when available), cpu (gloo), cuda (one GPU per local worker, NCCL)
+    precision: str = "fp32"  # fp32, bf16 or fp16 (autocast; fp16 with a loss scaler): lowband.train.precision
+    log: str = "jsonl"  # also csv and/or tensorboard (rank 0's rows): lowband.train.metrics.Trackers
+
+    def __post_init__(self) -> None:
+        self.check_specs()
+        check_data(self.data)  # missing, binary, unreadable or too short: before workers start (checks.py)
+        check_model_data(self.model, self.data)  # gpt needs text, cnn images
+        if Path(self.out).expanduser().exists() and not Path(self.out).expanduser().is_dir():
+            raise ValueError(f"--out {self.out} is a file: give a folder for the runs")
+        self.check_numbers()
+        self.check_network()
+        self.check_algorithm_flags()
+        check_precision(self)  # --device and --precision
+        check_logs(self.log)  # known names; tensorboard installed
+        if self.resume:
+            self.check_resumable()
+        self.check_elastic()
+        if self.init_from is not None:
+            check_init_from(self.init_from, self.model, self.data)  # exists, SHA-256, loads, fits the model
+
+    def check_specs(self) -> None:
+        """Algorithms, model, compressors and feedback exist, with valid options."""
+        if not self.algos:
+            raise ValueError("give at least one algorithm with --algo")
+        model_builder(self.model)  # a registered model, or an importable module:factory
+        for spec in self.compress:
+            if spec != DEFAULT:
+                build(spec, COMPRESSORS)  # raises with the valid names, options and ranges
+        for spec in self.feedback:
+            if spec != DEFAULT:
+                build(spec, FEEDBACK)
+
+    def check_numbers(self) -> None:
+        """Counts >= 1, rates finite and > 0 (or >= 0), ratios in range, known schedule and sharding."""
+        positive = ("workers", "steps", "batch_size", "inner_steps", "eval_every", "eval_batches", "threads")
+        for name in positive:
+            if getattr(self, name) is not None and getattr(self, name) < 1:
+                raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(self, name)}")
+        for name in ("lr", "outer_lr", "bucket_mb"):
+            value = getattr(self, name)
+            if value is not None and not (value > 0 and math.isfinite(value)):
+                raise ValueError(f"--{name.replace('_', '-')} must be a finite number > 0, got {value}")
+        for name in ("weight_decay", "grad_clip", "outer_momentum"):
+            value = getattr(self, name)
+            if value is not None and not (value >= 0 and math.isfinite(value)):
+                raise ValueError(f"--{name.replace('_', '-')} must be a finite number >= 0, got {value}")
+        if self.schedule not in SCHEDULES:
+            raise ValueError(f"unknown schedule {self.schedule!r}; choose one of: {', '.join(SCHEDULES)}")
+        if self.sharding not in SHARDINGS:
+            raise ValueError(f"unknown sharding {self.sharding!r}; choose one of: {', '.join(SHARDINGS)}")
+        if not 0 <= self.min_lr_ratio <= 1:
+            raise ValueError(f"--min-lr-ratio must be in [0, 1], got {self.min_lr_ratio}")
+        if self.warmup_steps < 0:
+            raise ValueError(f"--warmup-steps must be >= 0, got {self.warmup_steps}")
+        if self.checkpoint_every < 0:
+            raise ValueError(f"--checkpoint-every must be >= 0 (0: no checkpoints), got {self.checkpoint_every}")
+
+    def check_network(self) -> None:
+        """Links, sites, speeds and ring order describe ``--workers`` workers; --net is known."""
+        self.network(self.workers)  # validates units, per-rank lists, sites and the WAN
+        self.speeds(self.workers)
+        if self.ring not in RING_MODES:
+            order = self.ring.split(",")
+            if sorted(order) != [str(r) for r in range(self.workers)]:
+                raise ValueError(f"--ring must be {', '.join(RING_MODES)} or an order of all workers "
+                                 f"0..{self.workers - 1} ('0,2,1,3'), got {self.ring!r}")
+        if self.net not in NET_MODES:
+            raise ValueError(f"unknown --net {self.net!r}; choose one of: {', '.join(NET_MODES)}")
+        if self.net == "netns" and (self.sites is not None or self.ring != "rank"):
+            raise ValueError("--sites and --ring are emulated by --net model only (netns shapes one link per worker, "
+                             "and gloo's ring follows rank order): use --net model")
+
+    def check_algorithm_flags(self) -> None:
+        """A flag that sets an algorithm option (--aggregate, --attack, --budget...) is given only with
+        algorithms whose options have it (read from their ``Options``), with valid values."""
+        if self.aggregate is not None:
+            build(self.aggregate, RULES)  # raises with the valid rules and options
+        for flag in ("aggregate", "attack", "straggle", "hierarchical", "budget"):
+            lacking = [a for a in self.algos if getattr(self, flag) is not None and flag not in _fields(a)]
+            if lacking:
+                having = [n for n in ALGORITHMS.names() if flag in _fields(n)]
+                raise ValueError(f"--{flag} applies to {', '.join(having)}, not {', '.join(lacking)}")
+        if self.attack is not None:
+            beyond = sorted(r for r in build(self.attack, ATTACKS).ranks if r >= self.workers)
+            if beyond:
+                raise ValueError(f"--attack names rank(s) {', '.join(map(str, beyond))}, but ranks run 0.."
+                                 f"{self.workers - 1} with --workers {self.workers}")
+        if self.elastic and self.attack is not None and self.attack.partition(":")[0].strip() == "labelflip":
+            raise ValueError("--attack labelflip poisons data in `lowband train` without --elastic only")
+        for algo in self.algos:  # options_for raises with the valid names, options and ranges
+            if getattr(self.options_for(Variant(algo)), "hierarchical", False) and \
+                    not self.network(self.workers).multisite:
+                raise ValueError("--hierarchical averages inside each site first: give workers at several "
+                                 "--sites and the link between them (--wan-bandwidth)")
+
+    def check_elastic(self) -> None:
+        """``--elastic`` options are consistent (and only given with ``--elastic``)."""
+        from lowband.elastic.membership import check_elastic
+
+        if not self.elastic:
+            if self.min_workers != 1 or self.rejoin_after is not None:
+                raise ValueError("--min-workers and --rejoin-after need --elastic")
+            return
+        check_elastic(self.algos, self.workers, self.min_workers)
+        speed = [a for a in self.algos if getattr(self.options_for(Variant(a)), "budget", "fixed") != "fixed"]
+        if self.sites is not None or self.worker_speed is not None or self.ring != "rank" or speed:
+            raise ValueError("--elastic does not take --sites, --worker-speed, --ring or --budget speed yet "
+                             "(docs/heterogeneous.md)")
+        if len(self.variants()) != 1 or self.net != "model" or self.resume or self.checkpoint_every or \
+                self.log != "jsonl":
+            raise ValueError("--elastic runs one --algo/--compress/--feedback with --net model, "
+                             "without --resume, --checkpoint-every or --log")
+        if self.elastic_timeout <= 0 or (self.rejoin_after is not None and self.rejoin_after < 0):
+            raise ValueError("--elastic-timeout must be > 0 and --rejoin-after >= 0")
+
+    def check_resumable(self) -> None:
+        """``--resume`` needs ``--name``, and the run folder's task-defining flags must be these."""
+        if not self.name:
+            raise ValueError("--resume needs --name: the run folder to continue")
+        run_dir = Path(self.out) / self.name
+        if not (run_dir / "run.json").is_file():
+            raise ValueError(f"nothing to resume: {run_dir} holds no run (check --out and --name, or drop --resume)")
+        differing = resume_mismatch(run_dir, self.to_dict())
+        if "--workers" in differing and all(parse_spec(a, ALGORITHMS)[0].reshardable for a in self.algos):
+            differing.remove("--workers")  # re-sharded on restore (lowband.train.checkpoint)
+        if differing:
+            raise ValueError(f"cannot resume {run_dir}: it was trained with different {', '.join(differing)} "
+                             "(give the same values, or a new --name)")
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    def network(self, world_size: int) -> Network:
+        """The emulated network of ``world_size`` workers: per-worker links, sites and the WAN."""
+        links = Network.parse(self.bandwidth, self.latency, world_size)
+        return Network.with_sites(links, self.sites, self.wan_bandwidth, self.wan_latency)
+
+    def speeds(self, world_size: int) -> tuple[float, ...]:
+        """Each worker's compute speed (1: as measured; 0.5: every step takes twice as long)."""
+        if self.worker_speed is None:
+            return (1.0,) * world_size
+        try:
+            values = [float(v) for v in per_worker(self.worker_speed)]
+        except ValueError:
+            raise ValueError(f"--worker-speed takes numbers, comma-separated ('1,1,0.5,0.25'), "
+                             f"got {self.worker_speed!r}") from None
+        if any(not 0 < v <= 1 for v in values):
+            raise ValueError(f"--worker-speed values must be in (0, 1] (1: full speed), got {self.worker_speed!r}")
+        if len(values) == 1:
+            return tuple(values) * world_size
+        if len(values) != world_size:
+            raise ValueError(f"--worker-speed lists {len(values)} values for {world_size} workers: give one per worker")
+        return tuple(values)
+
+    def variants(self) -> list["Variant"]:
+        """Every (algorithm, compressor, feedback) to run, in order; feedback only with compression."""
+        out = []
+        for algo in self.algos:
+            for compress in self.compress:
+                for feedback in self.feedback:
+                    if compress == "identity" and feedback not in ("none", DEFAULT) and \
+                            {"none", DEFAULT} & set(self.feedback):
+                        continue  # uncompressed with feedback is uncompressed
+                    out.append(Variant(algo, compress, feedback))
+        return out
+
+    def feedback_warnings(self) -> list[str]:
+        """One line per variant that feeds back the error of a compressor that is not a contraction
+        (Compressor.is_contraction): its residual grows without bound and training diverges."""
+        out = []
+        for variant in self.variants():
+            options = self.options_for(variant)
+            compress = getattr(options, "compress", "identity")
+            line = pairing_warning(build(compress, COMPRESSORS), build(getattr(options, "feedback", "none"), FEEDBACK),
+                                   compress)
+            if line:
+                out.append(f"{variant.label}: {line}")
+        return out
+
+    def options_for(self, variant: "Variant") -> Any:
+        """The variant's algorithm options: the algorithm's defaults, then same-named config fields
+        that were given (not None), then the spec's own options (``diloco:inner_steps=50``
+        overrides ``--inner-steps``)."""
+        cls, spec_kwargs = parse_spec(variant.algo, ALGORITHMS)
+        names = {f.name for f in dataclasses.fields(cls.Options)}
+        values = {k: v for k, v in self.to_dict().items()
+                  if k in names and k not in ("compress", "feedback") and v is not None}
+        values.update({k: v for k, v in (("compress", variant.compress), ("feedback", variant.feedback))
+                       if v != DEFAULT and k in names})
+        return cls.Options(**{**values, **spec_kwargs})
+
+
+def _fields(algo: str) -> set[str]:
+    """The option names of algorithm spec ``algo`` (``diloco:inner_steps=5`` -> DiLoCo's Options fields)."""
+    return {f.name for f in dataclasses.fields(parse_spec(algo, ALGORITHMS)[0].Options)}
+
+
+@dataclass(frozen=True)
+class Variant:
+    """One training run of a comparison: an algorithm with a compressor and a feedback."""
+
+    algo: str  # an algorithm spec: 'diloco' or 'diloco:inner_steps=50'
+    compress: str = DEFAULT
+    feedback: str = DEFAULT
+
+    @property
+    def algorithm(self) -> str:
+        """The registered name: ``diloco`` for ``diloco:inner_steps=50``."""
+        return self.algo.partition(":")[0].strip()
+
+    @property
+    def label(self) -> str:
+        """``ddp``, ``ddp+topk:ratio=0.01``, ``diloco+qsgd:bits=4+ef``."""
+        defaults = ALGORITHMS.get(self.algorithm).Options()
+        own = {"compress": getattr(defaults, "compress", "identity"), "feedback": getattr(defaults, "feedback", "none")}
+        parts = [self.algo] + [v for k, v in (("compress", self.compress), ("feedback", self.feedback))
+                               if v not in (DEFAULT, own[k])]
+        return "+".join(parts)
+
+    @property
+    def folder(self) -> str:
+        """The label as a folder name (``:`` and ``,`` are not portable in paths)."""
+        return self.label.replace(":", "-").replace(",", "_")
