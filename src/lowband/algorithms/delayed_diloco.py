@@ -90,6 +90,19 @@ class OverlappedDiLoCo(DiLoCo):
             self._pending.wait()
             self._pending = None
 
+    def in_flight_done(self) -> bool:
+        """Whether nothing is being averaged any more (nothing in flight, or its mean written back)."""
+        return self._pending is None or self._pending.done()
+
+    def forget_average(self) -> None:
+        """Stop waiting for the average in flight (elastic membership gave it up); its tensors stay."""
+        self._pending = None
+
+    def drop_in_flight(self) -> None:
+        """Nothing in flight any more: the average and its tensors are dropped (a membership change)."""
+        self.in_flight = None
+        self.forget_average()
+
     def take_in_flight(self) -> Named | None:
         """The average in flight, waited for, and nothing in flight afterwards."""
         self.wait_in_flight()

@@ -157,28 +157,25 @@ class OverlapSync(DrainingSync):
         return self.algo.in_flight is not None
 
     def _settle(self) -> None:
-        a = self.algo
-        if a._pending is not None:
-            try:
-                a._pending.wait()
-            except Exception as err:  # noqa: BLE001 - the average is dropped whatever went wrong
-                log.info("replica %s: average in flight failed (%s): dropped", self.client.token, err)
-            a._pending = None
+        try:
+            self.algo.wait_in_flight()
+        except Exception as err:  # noqa: BLE001 - the average is dropped whatever went wrong
+            log.info("replica %s: average in flight failed (%s): dropped", self.client.token, err)
+            self.algo.forget_average()
 
     def _done(self) -> bool:
-        return self.algo._pending is None or self.algo._pending.done()
+        return self.algo.in_flight_done()
 
     def _drop(self) -> list[torch.Tensor] | None:
-        self.algo.in_flight, self.algo._pending = None, None
+        self.algo.drop_in_flight()
         return None  # delayed: r_i = theta_g - (own progress in flight), so theta_g - x_i has it
 
     def _attempt(self, d: Decision) -> Any:
         if not self.steady:
             return self._drain(d)
         self.faults.trigger("sync", self.loop.step)
-        pending = self.algo._pending
-        if pending is not None:
-            self._wait(pending.done, self._abort_keys(d))
+        if not self.algo.in_flight_done():
+            self._wait(self.algo.in_flight_done, self._abort_keys(d))
         self.algo.wait_in_flight()  # raises if the average failed here: this member votes to skip
         return True
 
@@ -208,7 +205,7 @@ class EagerSync(OverlapSync):
 
     def _drop(self) -> list[torch.Tensor] | None:
         a = self.algo
-        a.in_flight, a._pending = None, None
+        a.drop_in_flight()
         own, a.own_outer_gradients = a.own_outer_gradients, None
         if own is None or self.flight_world == 1:
             return None
@@ -240,7 +237,7 @@ class CO2Sync(OverlapSync):
         self.own = [g - p for p, g in zip(a.params, a.global_params)]
 
     def _drop(self) -> list[torch.Tensor] | None:
-        self.algo.in_flight, self.algo._pending = None, None
+        self.algo.drop_in_flight()
         own, self.own = self.own, None
         return own
 
