@@ -5,6 +5,7 @@ tree's sources out of the way (a folder elsewhere as the working directory, the 
 from __future__ import annotations
 
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -13,10 +14,14 @@ ROOT = Path(__file__).resolve().parent.parent
 
 
 def test_a_built_wheel_installs_and_trains(tmp_path: Path) -> None:
-    wheels, target, work = tmp_path / "wheels", tmp_path / "site", tmp_path / "work"
+    wheels, target, work, source = tmp_path / "wheels", tmp_path / "site", tmp_path / "work", tmp_path / "source"
     work.mkdir()
+    # setuptools writes build/ next to the sources: build from a copy, never into the checkout
+    shutil.copytree(ROOT / "src", source / "src", ignore=shutil.ignore_patterns("__pycache__", "*.egg-info"))
+    for name in ("pyproject.toml", "README.md"):
+        shutil.copy(ROOT / name, source)
     pip = [sys.executable, "-m", "pip", "--disable-pip-version-check", "-q"]
-    built = subprocess.run([*pip, "wheel", str(ROOT), "--no-deps", "--no-build-isolation", "-w", str(wheels)],
+    built = subprocess.run([*pip, "wheel", str(source), "--no-deps", "--no-build-isolation", "-w", str(wheels)],
                            capture_output=True, text=True, timeout=300)
     assert built.returncode == 0, built.stderr[-2000:]
     wheel, = wheels.glob("lowband-*.whl")

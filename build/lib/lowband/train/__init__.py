@@ -1,1 +1,0 @@
-"""The runner: worker entry point, launcher, models, datasets, metrics, progress."""

@@ -1,3 +1,0 @@
-"""lowband's version (one place: the package, the CLI's --version and run.json read it)."""
-
-__version__ = "0.1.0"
