@@ -105,8 +105,7 @@ def _convert(value: str, annotation: Any, where: str) -> Any:
 
 def build(spec: str, registry: "Registry[Any]") -> Any:
     """An instance from a spec string (``'qsgd:bits=4'``), options validated on construction."""
-    cls, kwargs = parse_spec(spec, registry)
-    return cls(cls.Options(**kwargs))
+    return resolve(spec, registry)
 
 
 def resolve(value: Any, registry: "Registry[Any]", **options: Any) -> Any:

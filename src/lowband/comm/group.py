@@ -115,6 +115,12 @@ def address_of(name: str) -> str | None:
     return next((held for iface, held in _ipv4_interfaces() if iface == name), None)
 
 
+def iface_address(iface: str) -> str | None:
+    """The IPv4 address ``iface`` names here: itself if it is one of this machine's addresses, else the
+    address of the interface of that name; None when neither."""
+    return iface if interface_of(iface) else address_of(iface)
+
+
 def _ipv4_interfaces() -> list[tuple[str, str]]:
     """``(interface, IPv4 address)`` of every local interface that has one (Linux; empty elsewhere)."""
     try:
@@ -163,7 +169,7 @@ def worker_sockets() -> dict[str, str]:
     set are kept; nothing where nothing can be told."""
     iface = os.environ.get("LOWBAND_IFACE")
     if iface:
-        address = iface if interface_of(iface) else address_of(iface)
+        address = iface_address(iface)
         if address is None:
             raise ValueError(f"LOWBAND_IFACE={iface}: no interface of that name with an IPv4 address, nor an "
                              f"address of this machine")

@@ -25,7 +25,7 @@ import socket
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
-from lowband.comm.group import address_of, address_towards, interface_of
+from lowband.comm.group import address_towards, iface_address, interface_of
 
 if TYPE_CHECKING:
     from lowband.train.config import TrainConfig
@@ -93,18 +93,16 @@ class Nodes:
 
 def resolve_iface(iface: str) -> str:
     """``eth1`` or ``10.0.0.5`` -> this machine's IPv4 address on it; one line naming the choices otherwise."""
-    names = [name for _, name in socket.if_nameindex()]
+    address = iface_address(iface)
+    if address is not None:
+        return address
+    names = ", ".join(name for _, name in socket.if_nameindex())
     try:
         ipaddress.IPv4Address(iface)
     except ValueError:
-        address = address_of(iface)
-        if address is None:
-            raise ValueError(f"--iface {iface}: no interface of that name with an IPv4 address here "
-                             f"(interfaces: {', '.join(names)}; or set {IFACE_ENV})") from None
-        return address
-    if interface_of(iface) is None:
-        raise ValueError(f"--iface {iface}: not an address of this machine (interfaces: {', '.join(names)})")
-    return iface
+        raise ValueError(f"--iface {iface}: no interface of that name with an IPv4 address here "
+                         f"(interfaces: {names}; or set {IFACE_ENV})") from None
+    raise ValueError(f"--iface {iface}: not an address of this machine (interfaces: {names})")
 
 
 def _ipv4(host: str) -> str:
