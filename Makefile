@@ -6,7 +6,7 @@ BIN    := $(VENV)/bin
 TORCH  ?= torch==2.13.0
 ARGS   ?=
 
-.PHONY: setup run test test-slow bench peers clean
+.PHONY: setup run test test-slow test-install bench peers clean
 
 $(BIN)/lowband: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -26,6 +26,10 @@ test: setup
 
 test-slow: setup
 	$(BIN)/python -m pytest -q -m slow $(ARGS)
+
+# The package as a user installs it: a wheel into a fresh venv with torch, resolving its dependencies (CI runs it).
+test-install: setup
+	$(BIN)/python -m pytest -q -m slow tests/test_wheel.py
 
 bench: setup
 	$(BIN)/lowband bench $(ARGS)

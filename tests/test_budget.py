@@ -297,7 +297,7 @@ class Counting:
 @record
 def worker_loop(cfg: TrainConfig, out: str) -> int:
     from lowband.train.data import load_dataset
-    from lowband.train.worker import train_one
+    from lowband.train.loop import train_one
 
     _, world_size = init_from_env()
     torch.set_num_threads(1)

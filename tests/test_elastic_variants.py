@@ -13,8 +13,9 @@ from typing import Any
 
 import pytest
 
-from lowband.elastic import ELASTIC
-from lowband.elastic.membership import check_elastic
+from lowband.algorithms import ALGORITHMS
+from lowband.elastic import MEMBERSHIPS
+from lowband.elastic.membership import check_elastic, elastic_algorithms
 
 # 3 workers, H=5, no emulated link; a run's wall-clock is mostly the workers' start-up
 FLAGS = ["--elastic", "--workers", "3", "-H", "5", "--batch-size", "4", "--bandwidth", "none", "--latency", "none",
@@ -51,7 +52,10 @@ def _final_loss(algo_dir: Path, replica: int) -> float:
 
 
 def test_every_local_update_variant_and_gossip_is_elastic_with_one_line_refusals() -> None:
-    assert set(ALGOS) | {"localsgd"} == set(ELASTIC.names())
+    assert set(ALGOS) | {"localsgd"} == set(elastic_algorithms())
+    for name in elastic_algorithms():  # declared by the class itself (not inherited by accident) and known
+        cls = ALGORITHMS.get(name)
+        assert "elastic" in vars(cls) and cls.elastic in MEMBERSHIPS, name
     for spec in ALGOS.values():
         check_elastic([spec], 3, 2)
     for spec, message in (("noloco", "not noloco"), ("co2:asynchronous=false", "asynchronous=true only"),

@@ -27,7 +27,7 @@ from lowband.train.checkpoint import load_checkpoint, rank_file
 from lowband.train.config import TrainConfig
 from lowband.train.data import load_dataset
 from lowband.train.launch import launch
-from lowband.train.worker import build_model
+from lowband.train.loop import build_model
 from lowband.train.worker import main as worker_main
 
 FAST = dict(workers=2, steps=4, eval_every=2, eval_batches=1, batch_size=4, bandwidth="1gbit", latency="1ms",

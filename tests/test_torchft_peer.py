@@ -25,7 +25,7 @@ from lowband.report.summary import load_run, summarize  # noqa: E402
 from lowband.train.config import TrainConfig  # noqa: E402
 from lowband.train.data import load_dataset  # noqa: E402
 from lowband.train.launch import launch  # noqa: E402
-from lowband.train.worker import build_model  # noqa: E402
+from lowband.train.loop import build_model  # noqa: E402
 from lowband.train.worker import main as worker_main  # noqa: E402
 
 FAST = dict(workers=2, steps=6, inner_steps=3, eval_every=3, eval_batches=1, batch_size=4,

@@ -89,6 +89,11 @@ class Algorithm:
     reshardable: ClassVar[bool] = False
     zeroth_order: ClassVar[bool] = False  # True: driven by zo_step(closure) instead of backward + step()
     deterministic: ClassVar[bool] = True  # False: the result depends on timing (who arrives first), not only seeds
+    # how lowband.elastic drives it through membership changes: the name of a membership protocol
+    # (lowband.elastic.MEMBERSHIPS: 'rounds', 'delayed', ...), declared by each class that supports
+    # --elastic ('' = it does not: --elastic refuses it with one line)
+    elastic: ClassVar[str] = ""
+    membership: Any = None  # the membership composed with this algorithm (attach), if any
 
     @classmethod
     def comm_plan(cls, options: Any, setup: Any) -> tuple[Any, ...]:
@@ -130,7 +135,26 @@ class Algorithm:
 
     def _after_inner_step(self, *_: Any) -> None:
         self.step_count += 1
-        self.after_step()
+        (self.after_step if self.membership is None else self.membership.after_step)()
+
+    # -- synchronisation points: where a membership composes with the algorithm ----------------
+    def attach(self, membership: Any) -> None:
+        """Drive this algorithm's synchronisation points through ``membership`` (an elastic membership,
+        :mod:`lowband.elastic`): from now on the point after each inner step calls
+        ``membership.after_step()``, :meth:`sync_point` calls ``membership.synchronise()`` and
+        :meth:`finish` calls ``membership.finish()``; the membership runs its quorum around them and
+        calls this algorithm's own :meth:`after_step`, :meth:`synchronise` and :meth:`end_training`
+        when they are due. Nothing of the algorithm is replaced."""
+        self.membership = membership
+
+    def sync_point(self) -> None:
+        """Where the algorithm synchronises (DiLoCo: every H steps): its own :meth:`synchronise`, or
+        the attached membership's (a quorum round around it)."""
+        (self.synchronise if self.membership is None else self.membership.synchronise)()
+
+    def synchronise(self) -> None:
+        """One synchronisation with the other ranks (the local-update family); default: nothing
+        (per-step methods communicate in :meth:`reduce_gradients`)."""
 
     def __enter__(self) -> "Algorithm":
         """Context-manager use (torchft's style): inside, plain ``optimizer.step()`` does it all.
@@ -177,7 +201,12 @@ class Algorithm:
         """After the inner step; default: nothing."""
 
     def finish(self) -> None:
-        """At the end of training: complete anything in flight, stop background threads."""
+        """At the end of training: :meth:`end_training`, or the attached membership's last quorum
+        around it. Subclasses override :meth:`end_training`, not this."""
+        (self.end_training if self.membership is None else self.membership.finish)()
+
+    def end_training(self) -> None:
+        """The algorithm's own end of training: complete anything in flight, stop background threads."""
         aggregator = getattr(self, "aggregator", None)
         if aggregator is not None:
             aggregator.close()

@@ -100,6 +100,7 @@ class CO2Options(DiLoCoOptions):
 class CO2(OverlappedDiLoCo):
     name = "co2"
     Options = CO2Options
+    elastic = "co2"  # --elastic: drained at a membership change, own outer gradient kept (lowband.elastic.overlapped)
     reshardable = False  # not verified at another world size (its staleness penalty state)
     options: CO2Options  # type: ignore[assignment]
 

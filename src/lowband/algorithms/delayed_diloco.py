@@ -66,7 +66,7 @@ class OverlappedDiLoCo(DiLoCo):
     """DiLoCo with one outer-gradient average in flight across a round (base of delayed and eager).
 
     Subclasses implement :meth:`synchronise` (called after every H inner steps) with
-    :meth:`exchange`, and :meth:`complete` (called by :meth:`finish`).
+    :meth:`exchange`, and :meth:`complete` (called by :meth:`end_training`).
     """
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
@@ -124,10 +124,10 @@ class OverlappedDiLoCo(DiLoCo):
         raise NotImplementedError
 
     @torch.no_grad()
-    def finish(self) -> None:
+    def end_training(self) -> None:
         """End of training: apply the average in flight, stop the aggregator's thread."""
         self.complete()
-        super().finish()
+        super().end_training()
 
     # -- state ----------------------------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:
@@ -161,6 +161,7 @@ class DelayedDiLoCoOptions(DiLoCoOptions):
 class DelayedDiLoCo(OverlappedDiLoCo):
     name = "delayed-diloco"
     Options = DelayedDiLoCoOptions
+    elastic = "delayed"  # --elastic: drained at a membership change (lowband.elastic.overlapped)
 
     @classmethod
     def comm_plan(cls, options: Any, setup: Setup) -> tuple[Sync, ...]:

@@ -72,6 +72,7 @@ class DiLoCoOptions(LocalWorkOptions):
 class DiLoCo(Algorithm):
     name = "diloco"
     Options = DiLoCoOptions
+    elastic = "rounds"  # --elastic: blocking outer steps, committed or redone (lowband.elastic.membership)
     reshardable = True  # global model, outer optimizer, counters and averages in flight agree on every rank
     options: DiLoCoOptions
 
@@ -145,7 +146,7 @@ class DiLoCo(Algorithm):
     def end_iteration(self) -> None:
         """Synchronise once the round's ``period()`` iterations have run."""
         if self.local_steps >= self.period():
-            self.synchronise()
+            self.sync_point()  # synchronise(), or the attached membership's quorum round around it
             self.local_steps = 0
 
     def outer_gradients(self) -> list[tuple[str, torch.Tensor]]:

@@ -93,6 +93,7 @@ class EagerDiLoCoOptions(DiLoCoOptions):
 class EagerDiLoCo(OverlappedDiLoCo):
     name = "eager-diloco"
     Options = EagerDiLoCoOptions
+    elastic = "eager"  # --elastic: drained, outer state adopted at a membership change (lowband.elastic.overlapped)
     reshardable = False  # each rank's own fresh outer gradient is part of the state
     options: EagerDiLoCoOptions
 

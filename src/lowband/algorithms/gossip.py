@@ -158,6 +158,7 @@ class Gossip(Algorithm):
 
     name = "gossip"
     Options = GossipOptions
+    elastic = "gossip"  # --elastic: quorum every quorum_every steps (lowband.elastic.decentralized)
     options: GossipOptions
 
     @classmethod
@@ -199,13 +200,13 @@ class Gossip(Algorithm):
         unflatten_into(flat, self.params)
 
     @torch.no_grad()
-    def finish(self) -> None:
+    def end_training(self) -> None:
         """Step 5: one exact average of all models (charged: it is real traffic)."""
         if self.options.merge_at_end and self.comm.world_size > 1:
             flat = self._flat()
             self.comm.all_reduce(flat, average=True, tag="merge")
             unflatten_into(flat, self.params)
-        super().finish()
+        super().end_training()
 
     def metrics(self) -> dict[str, float]:
         """Step 4: consensus distance mean_i ||x_i - x_bar|| (L2 over all parameters), in float64."""

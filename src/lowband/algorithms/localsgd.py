@@ -59,6 +59,7 @@ class LocalSGD(DiLoCo):
 
     name = "localsgd"
     Options = LocalSGDOptions
+    elastic = "rounds"  # --elastic: blocking averages, committed or redone (lowband.elastic.membership)
     options: LocalSGDOptions  # type: ignore[assignment]
 
     @classmethod

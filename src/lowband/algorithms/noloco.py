@@ -179,14 +179,14 @@ class NoLoCo(Algorithm):
         self.outer_steps += 1
 
     @torch.no_grad()
-    def finish(self) -> None:
+    def end_training(self) -> None:
         """Nothing beyond the base class, unless ``merge_at_end``: one exact average of all models."""
         if self.options.merge_at_end and self.comm.world_size > 1:
             flat = self._flat()
             self.comm.all_reduce(flat, average=True, tag="merge")
             unflatten_into(flat, self.params)
             self.outer_params.copy_(flat)
-        super().finish()
+        super().end_training()
 
     def metrics(self) -> dict[str, float]:
         """Consensus distance mean_i ||theta_i - mean_j theta_j|| (L2, float64, not charged)."""

@@ -97,6 +97,7 @@ class QSR(LocalSGD):
 
     name = "qsr"
     Options = QSROptions
+    elastic = ""  # not under --elastic yet: its period follows the lr schedule, untested with joiners
     options: QSROptions  # type: ignore[assignment]
 
     @classmethod

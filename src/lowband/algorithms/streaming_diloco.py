@@ -128,6 +128,7 @@ def contiguous_fragments(numels: Sequence[int], parts: int) -> list[list[int]]:
 class StreamingDiLoCo(DiLoCo):
     name = "streaming-diloco"
     Options = StreamingDiLoCoOptions
+    elastic = "streaming"  # --elastic: quorum where a fragment is due (lowband.elastic.overlapped)
     options: StreamingDiLoCoOptions
 
     @classmethod
@@ -199,10 +200,10 @@ class StreamingDiLoCo(DiLoCo):
         for p in sorted(self.in_flight, key=lambda q: (self.in_flight[q].apply_at, q)):
             self.apply_sync(p)
 
-    def finish(self) -> None:
+    def end_training(self) -> None:
         """End of training: apply the fragments still in flight, stop the aggregator's thread."""
         self.synchronise()
-        super().finish()
+        super().end_training()
 
     # -- state ----------------------------------------------------------------------------
     def wait_in_flight(self) -> None:

@@ -1,8 +1,8 @@
 """Elastic membership for ``gossip`` (D-PSGD, Lian et al., arXiv:1705.09056).
 
 Gossip has no global model: each rank mixes its parameters with its neighbours' every
-``period`` steps over a graph of the current members. :class:`GossipSync` takes over its
-``after_step`` and ``finish``:
+``period`` steps over a graph of the current members. :class:`GossipSync` is attached to it
+(``Algorithm.attach``) and runs its synchronisation points (after each step, and finish):
 
 1. **exchange**: as without ``--elastic`` (``Gossip.gossip``). If a neighbour exchange fails
    (a neighbour died: gloo raises "connection closed by peer"), this rank skips that mixing
@@ -38,7 +38,7 @@ from typing import Any
 import torch
 
 from lowband.comm import group
-from lowband.elastic.membership import ELASTIC, ElasticSync, digest_of
+from lowband.elastic.membership import MEMBERSHIPS, ElasticSync, digest_of
 from lowband.elastic.quorum import Decision
 
 log = logging.getLogger("lowband.elastic.membership")
@@ -47,11 +47,7 @@ log = logging.getLogger("lowband.elastic.membership")
 class GossipSync(ElasticSync):
     """Quorum points every ``quorum_every`` steps; the graph follows the members (module docstring)."""
 
-    def _install(self) -> None:
-        a = self.algo
-        self.own_finish = type(a).finish.__get__(a)
-        a.after_step = self.after_step
-        a.finish = self.finish
+    def _setup(self) -> None:
         self.broken = False  # this rank's group failed: no exchanges until the next quorum
         self.quorums = 0  # sync quorums committed (the same count on every member)
 
@@ -61,7 +57,7 @@ class GossipSync(ElasticSync):
 
     @torch.no_grad()
     def after_step(self) -> None:
-        """Step 1 every ``period`` steps, step 2 every ``quorum_every`` steps."""
+        """In place of the algorithm's own: step 1 every ``period`` steps, step 2 every ``quorum_every`` steps."""
         a = self.algo
         if a.step_count % a.options.period == 0:
             self.exchange()
@@ -94,7 +90,7 @@ class GossipSync(ElasticSync):
         """Step 4: a last quorum, then the final merge over its members."""
         self._until_committed()
         try:
-            self.own_finish()
+            self.algo.end_training()
         except Exception as err:  # noqa: BLE001 - each rank keeps its own model
             log.warning("replica %s: final merge failed (%s): keeping this rank's model", self.client.token, err)
 
@@ -144,4 +140,4 @@ class GossipSync(ElasticSync):
         return digest_of(self.algo.params)
 
 
-ELASTIC.register("gossip")(GossipSync)
+MEMBERSHIPS.register("gossip")(GossipSync)

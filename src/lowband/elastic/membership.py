@@ -1,10 +1,12 @@
 """Elastic membership for the local-update family: quorum, commit or skip, join with a verified state.
 
-:class:`ElasticSync` takes over an algorithm's ``synchronise`` (DiLoCo's outer step, local
-SGD's averaging). The algorithms that keep averages in flight across outer steps
-(``delayed-diloco``, ``eager-diloco``, ``co2``, ``streaming-diloco``) and ``gossip`` have their
-own subclasses (:mod:`lowband.elastic.overlapped`, :mod:`lowband.elastic.decentralized`),
-registered in :data:`ELASTIC` under the algorithm's name. At every outer step, on every worker:
+A membership composes with an algorithm through its synchronisation points
+(:meth:`~lowband.algorithms.base.Algorithm.attach`): the algorithm calls ``after_step``,
+``synchronise`` and ``finish`` of the attached membership, which runs its quorum around the
+algorithm's own. Each algorithm names the protocol that drives it (``Algorithm.elastic``);
+:data:`MEMBERSHIPS` holds them: ``rounds`` (:class:`ElasticSync`: DiLoCo's outer step, local
+SGD's averaging), the overlapped variants' drains (:mod:`lowband.elastic.overlapped`) and
+gossip's quorum points (:mod:`lowband.elastic.decentralized`). At every outer step, on every worker:
 
 1. **quorum**: arrive at the :class:`~lowband.elastic.quorum.QuorumService` and get the
    members of this attempt (:class:`~lowband.elastic.quorum.Decision`);
@@ -45,6 +47,7 @@ from typing import Any, Callable, Sequence
 import torch
 
 from lowband.adversity.injection import Fault, FaultPlan, parse_faults  # noqa: F401  (re-exported)
+from lowband.algorithms import ALGORITHMS, Algorithm
 from lowband.comm import group
 from lowband.elastic.quorum import Decision, QuorumClient, replica_of
 from lowband.feedback import FEEDBACK
@@ -63,15 +66,26 @@ class CollectiveAbandoned(RuntimeError):
     """A member of this quorum failed: its collective is given up instead of waiting for gloo's timeout."""
 
 
+def elastic_algorithms() -> list[str]:
+    """The registered algorithms that declare a membership protocol (``Algorithm.elastic``)."""
+    return [name for name in ALGORITHMS.names() if ALGORITHMS.get(name).elastic]
+
+
+def membership_for(algo: Algorithm) -> type["ElasticSync"]:
+    """The membership class that drives ``algo`` (its class's ``elastic`` protocol)."""
+    protocol = type(algo).elastic
+    if not protocol:
+        raise ValueError(f"--elastic supports {', '.join(elastic_algorithms())}, not {algo.name}")
+    return MEMBERSHIPS.get(protocol)
+
+
 def check_elastic(algos: Sequence[str], workers: int, min_workers: int) -> None:
     """Raise one line if ``--elastic`` cannot run these algorithms with these worker counts."""
     names = [a.partition(":")[0].strip() for a in algos]
-    unsupported = [n for n in names if n not in ELASTIC]
+    unsupported = [n for n in names if n not in ALGORITHMS or not ALGORITHMS.get(n).elastic]
     if unsupported:
-        raise ValueError(f"--elastic supports {', '.join(ELASTIC.names())}, not {', '.join(unsupported)}")
+        raise ValueError(f"--elastic supports {', '.join(elastic_algorithms())}, not {', '.join(unsupported)}")
     for spec in algos:
-        from lowband.algorithms import ALGORITHMS
-
         cls, options = parse_spec(spec, ALGORITHMS)
         cls.Options(**options)  # its own one-line errors first
         if options.get("asynchronous") is False:
@@ -118,9 +132,9 @@ class ElasticSync:
 
     Example (what :mod:`lowband.train.elastic_worker` does)::
 
-        sync = ElasticSync(client, store, algo, scheduler, network, loop, faults, timeout=30)
+        sync = membership_for(algo)(client, store, algo, scheduler, network, loop, faults, timeout=30)
         sync.join()            # first quorum: the start, or a running job's next outer step
-        for step in ...:       # algo.step() calls sync.synchronise() every H steps
+        for step in ...:       # algo.step() reaches sync.synchronise() every H steps (its sync_point)
     """
 
     def __init__(self, client: QuorumClient, store: Any, algo: Any, scheduler: Any, network: Network,
@@ -134,11 +148,20 @@ class ElasticSync:
         self.decision: Decision | None = None
         self.elastic_s = 0.0  # seconds spent in quorums, votes, group rebuilds and state transfers
         self.redone = 0  # attempts that did not commit
-        self._install()
+        self._setup()
+        algo.attach(self)  # the algorithm's synchronisation points now come here
 
-    def _install(self) -> None:
-        """Take over the algorithm's synchronisation point (DiLoCo: ``synchronise``, every H steps)."""
-        self.algo.synchronise = self.synchronise  # the algorithm's after_step now syncs through here
+    def _setup(self) -> None:
+        """State of a protocol's own (subclasses); DiLoCo's rounds keep none."""
+
+    # -- the algorithm's synchronisation points (Algorithm.attach) --------------------------------
+    def after_step(self) -> None:
+        """After each inner step: the algorithm's own (DiLoCo counts to H and reaches :meth:`synchronise`)."""
+        self.algo.after_step()
+
+    def finish(self) -> None:
+        """End of training: the algorithm's own (nothing is in flight between DiLoCo's rounds)."""
+        self.algo.end_training()
 
     @property
     def members(self) -> int:
@@ -372,6 +395,5 @@ def digest_of(tensors: list[torch.Tensor]) -> str:
     return digest.hexdigest()[:16]
 
 
-ELASTIC: Registry[type[ElasticSync]] = Registry("elastic algorithm")
-ELASTIC.register("diloco")(ElasticSync)
-ELASTIC.register("localsgd")(ElasticSync)
+MEMBERSHIPS: Registry[type[ElasticSync]] = Registry("membership protocol")
+MEMBERSHIPS.register("rounds")(ElasticSync)

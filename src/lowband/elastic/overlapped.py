@@ -50,7 +50,7 @@ from typing import Any
 import torch
 
 from lowband.algorithms.diloco import DiLoCo
-from lowband.elastic.membership import ELASTIC, ElasticSync
+from lowband.elastic.membership import MEMBERSHIPS, ElasticSync
 from lowband.elastic.quorum import Decision
 
 Named = list[tuple[str, torch.Tensor]]
@@ -60,10 +60,7 @@ log = logging.getLogger("lowband.elastic.membership")
 class DrainingSync(ElasticSync):
     """Shared by the overlapped variants: steady rounds, drains, the final quorum."""
 
-    def _install(self) -> None:
-        a = self.algo
-        self.own_finish = type(a).finish.__get__(a)
-        a.finish = self.finish
+    def _setup(self) -> None:
         self.preflight: dict[str, Any] | None = None  # aggregator state before the oldest average in flight
         self.lost: list[torch.Tensor] | None = None  # own progress only a dropped average carried
         self.steady = False
@@ -140,18 +137,15 @@ class DrainingSync(ElasticSync):
 class OverlapSync(DrainingSync):
     """``delayed-diloco``: one average in flight (started at a round end, applied at the next)."""
 
-    def _install(self) -> None:
-        super()._install()
-        a = self.algo
-        self.own_synchronise = type(a).synchronise.__get__(a)
-        a.synchronise = self.synchronise
+    def _setup(self) -> None:
+        super()._setup()
         self.flight_world = 1  # members when the average in flight started
 
     def finish(self) -> None:
         """End of training: a last quorum; the last average lands only if every member has it."""
         self.finishing = True
         self._until_committed()
-        self.own_finish()
+        self.algo.end_training()
 
     def _has_flight(self) -> bool:
         return self.algo.in_flight is not None
@@ -181,11 +175,11 @@ class OverlapSync(DrainingSync):
 
     def _steady_apply(self) -> None:
         if self.finishing:
-            return  # own_finish applies the last average
+            return  # the algorithm's end_training applies the last average
         self.preflight = copy.deepcopy(self.algo.aggregator.state_dict())  # idle: the last average arrived
         self.flight_world = self.comm.world_size
         self._remember()
-        self.own_synchronise()
+        self.algo.synchronise()  # the algorithm's own: starts the next average
 
     def _remember(self) -> None:
         """Keep what a drain would need of the average about to start (co2: its outer gradient)."""
@@ -227,8 +221,8 @@ class EagerSync(OverlapSync):
 class CO2Sync(OverlapSync):
     """``co2``: as delayed, but the own outer gradient in flight is kept (x_i restarts from theta_g)."""
 
-    def _install(self) -> None:
-        super()._install()
+    def _setup(self) -> None:
+        super()._setup()
         self.own: list[torch.Tensor] | None = None
 
     @torch.no_grad()
@@ -253,12 +247,10 @@ class CO2Sync(OverlapSync):
 class StreamingSync(DrainingSync):
     """``streaming-diloco``: fragments start on their schedule; quorum points where one is due."""
 
-    def _install(self) -> None:
-        super()._install()
-        self.algo.after_step = self.after_step
-
     @torch.no_grad()
     def after_step(self) -> None:
+        """In place of the algorithm's own (the same schedule): start the fragments due, then a
+        quorum where one's average is due."""
         a = self.algo
         t = a.step_count
         started = a.starts_at(t)
@@ -276,8 +268,7 @@ class StreamingSync(DrainingSync):
         if a.in_flight:
             self.finishing = True
             self._until_committed()
-        a.synchronise = type(a).synchronise.__get__(a)  # own_finish applies what is left, no quorum
-        self.own_finish()
+        a.end_training()  # the algorithm's own: applies what is left, no quorum
 
     def _has_flight(self) -> bool:
         return bool(self.algo.in_flight)
@@ -328,7 +319,7 @@ class StreamingSync(DrainingSync):
         a.outer_steps += len(a.fragments) - 1
 
 
-ELASTIC.register("delayed-diloco")(OverlapSync)
-ELASTIC.register("eager-diloco")(EagerSync)
-ELASTIC.register("co2")(CO2Sync)
-ELASTIC.register("streaming-diloco")(StreamingSync)
+MEMBERSHIPS.register("delayed")(OverlapSync)
+MEMBERSHIPS.register("eager")(EagerSync)
+MEMBERSHIPS.register("co2")(CO2Sync)
+MEMBERSHIPS.register("streaming")(StreamingSync)

@@ -268,7 +268,7 @@ class Resumed:
 class RunCheckpoint:
     """Saves and restores everything one rank's training loop needs to continue exactly.
 
-    Example (what :func:`lowband.train.worker.train_one` does)::
+    Example (what :func:`lowband.train.loop.train_one` does)::
 
         ckpt = RunCheckpoint(algo_dir, model, algo, scheduler, generator)
         resumed = ckpt.restore() if cfg.resume else None

@@ -15,6 +15,7 @@ from typing import Any
 from lowband.adversity.attacks import ATTACKS
 from lowband.algorithms import ALGORITHMS
 from lowband.comm.robust import RULES
+from lowband.devices import DEVICE_CHOICES
 from lowband.compress import COMPRESSORS
 from lowband.feedback import FEEDBACK
 from lowband.feedback.base import pairing_warning
@@ -26,7 +27,7 @@ from lowband.train.checks import check_data, check_init_from, check_model_data
 from lowband.train.data import SHARDINGS
 from lowband.train.metrics import check_logs
 from lowband.train.models import model_builder
-from lowband.train.precision import check_config as check_precision
+from lowband.train.precision import PRECISIONS, check_config as check_precision
 
 SCHEDULES = ("cosine", "constant")
 RING_MODES = ("rank", "auto")  # rank order (gloo's); measured pairwise bandwidth at start-up
@@ -34,66 +35,121 @@ NET_MODES = ("model", "netns")  # in-process emulation; real namespaces + tc-sha
 DEFAULT = "default"  # --compress/--feedback: the algorithm's own default
 
 
+TASK = "what is trained, how long, with which optimizer"
+ALGO = "algorithm options, given to every --algo that has them"
+NETWORK = "the network (docs/emulation.md, docs/topology.md)"
+RUN = "evaluation, output, checkpoints, devices"
+ELASTIC = "elastic membership (docs/elastic.md)"
+OWN = "(default: each algorithm's own"
+
+
+def flag(default: Any, help: str, group: str, **argparse_options: Any) -> Any:
+    """A :class:`TrainConfig` field and its command-line flag, written once: the default here, the help
+    text (``{algorithms}``, ``{compressors}``, ``{feedback}``, ``{models}``, ``{rules}`` are filled with
+    the registered names, ``{diloco.<field>}`` with DiLoCo's own default), the help group, and any of ``flag`` (its name, when not the field's),
+    ``short``, ``choices``, ``metavar``, ``negate`` (a ``--no-...`` flag that stores False).
+    :func:`lowband.train.flags.build_parser` generates the parser from these."""
+    return dataclasses.field(default=default, metadata={"help": help, "group": group, **argparse_options})
+
+
 @dataclass(frozen=True)
 class TrainConfig:
-    """Everything one training run needs; defaults are the main job (`lowband train`)."""
+    """Everything one training run needs; defaults are the main job (``lowband train``). Each field is
+    one flag of ``lowband train`` (``--batch-size`` for ``batch_size``) and one key of ``--config``."""
 
-    algos: tuple[str, ...] = ("ddp", "diloco")
-    compress: tuple[str, ...] = (DEFAULT,)  # DEFAULT: each algorithm's own default (identity for ddp)
-    feedback: tuple[str, ...] = (DEFAULT,)
-    model: str = "gpt"
-    data: str = "shakespeare"
-    workers: int = 4
-    steps: int = 400
-    batch_size: int = 16
-    lr: float = 3e-3
-    min_lr_ratio: float = 0.1
-    warmup_steps: int = 20
-    schedule: str = "cosine"
-    weight_decay: float = 0.1
-    grad_clip: float = 1.0
-    # the local-update family's hyperparameters: None = each algorithm's own default (DiLoCo:
-    # H 20, Nesterov SGD lr 0.7 momentum 0.9); a value given here overrides every algorithm's
-    inner_steps: int | None = None
-    outer_optimizer: str | None = None
-    outer_lr: float | None = None
-    outer_momentum: float | None = None
-    nesterov: bool | None = None
-    bucket_mb: float = 25.0
-    aggregate: str | None = None  # a robust rule for every averaging algorithm: 'median', 'centered-clip:tau=1'
-    attack: str | None = None  # simulated Byzantine ranks (tests, benchmarks): 'signflip:ranks=0', 'labelflip:ranks=1'
-    straggle: str | None = None  # simulated slow ranks (ddp, ddp-backup): 'fixed:ranks=3,delay=0.5', 'random:prob=0.1'
-    bandwidth: str = "100mbit"
-    latency: str = "20ms"
-    # heterogeneity (docs/heterogeneous.md): sites joined by a WAN, uneven workers, ring order, hierarchy
-    sites: str | None = None  # each worker's site, '0,0,1,1'
-    wan_bandwidth: str | None = None  # the link between two sites (per direction, shared by its flows)
-    wan_latency: str | None = None
-    worker_speed: str | None = None  # compute speed per worker, '1,1,0.5,0.25' (0.5: steps take twice as long)
-    ring: str = "rank"  # ring order of collectives: 'rank', 'auto' (measured at start-up), or '0,2,1,3'
-    hierarchical: bool | None = None  # average inside each site first, one update per site across the WAN
-    budget: str | None = None  # local-update family: 'fixed' (H each) or 'speed' (inner steps follow measured speed)
-    net: str = "model"  # 'model': in-process emulation; 'netns': real shaped links (lowband.net.netns)
-    sharding: str = "iid"
-    seed: int = 0
-    eval_every: int = 25
-    eval_batches: int = 8
-    target_loss: float | None = None
-    threads: int = 1
-    out: str = "runs"
-    name: str | None = None
-    progress: bool = True
-    checkpoint_every: int = 0  # steps between checkpoints (0: none); see lowband.train.checkpoint
-    resume: bool = False  # continue the run folder --name from each algorithm's last complete checkpoint
-    # elastic membership (docs/elastic.md): workers may die, hang, restart and join while training goes on
-    elastic: bool = False
-    min_workers: int = 1  # --elastic: fewer members than this stops the run with one line
-    elastic_timeout: float = 30.0  # --elastic: seconds to wait for a silent worker (quorum, collectives)
-    rejoin_after: float | None = None  # --elastic: restart a departed worker after this many seconds
-    init_from: str | None = None  # start from a saved model: a checkpoint file or an algorithm folder with one
-    device: str = "auto"  # auto (CUDA when available), cpu (gloo), cuda (one GPU per local worker, NCCL)
-    precision: str = "fp32"  # fp32, bf16 or fp16 (autocast; fp16 with a loss scaler): lowband.train.precision
-    log: str = "jsonl"  # also csv and/or tensorboard (rank 0's rows): lowband.train.metrics.Trackers
+    # -- what is trained, how long, with which optimizer ----------------------------------------
+    algos: tuple[str, ...] = flag(("ddp", "diloco"), "algorithms, run one after the other: {algorithms}; each "
+                                  "with options ('diloco:inner_steps=50;localsgd'; docs/cli.md)", TASK, flag="algo",
+                                  metavar="SPECS")
+    compress: tuple[str, ...] = flag(
+        (DEFAULT,), "what gradients (ddp) or outer gradients (diloco) become on the wire: 'default' (the "
+        "algorithm's own: fp32 for most, 4-bit for streaming-diloco), {compressors}, with options "
+        "('topk:ratio=0.01', 'powersgd:rank=2'); several run one after the other", TASK, metavar="SPECS")
+    feedback: tuple[str, ...] = flag((DEFAULT,), "error feedback: 'default' (the algorithm's own), {feedback}; "
+                                     "several run one after the other", TASK, metavar="SPECS")
+    model: str = flag("gpt", "one of: {models}, or your own: package.module:factory (docs/api.md)", TASK)
+    data: str = flag("shakespeare", "shakespeare, mnist, a path to a text file or folder, or your own: "
+                     "package.module:factory (docs/api.md)", TASK)
+    workers: int = flag(4, "worker processes (ignored under torchrun)", TASK)
+    steps: int = flag(400, "training steps per worker (same token budget for every algorithm)", TASK)
+    batch_size: int = flag(16, "sequences (or images) per worker per step", TASK)
+    lr: float = flag(3e-3, "peak (inner) learning rate, AdamW", TASK)
+    min_lr_ratio: float = flag(0.1, "final lr / peak lr for cosine", TASK)
+    warmup_steps: int = flag(20, "linear lr warm-up steps", TASK)
+    schedule: str = flag("cosine", "lr after the warm-up", TASK, choices=SCHEDULES)
+    weight_decay: float = flag(0.1, "AdamW's decoupled weight decay", TASK)
+    grad_clip: float = flag(1.0, "clip the local gradient norm (0: off)", TASK)
+    sharding: str = flag("iid", "how ranks split the training data", TASK, choices=SHARDINGS)
+    seed: int = flag(0, "initial model, batches and every seeded draw", TASK)
+    # -- the local-update family's hyperparameters: None = each algorithm's own default (DiLoCo: H 20,
+    # Nesterov SGD lr 0.7 momentum 0.9); a value given here overrides every algorithm's (options_for)
+    inner_steps: int | None = flag(None, "local-update family: inner steps per round " + OWN + "; DiLoCo: {diloco.inner_steps})", ALGO,
+                                   short="-H")
+    outer_optimizer: str | None = flag(None, "outer optimizer (sgd is Nesterov unless --no-nesterov) " + OWN +
+                                       "; DiLoCo: {diloco.outer_optimizer})", ALGO, choices=("sgd", "adam"))
+    outer_lr: float | None = flag(None, "outer learning rate " + OWN + "; DiLoCo: {diloco.outer_lr})", ALGO)
+    outer_momentum: float | None = flag(None, "outer momentum " + OWN + "; DiLoCo: {diloco.outer_momentum})", ALGO)
+    nesterov: bool | None = flag(None, "plain momentum SGD as the outer optimizer", ALGO, negate="no-nesterov")
+    bucket_mb: float = flag(25.0, "DDP: gradient bucket size", ALGO)
+    aggregate: str | None = flag(None, "robust aggregation for untrusted workers: {rules}, with options "
+                                 "('trimmed-mean:trim=0.25', 'centered-clip:tau=1,iters=3'; docs/robustness.md) "
+                                 "(default: mean)", ALGO)
+    attack: str | None = flag(None, "simulate Byzantine ranks (docs/robustness.md): 'signflip:ranks=0', "
+                              "'scale:ranks=0+5,factor=-10', 'noise:std=1', 'labelflip:ranks=1' (trains on flipped "
+                              "labels)", ALGO)
+    straggle: str | None = flag(None, "simulate slow ranks for ddp and ddp-backup: 'fixed:ranks=3,delay=0.5' "
+                                "(seconds per step), 'random:prob=0.1,delay=0.5,seed=0' (docs/robustness.md)", ALGO)
+    hierarchical: bool | None = flag(None, "--sites: average inside each site first, send one update per site "
+                                     "across the WAN", ALGO)
+    budget: str | None = flag(None, "diloco, localsgd: inner steps per round, 'fixed' (H each) or 'speed' "
+                              "(proportional to each worker's measured speed, updates weighted by the work done)",
+                              ALGO, choices=("fixed", "speed"))
+    # -- the network; heterogeneity (docs/heterogeneous.md): sites joined by a WAN, uneven workers, ring order
+    bandwidth: str = flag("100mbit", "per-worker link: 100mbit, 1gbit, 12.5MB/s, 'none'; or one per worker, "
+                          "comma-separated", NETWORK)
+    latency: str = flag("20ms", "per-hop latency: 20ms, 'none'; or one per worker", NETWORK)
+    sites: str | None = flag(None, "each worker's site, comma-separated ('0,0,1,1'): workers at different sites "
+                             "talk through --wan-bandwidth/--wan-latency (docs/heterogeneous.md)", NETWORK)
+    wan_bandwidth: str | None = flag(None, "--sites: the link between two sites, per direction, shared by the "
+                                     "flows crossing it ('50mbit')", NETWORK)
+    wan_latency: str | None = flag(None, "--sites: latency added across sites ('30ms')", NETWORK)
+    worker_speed: str | None = flag(None, "compute speed per worker, comma-separated ('1,1,0.5,0.25'; 0.5: each "
+                                    "step takes twice as long as measured)", NETWORK)
+    ring: str = flag("rank", "ring order of collectives: 'rank', 'auto' (measure pairwise bandwidth at start-up "
+                     "and avoid slow links), or an order ('0,2,1,3')", NETWORK)
+    net: str = flag("model", "model: in-process link emulation; netns: each worker in a network namespace behind "
+                    "a tc-shaped veth link (Linux, root; docs/emulation.md)", NETWORK, choices=NET_MODES)
+    # -- evaluation, output, checkpoints, devices ----------------------------------------------
+    eval_every: int = flag(25, "steps between held-out evaluations", RUN)
+    eval_batches: int = flag(8, "held-out batches per evaluation", RUN)
+    target_loss: float | None = flag(None, "validation loss for time-to-target (default: the best loss every "
+                                     "algorithm reaches)", RUN)
+    threads: int = flag(1, "torch threads per worker", RUN)
+    out: str = flag("runs", "folder for run folders", RUN)
+    name: str | None = flag(None, "run folder name (default: a timestamp)", RUN)
+    progress: bool = flag(True, "no progress bar", RUN, negate="no-progress")
+    log: str = flag("jsonl", "where metrics go besides each rank's JSONL: csv and/or tensorboard, comma-separated "
+                    "(tensorboard: pip install 'lowband[log]'; event files in <run>/tensorboard)", RUN)
+    checkpoint_every: int = flag(0, "save every rank's full state every N steps and at the end (0: never); "
+                                 "docs/checkpoints.md", RUN)
+    resume: bool = flag(False, "continue the run folder --name from each algorithm's last complete checkpoint "
+                        "(an algorithm without one starts from scratch)", RUN)
+    init_from: str | None = flag(None, "start every algorithm from a saved model (fine-tuning): a checkpoint file, "
+                                 "or an algorithm folder of a run trained with --checkpoint-every (its last "
+                                 "complete checkpoint)", RUN, metavar="PATH")
+    device: str = flag("auto", "auto: CUDA when available, one GPU per local worker (NCCL), else the CPU (gloo)",
+                       RUN, choices=DEVICE_CHOICES)
+    precision: str = flag("fp32", "autocast of forward passes; fp16 adds a loss scaler (local-update algorithms "
+                          "only)", RUN, choices=tuple(PRECISIONS))
+    # -- elastic membership (docs/elastic.md): workers may die, hang, restart and join while training goes on
+    elastic: bool = flag(False, "elastic membership (the DiLoCo family, localsgd, gossip): survivors go on when "
+                         "workers die or hang, restarted workers join at the next outer step (docs/elastic.md)",
+                         ELASTIC)
+    min_workers: int = flag(1, "--elastic: stop with an error when fewer workers are left", ELASTIC)
+    elastic_timeout: float = flag(30.0, "--elastic: seconds before a silent worker is dropped from the quorum",
+                                  ELASTIC)
+    rejoin_after: float | None = flag(None, "--elastic: restart a worker that left after this many seconds "
+                                      "(default: never)", ELASTIC, metavar="SECONDS")
 
     def __post_init__(self) -> None:
         self.check_specs()

@@ -8,10 +8,12 @@ through the driver's store (``LOWBAND_ELASTIC_STORE=host:port``) and the quorum 
 the rank it had at the start) and ``LOWBAND_INCARNATION`` (0, then 1, 2 ... when restarted);
 ``LOWBAND_ELASTIC_CONFIG`` is the run's config (JSON).
 
-The loop is :func:`lowband.train.worker.train_one`'s, with the elastic differences:
+The loop is :func:`lowband.train.loop.train_one`, the one every run uses; this worker's
+:class:`ElasticRole` makes the differences:
 
-* the algorithm's synchronisation goes through its :class:`~lowband.elastic.membership.ElasticSync`
-  (``ELASTIC``: DiLoCo's, the overlapped variants' drains, gossip's quorum points);
+* the membership that drives the algorithm (``membership_for(algo)``: DiLoCo's rounds, the
+  overlapped variants' drains, gossip's quorum points) is attached to it and joins before the
+  first step: the algorithm's synchronisation points run the quorum;
 * a joiner continues at the step (and on the clock) of the worker it got the state from;
 * metrics go to ``rank<replica>.jsonl`` (a restarted replica appends to its file) with a
   ``members`` column; joins, departures and redone rounds go to ``events.jsonl``;
@@ -22,23 +24,25 @@ The loop is :func:`lowband.train.worker.train_one`'s, with the elastic differenc
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import sys
-import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 import torch
 from torch.distributed.elastic.multiprocessing.errors import record
 
+from lowband.algorithms import Algorithm
 from lowband.comm import Comm, group
-from lowband.elastic.membership import ELASTIC, FaultPlan, LoopState
+from lowband.elastic.membership import ElasticSync, FaultPlan, LoopState, membership_for
 from lowband.elastic.quorum import QuorumAborted, QuorumClient, TrainingOver
+from lowband.net.link import Network
 from lowband.train.config import TrainConfig
 from lowband.train.data import load_dataset
+from lowband.train.loop import Role, train_one
 from lowband.train.metrics import MetricsWriter
-from lowband.train.worker import build_algorithm, build_model, evaluate, lr_lambda, step_row
 
 
 def config_from_json(text: str) -> TrainConfig:
@@ -67,58 +71,65 @@ def main() -> int:
 
 def train(cfg: TrainConfig, store: Any, replica: int, incarnation: int) -> None:
     """Train ``cfg``'s one algorithm as replica ``replica`` until ``cfg.steps``."""
-    variant = cfg.variants()[0]
-    data = load_dataset(cfg.data)
     network = cfg.network(cfg.workers)
-    algo_dir = Path(cfg.out) / str(cfg.name) / variant.folder
-    model = build_model(cfg, data)
-    comm = Comm()  # a world of one until the first quorum: ElasticSync re-points it
-    algo = build_algorithm(cfg, variant, model, comm)
-    if getattr(algo, "aggregator", None) is not None:  # gossip has none
-        algo.aggregator.compressor.for_rank(replica)  # seeded compressors draw per worker
-    scheduler = torch.optim.lr_scheduler.LambdaLR(algo.optimizer, lr_lambda(cfg))
-    generator = torch.Generator().manual_seed((cfg.seed * 1_000_003 + replica) * 1009 + incarnation)
-    val_batches = data.val_batches(cfg.batch_size, cfg.eval_batches)
-    tokens_per_step = cfg.batch_size * (data.block_size if data.kind == "text" else 1)
-    token = f"{replica}.{incarnation}"
-    loop = LoopState()
-    faults = FaultPlan.from_env(replica, incarnation)
-    with MetricsWriter(algo_dir / f"rank{replica}.jsonl", append=incarnation > 0) as metrics, \
-            MetricsWriter(algo_dir / "events.jsonl", append=True) as events:
-        def on_event(event: dict[str, Any]) -> None:
-            events.write({"step": loop.step, "time_s": loop.clock, **event})
+    train_one(cfg, cfg.variants()[0], load_dataset(cfg.data), network, Path(cfg.out) / str(cfg.name),
+              role=ElasticRole(cfg, store, network, replica, incarnation))
 
-        sync = ELASTIC.get(variant.algorithm)(QuorumClient(store, token), store, algo, scheduler, network, loop,
-                                              faults, cfg.elastic_timeout, on_event)
-        sync.join()
-        while loop.step < cfg.steps:
-            loop.step += 1
-            faults.trigger("step", loop.step)
-            comm.ledger.step = loop.step
-            started, waited, elastic, rounds = time.perf_counter(), comm.wait_seconds, sync.elastic_s, sync.rounds
-            rank, size = (comm.rank, comm.world_size) if cfg.sharding != "iid" else (0, 1)
-            x, y = data.batch(generator, cfg.batch_size, rank, size, cfg.sharding)
-            _, loss = model(x, y)
-            loss.backward()
-            algo.step()  # at quorum points: the ElasticSync's (a rejoining worker's loop.step may jump)
-            algo.zero_grad()
-            if loop.step == cfg.steps:
-                algo.finish()
-            scheduler.step()
-            elapsed, comm_s = time.perf_counter() - started, comm.wait_seconds - waited
-            loop.clock += elapsed
-            row = step_row(loop.step, loss.item(), loop.step * tokens_per_step, comm.ledger, elapsed, comm_s,
-                           loop.clock, scheduler.get_last_lr()[0])
-            row.update(members=sync.members, elastic_s=sync.elastic_s - elastic)
-            if sync.rounds != rounds or loop.step == cfg.steps:  # an outer step (quorum) landed: its fingerprint
-                row.update(outer_steps=sync.rounds, params_sha=sync.fingerprint())
-            if loop.step % cfg.eval_every == 0 or loop.step == cfg.steps:
-                loop.val_loss = row["val_loss"] = evaluate(model, algo, val_batches)
-            metrics.write(row)
-    comm.close()
-    with MetricsWriter(algo_dir / f"ledger_rank{replica}.jsonl", append=incarnation > 0) as ledger_out:
-        for rec in comm.ledger.records:
-            ledger_out.write(rec.to_dict())
+
+class ElasticRole(Role):
+    """Replica ``replica`` (incarnation ``incarnation``) of an elastic run: its membership is attached
+    to the algorithm and joins before the first step (module docstring)."""
+
+    elastic = True
+
+    def __init__(self, cfg: TrainConfig, store: Any, network: Network, replica: int, incarnation: int) -> None:
+        super().__init__(cfg)
+        self.store, self.network, self.incarnation = store, network, incarnation
+        self.id, self.append = replica, incarnation > 0
+        self.faults = FaultPlan.from_env(replica, incarnation)
+        self.sync: ElasticSync | None = None
+        self.rounds, self.elastic_s = 0, 0.0  # at the top of the step in progress
+
+    def comm(self, network: Network) -> Comm:
+        return Comm()  # a world of one until the first quorum: the membership re-points it
+
+    def seed(self) -> int:
+        return (self.cfg.seed * 1_000_003 + self.id) * 1009 + self.incarnation
+
+    def prepare(self, algo_dir: Path, comm: Comm) -> None:
+        """No ring file (the membership's group changes)."""
+
+    @contextlib.contextmanager
+    def start(self, algo: Algorithm, scheduler: Any, state: LoopState, algo_dir: Path) -> Iterator[None]:
+        """Attach the algorithm's membership (``membership_for``) and join: the start of training, or a
+        running job's next outer step (then the state, the step and the clock come from a holder)."""
+        if getattr(algo, "aggregator", None) is not None:  # gossip has none
+            algo.aggregator.compressor.for_rank(self.id)  # seeded compressors draw per worker
+        with MetricsWriter(algo_dir / "events.jsonl", append=True) as events:
+            def on_event(event: dict[str, Any]) -> None:
+                events.write({"step": state.step, "time_s": state.clock, **event})
+
+            client = QuorumClient(self.store, f"{self.id}.{self.incarnation}")
+            self.sync = membership_for(algo)(client, self.store, algo, scheduler, self.network, state, self.faults,
+                                             self.cfg.elastic_timeout, on_event)
+            self.sync.join()
+            yield
+
+    def before_step(self, step: int) -> None:
+        assert self.sync is not None
+        self.faults.trigger("step", step)
+        self.rounds, self.elastic_s = self.sync.rounds, self.sync.elastic_s
+
+    def extend(self, row: dict[str, Any], last: bool) -> None:
+        """Members and the seconds of membership work; an outer step's fingerprint where one landed."""
+        sync = self.sync
+        assert sync is not None
+        row.update(members=sync.members, elastic_s=sync.elastic_s - self.elastic_s)
+        if sync.rounds != self.rounds or last:
+            row.update(outer_steps=sync.rounds, params_sha=sync.fingerprint())
+
+    def finish(self, algo_dir: Path, comm: Comm) -> None:
+        """Every replica writes its own files on this machine: nothing to collect."""
 
 
 if __name__ == "__main__":

@@ -229,7 +229,7 @@ def emulated_world(link: EmulatedLink, timeout: timedelta) -> Iterator[None]:
 def register_peer(run_dir: Path, cfg: TrainConfig, label: str, options: dict[str, Any]) -> None:
     """Add ``label`` (with ``options``) to ``run_dir/run.json``, creating it as ``lowband train``
     would; refuses (one line naming the differences) if it describes a different task."""
-    from lowband.train.worker import build_model
+    from lowband.train.loop import build_model
 
     data = load_dataset(cfg.data)
     network = cfg.network(cfg.workers)

@@ -55,7 +55,7 @@ from lowband.train.data import Batch, Dataset, load_dataset
 from lowband.train.flags import config_from_args
 from lowband.train.launch import WorkerFailed, launch
 from lowband.train.metrics import MetricsWriter
-from lowband.train.worker import build_model, lr_lambda, step_row
+from lowband.train.loop import build_model, lr_lambda, step_row
 
 TIMEOUT = timedelta(seconds=600)  # generous on a loaded 2-core machine
 MIB = 2**20  # DDP's bucket_cap_mb is in MiB
@@ -168,7 +168,7 @@ def worker_main(cfg: TrainConfig, options: TorchPeerOptions, run_dir: str, keep_
 
 def _train(cfg: TrainConfig, rank: int, n: int, data: Dataset, ddp: nn.parallel.DistributedDataParallel,
            optimizer: Any, adamw: torch.optim.AdamW, link: EmulatedLink, out: Path) -> dict[str, Any]:
-    """lowband's training loop (:func:`lowband.train.worker.train_one`) with DDP doing the averaging.
+    """lowband's training loop (:func:`lowband.train.loop.train_one`) with DDP doing the averaging.
 
     ``comm_s`` is the time the training thread is blocked on the link: waits on collectives (the
     averager's, DDP's bucket rebuild) plus, for backward, the time from the last bucket all-reduce

@@ -56,7 +56,7 @@ from lowband.train.config import TrainConfig
 from lowband.train.data import load_dataset
 from lowband.train.flags import config_from_args
 from lowband.train.launch import WorkerFailed, launch
-from lowband.train.worker import build_model
+from lowband.train.loop import build_model
 
 TORCHFT_VERSION = "0.2.0"
 INSTALL = (f"pip install --no-deps torchft=={TORCHFT_VERSION} && "

@@ -33,7 +33,7 @@ from lowband.bench.peers.common import EmulatedLink, LinkWork, PeerError, write_
 from lowband.train.config import TrainConfig, Variant
 from lowband.train.data import load_dataset
 from lowband.train.metrics import MetricsWriter
-from lowband.train.worker import build_model, lr_lambda, step_row
+from lowband.train.loop import build_model, lr_lambda, step_row
 
 TIMEOUT = timedelta(seconds=600)  # collectives, quorum and RPCs: generous on a loaded 2-core machine
 
@@ -232,7 +232,7 @@ def _wait_in_flight(diloco: Any) -> None:
 
 def _train(cfg: TrainConfig, rank: int, n: int, data: Any, model: nn.Module, optimizer: torch.optim.Optimizer,
            scheduler: Any, diloco: Any, manager: Any, link: EmulatedLink, out: Path) -> dict[str, Any]:
-    """lowband's training loop (:func:`lowband.train.worker.train_one`), the step driven by torchft's hooks."""
+    """lowband's training loop (:func:`lowband.train.loop.train_one`), the step driven by torchft's hooks."""
     params = [p for p in model.parameters() if p.requires_grad]
     generator = torch.Generator().manual_seed(cfg.seed * 1_000_003 + rank)
     val_batches = data.val_batches(cfg.batch_size, cfg.eval_batches)
