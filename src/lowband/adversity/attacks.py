@@ -55,6 +55,7 @@ class Attack(Tamper, ABC):
 
     name: ClassVar[str] = ""
     Options: ClassVar[type[AttackOptions]] = AttackOptions
+    idle = False
 
     def __init__(self, options: AttackOptions | None = None) -> None:
         self.options = options if options is not None else type(self).Options()
@@ -86,6 +87,7 @@ class NoAttackOptions(AttackOptions):
 class NoAttack(Attack):
     name = "none"
     Options = NoAttackOptions
+    idle = True
 
     def __init__(self, options: AttackOptions | None = None) -> None:
         self.options = options if options is not None else NoAttackOptions()

@@ -52,6 +52,9 @@ class SyncOptions(Options):
     attack: str = "none"  # simulated Byzantine ranks: 'signflip:ranks=0', 'scale:ranks=0+5,factor=-10', 'noise:std=1'
     checksum: bool = False  # CRC-32 per all-gathered payload + one tiny agreement all-reduce per call
     hierarchical: bool = False  # sum inside each --sites site, one compressed update per site across (Holmes)
+    # how non-summable payloads travel: 'auto' (the cost model: all-gather, or for a requantizable
+    # quantiser the two-phase reduce-scatter whose bytes stay flat in n), 'all_gather', 'two_phase'
+    collective: str = "auto"
 
     def __post_init__(self) -> None:
         parse_spec(self.compress, COMPRESSORS)  # raises with the valid names and options
@@ -62,6 +65,13 @@ class SyncOptions(Options):
             raise ValueError(f"small_numel must be >= 0, got {self.small_numel}")
         if self.bucket_mb <= 0:
             raise ValueError(f"bucket_mb must be > 0, got {self.bucket_mb}")
+        if self.collective not in ("auto", "all_gather", "two_phase"):
+            raise ValueError(f"collective must be auto, all_gather or two_phase, got {self.collective!r}")
+        if self.collective == "two_phase" and not (build(self.compress, COMPRESSORS).requantizable and
+                                                   self.aggregate == "mean" and not self.checksum and
+                                                   self.attack == "none"):
+            raise ValueError("collective=two_phase needs a requantizable compressor (qsgd, int8, terngrad) under "
+                             "aggregate=mean, without checksum or attack: use collective=auto")
         if self.hierarchical:
             self._check_hierarchical()
 
@@ -241,8 +251,10 @@ class Algorithm:
             compressor, rule = build(o.compress, COMPRESSORS), build(o.aggregate, RULES)
             summed = compressor.summable and isinstance(rule, Mean)  # an all-reduce: no per-rank bytes to spoil
             attack = payload_faults(build(o.attack, ATTACKS), summed)  # and LOWBAND_FAULT's payload faults, if any
+            collective = "auto" if compressor.summable else o.collective  # summable: always all-reduced
             return Aggregator(comm, compressor, build(o.feedback, FEEDBACK), tag=tag, small_numel=o.small_numel,
-                              bucket_mb=o.bucket_mb, rule=rule, attack=attack, checksum=o.checksum)
+                              bucket_mb=o.bucket_mb, collective=collective, rule=rule, attack=attack,
+                              checksum=o.checksum)
 
         return HierarchicalAggregator(self.comm, pipeline, tag, o.bucket_mb) if o.hierarchical else pipeline(self.comm)
 

@@ -12,6 +12,7 @@ import math
 from dataclasses import dataclass
 from typing import Any, Callable
 
+from lowband.comm.two_phase import SHARDS, prefer
 from lowband.compress import COMPRESSORS
 from lowband.net import cost
 from lowband.net.cost import Transfer
@@ -108,6 +109,7 @@ class Wire:
     rounds: tuple[float, ...]
     summable: bool
     fixed_size: bool = True
+    requantizable: bool = False  # may take the two-phase reduce-scatter (lowband.comm.two_phase)
 
 
 def wire(spec: str, numel: int, side: int) -> Wire:
@@ -116,13 +118,19 @@ def wire(spec: str, numel: int, side: int) -> Wire:
     cls, kwargs = parse_spec(spec, COMPRESSORS)
     options = cls.Options(**kwargs)
     summable = cls(options).summable  # per instance: lgreco's is its family's
-    return Wire(cls.wire_bytes(options, numel, side), summable, cls.fixed_size)
+    return Wire(cls.wire_bytes(options, numel, side), summable, cls.fixed_size, cls.requantizable)
 
 
 def average(o: Any, setup: Setup, label: str, every: float, overlap: float = 0.0,
             fraction: float = 1.0) -> tuple[Sync, ...]:
     """An Aggregator mean of ``fraction`` of the parameters through ``o.compress``."""
     w = wire(o.compress, round(setup.params * fraction), setup.side)
+    plain = getattr(o, "aggregate", "mean") == "mean" and not getattr(o, "checksum", False) and \
+        getattr(o, "attack", "none") == "none"
+    if w.requantizable and plain and prefer(round(w.rounds[0]), setup.workers, setup.link):  # as the Aggregator
+        return (Sync(label, "all_to_all", w.rounds[0], every, chunk_bytes=math.inf, overlap_steps=overlap),
+                Sync(label + SHARDS, "all_gather", w.rounds[0] / setup.workers, every, chunk_bytes=math.inf,
+                     overlap_steps=overlap))
     kind = "all_reduce" if w.summable else "all_gather"
     syncs = [Sync(label, kind, w.rounds[0], every, rounds=len(w.rounds), chunk_bytes=o.bucket_mb * 1e6,
                   overlap_steps=overlap)]

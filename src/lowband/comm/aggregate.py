@@ -13,7 +13,9 @@ with their mean over ranks, as it crosses the wire in compressed form:
 4. per round, every group's payload travels in one flat buffer (chunked to
    ``bucket_mb``): summed by all-reduce when the compressor is summable, otherwise
    all-gathered as bytes and handed back per rank (robust ``rule``: always all-gathered,
-   decoded per rank and combined by the rule, :mod:`lowband.comm.robust`);
+   decoded per rank and combined by the rule, :mod:`lowband.comm.robust`); a
+   ``requantizable`` quantiser under the mean takes the two-phase reduce-scatter whose bytes
+   stay flat in n where the cost model prefers it (:mod:`lowband.comm.two_phase`);
 5. ``feedback.update`` with what this rank's payload decoded to, ``feedback.finalize``
    on the mean, and the result is written back in place.
 
@@ -26,45 +28,25 @@ pipeline runs without communicating, so compression error is visible in one proc
 
 from __future__ import annotations
 
-import time
+import math
 from collections import defaultdict
-from concurrent.futures import Future, ThreadPoolExecutor
-from typing import Any, Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any, Sequence
 
 import torch
 
 from lowband.comm import guards
 from lowband.comm.buffers import chunks, flat_or_self, small_key, write_back
-from lowband.comm.comm import Comm
+from lowband.comm.comm import Comm, PendingMean
 from lowband.comm.guards import NonFiniteError
 from lowband.comm.robust import Mean, Rule
 from lowband.comm.tamper import Tamper
+from lowband.comm.two_phase import TwoPhase, prefer
 from lowband.compress.base import Compressor, Payload
 from lowband.feedback.base import Feedback
 
-COLLECTIVES = ("auto", "all_reduce", "all_gather")
+COLLECTIVES = ("auto", "all_reduce", "all_gather", "two_phase")
 __all__ = ["Aggregator", "NonFiniteError", "PendingMean", "small_key"]
-
-
-class PendingMean:
-    """A mean in flight (:meth:`Aggregator.mean_async`); ``wait()`` blocks until it is written back."""
-
-    def __init__(self, comm: Comm, future: Future) -> None:
-        self._comm, self._future = comm, future
-
-    def done(self) -> bool:
-        return self._future.done()
-
-    def wait(self) -> None:
-        started = time.perf_counter()
-        self._future.result()
-        self._comm.account_wait(time.perf_counter() - started)
-
-    def add_done_callback(self, fn: Callable[[BaseException | None], None]) -> None:
-        """Call ``fn(None)`` once the mean is written back, or ``fn(error)`` if it failed: on the
-        aggregator's thread (on this one, at once, if already done). Nothing is charged to
-        ``wait_seconds``; a bridge to another future (:mod:`lowband.comm.ddp_hook`) times its own wait."""
-        self._future.add_done_callback(lambda future: fn(future.exception()))
 
 
 class Aggregator:
@@ -105,12 +87,19 @@ class Aggregator:
         compressor.for_rank(comm.rank)
         self.small_numel, self.bucket_bytes = small_numel, int(bucket_mb * 1e6)
         self._pool: ThreadPoolExecutor | None = None
+        # quantisers under the plain mean: a reduce-scatter whose bytes stay flat in n (comm/two_phase.py)
+        flat_in_n = compressor.requantizable and not self.robust and not checksum and self.attack.idle
+        self.two_phase = TwoPhase(comm, compressor, tag) if flat_in_n and collective != "all_gather" else None
+        if collective == "two_phase" and self.two_phase is None:
+            raise ValueError(f"two_phase needs a requantizable compressor (qsgd, int8, terngrad; not "
+                             f"{compressor.name!r}) under aggregate=mean, without checksum or a simulated attack")
+        self.collective = collective
 
     def mean_(self, named: Sequence[tuple[str, torch.Tensor]]) -> None:
         """Replace every tensor of ``named`` in place with its mean over ranks (blocks)."""
         self.mean_async(named).wait()
 
-    def mean_async(self, named: Sequence[tuple[str, torch.Tensor]]) -> "PendingMean":
+    def mean_async(self, named: Sequence[tuple[str, torch.Tensor]]) -> PendingMean:
         """Start :meth:`mean_` on the aggregator's thread; ``wait()`` on the result finishes it.
 
         The tensors must not be touched until then. Every call, sync or async, runs on one
@@ -172,6 +161,8 @@ class Aggregator:
             results = self._robust(inputs, valid, step)
         elif self.compressor.summable:
             results = self._summed(inputs, valid, step)
+        elif self._flat_in_n(inputs):
+            results = self.two_phase.mean(inputs, valid, step)  # type: ignore[union-attr]
         else:
             results = self._rounds(inputs, valid, step)
         for key, members in groups.items():
@@ -181,6 +172,15 @@ class Aggregator:
             write_back(self.feedback.finalize(key, mean), members)
 
     # -- the paths --------------------------------------------------------------------------
+    def _flat_in_n(self, inputs: dict[str, torch.Tensor]) -> bool:
+        """Two-phase for this call: forced, or cheaper by the cost model on this rank's ring link."""
+        if self.two_phase is None or self.comm.world_size < 2:
+            return False
+        c = self.compressor
+        payload = sum(sum(type(c).wire_bytes(c.options, x.numel(), max(1, math.isqrt(x.numel()))))
+                      for x in inputs.values())
+        return self.collective == "two_phase" or prefer(round(payload), self.comm.world_size, self.comm.ring_link)
+
     def _rounds(self, inputs: dict[str, torch.Tensor], valid: bool, step: int,
                 poison: bool = False) -> dict[str, tuple[torch.Tensor, torch.Tensor]] | None:
         """The compressor's rounds; None if a summed round 1 is non-finite (``poison``: this rank's is)."""

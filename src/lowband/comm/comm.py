@@ -64,6 +64,28 @@ class Handle:
         return self._result
 
 
+class PendingMean:
+    """A mean in flight (:meth:`lowband.comm.aggregate.Aggregator.mean_async`); ``wait()`` blocks until it is
+    written back."""
+
+    def __init__(self, comm: Comm, future: Future) -> None:
+        self._comm, self._future = comm, future
+
+    def done(self) -> bool:
+        return self._future.done()
+
+    def wait(self) -> None:
+        started = time.perf_counter()
+        self._future.result()
+        self._comm.account_wait(time.perf_counter() - started)
+
+    def add_done_callback(self, fn: Callable[[BaseException | None], None]) -> None:
+        """Call ``fn(None)`` once the mean is written back, or ``fn(error)`` if it failed: on the
+        aggregator's thread (on this one, at once, if already done). Nothing is charged to
+        ``wait_seconds``; a bridge to another future (:mod:`lowband.comm.ddp_hook`) times its own wait."""
+        self._future.add_done_callback(lambda future: fn(future.exception()))
+
+
 class Comm:
     """Collectives over a process group, charged to a ledger, optionally over an emulated network.
 

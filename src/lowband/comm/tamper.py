@@ -15,6 +15,8 @@ import torch
 class Tamper:
     """Changes nothing; subclasses (:class:`lowband.adversity.attacks.Attack`) rewrite what a rank sends."""
 
+    idle: bool = True  # changes nothing on any rank (the two-phase mean, which has no per-rank bytes, needs it)
+
     def applies(self, rank: int) -> bool:
         """Whether ``__call__`` rewrites what rank ``rank`` sends."""
         return False

@@ -56,6 +56,9 @@ class Compressor(ABC):
     summable: ClassVar[bool] = False
     contraction: ClassVar[bool] = False  # ||C(x) - x|| <= ||x||: see is_contraction
     fixed_size: ClassVar[bool] = True  # the payload's size depends on the input's shape only (else sizes go first)
+    # chunks of a tensor can be encoded alone, their decoded mean encoded again: the two-phase
+    # reduce-scatter whose bytes stay flat in n may carry it (lowband.comm.two_phase)
+    requantizable: ClassVar[bool] = False
     Options: ClassVar[type[CompressorOptions]] = CompressorOptions
     PROBE_SIDE: ClassVar[int] = 256  # the default wire model encodes one matrix of at most this side
 

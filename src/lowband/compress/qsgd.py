@@ -125,6 +125,7 @@ class QSGDOptions(CompressorOptions):
 class QSGD(SeededCompressor):
     name = "qsgd"
     summable = False
+    requantizable = True  # buckets of a chunk quantise alone (lowband.comm.two_phase)
     Options: ClassVar[type[CompressorOptions]] = QSGDOptions
 
     @classmethod
@@ -199,6 +200,7 @@ class Int8Options(CompressorOptions):
 class Int8(Compressor):
     name = "int8"
     summable = False
+    requantizable = True  # a chunk's min and scale are its own (lowband.comm.two_phase)
     contraction = True  # deterministic rounding: each element moves by at most (max - min) / 510
     Options: ClassVar[type[CompressorOptions]] = Int8Options
 

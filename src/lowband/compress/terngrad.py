@@ -56,6 +56,7 @@ class TernGradOptions(CompressorOptions):
 class TernGrad(SeededCompressor):
     name = "terngrad"
     summable = False
+    requantizable = True  # a chunk's scaler is its own max (lowband.comm.two_phase)
     Options: ClassVar[type[CompressorOptions]] = TernGradOptions
 
     @classmethod

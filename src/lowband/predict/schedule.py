@@ -27,6 +27,7 @@ import math
 from dataclasses import dataclass
 from typing import Any, Callable, Sequence
 
+from lowband.comm.two_phase import SHARDS
 from lowband.net import cost
 from lowband.net.link import Link
 
@@ -67,6 +68,7 @@ class Op:
     overhead: float  # measured seconds beyond ``modelled`` (min over ranks)
     blocking: bool
     wait_step: int  # the step by which it must be complete (== step when blocking)
+    peers: int = 0  # ranks that took part when it was recorded (0: unknown)
 
     def __post_init__(self) -> None:
         if self.op not in COSTS:
@@ -122,6 +124,8 @@ def _all_reduce(op: Op, n: int, link: Link, scale: float) -> tuple[float, float]
 
 
 def _all_gather(op: Op, n: int, link: Link, scale: float) -> tuple[float, float]:
+    if op.tag.endswith(SHARDS) and op.peers:  # a two-phase mean's shards: 1/n of the tensor each
+        scale *= op.peers / n
     t = cost.ring_all_gather(round(op.payload * scale), n, link)
     return t.seconds, float(t.sent)
 
@@ -187,7 +191,7 @@ def build_trace(label: str, params: int, link: Link, ranks: Sequence[RankLog],
                       received=_mean([float(r["received"]) for r in rows]), step=step,
                       modelled=float(row["modelled"]),
                       overhead=max(0.0, min(_duration(r) - float(r["modelled"]) for r in rows)),
-                      blocking=blocking, wait_step=max(wait, step)))
+                      blocking=blocking, wait_step=max(wait, step), peers=int(row.get("peers", 0))))
     init_rows = [log[1] for log in logs]
     init_ops = tuple(Op(op=row["op"], tag=str(row.get("tag", "")), payload=int(row["payload"]),
                         sent=_mean([float(rs[k]["sent"]) for rs in init_rows if len(rs) > k]),

@@ -26,6 +26,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from lowband.net.units import format_bytes
+from lowband.report.noise import speedup, warning
 from lowband.report.plots import CONSENSUS, PLOTS, render_plots, title
 from lowband.report.summary import AlgorithmSummary, Ratios, Run, Summary, load_run, summarize
 
@@ -139,6 +140,25 @@ def print_summary(summary: Summary, console: Console | None = None) -> None:
             console.print(f"  [bold]{ratio.name}[/bold] vs {ratio.baseline}: {text}")
     if summary.target_auto and summary.target_loss is not None:
         console.print(f"  [dim]{_target_note(summary)}[/dim]")
+    for line in noise_lines(summary):
+        console.print(f"  [yellow]{line}[/yellow]", highlight=False)
+
+
+def noise_lines(summary: Summary) -> list[str]:
+    """When compute per step differs across the algorithms more than host noise explains: the
+    warning, then each algorithm against the baseline normalised to one compute cost per step."""
+    check = summary.compute
+    if check is None or not check.flagged:
+        return []
+    lines = [warning(check)]
+    for ratio in summary.ratios:
+        if ratio.name == ratio.baseline or ratio.name not in check.per_step_s:
+            continue
+        parts = [_more_or_less(speedup(check, ratio.baseline, ratio.name), "faster", "slower"),
+                 _more_or_less(speedup(check, ratio.baseline, ratio.name, to_target=True), "faster to target",
+                               "slower to target")]
+        lines.append(f"{ratio.name} vs {ratio.baseline}, normalised: {', '.join(p for p in parts if p) or '-'}")
+    return lines
 
 
 # ----------------------------------------------------------------------------- files
@@ -230,6 +250,7 @@ th { background: #f4f4f4; } td:first-child, th:first-child, td:last-child { text
 table.kv td { text-align: left; } code { font-size: .95em; }
 img { max-width: 100%; border: 1px solid #eee; margin: .5em 0; }
 .note { color: #666; }
+.warn { color: #8a5a00; background: #fff6e0; padding: 4px 8px; }
 """
 
 
@@ -284,6 +305,7 @@ def html_report(summary: Summary, images: dict[str, bytes],
         f"<h1>{html.escape(title(summary))}</h1>"
         f"<h2>Results</h2>{_html_table(list(HEADERS), table_rows(summary))}"
         f'<p class="note">{html.escape(_target_note(summary))}</p>'
+        + "".join(f'<p class="warn">{html.escape(line)}</p>' for line in noise_lines(summary))
         + (f"<h2>Against {html.escape(summary.baseline)}</h2><ul>{ratios}</ul>" if ratios else "")
         + f"<h2>Loss curves</h2>{plots}"
         + "".join(f"<h2>Per-layer compression settings over time: {html.escape(algo)}</h2>"

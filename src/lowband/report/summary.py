@@ -24,6 +24,8 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+from lowband.report.noise import ComputeCheck, compute_check
+
 Record = dict[str, Any]
 """One step of one rank: ``step``, ``loss``, ``tokens``, ``bytes_sent``, ``bytes_received``,
 ``compute_s``, ``comm_s``, ``time_s`` and, on evaluation steps only, ``val_loss``."""
@@ -121,6 +123,8 @@ class Summary:
     ratios: tuple[Ratios, ...]
     target_setter: str | None = None
     """With an automatic target: the algorithm whose best loss set it (the slowest to improve)."""
+    compute: ComputeCheck | None = None
+    """Compute per step compared across the algorithms, with normalised times (:mod:`lowband.report.noise`)."""
 
     def row(self, name: str) -> AlgorithmSummary:
         """The row of algorithm ``name`` (``KeyError`` if it did not run)."""
@@ -248,6 +252,7 @@ def summarize(run: Run, target_loss: float | None = None) -> Summary:
         rows=rows,
         ratios=tuple(_ratios(row, baseline) for row in rows),
         target_setter=setter,
+        compute=compute_check(run.records, {a: _target_step(run.records[a], target) for a in run.algorithms}),
     )
 
 
@@ -323,16 +328,25 @@ def _row(
     name: str, per_rank: list[list[Record]], stats: dict[str, Any], target: float | None
 ) -> AlgorithmSummary:
     """Add time/bytes-to-target (rank 0's first eval at or below ``target``) to ``stats``."""
-    reached = None
-    if target is not None:
-        reference = _present(per_rank)[0]
-        reached = next((r for r in _val_points(reference) if r["val_loss"] <= target), None)
+    reached = _reached(per_rank, target)
     return AlgorithmSummary(
         name=name,
         time_to_target_s=float(reached["time_s"]) if reached else None,
         bytes_to_target=float(reached["bytes_sent"]) if reached else None,
         **stats,
     )
+
+
+def _reached(per_rank: list[list[Record]], target: float | None) -> Record | None:
+    """Rank 0's (or the lowest logging rank's) first evaluation at or below ``target``."""
+    if target is None:
+        return None
+    return next((r for r in _val_points(_present(per_rank)[0]) if r["val_loss"] <= target), None)
+
+
+def _target_step(per_rank: list[list[Record]], target: float | None) -> int | None:
+    reached = _reached(per_rank, target)
+    return None if reached is None else int(reached["step"])
 
 
 def _ratios(row: AlgorithmSummary, base: AlgorithmSummary) -> Ratios:
