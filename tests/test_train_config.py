@@ -10,7 +10,7 @@ from lowband.algorithms.diloco import DiLoCoOptions
 from lowband.cli import main as cli_main
 from lowband.train.config import TrainConfig
 from lowband.train.config import Variant
-from lowband.train.flags import config_from_args
+from lowband.train.flags import config_from_args, parse_train_args
 
 
 def test_defaults_are_the_main_job() -> None:
@@ -186,3 +186,24 @@ def test_help_has_groups_every_flag_explained_and_no_default_twice() -> None:
     text = parser.format_help()
     for block in text.split("\n  -")[1:]:
         assert block.count("(default") + block.count("(Default") <= 1, block
+
+
+def test_a_chosen_compressor_brings_its_papers_feedback_unless_told_otherwise() -> None:
+    cfg, _ = parse_train_args(["--algo", "ddp", "--compress", "powersgd:rank=2;dgc;topk:ratio=0.01;qsgd"])
+    got = {v.label: cfg.options_for(v).feedback for v in cfg.variants()}
+    assert got == {"ddp+powersgd:rank=2+ef": "ef", "ddp+dgc+dgc": "dgc", "ddp+topk:ratio=0.01": "none",
+                   "ddp+qsgd": "none"}
+    off, _ = parse_train_args(["--algo", "ddp", "--compress", "powersgd:rank=2", "--feedback", "none"])
+    assert [(v.label, off.options_for(v).feedback) for v in off.variants()] == [("ddp+powersgd:rank=2", "none")]
+    spec, _ = parse_train_args(["--algo", "ddp:compress=powersgd"])
+    assert spec.options_for(spec.variants()[0]).feedback == "ef"
+    own, _ = parse_train_args(["--algo", "streaming-diloco"])  # the algorithm's own compressor: its own feedback
+    assert own.options_for(own.variants()[0]).feedback == "none"
+
+
+def test_a_period_that_does_not_divide_the_steps_is_warned_about(capsys: pytest.CaptureFixture[str]) -> None:
+    cfg, _ = parse_train_args(["--algo", "diloco;localsgd:inner_steps=10;streaming-diloco;ddp", "--steps", "30"])
+    assert cfg.period_warnings() == [
+        "diloco: --steps 30 is not a multiple of its period H=20: the last 10 inner steps are never averaged (the "
+        "evaluated model is the one synchronised at step 20); use --steps 40 or an H that divides --steps"]
+    assert parse_train_args(["--algo", "diloco", "--steps", "40"])[0].period_warnings() == []

@@ -5,6 +5,7 @@ tree's sources out of the way (a folder elsewhere as the working directory, the 
 from __future__ import annotations
 
 import glob
+import json
 import os
 import shutil
 import subprocess
@@ -52,6 +53,14 @@ def test_a_built_wheel_installs_and_trains(tmp_path: Path) -> None:
                            cwd=work, env=env, capture_output=True, text=True, timeout=300)
     assert train.returncode == 0, train.stderr[-2000:]
     assert (work / "runs" / "w" / "report.html").is_file()
+    # issue 28: start-up status and, with --no-progress, one plain line per evaluation
+    said = train.stdout + train.stderr
+    for line in ("starting 2 worker processes", "2 workers joined (gloo, cpu) in", "data ready (shakespeare, text)",
+                 "ddp      step     3/3  loss", "Recommended on 100mbit, 20 ms: ddp"):
+        assert line in said, said[-3000:]
+    changed = json.loads((work / "runs" / "w" / "run.json").read_text())["changed"]
+    assert changed == {"algos": ["ddp"], "workers": 2, "steps": 3, "batch_size": 2, "eval_every": 3, "eval_batches": 1,
+                       "progress": False}
 
 
 @pytest.mark.slow

@@ -53,8 +53,9 @@ def train(argv: list[str]) -> int:
     console.print(f"[bold]lowband[/bold]: {cfg.model} on {cfg.data}, {cfg.workers} workers{machines}, "
                   f"link {cfg.bandwidth} / {cfg.latency} ({cfg.net}), {cfg.steps} steps each of: {', '.join(cfg.algos)}"
                   + ("" if (cfg.device, cfg.precision) == ("auto", "fp32") else f" ({cfg.device}, {cfg.precision})"))
-    for line in [*worker_warnings(cfg.workers), *cfg.feedback_warnings()]:
+    for line in [*worker_warnings(cfg.workers), *cfg.feedback_warnings(), *cfg.period_warnings()]:
         console.print(f"[yellow]warning[/yellow]: {escape(line)}")
+    console.print(f"[dim]starting {cfg.workers} worker processes (torch imports take a few seconds each)...[/dim]")
     try:
         run(cfg, nodes, bind)
     except (NetnsUnavailable, RendezvousFailed) as err:

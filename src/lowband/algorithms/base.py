@@ -113,6 +113,12 @@ class Algorithm:
         raise ValueError(f"algorithm {cls.name!r} declares no communication plan: define comm_plan in its class "
                          f"(lowband.algorithms.commplan)")
 
+    @classmethod
+    def tail_steps(cls, options: Any, steps: int) -> int:
+        """Inner steps at the end of a ``steps``-step run that no synchronisation averages (a local-update
+        method whose period does not divide the run; ``lowband train`` warns). Default: none."""
+        return 0
+
     def __init__(self, model: nn.Module, optimizer: torch.optim.Optimizer, comm: Comm,
                  options: Options | None = None, grad_clip: float = 0.0) -> None:
         self.model, self.optimizer, self.comm = model, optimizer, comm

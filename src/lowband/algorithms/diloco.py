@@ -131,6 +131,12 @@ class DiLoCo(Algorithm):
         return torch.optim.SGD(self.global_params, lr=o.outer_lr, momentum=o.outer_momentum,
                                nesterov=o.nesterov and o.outer_momentum > 0)
 
+    @classmethod
+    def tail_steps(cls, options: Any, steps: int) -> int:
+        """The last ``steps % H`` inner steps: no outer step follows them."""
+        h = int(options.inner_steps)
+        return steps % h if h > 1 else 0
+
     def period(self) -> int:
         """Inner steps in the current round (H; QSR makes it grow as the lr decays)."""
         return self.options.inner_steps

@@ -101,6 +101,10 @@ class QSR(LocalSGD):
     options: QSROptions  # type: ignore[assignment]
 
     @classmethod
+    def tail_steps(cls, options: Any, steps: int) -> int:
+        return 0  # its period grows with the lr schedule: no fixed H to divide
+
+    @classmethod
     def comm_plan(cls, options: Any, setup: Setup) -> tuple[Sync, ...]:
         """Every ``h_base`` steps, its shortest period: an upper bound on its traffic."""
         return average(options, setup, "outer", options.h_base)

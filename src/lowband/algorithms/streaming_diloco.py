@@ -132,6 +132,10 @@ class StreamingDiLoCo(DiLoCo):
     options: StreamingDiLoCoOptions
 
     @classmethod
+    def tail_steps(cls, options: Any, steps: int) -> int:
+        return 0  # every fragment synchronises on its own offset: no common last round
+
+    @classmethod
     def comm_plan(cls, options: Any, setup: Setup) -> tuple[Sync, ...]:
         """1/P of the model every H/P steps (P fragments staggered), hidden by ``tau`` steps."""
         return average(options, setup, "fragment", options.inner_steps / options.fragments, options.tau,

@@ -59,6 +59,9 @@ class Compressor(ABC):
     # chunks of a tensor can be encoded alone, their decoded mean encoded again: the two-phase
     # reduce-scatter whose bytes stay flat in n may carry it (lowband.comm.two_phase)
     requantizable: ClassVar[bool] = False
+    # the error feedback ``lowband train --feedback default`` pairs it with when it is chosen (a paper's
+    # own pairing, where measured to help: docs/compression.md); ``--feedback none`` opts out
+    paper_feedback: ClassVar[str] = "none"
     Options: ClassVar[type[CompressorOptions]] = CompressorOptions
     PROBE_SIDE: ClassVar[int] = 256  # the default wire model encodes one matrix of at most this side
 

@@ -106,6 +106,7 @@ class DGC(Compressor):
     """Sampled-threshold top-k with warm-up; see the module docstring."""
 
     name = "dgc"
+    paper_feedback = "dgc"  # Lin et al.: momentum correction and local accumulation (lowband.feedback.dgc)
     fixed_size = False
     contraction = True  # sends the largest elements, zeros the rest: a top-k
     Options = DGCOptions

@@ -84,6 +84,7 @@ class PowerSGD(Compressor):
     """Rank-r PowerSGD with warm start; state: the averaged Q and an exchange counter per key."""
 
     name = "powersgd"
+    paper_feedback = "ef"  # Vogels et al.'s Algorithm 2 (and torch's powerSGD_hook) keep the error; without it it diverges
     contraction = True
     summable = True  # every round's payload (P, then Q) is summed by an all-reduce
     Options = PowerSGDOptions

@@ -85,3 +85,16 @@ def per_worker(text: str) -> list[str]:
             raise ValueError(f"cannot read {item.strip()!r} in {text!r}: 'value*count' needs a whole count >= 1 (e.g. 0.5*16)")
         out += [value.strip()] * int(count)
     return out
+
+
+def format_seconds(value: float | None) -> str:
+    """``12.34`` -> ``'12.3 s'``, ``245`` -> ``'4m 05s'``, ``3725`` -> ``'1h 02m'``."""
+    if value is None:
+        return "-"
+    if value < 60:
+        return f"{value:.1f} s"
+    minutes, seconds = divmod(round(value), 60)
+    if minutes < 60:
+        return f"{minutes}m {seconds:02d}s"
+    hours, minutes = divmod(minutes, 60)
+    return f"{hours}h {minutes:02d}m"

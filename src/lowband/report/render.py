@@ -23,10 +23,12 @@ import base64
 import html
 import json
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
-from lowband.net.units import format_bytes
+from lowband.net.units import format_bytes, format_seconds
+from lowband.report.describe import html_block
 from lowband.report.noise import speedup, warning
+from lowband.report.recommend import recommendation
 from lowband.report.plots import CONSENSUS, PLOTS, render_plots, title
 from lowband.report.summary import AlgorithmSummary, Ratios, Run, Summary, load_run, summarize
 
@@ -50,19 +52,6 @@ CHOICES = ("layer_choices", "lgreco_choices", "lgreco_bytes_ratio")  # (file ste
 def format_loss(value: float | None) -> str:
     """``2.34567`` -> ``'2.346'``; missing -> ``'-'``."""
     return "-" if value is None else f"{value:.3f}"
-
-
-def format_seconds(value: float | None) -> str:
-    """``12.34`` -> ``'12.3 s'``, ``245`` -> ``'4m 05s'``, ``3725`` -> ``'1h 02m'``."""
-    if value is None:
-        return "-"
-    if value < 60:
-        return f"{value:.1f} s"
-    minutes, seconds = divmod(round(value), 60)
-    if minutes < 60:
-        return f"{minutes}m {seconds:02d}s"
-    hours, minutes = divmod(minutes, 60)
-    return f"{hours}h {minutes:02d}m"
 
 
 def _times(ratio: float) -> str:
@@ -133,6 +122,10 @@ def print_summary(summary: Summary, console: Console | None = None) -> None:
         table.add_column(header, justify="right", no_wrap=True)
     for cells in table_rows(summary):
         table.add_row(*cells[:-1])  # the ratio column is printed as lines below
+    answer, *more = recommendation(summary)
+    console.print(f"[bold]{answer}[/bold]", highlight=False)
+    for line in more:
+        console.print(f"  {line}", highlight=False)
     console.print(table)
     for row, ratio in zip(summary.rows, summary.ratios):
         if ratio.name != ratio.baseline:
@@ -210,7 +203,7 @@ def _write(run_dir: Path, target_loss: float | None) -> tuple[Path, Summary]:
         (run_dir / f"{CHOICES[0]}.md").write_text("".join(
             f"### {algo}\n\n{_markdown(headers, rows)}\n" for algo, (headers, rows) in choices.items()))
     out = run_dir / "report.html"
-    out.write_text(html_report(summary, images, choices))
+    out.write_text(html_report(summary, images, choices, run.meta))
     return out, summary
 
 
@@ -250,6 +243,7 @@ th { background: #f4f4f4; } td:first-child, th:first-child, td:last-child { text
 table.kv td { text-align: left; } code { font-size: .95em; }
 img { max-width: 100%; border: 1px solid #eee; margin: .5em 0; }
 .note { color: #666; }
+.answer { font-size: 1.1em; font-weight: 600; }
 .warn { color: #8a5a00; background: #fff6e0; padding: 4px 8px; }
 """
 
@@ -263,17 +257,6 @@ def _html_table(headers: list[str] | None, rows: list[list[str]], cls: str = "")
     return f'<table class="{cls}">' + (f"<tr>{head}</tr>" if head else "") + body + "</table>"
 
 
-def _config_rows(summary: Summary) -> list[list[str]]:
-    """Key/value rows describing the run: world, network, model size, flags, algorithms."""
-    rows = [["workers", str(summary.world_size)], ["network", summary.network]]
-    if summary.params is not None:
-        rows.append(["parameters", f"{summary.params:,}"])
-    rows += [[str(k), json.dumps(v)] for k, v in summary.config.items()]
-    options = summary.algorithm_options.items()
-    rows += [[f"algorithm {name}", json.dumps(opts)] for name, opts in options]
-    return rows
-
-
 def _target_note(summary: Summary) -> str:
     """A sentence saying which target loss time-to-target uses and where it came from."""
     if summary.target_loss is None:
@@ -284,9 +267,10 @@ def _target_note(summary: Summary) -> str:
 
 
 def html_report(summary: Summary, images: dict[str, bytes],
-                choices: dict[str, tuple[list[str], list[list[str]]]] | None = None) -> str:
-    """A self-contained HTML page: inline CSS, plots as base64 PNG data URIs, and
-    :func:`choice_tables` when given."""
+                choices: dict[str, tuple[list[str], list[list[str]]]] | None = None,
+                meta: dict[str, Any] | None = None) -> str:
+    """A self-contained HTML page: inline CSS, plots as base64 PNG data URIs, :func:`choice_tables`
+    when given, and the configuration from ``meta`` (run.json: :mod:`lowband.report.describe`)."""
     ratios = "".join(
         f"<li><b>{html.escape(r.name)}</b>: {html.escape(ratio_text(r, row))}</li>"
         for row, r in zip(summary.rows, summary.ratios) if r.name != summary.baseline
@@ -303,14 +287,16 @@ def html_report(summary: Summary, images: dict[str, bytes],
         "<!DOCTYPE html>\n<html lang=\"en\"><head><meta charset=\"utf-8\">"
         f"<title>{html.escape(title(summary))}</title><style>{_CSS}</style></head><body>"
         f"<h1>{html.escape(title(summary))}</h1>"
-        f"<h2>Results</h2>{_html_table(list(HEADERS), table_rows(summary))}"
+        + "".join(f'<p class="{"answer" if i == 0 else "note"}">{html.escape(line)}</p>'
+                  for i, line in enumerate(recommendation(summary)))
+        + f"<h2>Results</h2>{_html_table(list(HEADERS), table_rows(summary))}"
         f'<p class="note">{html.escape(_target_note(summary))}</p>'
         + "".join(f'<p class="warn">{html.escape(line)}</p>' for line in noise_lines(summary))
         + (f"<h2>Against {html.escape(summary.baseline)}</h2><ul>{ratios}</ul>" if ratios else "")
         + f"<h2>Loss curves</h2>{plots}"
         + "".join(f"<h2>Per-layer compression settings over time: {html.escape(algo)}</h2>"
                   f"{_html_table(headers, rows)}" for algo, (headers, rows) in (choices or {}).items())
-        + f'<h2>Run configuration</h2>{_html_table(None, _config_rows(summary), "kv")}'
+        + f"<h2>Run configuration</h2>{html_block(meta or {'config': summary.config}, summary.algorithm_options)}"
         "</body></html>\n"
     )
 

@@ -327,6 +327,20 @@ class TrainConfig:
                 out.append(f"{variant.label}: {line}")
         return out
 
+    def period_warnings(self) -> list[str]:
+        """One line per local-update variant whose period H does not divide ``--steps``: its last
+        ``steps % H`` inner steps are never averaged (nothing syncs after the last full round)."""
+        out = []
+        for variant in self.variants():
+            options = self.options_for(variant)
+            rest = ALGORITHMS.get(variant.algorithm).tail_steps(options, self.steps)
+            if rest:
+                h, up = options.inner_steps, self.steps - rest + options.inner_steps
+                out.append(f"{variant.label}: --steps {self.steps} is not a multiple of its period H={h}: the last "
+                           f"{rest} inner steps are never averaged (the evaluated model is the one synchronised at "
+                           f"step {self.steps - rest}); use --steps {up} or an H that divides --steps")
+        return out
+
     def options_for(self, variant: "Variant") -> Any:
         """The variant's algorithm options: the algorithm's defaults, then same-named config fields
         that were given (not None), then the spec's own options (``diloco:inner_steps=50``
@@ -337,7 +351,16 @@ class TrainConfig:
                   if k in names and k not in ("compress", "feedback") and v is not None}
         values.update({k: v for k, v in (("compress", variant.compress), ("feedback", variant.feedback))
                        if v != DEFAULT and k in names})
-        return cls.Options(**{**values, **spec_kwargs})
+        merged = {**values, **spec_kwargs}
+        if "compress" in merged and "feedback" not in merged and "feedback" in names:
+            merged["feedback"] = paper_feedback(merged["compress"])  # a chosen compressor brings its paper's
+        return cls.Options(**merged)
+
+
+def paper_feedback(compress: str) -> str:
+    """The error feedback compressor spec ``compress`` declares (``Compressor.paper_feedback``):
+    what ``--feedback default`` gives a compressor that was chosen (``--feedback none`` opts out)."""
+    return parse_spec(compress, COMPRESSORS)[0].paper_feedback
 
 
 def _fields(algo: str) -> set[str]:
@@ -363,7 +386,10 @@ class Variant:
         """``ddp``, ``ddp+topk:ratio=0.01``, ``diloco+qsgd:bits=4+ef``."""
         defaults = ALGORITHMS.get(self.algorithm).Options()
         own = {"compress": getattr(defaults, "compress", "identity"), "feedback": getattr(defaults, "feedback", "none")}
-        parts = [self.algo] + [v for k, v in (("compress", self.compress), ("feedback", self.feedback))
+        feedback = self.feedback  # 'default' with a chosen compressor: its paper's (options_for), shown
+        if feedback == DEFAULT and self.compress != DEFAULT and hasattr(defaults, "feedback"):
+            feedback = paper_feedback(self.compress)
+        parts = [self.algo] + [v for k, v in (("compress", self.compress), ("feedback", feedback))
                                if v not in (DEFAULT, own[k])]
         return "+".join(parts)
 

@@ -136,9 +136,11 @@ def evaluate(model: nn.Module, algo: Algorithm, batches: list[Batch], precision:
 
 
 def train_one(cfg: TrainConfig, variant: Variant, data: Dataset, network: Network, run_dir: Path,
-              device: torch.device = torch.device("cpu"), role: Role | None = None) -> dict[str, Any]:
+              device: torch.device = torch.device("cpu"), role: Role | None = None,
+              position: tuple[int, int] = (1, 1)) -> dict[str, Any]:
     """Train ``variant`` for ``cfg.steps`` steps on ``device`` as ``role`` (default: this rank of a fixed
-    world); returns this rank's final numbers."""
+    world), algorithm ``position[0]`` of ``position[1]`` (for the progress label); returns this rank's
+    final numbers."""
     role = role if role is not None else Role(cfg)
     model = build_model(cfg, data).to(device)
     precision = Precision(cfg.precision, device)
@@ -157,7 +159,8 @@ def train_one(cfg: TrainConfig, variant: Variant, data: Dataset, network: Networ
     append = resumed is not None or role.append
     trackers = Trackers(check_logs(cfg.log) if role.id == 0 else (), run_dir, variant.folder, resumed is not None)
     with MetricsWriter(algo_dir / f"rank{role.id}.jsonl", append=append) as metrics, trackers, \
-            TrainProgress(variant.label, cfg.steps, cfg.progress and role.id == 0 and not role.elastic) as progress, \
+            TrainProgress(_label(variant, position), cfg.steps, role.id == 0 and not role.elastic,
+                          bar=cfg.progress) as progress, \
             role.start(algo, scheduler, state, algo_dir):
         while state.step < cfg.steps:
             row = run.step()
@@ -175,6 +178,10 @@ def train_one(cfg: TrainConfig, variant: Variant, data: Dataset, network: Networ
             ledger_out.write(rec.to_dict())
     role.finish(algo_dir, comm)
     return {"val_loss": state.val_loss, "bytes_sent": comm.ledger.bytes_sent, "time_s": state.clock}
+
+
+def _label(variant: Variant, position: tuple[int, int]) -> str:
+    return variant.label if position[1] == 1 else f"{variant.label} [{position[0]}/{position[1]}]"
 
 
 class _Steps:

@@ -35,15 +35,19 @@ from lowband.train.config import TrainConfig
 from lowband.train.data import Dataset, load_dataset
 from lowband.train.loop import build_model, train_one
 from lowband.train.precision import device_choice
+from lowband.train.progress import status
 from lowband.version import __version__
 
 
 @record
 def main(cfg: TrainConfig) -> str:
     """Entry point of one worker; returns the run folder. Rank 0 writes the report."""
+    started = time.perf_counter()
     device = worker_device(cfg)
     rank, world_size = group.init_from_env(backend_for(device))
     torch.set_num_threads(cfg.threads)
+    status(rank == 0, f"{world_size} workers joined ({backend_for(device)}, {device.type}) in "
+                      f"{time.perf_counter() - started:.1f} s; loading {cfg.data}")
     try:
         data = load_dataset(cfg.data)
         network = cfg.network(world_size)
@@ -55,8 +59,11 @@ def main(cfg: TrainConfig) -> str:
         run_dir = Path(cfg.out) / group.agree(cfg.name or time.strftime("%Y%m%d-%H%M%S"))
         if rank == 0:
             write_run_info(run_dir, cfg, world_size, network, data, device)
-        for variant in cfg.variants():
-            train_one(cfg, variant, data, network, run_dir, device)
+        variants = cfg.variants()
+        status(rank == 0, f"data ready ({data.name}, {data.kind}); training {len(variants)} algorithm(s), "
+                          f"{cfg.steps} steps each")
+        for i, variant in enumerate(variants, start=1):
+            train_one(cfg, variant, data, network, run_dir, device, position=(i, len(variants)))
         group.barrier()
         if rank == 0:
             from lowband.report.render import show_report  # matplotlib: rank 0 only
@@ -92,6 +99,8 @@ def write_run_info(run_dir: Path, cfg: TrainConfig, world_size: int, network: Ne
     if device is not None:
         info["device"] = str(device)
     info["environment"] = environment()
+    defaults = TrainConfig().to_dict()  # what the report shows: only the flags that were changed
+    info["changed"] = {k: v for k, v in cfg.to_dict().items() if v != defaults.get(k) and k not in ("name", "out")}
     atomic_write_text(run_dir / "run.json", json.dumps(info, indent=2))  # resuming ranks may read it
 
 
