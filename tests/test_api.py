@@ -120,3 +120,17 @@ def test_python_m_lowband_and_version() -> None:
     done = subprocess.run([sys.executable, "-m", "lowband", "--version"], capture_output=True, text=True, timeout=120)
     assert done.returncode == 0 and done.stdout.startswith(f"lowband {lowband.__version__} (torch "), done
 
+
+
+def test_a_compressor_given_alone_gets_its_own_feedback_pairing() -> None:
+    model = tiny_gpt()
+    state, _ = lowband.ddp_hook(model, compress=lowband.compress.PowerSGD(rank=2))
+    assert state.aggregator.feedback.name == "ef"  # as torch's powerSGD_hook
+    state.close()
+    state, _ = lowband.ddp_hook(model, compress="powersgd:rank=2", feedback="none")
+    assert state.aggregator.feedback.name == "none"
+    state.close()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    assert lowband.wrap(model, opt, "ddp", compress="powersgd:rank=2").options.feedback == "ef"
+    assert lowband.wrap(model, opt, "ddp", compress="topk:ratio=0.1").options.feedback == "none"
+    assert lowband.wrap(model, opt, "diloco").options.feedback == "none"

@@ -91,10 +91,14 @@ def wrap(model: nn.Module, optimizer: torch.optim.Optimizer, algo: str = "diloco
     ``zero_grad()``, ``finish()``; ``with algo:`` around ``optimizer.step()`` works too).
 
     ``algo``: a name or spec (``"diloco"``, ``"diloco:inner_steps=50"``); ``options``: its Options as
-    keyword arguments (``inner_steps=20, compress="qsgd:bits=4", feedback="ef"``), over the spec's.
+    keyword arguments (``inner_steps=20, compress="qsgd:bits=4", feedback="ef"``), over the spec's; a
+    compressor given without a feedback gets its own pairing (``Compressor.paper_feedback``: PowerSGD ef).
     ``comm``: default a :class:`Comm` over the default process group (no emulated link)."""
     cls, spec_options = parse_spec(algo, ALGORITHMS)
-    chosen = options_from(cls.Options, None, {**spec_options, **options})  # unknown names: one line
+    given = {**spec_options, **options}
+    if isinstance(given.get("compress"), str) and "feedback" not in given:  # the compressor's own pairing
+        given["feedback"] = parse_spec(given["compress"], COMPRESSORS)[0].paper_feedback
+    chosen = options_from(cls.Options, None, given)  # unknown names: one line
     if hasattr(chosen, "compress") and hasattr(chosen, "feedback"):
         line = pairing_warning(build(chosen.compress, COMPRESSORS), build(chosen.feedback, FEEDBACK), chosen.compress)
         if line:

@@ -85,7 +85,7 @@ class HookState:
         self.aggregator.comm.close()
 
 
-def ddp_hook(model: Optional[nn.Module] = None, compress: Any = "identity", feedback: Any = "none",
+def ddp_hook(model: Optional[nn.Module] = None, compress: Any = "identity", feedback: Any = "default",
              process_group: Optional[dist.ProcessGroup] = None, network: Optional[Network] = None,
              small_numel: int = 4096, overlap: bool = True, compressor: Any = None) -> Tuple[HookState, Hook]:
     """``(state, hook)`` for ``DistributedDataParallel.register_comm_hook``.
@@ -95,10 +95,14 @@ def ddp_hook(model: Optional[nn.Module] = None, compress: Any = "identity", feed
     ``compress``. ``model`` (the module before wrapping) names the parameters so state is keyed by
     name; ``network`` emulates a slow link for the hook's traffic, charged to the hook's ledger
     (``lowband.ledger(state)``); ``overlap`` returns each bucket's future before its mean is computed
-    (False: blocks in the hook). Feeding back a compressor that is not a contraction warns
+    (False: blocks in the hook). ``feedback="default"``: the compressor's own pairing
+    (``Compressor.paper_feedback``: ``ef`` for PowerSGD, as torch's ``powerSGD_hook``; ``dgc`` for DGC;
+    else none). Feeding back a compressor that is not a contraction warns
     (:func:`lowband.feedback.base.pairing_warning`).
     """
-    chosen, fed_back = resolve(compress if compressor is None else compressor, COMPRESSORS), resolve(feedback, FEEDBACK)
+    chosen = resolve(compress if compressor is None else compressor, COMPRESSORS)
+    fed_back = resolve(chosen.paper_feedback if isinstance(feedback, str) and feedback == "default" else feedback,
+                       FEEDBACK)
     line = pairing_warning(chosen, fed_back)
     if line:
         warnings.warn(line, stacklevel=2)
