@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import base64
 import html
+import io
 import json
 import math
 import statistics
@@ -29,7 +30,7 @@ from typing import Any
 
 from lowband.bench.sweep import folder_name as _folder
 from lowband.net.units import format_bytes, parse_bandwidth
-from lowband.report.plots import _plot_png, line_style, new_figure, save_png
+from lowband.report.plots import MANY, _plot_png, line_style
 from lowband.report.render import _CSS, _html_table
 from lowband.report.summary import Run, Summary, _finite, auto_target, load_run, summarize
 
@@ -199,25 +200,53 @@ def _img(png: bytes, alt: str) -> str:
 
 
 def _speedup_png(data: list[dict[str, Any]]) -> bytes | None:
-    """Speed-up over the baseline (time to target) against link bandwidth, one line per entry."""
+    """Speed-up over the baseline (time to target) against link bandwidth, one line per entry; more
+    than ``MANY`` entries: small multiples of at most ``MANY`` lines each (best speed-up first), one
+    shared bandwidth axis in human units and the legends beside the panels."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
     points: dict[str, list[tuple[float, float]]] = {}
     for g in data:
         bandwidth = parse_bandwidth(g["bandwidth"])
         for r in g["rows"]:
             if bandwidth is not None and r["speedup"] is not None and r["entry"] != g["baseline"]:
-                points.setdefault(r["entry"], []).append((bandwidth * 8, r["speedup"]))
+                points.setdefault(r["entry"], []).append((bandwidth, r["speedup"]))
     if not any(len(p) > 1 for p in points.values()):
         return None
     order = list(dict.fromkeys(r["entry"] for g in data for r in g["rows"]))  # styled as in the loss plots
-    fig, ax = new_figure(len(points))
-    for label, pts in points.items():
-        xs, ys = zip(*sorted(pts))
-        ax.plot(xs, ys, **line_style(order.index(label)), label=label)
-    ax.axhline(1.0, color="0.3", linestyle="--", linewidth=1)
-    ax.set_xscale("log")
-    ax.set_xlabel("link bandwidth (bit/s)")
-    ax.set_ylabel(f"speed-up to target over {data[0]['baseline']}")
-    return save_png(fig, ax, None, len(points))
+    ranked = sorted(points, key=lambda label: -max(y for _, y in points[label]))
+    panels = [ranked[i:i + MANY] for i in range(0, len(ranked), MANY)]
+    fig, axes = plt.subplots(len(panels), 1, sharex=True, squeeze=False, dpi=110,
+                             figsize=(9, 3.6 * len(panels)))
+    ticks = sorted({x for pts in points.values() for x, _ in pts})
+    for ax, labels in zip(axes[:, 0], panels):
+        for label in labels:
+            xs, ys = zip(*sorted(points[label]))
+            ax.plot(xs, ys, **line_style(order.index(label)), label=label)
+        ax.axhline(1.0, color="0.3", linestyle="--", linewidth=1)
+        ax.set_xscale("log")
+        ax.set_xticks(ticks, [_per_second(t) for t in ticks])
+        ax.minorticks_off()
+        ax.set_ylabel(f"speed-up over {data[0]['baseline']}", fontsize=8)
+        ax.grid(True, alpha=0.3)
+        ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0))
+    axes[-1, 0].set_xlabel("link bandwidth per worker")
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png", bbox_inches="tight")
+    plt.close(fig)
+    return buffer.getvalue()
+
+
+def _per_second(bytes_per_s: float) -> str:
+    """12.5e6 -> '100 Mbit/s' (a bandwidth axis label)."""
+    bits = bytes_per_s * 8
+    for unit, scale in (("Gbit/s", 1e9), ("Mbit/s", 1e6), ("kbit/s", 1e3)):
+        if bits >= scale:
+            return f"{bits / scale:g} {unit}"
+    return f"{bits:g} bit/s"
 
 
 def _failed(sweep_dir: Path, spec: dict[str, Any]) -> list[str]:

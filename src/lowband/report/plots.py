@@ -7,6 +7,7 @@ and inlines them in ``report.html``. matplotlib is imported inside the functions
 from __future__ import annotations
 
 import io
+import math
 from typing import TYPE_CHECKING, Any, Callable
 
 from lowband.net.units import format_bytes
@@ -96,10 +97,21 @@ def _series(
             [float(r.get(x_key, 0)) for r in val], [float(r["val_loss"]) for r in val])
 
 
+def shown(summary: Summary, limit: int = MANY) -> list[str]:
+    """The algorithms a crowded plot names (at most ``limit``): the baseline, then the fastest to the
+    target (then the lowest final loss); the others are drawn thin and grey, unnamed."""
+    rest = sorted((r for r in summary.rows if r.name != summary.baseline),
+                  key=lambda r: (r.time_to_target_s is None, r.time_to_target_s or 0.0, r.final_val_loss or math.inf))
+    return [summary.baseline] + [r.name for r in rest][:limit - 1]
+
+
 def _draw(ax: Axes, run: Run, summary: Summary, x_key: str, log_x: bool) -> None:
     """Draw every algorithm's rank-0 train loss (thin; only up to ``MANY`` algorithms) and val loss
-    (thick, markers)."""
+    (thick, markers). With more than ``MANY``, only :func:`shown`'s are named and colored; the others
+    are thin grey validation curves (one legend entry)."""
     with_train = len(run.algorithms) <= MANY
+    named = set(run.algorithms) if with_train else set(shown(summary))
+    greyed = 0
     for i, algo in enumerate(run.algorithms):
         records = next(r for r in run.records[algo] if r)  # rank 0, or lowest rank that logged
         tx, ty, vx, vy = _series(records, x_key)
@@ -110,7 +122,11 @@ def _draw(ax: Axes, run: Run, summary: Summary, x_key: str, log_x: bool) -> None
         if train and with_train:
             ax.plot(*zip(*train), color=style["color"], linestyle=style["linestyle"], linewidth=0.8, alpha=0.55,
                     label=f"{algo} train (smoothed)")
-        if val:
+        if val and algo not in named:
+            greyed += 1
+            ax.plot(*zip(*val), color="0.75", linewidth=0.8, zorder=1,
+                    label=f"{len(run.algorithms) - len(named)} others" if greyed == 1 else "_nolegend_")
+        elif val:
             ax.plot(*zip(*val), **style, linewidth=2.2 if with_train else 1.6, markersize=4,
                     label=f"{algo} val" if with_train else algo)
     if summary.target_loss is not None:
