@@ -16,6 +16,7 @@ import argparse
 import os
 import signal
 import sys
+import time
 from pathlib import Path
 from typing import Callable
 
@@ -56,6 +57,7 @@ def train(argv: list[str]) -> int:
     for line in [*worker_warnings(cfg.workers), *cfg.feedback_warnings(), *cfg.period_warnings()]:
         console.print(f"[yellow]warning[/yellow]: {escape(line)}")
     console.print(f"[dim]starting {cfg.workers} worker processes (torch imports take a few seconds each)...[/dim]")
+    os.environ["LOWBAND_STARTED"] = str(time.time())  # the workers report their start-up from here
     try:
         run(cfg, nodes, bind)
     except (NetnsUnavailable, RendezvousFailed) as err:

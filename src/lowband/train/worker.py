@@ -42,12 +42,12 @@ from lowband.version import __version__
 @record
 def main(cfg: TrainConfig) -> str:
     """Entry point of one worker; returns the run folder. Rank 0 writes the report."""
-    started = time.perf_counter()
+    started = float(os.environ.get("LOWBAND_STARTED", time.time()))  # `lowband train` sets it; torchrun: now
     device = worker_device(cfg)
     rank, world_size = group.init_from_env(backend_for(device))
     torch.set_num_threads(cfg.threads)
-    status(rank == 0, f"{world_size} workers joined ({backend_for(device)}, {device.type}) in "
-                      f"{time.perf_counter() - started:.1f} s; loading {cfg.data}")
+    status(rank == 0, f"{world_size} workers joined ({backend_for(device)}, {device.type}) "
+                      f"{time.time() - started:.1f} s after the start; loading {cfg.data}")
     try:
         data = load_dataset(cfg.data)
         network = cfg.network(world_size)
