@@ -76,7 +76,8 @@ class TwoPhase:
             send[j, :width] = s
         send[:, width] = int(valid)
         rows = self.comm.all_to_all(send.view(-1), tag=self.tag).view(n, stride)
-        keep = [r for r in range(n) if int(rows[r, width]) == 1]  # host sync: who contributed
+        flags = rows[:, width].tolist()  # host sync, one per call: who contributed
+        keep = [r for r in range(n) if flags[r] == 1]
         if not keep:
             raise guards.refuse(f"{self.tag}: no rank has a valid contribution")
         if len(keep) < n:
