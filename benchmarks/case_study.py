@@ -249,9 +249,8 @@ def write_page(specs: list[SweepSpec], args: argparse.Namespace) -> Path:
            f"than on {specs[0].workers[0]} machines, which the simulator's projection scales out), each behind its "
            "own emulated link (docs/emulation.md). Time and bytes to target: the first evaluation at or below the "
            f"target loss: {TARGET_LOSS['case-study']} for the 0.82M GPT and {TARGET_LOSS['case-study-10m']} for the "
-           "10.7M one, what DDP reaches in about a third and two fifths of its steps on every network (the "
-           "automatic target, the lowest loss every method reaches, would be set by the one method that barely "
-           "trains and passed by every other at its first evaluation). Mean ± standard deviation over the "
+           "10.7M one, what DDP reaches in about a third and two fifths of its steps on every network (fixed, "
+           "so that every network's table is read at the same loss). Mean ± standard deviation over the "
            "seeds a method ran (the `seeds` column: seed 0 for every method, seed 1 for the contenders). "
            "*Compute share* is utilisation: the part of the wall-clock spent computing, the rest is waiting for "
            "the network. The raw measurements are in `docs/case-study/data/` (one archive per cell).", "",

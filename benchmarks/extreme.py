@@ -62,7 +62,8 @@ def phase(name: str, entries: Sequence[Entry], steps: int, args: argparse.Namesp
     _, groups = load_groups(Path(args.out) / name)
     rows = []
     for group in groups:
-        target, _setter, per_seed = summarize_group(group, None)
+        chosen, per_seed = summarize_group(group, None)
+        target = chosen.loss
         summary = per_seed[0]
         for r in group_rows(group, per_seed)[1]:
             s = summary.row(r["entry"])

@@ -15,7 +15,7 @@ steps, seed and data for every entry:
 
 A ``lowband bench`` sweep in ``--out`` (default ``runs``), folder ``heterogeneous``: resumable (a
 finished run is not repeated), with its report (plots, HTML). Prints the table (time to the
-lowest validation loss every entry reaches, final validation loss, bytes, exposed
+automatic target of :mod:`lowband.report.target`, final validation loss, bytes, exposed
 communication, utilisation = compute / (compute + blocked communication), mean over workers)
 and writes ``benchmarks/results/heterogeneous.json``.
 
@@ -59,7 +59,8 @@ def sweep(args: argparse.Namespace) -> list[dict[str, Any]]:
     _, groups = load_groups(folder)
     rows = []
     for group in groups:
-        target, _setter, per_seed = summarize_group(group, None)
+        chosen, per_seed = summarize_group(group, None)
+        target = chosen.loss
         for entry in ENTRIES:
             found = [s.row(entry.label) for s in per_seed.values() if any(r.name == entry.label for r in s.rows)]
             if not found:

@@ -22,8 +22,8 @@ SPEC: dict[str, dict[str, Any]] = {
 }
 
 
-def _records(algo: str, rank: int) -> list[dict[str, Any]]:
-    spec = SPEC[algo]
+def _records(algo: str, rank: int, specs: dict[str, dict[str, Any]] | None = None) -> list[dict[str, Any]]:
+    spec = (specs or SPEC)[algo]
     vals = dict(zip(VAL_STEPS, spec["val"]))
     out = []
     for step in range(1, STEPS + 1):
@@ -38,7 +38,7 @@ def _records(algo: str, rank: int) -> list[dict[str, Any]]:
     return out
 
 
-def make_run(root: Path, config: dict[str, Any] | None = None) -> Path:
+def make_run(root: Path, config: dict[str, Any] | None = None, spec: dict[str, dict[str, Any]] | None = None) -> Path:
     """runs/<name> with ddp (baseline) and diloco, 2 ranks each, 20 steps."""
     run_dir = root / "demo"
     meta = {
@@ -52,7 +52,7 @@ def make_run(root: Path, config: dict[str, Any] | None = None) -> Path:
     for algo in SPEC:
         (run_dir / algo).mkdir()
         for rank in (0, 1):
-            lines = [json.dumps(r) for r in _records(algo, rank)]
+            lines = [json.dumps(r) for r in _records(algo, rank, spec)]
             (run_dir / algo / f"rank{rank}.jsonl").write_text("\n".join(lines) + "\n")
     return run_dir
 
@@ -83,21 +83,41 @@ def test_rows_are_exact(run_dir: Path) -> None:
 def test_auto_target_and_ratios(run_dir: Path) -> None:
     summary = summarize(load_run(run_dir))
     assert summary.target_auto is True
-    assert summary.target_loss == 1.7  # max(best ddp 1.5, best diloco 1.7)
-    assert summary.target_setter == "diloco"  # named, so a reader sees which run made the target easy
+    assert summary.target_loss == 2.0  # ddp's val loss at step 10 of 20: half the baseline's steps
+    assert summary.target_setter == "ddp"
+    assert summary.target_origin == "automatic: ddp's val loss at step 10 of 20, half its steps; --target-loss overrides"
     assert summary.baseline == "ddp"
     ddp, diloco = summary.row("ddp"), summary.row("diloco")
-    assert ddp.time_to_target_s == pytest.approx(15.0)  # first val <= 1.7 is 1.6 at step 15
-    assert ddp.bytes_to_target == pytest.approx(15_000)
-    assert diloco.time_to_target_s == pytest.approx(10.0)  # 1.7 at step 20, 0.5 s/step
-    assert diloco.bytes_to_target == pytest.approx(2_000)
+    assert ddp.time_to_target_s == pytest.approx(10.0)  # 2.0 at step 10, 1 s/step
+    assert ddp.bytes_to_target == pytest.approx(10_000)
+    assert diloco.time_to_target_s == pytest.approx(7.5)  # first val <= 2.0 is 1.8 at step 15, 0.5 s/step
+    assert diloco.bytes_to_target == pytest.approx(1_500)
     ratio = summary.ratio("diloco")
     assert ratio.bytes_ratio == pytest.approx(10.0)
     assert ratio.wall_clock_speedup == pytest.approx(2.0)
-    assert ratio.time_to_target_speedup == pytest.approx(1.5)
-    assert ratio.bytes_to_target_ratio == pytest.approx(7.5)
+    assert ratio.time_to_target_speedup == pytest.approx(10.0 / 7.5)
+    assert ratio.bytes_to_target_ratio == pytest.approx(10_000 / 1_500)
     assert ratio.val_loss_ratio == pytest.approx(1.7 / 1.5)
     assert summary.ratio("ddp").bytes_ratio == pytest.approx(1.0)
+
+
+def test_a_stalled_method_misses_the_automatic_target_instead_of_setting_it(tmp_path: Path) -> None:
+    stalled = {**SPEC, "diloco": {**SPEC["diloco"], "val": (2.6, 2.5, 2.45, 2.4)}}
+    summary = summarize(load_run(make_run(tmp_path, spec=stalled)))
+    assert summary.target_loss == 2.0 and summary.row("diloco").time_to_target_s is None  # the old rule: 2.4
+    console = Console(record=True, width=300)
+    print_summary(summary, console)
+    assert "half its steps; --target-loss overrides); reached by 1 of 2 methods" in console.export_text()
+
+
+def test_without_a_halfway_evaluation_the_target_falls_back_to_the_lowest_loss_all_reach(tmp_path: Path) -> None:
+    run_dir = make_run(tmp_path)
+    for rank in (0, 1):  # ddp's log cut off at step 4, before its first evaluation
+        path = run_dir / "ddp" / f"rank{rank}.jsonl"
+        path.write_text("\n".join(path.read_text().splitlines()[:4]) + "\n")
+    summary = summarize(load_run(run_dir))
+    assert summary.target_loss == 1.7 and summary.target_setter == "diloco"  # the only best: diloco's
+    assert "the lowest val loss every algorithm reached" in summary.target_origin
 
 
 def test_target_from_argument_and_config(tmp_path: Path) -> None:
@@ -161,9 +181,9 @@ def test_print_summary_table(run_dir: Path) -> None:
     console = Console(record=True, width=250)
     print_summary(summarize(load_run(run_dir)), console=console)
     text = console.export_text()
-    assert "2 workers" in text and "100mbit, 20 ms" in text and "target loss 1.700 (auto)" in text
+    assert "2 workers" in text and "100mbit, 20 ms" in text and "target loss 2.000 (auto)" in text
     assert "22.00 kB" in text and "2.20 kB" in text
-    assert "10.0x fewer bytes" in text and "2.0x faster" in text and "1.5x faster to target" in text
+    assert "10.0x fewer bytes" in text and "2.0x faster" in text and "1.3x faster to target" in text
     assert "diloco vs ddp:" in text
 
 
@@ -178,9 +198,9 @@ def test_write_report(run_dir: Path) -> None:
         assert (run_dir / f"{stem}.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     data = json.loads((run_dir / "summary.json").read_text())
     assert {"rows", "ratios", "target_loss", "target_auto", "baseline"} <= set(data)
-    assert data["target_loss"] == 1.7 and data["target_auto"] is True
+    assert data["target_loss"] == 2.0 and data["target_auto"] is True
     assert [r["name"] for r in data["rows"]] == ["ddp", "diloco"]
-    assert data["rows"][1]["time_to_target_s"] == pytest.approx(10.0)
+    assert data["rows"][1]["time_to_target_s"] == pytest.approx(7.5)
     assert data["ratios"][1]["bytes_ratio"] == pytest.approx(10.0)
     md = (run_dir / "summary.md").read_text().splitlines()
     assert sum(line.startswith("| ddp |") for line in md) == 1

@@ -199,15 +199,21 @@ def test_report_over_seeds_of_a_known_folder(tmp_path: Path) -> None:
     assert (tmp_path / "small" / "speedup_vs_bandwidth.png").stat().st_size > 1000
 
 
-def test_an_automatic_sweep_target_names_the_entry_and_seed_that_set_it(tmp_path: Path) -> None:
+def test_an_automatic_sweep_target_is_ddps_halfway_loss_and_the_answer_heads_each_table(tmp_path: Path) -> None:
     s = spec(SMALL)
     run_sweep(s, tmp_path, dry_run=True)
     for u in s.units(tmp_path):
-        worst = u.entry.label == "diloco" and u.config.seed == 1
-        _fake_unit(u, [3.0, 2.8] + ([2.7] if worst else [2.4]), 1.0, 10)
+        if u.entry.label == "ddp":  # seed 1 is the slower to improve: 2.9 at step 2 of 3
+            _fake_unit(u, [3.0, 2.9 if u.config.seed else 2.8, 2.4], 1.0, 10)
+        else:  # diloco stalls at 2.95 in seed 1: never reaches 2.9 there
+            _fake_unit(u, [3.0, 2.5, 2.45] if u.config.seed == 0 else [3.0, 2.95, 2.95], 0.5, 1)
     write_sweep_report(tmp_path / "small")
     md = (tmp_path / "small" / "report.md").read_text()
-    assert "target loss 2.700 (automatic: diloco, seed 1's best)" in md
+    assert "target loss 2.900 (automatic: ddp's val loss at step 2 of 3, half its steps (the largest over seeds)" in md
+    assert "**Recommended on 100mbit / 20ms: ddp, first to val loss 2.900 (2.0 s, 20 B sent per worker" in md
+    assert "- Never reached the target (in every seed): diloco." in md
+    summary = json.loads((tmp_path / "small" / "summary.json").read_text())
+    assert summary[0]["recommendation"][0].startswith("Recommended on 100mbit / 20ms: ddp")
 
 
 def test_cli_flags_override_and_report_refuses_an_empty_sweep(tmp_path: Path, capsys) -> None:

@@ -11,8 +11,9 @@
     summary.json              the same numbers
     <group>_loss_vs_time.png, <group>_loss_vs_bytes.png, speedup_vs_bandwidth.png
 
-For each group the target loss is the sweep's ``target_loss``, else the lowest validation loss
-every entry reached in every seed. Spread is the sample standard deviation (seeds >= 2).
+For each group the target loss is the sweep's ``target_loss``, else the baseline's validation loss
+at half its steps, the largest over seeds (:mod:`lowband.report.target`); above each table, the
+recommendation of :mod:`lowband.report.recommend` from the means over seeds. Spread is the sample standard deviation (seeds >= 2).
 Speed-up is the baseline's mean time to target over the entry's (None if either never reached it).
 """
 
@@ -32,7 +33,9 @@ from lowband.bench.sweep import folder_name as _folder
 from lowband.net.units import format_bytes, parse_bandwidth
 from lowband.report.plots import MANY, _plot_png, line_style
 from lowband.report.render import _CSS, _html_table
-from lowband.report.summary import Run, Summary, _finite, auto_target, load_run, summarize
+from lowband.report.recommend import sweep_recommendation
+from lowband.report.summary import Run, Summary, _finite, load_run, summarize
+from lowband.report.target import Target, automatic, given, halfway
 
 HEADERS = ("entry", "seeds", "time to target", "bytes to target", "final val loss", "exposed comm s",
            "compute s / step", "utilisation", "speed-up vs {base}", "reached")
@@ -83,21 +86,34 @@ def load_groups(sweep_dir: Path) -> tuple[dict[str, Any], list[Group]]:
                                                        order.get((g.bandwidth, g.latency), len(order))))
 
 
-def summarize_group(group: Group, target: float | None) -> tuple[float | None, str | None, dict[int, Summary]]:
-    """Per seed summaries at one shared target: the given one, or the lowest loss all
-    entries reach in every seed, with the entry whose best set it (None when given)."""
-    setter = None
-    if target is None:
+def summarize_group(group: Group, target: float | None) -> tuple[Target, dict[int, Summary]]:
+    """Per seed summaries at one shared target: the given one, or the baseline's val loss at half
+    its steps, the largest over seeds (:mod:`lowband.report.target`)."""
+    if target is not None:
+        chosen = given(target, "the sweep's target_loss")
+    else:
         several = len(group.runs) > 1
+        base = _baseline(group)
         bests = [(f"{row.name}, seed {seed}" if several else row.name, row.best_val_loss)
                  for seed, run in group.runs.items() for row in summarize(run).rows]
-        target, setter = auto_target(dict(bests))
-    return target, setter, {seed: summarize(run, target) for seed, run in sorted(group.runs.items())}
+        chosen = automatic(base, [halfway(_first_rank(run.records.get(base, []))) for run in group.runs.values()],
+                           dict(bests))
+    return chosen, {seed: summarize(run, chosen.loss) for seed, run in sorted(group.runs.items())}
+
+
+def _baseline(group: Group) -> str:
+    """ddp when the group has it, else its first entry."""
+    return "ddp" if "ddp" in group.labels else group.labels[0]
+
+
+def _first_rank(per_rank: list[list[dict[str, Any]]]) -> list[dict[str, Any]]:
+    """The records of the lowest rank that logged (empty if none)."""
+    return next((records for records in per_rank if records), [])
 
 
 def group_rows(group: Group, per_seed: dict[int, Summary]) -> tuple[str, list[dict[str, Any]]]:
     """One dict per entry: means and spreads over seeds, and speed-up over the baseline."""
-    base = "ddp" if "ddp" in group.labels else group.labels[0]
+    base = _baseline(group)
     rows = []
     for label in group.labels:
         found = [s.row(label) for s in per_seed.values() if any(r.name == label for r in s.rows)]
@@ -123,15 +139,18 @@ def write_sweep_report(sweep_dir: Path | str) -> Path:
           f"{', '.join(map(str, spec['seeds']))}, {spec['steps']} steps per worker.", ""]
     body, images, data = [], {}, []
     for group in groups:
-        target, setter, per_seed = summarize_group(group, spec.get("target_loss"))
+        chosen, per_seed = summarize_group(group, spec.get("target_loss"))
+        target = chosen.loss
         base, rows = group_rows(group, per_seed)
         first = per_seed[min(per_seed)]
         heading = (f"{group.key}: {group.workers} workers, {group.bandwidth} / {group.latency}, target loss "
-                   + ("none" if target is None else f"{target:.3f}")
-                   + (f" (automatic: {setter}'s best)" if setter else ""))
+                   + ("none" if target is None else f"{target:.3f}") + f" ({chosen.origin})")
         cells = [_cells(r) for r in rows]
         headers = [h.format(base=base) for h in HEADERS]
-        md += [f"## {heading}", "", _md_table(headers, cells), ""]
+        answer = sweep_recommendation(rows, f"{group.bandwidth} / {group.latency}", target, base)
+        notes = [f"- {line}" for line in answer[1:]]
+        md += [f"## {heading}", "", f"**{answer[0]}**", "", *notes, *([""] if notes else []),
+               _md_table(headers, cells), ""]
         run = group.runs[min(group.runs)]
         for stem, key, label in (("loss_vs_time", "time_s", "wall-clock (s)"), ("loss_vs_bytes", "bytes_sent",
                                                                                  "bytes sent per worker")):
@@ -139,10 +158,13 @@ def write_sweep_report(sweep_dir: Path | str) -> Path:
             images[name] = _plot_png(run, first, key, label)
             md.append(f"![{stem} {group.key}]({name})")
         md.append("")
-        body.append(f"<h2>{html.escape(heading)}</h2>{_html_table(headers, cells)}"
+        body.append(f"<h2>{html.escape(heading)}</h2><p><b>{html.escape(answer[0])}</b></p>"
+                    + "".join(f'<p class="note">{html.escape(line)}</p>' for line in answer[1:])
+                    + _html_table(headers, cells)
                     + "".join(_img(images[f'{group.key}_{s}.png'], s) for s in ("loss_vs_time", "loss_vs_bytes")))
         data.append({"group": group.key, "bandwidth": group.bandwidth, "latency": group.latency,
-                     "workers": group.workers, "target_loss": target, "baseline": base, "rows": rows})
+                     "workers": group.workers, "target_loss": target, "target_origin": chosen.origin,
+                     "recommendation": answer, "baseline": base, "rows": rows})
     curve = _speedup_png(data)
     if curve is not None:
         images["speedup_vs_bandwidth.png"] = curve

@@ -25,7 +25,7 @@ CONSENSUS = ("consensus", "consensus_distance")  # (file stem, record key) of th
 EMA_BETA = 0.9
 """Smoothing of the plotted train loss (debiased exponential moving average)."""
 MANY = 8
-"""More series than this: validation curves only, a wider figure and the legend beside the axes."""
+"""More series than this: validation curves only, named only for the baseline and the fastest, a wider figure."""
 LINESTYLES = ("-", "--", ":")
 MARKERS = ("o", "s", "^")
 
@@ -51,17 +51,14 @@ def new_figure(series: int) -> tuple[Any, Any]:
 
 
 def save_png(fig: Any, ax: Any, title_text: str | None, series: int) -> bytes:
-    """Title, grid and legend on ``ax`` (beside the axes when there are many ``series``); ``fig`` as
-    PNG bytes (the figure is closed)."""
+    """Title, grid and legend on ``ax`` (beside the axes, never over the data; two columns past 24
+    ``series``); ``fig`` as PNG bytes (the figure is closed)."""
     import matplotlib.pyplot as plt
 
     if title_text:
         ax.set_title(title_text, fontsize=9)
     ax.grid(True, alpha=0.3)
-    if series > MANY:
-        ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0), ncol=1 if series <= 24 else 2)
-    else:
-        ax.legend(fontsize=7, loc="best")
+    ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0), ncol=1 if series <= 24 else 2)
     buffer = io.BytesIO()
     fig.savefig(buffer, format="png", bbox_inches="tight")
     plt.close(fig)

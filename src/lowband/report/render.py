@@ -131,8 +131,8 @@ def print_summary(summary: Summary, console: Console | None = None) -> None:
         if ratio.name != ratio.baseline:
             text = ratio_text(ratio, row)
             console.print(f"  [bold]{ratio.name}[/bold] vs {ratio.baseline}: {text}")
-    if summary.target_auto and summary.target_loss is not None:
-        console.print(f"  [dim]{_target_note(summary)}[/dim]")
+    if summary.target_loss is not None:
+        console.print(f"  [dim]{_target_note(summary)}[/dim]", highlight=False)
     for line in noise_lines(summary):
         console.print(f"  [yellow]{line}[/yellow]", highlight=False)
 
@@ -261,9 +261,10 @@ def _target_note(summary: Summary) -> str:
     """A sentence saying which target loss time-to-target uses and where it came from."""
     if summary.target_loss is None:
         return "No target loss: no algorithm logged a validation loss."
-    origin = (f"automatic: the lowest validation loss every algorithm reached, {summary.target_setter}'s best; "
-              "pass --target-loss for a stricter one" if summary.target_auto else "set by the user")
-    return f"Target loss {summary.target_loss:.4f} ({origin}). Baseline: {summary.baseline}."
+    reached = sum(row.time_to_target_s is not None for row in summary.rows)
+    origin = summary.target_origin or ("automatic" if summary.target_auto else "set by the user")
+    return (f"Target loss {summary.target_loss:.4f} ({origin}); reached by {reached} of {len(summary.rows)} "
+            f"methods. Baseline: {summary.baseline}.")
 
 
 def html_report(summary: Summary, images: dict[str, bytes],

@@ -25,6 +25,7 @@ from pathlib import Path
 from typing import Any
 
 from lowband.report.noise import ComputeCheck, compute_check
+from lowband.report.target import Target, automatic, given, halfway
 
 Record = dict[str, Any]
 """One step of one rank: ``step``, ``loss``, ``tokens``, ``bytes_sent``, ``bytes_received``,
@@ -122,7 +123,9 @@ class Summary:
     rows: tuple[AlgorithmSummary, ...]
     ratios: tuple[Ratios, ...]
     target_setter: str | None = None
-    """With an automatic target: the algorithm whose best loss set it (the slowest to improve)."""
+    """With an automatic target: the algorithm that set it (the baseline, at half its steps)."""
+    target_origin: str = ""
+    """Where the target came from, in one line (:mod:`lowband.report.target`)."""
     compute: ComputeCheck | None = None
     """Compute per step compared across the algorithms, with normalised times (:mod:`lowband.report.noise`)."""
 
@@ -229,11 +232,12 @@ def summarize(run: Run, target_loss: float | None = None) -> Summary:
     """Reduce ``run`` to one :class:`AlgorithmSummary` per algorithm plus ratios.
 
     The target loss for time/bytes-to-target is ``target_loss`` if given, else
-    ``config["target_loss"]`` if set, else automatic: the largest of the algorithms' best
-    validation losses, i.e. the lowest loss every algorithm reaches.
+    ``config["target_loss"]`` if set, else automatic: the baseline's validation loss at half its
+    steps (:mod:`lowband.report.target`).
     """
     stats = {algo: _base_stats(run.records[algo], run.link_busy.get(algo, [])) for algo in run.algorithms}
-    target, auto, setter = _choose_target(run, target_loss, stats)
+    chosen = _choose_target(run, target_loss, stats)
+    target = chosen.loss
     rows = tuple(
         _row(algo, run.records[algo], stats[algo], target) for algo in run.algorithms
     )
@@ -248,36 +252,26 @@ def summarize(run: Run, target_loss: float | None = None) -> Summary:
         algorithm_options={a: (meta.get("algorithms") or {}).get(a, {}) for a in run.algorithms},
         baseline=baseline.name,
         target_loss=target,
-        target_auto=auto,
+        target_auto=chosen.auto,
         rows=rows,
         ratios=tuple(_ratios(row, baseline) for row in rows),
-        target_setter=setter,
+        target_setter=chosen.setter,
+        target_origin=chosen.origin,
         compute=compute_check(run.records, {a: _target_step(run.records[a], target) for a in run.algorithms}),
     )
 
 
-def _choose_target(
-    run: Run, explicit: float | None, stats: dict[str, dict[str, Any]]
-) -> tuple[float | None, bool, str | None]:
-    """``(target, automatic, setter)`` following the argument > config > auto order."""
+def _choose_target(run: Run, explicit: float | None, stats: dict[str, dict[str, Any]]) -> Target:
+    """The target following the argument > config > automatic order (:mod:`lowband.report.target`)."""
     if explicit is not None:
-        return float(explicit), False, None
+        return given(explicit, "--target-loss")
     configured = run.config.get("target_loss")
     if configured is not None:
-        return float(configured), False, None
-    target, setter = auto_target({name: s["best_val_loss"] for name, s in stats.items()})
-    return target, True, setter
-
-
-def auto_target(bests: dict[str, float | None]) -> tuple[float | None, str | None]:
-    """The automatic target: the largest best validation loss (the lowest loss every
-    algorithm reaches) and the name of the algorithm that has it. One badly converging
-    algorithm makes this target easy for all the others: name it so a reader can tell."""
-    known = {name: best for name, best in bests.items() if best is not None}
-    if not known:
-        return None, None
-    setter = max(known, key=known.__getitem__)
-    return known[setter], setter
+        return given(configured, "the run's target_loss")
+    baseline = run.algorithms[0] if run.algorithms else ""
+    reference = _present(run.records.get(baseline, []))
+    return automatic(baseline, [halfway(reference[0]) if reference else None],
+                     {name: s["best_val_loss"] for name, s in stats.items()})
 
 
 def _present(per_rank: list[list[Record]]) -> list[list[Record]]:
