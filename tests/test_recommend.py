@@ -61,6 +61,8 @@ def test_the_configuration_shows_what_changed_and_folds_the_rest(tmp_path: Path)
     (run_dir / "run.json").write_text(json.dumps(meta))
     page = write_report(run_dir).read_text()
     assert "<code>--steps 20 --workers 2 --progress false</code>" in page
+    assert ("setting</b>: 2 workers, 100 Mbit/s + 20 ms, 20 steps (cnn on digits); diloco H=10 (outer lr 0.7)"
+            in page)  # the run in words
     assert "<li>ddp: its defaults</li>" in page and "<li>diloco: inner_steps=10</li>" in page
     assert "versions</b>: lowband 0.1.0, torch 2.13.0, python 3.11.7, backend gloo" in page
     assert "<details><summary>full configuration (run.json)</summary>" in page

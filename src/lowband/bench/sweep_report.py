@@ -30,7 +30,7 @@ from pathlib import Path
 from typing import Any
 
 from lowband.bench.sweep import folder_name as _folder
-from lowband.net.units import format_bytes, parse_bandwidth
+from lowband.net.units import format_bytes, format_rate, parse_bandwidth
 from lowband.report.plots import MANY, _plot_png, line_style
 from lowband.report.render import _CSS, _html_table
 from lowband.report.recommend import sweep_recommendation
@@ -250,7 +250,7 @@ def _speedup_png(data: list[dict[str, Any]]) -> bytes | None:
             ax.plot(xs, ys, **line_style(order.index(label)), label=label)
         ax.axhline(1.0, color="0.3", linestyle="--", linewidth=1)
         ax.set_xscale("log")
-        ax.set_xticks(ticks, [_per_second(t) for t in ticks])
+        ax.set_xticks(ticks, [format_rate(t) for t in ticks])
         ax.minorticks_off()
         ax.set_ylabel(f"speed-up over {data[0]['baseline']}", fontsize=8)
         ax.grid(True, alpha=0.3)
@@ -260,15 +260,6 @@ def _speedup_png(data: list[dict[str, Any]]) -> bytes | None:
     fig.savefig(buffer, format="png", bbox_inches="tight")
     plt.close(fig)
     return buffer.getvalue()
-
-
-def _per_second(bytes_per_s: float) -> str:
-    """12.5e6 -> '100 Mbit/s' (a bandwidth axis label)."""
-    bits = bytes_per_s * 8
-    for unit, scale in (("Gbit/s", 1e9), ("Mbit/s", 1e6), ("kbit/s", 1e3)):
-        if bits >= scale:
-            return f"{bits / scale:g} {unit}"
-    return f"{bits:g} bit/s"
 
 
 def _failed(sweep_dir: Path, spec: dict[str, Any]) -> list[str]:

@@ -73,6 +73,15 @@ def format_bandwidth(bytes_per_s: float | None) -> str:
     return f"{bits:g}bit"
 
 
+def format_rate(bytes_per_s: float) -> str:
+    """12.5e6 -> '100 Mbit/s' (for people: axis labels, sentences)."""
+    bits = bytes_per_s * 8
+    for unit, scale in (("Gbit/s", 1e9), ("Mbit/s", 1e6), ("kbit/s", 1e3)):
+        if bits >= scale:
+            return f"{bits / scale:g} {unit}"
+    return f"{bits:g} bit/s"
+
+
 def per_worker(text: str) -> list[str]:
     """A comma-separated list, ``v*k`` standing for k copies of v: ``'0*2,1*2'`` -> 0,0,1,1."""
     out: list[str] = []
