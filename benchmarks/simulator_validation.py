@@ -68,10 +68,11 @@ def compare(small: Path, large: Path, workers: int) -> list[dict[str, Any]]:
     rows = []
     for label, trace in small_traces.items():
         truth = large_traces[label]
-        identity = simulate(trace, make_target(small_run))
-        raw = simulate(trace, make_target(small_run, workers=workers, compute_scale=1.0))
+        ring = "ring"  # the emulated runs it is checked against pace every all-reduce as a ring
+        identity = simulate(trace, make_target(small_run, allreduce=ring))
+        raw = simulate(trace, make_target(small_run, workers=workers, compute_scale=1.0, allreduce=ring))
         scale = truth.compute_s / trace.compute_s if trace.compute_s > 0 else 1.0
-        calibrated = simulate(trace, make_target(small_run, workers=workers, compute_scale=scale))
+        calibrated = simulate(trace, make_target(small_run, workers=workers, compute_scale=scale, allreduce=ring))
         row: dict[str, Any] = {"label": label, "compute_scale": scale, "measured": {
             "wall_clock_s": truth.wall_clock_s, "bytes_sent_per_worker": truth.bytes_sent_per_worker,
             "exposed_comm_s": truth.comm_s, "compute_s": truth.compute_s}}

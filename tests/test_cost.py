@@ -246,3 +246,61 @@ def test_single_rank_is_free_for_planning_collectives(n: int) -> None:
     assert cost.halving_doubling_all_reduce(MB, n, LINK) == free
     assert cost.hierarchical_all_reduce(MB, 1, 1, intra=FAST, inter=LINK) == free
     assert cost.parameter_server(MB, n, LINK) == free
+
+
+# -- what projections charge: the cheapest algorithm per bucket (lowband plan and lowband simulate) --
+WAN = Link(bandwidth=125_000_000.0, latency=0.05)  # 1gbit, 50 ms
+
+
+def test_double_tree_by_hand() -> None:
+    # n=1024: D = 2 * 10 = 20 stages, W = 2 S/B = 0.4 s for 25 MB: (sqrt(19 * 0.05) + sqrt(0.4))^2
+    t = cost.double_tree_all_reduce(25_000_000, 1024, WAN)
+    assert t.seconds == pytest.approx((math.sqrt(0.95) + math.sqrt(0.4)) ** 2)
+    assert (t.sent, t.received) == (50_000_000, 50_000_000)
+    # one byte: a single chunk, D (a + W)
+    assert cost.double_tree_all_reduce(1, 1024, WAN).seconds == pytest.approx(20 * (0.05 + 2 / 125e6))
+    assert cost.double_tree_all_reduce(MB, 1, WAN) == Transfer(0.0, 0, 0)
+
+
+def test_all_reduce_picks_the_cheapest() -> None:
+    big = 25_000_000
+    # 1,024 ranks (a power of two): halving-doubling, 20 latencies and the ring's bytes
+    assert cost.all_reduce(big, 1024, WAN) == cost.halving_doubling_all_reduce(big, 1024, WAN)
+    # 10,240 ranks at 0.1 ms: the fold costs halving-doubling 2 (a + S/B) more (0.80 s); the double tree
+    # (sqrt(27 a) + sqrt(0.4))^2 = 0.47 s is cheaper; at 50 ms its 27 latencies cost more than the fold
+    assert cost.cheapest(cost.ALL_REDUCE_ALGORITHMS, big, 10_240, FAST)[0] == "double-tree"
+    assert cost.cheapest(cost.ALL_REDUCE_ALGORITHMS, big, 10_240, WAN)[0] == "halving-doubling"
+    # two ranks: every algorithm is the ring or worse, and the ring wins ties
+    assert cost.cheapest(cost.ALL_REDUCE_ALGORITHMS, MB, 2, LINK)[0] == "ring"
+    for n in (3, 4, 7, 64, 1000):
+        assert cost.all_reduce(MB, n, WAN).seconds == min(f(MB, n, WAN).seconds
+                                                          for f in cost.ALL_REDUCE_ALGORITHMS.values())
+
+
+def test_bruck_collectives_by_hand() -> None:
+    # all-gather, n=5: ceil(log2 5) a + 4 S/B = 3 * 0.001 + 4 * 0.08 = 0.323 s (ring: 4 * 0.081 = 0.324 s)
+    assert cost.bruck_all_gather(MB, 5, LINK).seconds == pytest.approx(0.323)
+    assert cost.all_gather(MB, 5, LINK) == cost.bruck_all_gather(MB, 5, LINK)
+    # all-to-all, n=8: 3 (a + S/(2B)) = 3 * (0.001 + 0.04) = 0.123 s, 1.5 MB (pairwise: 7 * 0.011 = 0.077 s)
+    t = cost.bruck_all_to_all(MB, 8, LINK)
+    assert t.seconds == pytest.approx(0.123) and t.sent == 1_500_000
+    assert cost.all_to_all_any(MB, 8, LINK) == cost.all_to_all(MB, 8, LINK)
+    assert cost.all_to_all_any(1000, 1024, WAN) == cost.bruck_all_to_all(1000, 1024, WAN)  # latency-bound
+
+
+def test_buckets_split_full_then_the_rest() -> None:
+    assert cost.bucket_sizes(60, 25) == [25, 25, 10]
+    assert cost.bucket_sizes(50, 25) == [25, 25]
+    assert cost.bucket_sizes(10, math.inf) == [10]
+    parts = cost.buckets("all_reduce", 60 * MB, 4, LINK, 25 * MB, "ring")
+    assert [p.sent for p in parts] == [int(1.5 * 25 * MB)] * 2 + [int(1.5 * 10 * MB)]
+    assert sum(p.sent for p in parts) == 90 * MB
+
+
+def test_behind_backward() -> None:
+    # buckets of 1 s ready at 1, 2, 3 (window 3): each done before the next is ready, the last at 4
+    assert cost.behind_backward([1.0, 1.0, 1.0], 3.0) == pytest.approx(4.0)
+    # buckets of 2 s: the link lags, 1 + 3 * 2 = 7; no window: the plain sum from the start
+    assert cost.behind_backward([2.0, 2.0, 2.0], 3.0) == pytest.approx(7.0)
+    assert cost.behind_backward([2.0, 2.0], 0.0, start=1.0) == pytest.approx(5.0)
+    assert cost.behind_backward([2.0], 0.0, start=1.0, link_free=4.0) == pytest.approx(6.0)

@@ -40,6 +40,16 @@ def test_ledger_records_carry_the_issuing_step(run_dir: Path) -> None:
     rows = [json.loads(line) for line in (run_dir / "ddp" / "ledger_rank0.jsonl").read_text().splitlines()]
     assert rows[0]["tag"] == "init" and "step" not in rows[0]  # before the first step: left out
     assert [r["step"] for r in rows[1:]] == list(range(1, STEPS + 1))  # one all-reduce per step
+    assert [r["waited"] for r in rows[1:]] == list(range(1, STEPS + 1))  # each waited for in its own step
+    assert "waited" not in rows[0]  # the initial broadcast: before any step
+
+
+def test_ledger_records_the_step_an_overlapped_mean_was_waited_for(run_dir: Path) -> None:
+    """delayed-diloco starts round 1's mean at step 4 and waits for it at step 8 (the end): the schedule
+    reads that from the ledger, not from timings a loaded host can blur."""
+    rows = [json.loads(line) for line in (run_dir / "delayed-diloco" / "ledger_rank1.jsonl").read_text().splitlines()]
+    outer = [(r["step"], r["waited"]) for r in rows if r["tag"] != "init"]
+    assert outer == [(4, 8), (8, 8)], outer
 
 
 def test_identity_reproduces_the_measured_wall_clock(run_dir: Path) -> None:
@@ -191,7 +201,7 @@ def test_expected_max_of_n_draws() -> None:
 def test_stragglers_slow_synchronous_steps_as_workers_grow() -> None:
     constant = _trace(compute=0.1, payload=1000)
     walls = [simulate(constant, _target(constant, workers=n)).wall_clock_s for n in (3, 64, 1024)]
-    per_step_comm = [cost.ring_all_reduce(1000, n, constant.link).seconds for n in (3, 64, 1024)]
+    per_step_comm = [cost.all_reduce(1000, n, constant.link).seconds for n in (3, 64, 1024)]  # the cheapest
     for wall, comm in zip(walls, per_step_comm):
         assert wall == pytest.approx(constant.steps * (0.1 + comm))  # no spread: no straggler cost
     spread = _trace(compute=0.1, payload=1000, spread=1.0)  # rank 1 takes 0.2 s a step, rank 0 0.1 s
@@ -232,7 +242,7 @@ def test_uneven_workers_are_persistent_and_measured_speeds_are_undone() -> None:
     import dataclasses
 
     even = _trace(compute=0.1, payload=1000)
-    comm = cost.ring_all_reduce(1000, 4, even.link).seconds
+    comm = cost.all_reduce(1000, 4, even.link).seconds
     uneven = simulate(even, _target(even, workers=4, speeds=(1.0, 0.5)))  # pattern: 1, 0.5, 1, 0.5
     assert uneven.wall_clock_s == pytest.approx(even.steps * (0.2 + comm), rel=1e-6)
     assert uneven.straggler_wait_s == pytest.approx(even.steps * 0.1 / 2)  # half the ranks wait 0.1 s a step

@@ -182,6 +182,7 @@ def report(argv: list[str]) -> int:
 def simulate(argv: list[str]) -> int:
     """Project a measured run to another worker count, model size and network (docs/simulator.md)."""
     from lowband.predict.simulate_cli import print_table, simulate_run, write_json
+    from lowband.net.cost import ALL_REDUCES
     from lowband.predict.simulate import MAX_WORKERS
 
     parser = argparse.ArgumentParser(prog="lowband simulate", description=simulate.__doc__)
@@ -197,12 +198,18 @@ def simulate(argv: list[str]) -> int:
                         help="compute speed per target worker, repeated over the workers ('1,1,0.5,0.25'; "
                              "default: the run's)")
     parser.add_argument("--seed", type=int, default=0, help="seed of the straggler draws")
+    parser.add_argument("--allreduce", choices=list(ALL_REDUCES), default="auto",
+                        help="all-reduce algorithm (default auto: the cheapest per bucket, as lowband plan)")
+    parser.add_argument("--overlap-backward", type=float, default=0.0, metavar="SHARE",
+                        help="share of a step's compute that is backward, during which ddp's gradient buckets "
+                             "may go (torch DDP: about 0.67; default 0: after backward, as lowband's ddp)")
     parser.add_argument("--json", type=Path, default=None, help="also write the numbers to this JSON file")
     args = parser.parse_args(argv)
     try:
         run, target, projections = simulate_run(
             args.run_dir, args.algo, workers=args.workers, bandwidth=args.bandwidth, latency=args.latency,
-            params=args.params, compute_scale=args.compute_scale, seed=args.seed, worker_speed=args.worker_speed)
+            params=args.params, compute_scale=args.compute_scale, seed=args.seed, worker_speed=args.worker_speed,
+            allreduce=args.allreduce, overlap_backward=args.overlap_backward)
     except FileNotFoundError as err:
         console.print(f"[red]error[/red]: {escape(str(err))}; give a run folder written by lowband train")
         return 2

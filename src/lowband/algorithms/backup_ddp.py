@@ -74,7 +74,7 @@ class BackupDDP(DDP):
     @classmethod
     def comm_plan(cls, options: Any, setup: Setup) -> tuple[Sync, ...]:
         """As ddp: dropped ranks send zeros."""
-        return average(options, setup, "grads", 1)
+        return average(options, setup, "grads", 1, backward=True)
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import Any
 
 from lowband.comm.two_phase import SHARDS, prefer
 from lowband.compress import COMPRESSORS
@@ -19,14 +19,8 @@ from lowband.net.cost import Transfer
 from lowband.net.link import Link
 from lowband.registry import parse_spec
 
-Collective = Callable[[int, int, Link], Transfer]  # (bytes, ranks or neighbours, link) -> one rank's cost
-ALL_REDUCES: dict[str, Collective] = {
-    "ring": cost.ring_all_reduce, "tree": cost.tree_all_reduce,  # tree: the root's bytes (the busiest)
-    "halving-doubling": cost.halving_doubling_all_reduce, "parameter-server": cost.parameter_server,
-}
-OTHER_COLLECTIVES: dict[str, Collective] = {
-    "all_gather": cost.ring_all_gather, "all_to_all": cost.all_to_all, "neighbours": cost.gossip_step,
-}
+ALL_REDUCES = cost.ALL_REDUCES  # 'auto' (the cheapest per bucket), or one algorithm for every all-reduce
+OTHER_COLLECTIVES = cost.PROJECTED  # all_gather, all_to_all, neighbours: each its cheapest algorithm
 
 
 @dataclass(frozen=True)
@@ -38,8 +32,9 @@ class Setup:
     link: Link
     step_time: float
     steps: int
-    allreduce: str = "ring"  # how all-reduces are charged: a key of ALL_REDUCES (lowband runs "ring")
+    allreduce: str = "auto"  # how all-reduces are charged: a key of ALL_REDUCES (lowband's emulation runs "ring")
     matrix_side: int = 0  # side d of the d x d weight matrices (0: estimated from params)
+    backward: float = 0.0  # share of step_time that is backward, hiding buckets of backward syncs (0: after it)
 
     def __post_init__(self) -> None:
         if not all(isinstance(v, int) for v in (self.params, self.workers, self.steps, self.matrix_side)):
@@ -52,6 +47,8 @@ class Setup:
             raise ValueError(f"unknown all-reduce {self.allreduce!r}; choose one of: {', '.join(ALL_REDUCES)}")
         if self.matrix_side < 0:
             raise ValueError(f"matrix side must be >= 0 (0: estimate), got {self.matrix_side}")
+        if not 0 <= self.backward < 1:
+            raise ValueError(f"backward share of the step must be in [0, 1), got {self.backward}")
 
     @property
     def side(self) -> int:
@@ -64,7 +61,8 @@ class Setup:
 class Sync:
     """One kind of communication event: ``nbytes`` per rank (all-gather: one rank's part;
     neighbours: to each), ``rounds`` collectives of it (PowerSGD: P then Q) in chunks of at most
-    ``chunk_bytes``, every ``every`` steps in [start, stop), or once at the end."""
+    ``chunk_bytes``, every ``every`` steps in [start, stop), or once at the end. ``backward``: the
+    buckets are filled during the step's backward and may go as they fill (DDP's overlap)."""
 
     label: str
     collective: str  # 'all_reduce' or a key of OTHER_COLLECTIVES
@@ -77,6 +75,7 @@ class Sync:
     start: int = 0
     stop: int | None = None
     at_end: bool = False
+    backward: bool = False
 
     def __post_init__(self) -> None:
         if self.collective != "all_reduce" and self.collective not in OTHER_COLLECTIVES:
@@ -93,13 +92,26 @@ class Sync:
         end = steps if self.stop is None else min(self.stop, steps)
         return max(0, math.floor((end - self.start) / self.every + 1e-9))
 
+    def parts(self, setup: Setup) -> list[Transfer]:
+        """One event's collectives in order: ``rounds`` x its ``chunk_bytes`` buckets, each priced by
+        :func:`lowband.net.cost.buckets` (what ``lowband simulate`` charges a ledger op too)."""
+        n = setup.workers if self.peers is None else self.peers
+        return self.rounds * cost.buckets(self.collective, self.nbytes, n, setup.link, self.chunk_bytes,
+                                          setup.allreduce)
+
     def transfer(self, setup: Setup) -> Transfer:
-        """One event: ``rounds`` x chunks collectives, one after the other."""
-        chunks = max(1, math.ceil(self.nbytes / self.chunk_bytes))
-        fn = ALL_REDUCES[setup.allreduce] if self.collective == "all_reduce" else OTHER_COLLECTIVES[self.collective]
-        one = fn(round(self.nbytes / chunks), setup.workers if self.peers is None else self.peers, setup.link)
-        k = chunks * self.rounds
-        return Transfer(k * one.seconds, k * one.sent, k * one.received)
+        """One event: its collectives one after the other, seconds and bytes summed."""
+        parts = self.parts(setup)
+        return Transfer(sum(t.seconds for t in parts), sum(t.sent for t in parts), sum(t.received for t in parts))
+
+    def exposed(self, setup: Setup) -> float:
+        """Seconds of one event that no compute hides: beyond its overlap window, or, for a backward
+        sync, past the end of backward (:func:`lowband.net.cost.behind_backward`)."""
+        parts = self.parts(setup)
+        if self.backward and setup.backward > 0:
+            window = setup.backward * setup.step_time
+            return max(0.0, cost.behind_backward([t.seconds for t in parts], window) - window)
+        return max(0.0, sum(t.seconds for t in parts) - self.overlap_steps * setup.step_time)
 
 
 @dataclass(frozen=True)
@@ -121,19 +133,26 @@ def wire(spec: str, numel: int, side: int) -> Wire:
     return Wire(cls.wire_bytes(options, numel, side), summable, cls.fixed_size, cls.requantizable)
 
 
-def average(o: Any, setup: Setup, label: str, every: float, overlap: float = 0.0,
-            fraction: float = 1.0) -> tuple[Sync, ...]:
-    """An Aggregator mean of ``fraction`` of the parameters through ``o.compress``."""
-    w = wire(o.compress, round(setup.params * fraction), setup.side)
+def two_phase_capable(o: Any) -> bool:
+    """Whether an Aggregator with options ``o`` may take the two-phase path (lowband.comm.two_phase):
+    a requantizable compressor under a plain mean; it does where :func:`prefer` says so."""
     plain = getattr(o, "aggregate", "mean") == "mean" and not getattr(o, "checksum", False) and \
         getattr(o, "attack", "none") == "none"
-    if w.requantizable and plain and prefer(round(w.rounds[0]), setup.workers, setup.link):  # as the Aggregator
+    return plain and bool(parse_spec(o.compress, COMPRESSORS)[0].requantizable)
+
+
+def average(o: Any, setup: Setup, label: str, every: float, overlap: float = 0.0,
+            fraction: float = 1.0, backward: bool = False) -> tuple[Sync, ...]:
+    """An Aggregator mean of ``fraction`` of the parameters through ``o.compress`` (``backward``: a
+    gradient average whose buckets may go during backward, as DDP's)."""
+    w = wire(o.compress, round(setup.params * fraction), setup.side)
+    if two_phase_capable(o) and prefer(round(w.rounds[0]), setup.workers, setup.link):  # as the Aggregator
         return (Sync(label, "all_to_all", w.rounds[0], every, chunk_bytes=math.inf, overlap_steps=overlap),
                 Sync(label + SHARDS, "all_gather", w.rounds[0] / setup.workers, every, chunk_bytes=math.inf,
                      overlap_steps=overlap))
     kind = "all_reduce" if w.summable else "all_gather"
     syncs = [Sync(label, kind, w.rounds[0], every, rounds=len(w.rounds), chunk_bytes=o.bucket_mb * 1e6,
-                  overlap_steps=overlap)]
+                  overlap_steps=overlap, backward=backward)]
     if not w.fixed_size:  # one small all-gather of the payload sizes first
         syncs.append(Sync(f"{label}.sizes", "all_gather", 8, every, overlap_steps=overlap))
     return tuple(syncs)

@@ -49,7 +49,7 @@ class DDP(Algorithm):
     @classmethod
     def comm_plan(cls, options: Any, setup: Setup) -> tuple[Sync, ...]:
         """The gradients through ``compress`` every step, blocking."""
-        return average(options, setup, "grads", 1)
+        return average(options, setup, "grads", 1, backward=True)
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)

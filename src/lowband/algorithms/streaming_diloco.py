@@ -138,7 +138,7 @@ class StreamingDiLoCo(DiLoCo):
     @classmethod
     def comm_plan(cls, options: Any, setup: Setup) -> tuple[Sync, ...]:
         """1/P of the model every H/P steps (P fragments staggered), hidden by ``tau`` steps."""
-        return average(options, setup, "fragment", options.inner_steps / options.fragments, options.tau,
+        return average(options, setup, "outer", options.inner_steps / options.fragments, options.tau,
                        1 / options.fragments)
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:

@@ -127,9 +127,12 @@ class Aggregator:
             guards.warn_own(self.comm.rank, self.tag, step, bad)
         self._run(list(named), step, bad)
 
-    def _run(self, named: list[tuple[str, torch.Tensor]], step: int, bad: str | None) -> None:
-        with torch.no_grad(), self.comm.background(step):
+    def _run(self, named: list[tuple[str, torch.Tensor]], step: int, bad: str | None) -> list[int]:
+        """The mean on this thread; the ledger indices of its collectives (stamped by ``PendingMean.wait``)."""
+        records: list[int] = []
+        with torch.no_grad(), self.comm.background(step, records):
             self._mean(named, step, bad)
+        return records
 
     def state_dict(self) -> dict[str, Any]:
         """What this pipeline remembers between rounds: compressor, feedback and rule state."""

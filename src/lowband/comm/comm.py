@@ -35,7 +35,7 @@ import contextlib
 import threading
 import time
 from concurrent.futures import Future, ThreadPoolExecutor
-from typing import Any, Callable, Iterator
+from typing import Any, Callable, Iterable, Iterator
 
 import torch
 import torch.distributed as dist
@@ -49,8 +49,10 @@ from lowband.net.link import Link, Network
 class Handle:
     """An operation in flight; ``wait()`` returns its result (a tensor or list of tensors)."""
 
-    def __init__(self, comm: "Comm", future: Future | None, result: Any = None) -> None:
+    def __init__(self, comm: "Comm", future: Future | None, result: Any = None,
+                 records: list[int] | None = None) -> None:
         self._comm, self._future, self._result = comm, future, result
+        self._records = records if records is not None else []  # its ledger indices, once it has run
 
     def done(self) -> bool:
         return self._future is None or self._future.done()
@@ -59,7 +61,7 @@ class Handle:
         if self._future is not None:
             started = time.perf_counter()
             self._result = self._future.result()
-            self._comm.account_wait(time.perf_counter() - started)
+            self._comm.account_wait(time.perf_counter() - started, self._records)
             self._future = None
         return self._result
 
@@ -76,8 +78,8 @@ class PendingMean:
 
     def wait(self) -> None:
         started = time.perf_counter()
-        self._future.result()
-        self._comm.account_wait(time.perf_counter() - started)
+        records = self._future.result()  # the ledger indices of the mean's collectives
+        self._comm.account_wait(time.perf_counter() - started, records or ())
 
     def add_done_callback(self, fn: Callable[[BaseException | None], None]) -> None:
         """Call ``fn(None)`` once the mean is written back, or ``fn(error)`` if it failed: on the
@@ -217,20 +219,23 @@ class Comm:
             self._pool.submit(run).result()
         return tensor
 
-    def account_wait(self, seconds: float) -> None:
-        """Charge ``seconds`` of blocking to ``wait_seconds`` (not from background threads)."""
+    def account_wait(self, seconds: float, records: Iterable[int] = ()) -> None:
+        """Charge ``seconds`` of blocking to ``wait_seconds`` and stamp the ledger ``records`` waited for
+        as waited at the current step (neither from background threads: no training thread waits there)."""
         if not getattr(self._local, "background", False):
             self.wait_seconds += seconds
+            self.ledger.mark_waited(records, self.ledger.step)
 
     @contextlib.contextmanager
-    def background(self, step: int | None = None) -> Iterator[None]:
+    def background(self, step: int | None = None, collect: list[int] | None = None) -> Iterator[None]:
         """Within this context, waits on this thread are not the training thread's: not charged;
-        ops issued here are stamped with ``step`` (the training step that started the work)."""
-        self._local.background, self._local.step = True, step
+        ops issued here are stamped with ``step`` (the training step that started the work) and their
+        ledger indices appended to ``collect`` (for the training thread to stamp when it waits)."""
+        self._local.background, self._local.step, self._local.collect = True, step, collect
         try:
             yield
         finally:
-            self._local.background, self._local.step = False, None
+            self._local.background, self._local.step, self._local.collect = False, None, None
 
     def set_ring(self, order: tuple[int, ...]) -> None:
         """Charge ring collectives (all-reduce, all-gather, all-to-all) as a ring visiting
@@ -300,6 +305,8 @@ class Comm:
 
         issued = getattr(self._local, "step", None)
         issued = self.ledger.step if issued is None else issued
+        collect = getattr(self._local, "collect", None)
+        mine: list[int] = []
 
         device = _cuda_device(local_result if on is None else on)  # None: CPU tensors, nothing to do
 
@@ -310,11 +317,14 @@ class Comm:
             _complete(device)  # NCCL returns when enqueued: the op is over only once the GPU is done
             if emulate:
                 _sleep_until(time.perf_counter() + delay)
-            self.ledger.add(Record(op, tag, payload, transfer.sent, transfer.received,
-                                   peers or self.world_size, start, time.perf_counter(), transfer.seconds, step))
+            index = self.ledger.add(Record(op, tag, payload, transfer.sent, transfer.received,
+                                           peers or self.world_size, start, time.perf_counter(), transfer.seconds, step))
+            mine.append(index)
+            if collect is not None:
+                collect.append(index)
             return result
 
-        handle = Handle(self, self._pool.submit(execute))
+        handle = Handle(self, self._pool.submit(execute), records=mine)
         return handle if async_op else handle.wait()
 
 

@@ -5,13 +5,16 @@ operation, a free-form ``tag`` (what was sent: ``grads``, ``outer``, ``init``), 
 size, the bytes this rank sent and received under the collective's algorithm (see
 :mod:`lowband.net.cost`), the participants, when it started and ended on the link, and
 the training step during which it was issued (``Ledger.step`` at submission; 0 before the
-first step, e.g. the initial broadcast). :mod:`lowband.predict.schedule` reads this schedule and :mod:`lowband.predict.simulate` replays it.
+first step, e.g. the initial broadcast) and the step in which the training thread waited for it
+(``waited``: the issue step for a blocking op, a later one for an overlapped mean; 0 when no
+training thread waited, e.g. an op of the gossip thread, or a ledger older than the field). :mod:`lowband.predict.schedule` reads this schedule and :mod:`lowband.predict.simulate` replays it.
 """
 
 from __future__ import annotations
 
 import threading
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
+from typing import Iterable
 
 
 @dataclass(frozen=True)
@@ -26,12 +29,14 @@ class Record:
     end: float  # perf_counter when it completed (emulated delay included)
     modelled: float  # seconds the cost model charges
     step: int = 0  # training step that issued it (0: before the first step, or a ledger older than the field)
+    waited: int = 0  # training step whose thread waited for it (0: none did, or unknown)
 
     def to_dict(self) -> dict:
-        """A JSON-ready dict; ``step`` is left out when 0, so such dicts match older ledgers'."""
+        """A JSON-ready dict; ``step`` and ``waited`` are left out when 0, so such dicts match older ledgers'."""
         out = asdict(self)
-        if not self.step:
-            del out["step"]
+        for key in ("step", "waited"):
+            if not out[key]:
+                del out[key]
         return out
 
 
@@ -49,11 +54,21 @@ class Ledger:
     step: int = 0
     _lock: threading.Lock = field(default_factory=threading.Lock, repr=False, compare=False)
 
-    def add(self, record: Record) -> None:
+    def add(self, record: Record) -> int:
+        """Append ``record``; its index (for :meth:`mark_waited`)."""
         with self._lock:
             self.records.append(record)
             self.bytes_sent += record.sent
             self.bytes_received += record.received
+            return len(self.records) - 1
+
+    def mark_waited(self, indices: Iterable[int], step: int) -> None:
+        """Stamp the records at ``indices`` as waited for by the training thread at ``step`` (the first
+        wait counts: a record already stamped keeps its step)."""
+        with self._lock:
+            for i in indices:
+                if 0 <= i < len(self.records) and not self.records[i].waited:
+                    self.records[i] = replace(self.records[i], waited=step)
 
     def __len__(self) -> int:
         return len(self.records)

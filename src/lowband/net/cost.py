@@ -20,6 +20,10 @@ hierarchical       2(m-1)(a_i + S/(m B_i))                     2(m-1) S/m + 2(g-
                    + 2(g-1)(a_e + S/(g m B_e))
 parameter server   2 (a + max(S/B, n S/B_server))              S (and S received)
 gossip step        a + d S/B  (d neighbours, full-duplex)      d S
+double binary tr.  (sqrt((D-1) a) + sqrt(2S/B))^2,             2 S
+                   D = 2 ceil(log2 n) (pipelined, below)
+Bruck all-gather   ceil(log2 n) a + (n-1) S/B                  (n-1) S
+Bruck all-to-all   ceil(log2 n) (a + S/(2B))                   ceil(log2 n) S/2
 =================  ==========================================  ============================
 
 Hierarchical: g groups of m = n/g ranks, intra-group link (a_i, B_i), inter-group link
@@ -34,12 +38,21 @@ a broadcast, gloo's, not the ideal tree) complete no earlier than this time, and
 are alternatives for planning (:mod:`lowband.predict.plan`). Thakur, Rabenseifner & Gropp,
 "Optimization of Collective Communication Operations in MPICH" (2005) derive the same
 formulas.
+
+**Projections** (``lowband plan`` and ``lowband simulate`` both call :func:`buckets`): a payload
+becomes ``ceil(S / bucket)`` collectives (full buckets, then the rest) where the algorithm
+buckets (``bucket_mb``), one after the other (NCCL runs a communicator's collectives in order
+on one stream, lowband's Comm on one thread), each by the cheapest algorithm for its size
+(:func:`all_reduce`: ring, double binary tree or halving-doubling, as NCCL picks ring or tree
+and MPICH Rabenseifner by size; :func:`all_gather`, :func:`all_to_all_any`: ring/pairwise or
+Bruck). :func:`behind_backward` is when DDP's buckets are done if they go as backward fills them.
 """
 
 from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import Callable
 
 from lowband.net.link import Link
 
@@ -224,3 +237,127 @@ def gossip_step(nbytes: int, degree: int, link: Link) -> Transfer:
     if degree < 0:
         raise ValueError(f"degree must be >= 0, got {degree}")
     return neighbor_exchange(degree * nbytes, degree * nbytes, link)
+
+
+# -- what a projection charges: the cheapest algorithm per message, per bucket (planner and simulator) --
+
+
+def double_tree_all_reduce(nbytes: int, n: int, link: Link) -> Transfer:
+    """NCCL's double binary tree, pipelined: (sqrt((D-1) a) + sqrt(W))^2, D = 2 ceil(log2 n), W = 2 S/B.
+
+    Two binary trees each carry half the payload; a rank is inner node of at most one, so every
+    rank sends (and receives) S on the way up to the roots and S on the way down: 2 S each way.
+    The payload goes in k chunks through a pipeline of D stages (d hops up, d down), a stage
+    costing a + W/k: (D + k - 1)(a + W/k), least at k = sqrt((D-1) W / a), which gives the
+    formula above (one chunk, k = 1, when that is below 1: D (a + W)). Latency grows with
+    log n, the bandwidth term 2 S/B is the ring's 2 (n-1)/n S/B for large n. The form is that
+    of Sanders, Speck & Träff, "Two-tree algorithms for full bandwidth broadcast, reduction and
+    scan", Parallel Computing 35(12), 2009 (b m + 2 a log p + sqrt(8 a b m log p) for the
+    two-tree broadcast); NVIDIA's "Massively Scale Your Deep Learning Training with NCCL 2.4"
+    (2019) describes the trees NCCL runs. ``link``: the bottleneck of the participants.
+    """
+    if n <= 1:
+        return Transfer(0.0, 0, 0)
+    depth = 2 * math.ceil(math.log2(n))
+    wire = 0.0 if link.bandwidth is None else 2 * nbytes / link.bandwidth
+    a = link.latency
+    if a == 0.0 or (depth - 1) * wire > a:  # k* = sqrt((D-1) W / a) > 1 chunk
+        seconds = (math.sqrt((depth - 1) * a) + math.sqrt(wire)) ** 2
+    else:
+        seconds = depth * (a + wire)
+    return Transfer(seconds, 2 * nbytes, 2 * nbytes)
+
+
+def bruck_all_gather(nbytes_per_rank: int, n: int, link: Link) -> Transfer:
+    """Bruck's all-gather (recursive doubling when n is a power of two): ceil(log2 n) a + (n-1) S/B.
+
+    Round i sends the 2^i parts gathered so far (the last round what is left), so the ring's
+    bytes take ceil(log2 n) latencies instead of n - 1 (Thakur, Rabenseifner & Gropp 2005,
+    section 4.1; the local rotations are not charged)."""
+    if n <= 1:
+        return Transfer(0.0, 0, 0)
+    moved = (n - 1) * nbytes_per_rank
+    wire = 0.0 if link.bandwidth is None else moved / link.bandwidth
+    return Transfer(math.ceil(math.log2(n)) * link.latency + wire, moved, moved)
+
+
+def bruck_all_to_all(nbytes: int, n: int, link: Link) -> Transfer:
+    """Bruck's all-to-all: ceil(log2 n) (a + S/(2B)), each round forwarding about half the data.
+
+    Fewer latencies than the pairwise exchange ((n-1) of them) for more bytes (log2(n) S/2
+    instead of (n-1) S/n): MPICH's choice for short messages (Thakur et al. 2005, section 4.5)."""
+    if n <= 1:
+        return Transfer(0.0, 0, 0)
+    rounds = math.ceil(math.log2(n))
+    moved = round(rounds * nbytes / 2)
+    return Transfer(rounds * link.transfer_seconds(nbytes / 2), moved, moved)
+
+
+def cheapest(algorithms: dict[str, Collective], nbytes: int, n: int, link: Link) -> tuple[str, Transfer]:
+    """The algorithm of ``algorithms`` with the fewest modelled seconds (the first on a tie) and its cost."""
+    costs = {name: fn(nbytes, n, link) for name, fn in algorithms.items()}
+    name = min(costs, key=lambda k: costs[k].seconds)
+    return name, costs[name]
+
+
+def all_reduce(nbytes: int, n: int, link: Link) -> Transfer:
+    """The cheapest of ring, double binary tree and halving-doubling for this message, as NCCL
+    (ring or tree by size) and MPICH (Rabenseifner for long messages) choose."""
+    return cheapest(ALL_REDUCE_ALGORITHMS, nbytes, n, link)[1]
+
+
+def all_gather(nbytes_per_rank: int, n: int, link: Link) -> Transfer:
+    """The cheaper of the ring and Bruck's all-gather."""
+    return cheapest(ALL_GATHER_ALGORITHMS, nbytes_per_rank, n, link)[1]
+
+
+def all_to_all_any(nbytes: int, n: int, link: Link) -> Transfer:
+    """The cheaper of the pairwise exchange and Bruck's all-to-all."""
+    return cheapest(ALL_TO_ALL_ALGORITHMS, nbytes, n, link)[1]
+
+
+def bucket_sizes(nbytes: float, bucket_bytes: float = math.inf) -> list[int]:
+    """What a payload becomes in buckets of at most ``bucket_bytes``: full ones, then the rest."""
+    size = round(nbytes)
+    if not math.isfinite(bucket_bytes) or size <= bucket_bytes:
+        return [size]
+    full, rest = divmod(size, max(1, int(bucket_bytes)))
+    return [int(bucket_bytes)] * full + ([rest] if rest else [])
+
+
+def buckets(kind: str, nbytes: float, n: int, link: Link, bucket_bytes: float = math.inf,
+            allreduce: str = "auto") -> list[Transfer]:
+    """One collective of ``kind`` (a key of :data:`PROJECTED`) per bucket, each its cheapest
+    algorithm (``allreduce``: a key of :data:`ALL_REDUCES` for all-reduces), one after the other."""
+    fn = ALL_REDUCES[allreduce] if kind == "all_reduce" else PROJECTED[kind]
+    sizes = bucket_sizes(nbytes, bucket_bytes)
+    one = {size: fn(size, n, link) for size in set(sizes)}
+    return [one[size] for size in sizes]
+
+
+def behind_backward(bucket_seconds: list[float], window: float, start: float = 0.0, link_free: float = 0.0) -> float:
+    """When the last bucket is done if bucket j of b is ready at ``start + window j / b`` (DDP's
+    buckets, filled in turn during backward) and the link takes one at a time from ``link_free``.
+
+    ``window = 0``: all ready at ``start``, the plain sum. The time past ``start + window`` is
+    what the backward could not hide."""
+    free, count = link_free, len(bucket_seconds)
+    for j, seconds in enumerate(bucket_seconds, 1):
+        free = max(free, start + window * j / count) + seconds
+    return free
+
+
+Collective = Callable[[int, int, Link], Transfer]  # (bytes, ranks or neighbours, link) -> one rank's cost
+ALL_REDUCE_ALGORITHMS: dict[str, Collective] = {
+    "ring": ring_all_reduce, "double-tree": double_tree_all_reduce, "halving-doubling": halving_doubling_all_reduce}
+ALL_GATHER_ALGORITHMS: dict[str, Collective] = {"ring": ring_all_gather, "bruck": bruck_all_gather}
+ALL_TO_ALL_ALGORITHMS: dict[str, Collective] = {"pairwise": all_to_all, "bruck": bruck_all_to_all}
+ALL_REDUCES: dict[str, Collective] = {
+    "auto": all_reduce, **ALL_REDUCE_ALGORITHMS, "tree": tree_all_reduce,  # tree: binomial, the root's bytes
+    "parameter-server": parameter_server,
+}
+"""``--allreduce`` choices: ``auto`` (the cheapest per bucket, the default) or one algorithm for all."""
+PROJECTED: dict[str, Collective] = {
+    "all_gather": all_gather, "all_to_all": all_to_all_any, "neighbours": gossip_step,
+}
+"""The other collective kinds a plan or a projected ledger op can be."""

@@ -3,10 +3,15 @@
 Each registered algorithm declares its :class:`CommPlan` (``comm_plan``), built from the model size,
 the workers and the algorithm's own ``Options`` (H, fragments, tau, freeze_step, topology,
 compress, bucket_mb): :class:`Sync` events, each a collective of :mod:`lowband.net.cost` with
-its bytes, period, ``bucket_mb`` chunks and overlap window. Over T steps of ``step_time``::
+its bytes, period, ``bucket_mb`` buckets (each the cheapest algorithm for its size,
+:func:`lowband.net.cost.buckets`, as ``lowband simulate`` prices a recorded op) and overlap
+window. Over T steps of ``step_time``::
 
     exposed = max(sum of max(0, event seconds - overlap window), link seconds - compute)
     wall = compute + exposed,   utilisation = compute / wall
+
+(the last event of an overlapped sync is exposed in full: training's end waits for it; with
+``Setup.backward``, DDP's buckets go as backward fills them, :func:`lowband.net.cost.behind_backward`).
 
 It predicts time and bytes, not loss; the recommendation is the fastest row the project
 measured within :data:`CONVERGED_WITHIN` of ddp's validation loss (docs/planner.md)::
@@ -124,7 +129,8 @@ def predict(label: str, plan: CommPlan, setup: Setup) -> Row:
     for sync in plan.syncs:
         count, t = sync.events(setup.steps), sync.transfer(setup)
         events, sent, comm = events + count, sent + count * t.sent, comm + count * t.seconds
-        exposed += count * max(0.0, t.seconds - sync.overlap_steps * setup.step_time)
+        one = sync.exposed(setup)  # an overlapped event's last one has no compute left to hide behind
+        exposed += count * one + (t.seconds - one if count and sync.overlap_steps > 0 else 0.0)
     exposed = max(exposed, comm - compute)  # one link: overlap cannot hide more than the compute
     return Row(label, plan.algorithm, plan.compress, events, sent, comm, exposed, compute, MEASURED.get(label))
 

@@ -83,7 +83,11 @@ def build_parser() -> _Parser:
     p.add_argument("--tokens-per-step", help="tokens of one step over all workers, e.g. 1e6")
     p.add_argument("--algo", help="algorithm specs separated by ';' (default: every registered algorithm)")
     p.add_argument("--compress", help=f"ddp rows' compressors, ';'-separated (default: {';'.join(DDP_COMPRESSORS)})")
-    p.add_argument("--allreduce", choices=list(ALL_REDUCES), default="ring", help="all-reduce (lowband's: ring)")
+    p.add_argument("--allreduce", choices=list(ALL_REDUCES), default="auto",
+                   help="all-reduce algorithm (default auto: the cheapest per bucket; lowband's emulation: ring)")
+    p.add_argument("--overlap-backward", type=float, default=0.0, metavar="SHARE",
+                   help="share of --step-time that is backward, during which ddp's gradient buckets may go "
+                        "(torch DDP: about 0.67; default 0: after backward, as lowband's ddp)")
     p.add_argument("--matrix-side", type=int, default=0, help="d of the d x d weights (default: estimated)")
     p.add_argument("--json", type=Path, help="also write the table to this JSON file")
     return p
@@ -111,7 +115,7 @@ def parse_args(argv: Sequence[str]) -> tuple[Setup, list[Row], Path | None, Clus
         cluster = plan_cluster(Cluster(network, speeds), 4 * params, ns.inner_steps) if mixed else None
         link = cluster.ring_link if cluster else network.bottleneck()
         step_time = parse_duration(ns.step_time) / min(speeds)  # the slowest worker bounds a synchronous step
-        setup = Setup(params, workers, link, step_time, steps, ns.allreduce, ns.matrix_side)
+        setup = Setup(params, workers, link, step_time, steps, ns.allreduce, ns.matrix_side, ns.overlap_backward)
         rows = plan_rows(setup, row_specs(ns.algo, ns.compress))  # specs and compressors validated here
     except ValueError as err:
         parser.error(str(err))

@@ -8,12 +8,16 @@ of every step and a ledger of every operation (with the step that issued it).
    may submit it after the step that asked for it ended; ledgers older than the ``step``
    field: the ops are spread evenly over the steps, op ``k`` of ``K`` at step
    ``ceil((k + 1) S / K)``).
-2. An op is *blocking* when the training thread waited for it in its own step: the step's
-   ``comm_s`` covers at least ``BLOCKING_FRACTION`` of the summed durations (``end - start``)
-   of the ops issued at that step, up to and including this one (on at least half the ranks).
-   Any other op is *asynchronous* (delayed/eager/streaming DiLoCo, CO2); it must be complete
-   by its *wait step*: the first later step whose ``comm_s`` is non-zero (any wait at all;
-   ``finish()`` at the last step at the latest), the earliest over ranks.
+2. An op is *blocking* when the training thread waited for it in its own step; any other op is
+   *asynchronous* (delayed/eager/streaming DiLoCo, CO2) and must be complete by its *wait step*.
+   A ledger row records the step whose training thread waited for it (``waited``, stamped by
+   ``Handle.wait`` / ``PendingMean.wait``): blocking when that is its issue step, else that is the
+   wait step. A row without it (an op no training thread waited for, or an older ledger) is
+   inferred from timings: blocking when the step's ``comm_s`` covers at least
+   ``BLOCKING_FRACTION`` of the summed durations (``end - start``) of the ops issued at that
+   step, up to and including this one; else waited at the first later step whose ``comm_s`` is
+   non-zero (``finish()`` at the last step at the latest). Over ranks: blocking on at least
+   half of them, the earliest wait step.
 3. Per op, ``overhead`` is what the op took beyond its modelled time on the rank that waited
    least for the others (gloo over loopback, thread hand-offs); the simulator carries it over.
 
@@ -24,10 +28,10 @@ of every step and a ledger of every operation (with the step that issued it).
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
-from typing import Any, Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any, Callable, Mapping, Sequence
 
-from lowband.comm.two_phase import SHARDS
+from lowband.comm.two_phase import SHARDS, prefer
 from lowband.net import cost
 from lowband.net.link import Link
 
@@ -95,6 +99,11 @@ class Trace:
     # depend on the world size (pairs)
     neighbours: Callable[[int], float] | None = None
     speeds: tuple[float, ...] | None = None  # each rank's --worker-speed in the measured run (None: all 1)
+    # from the algorithm's CommPlan (lowband.algorithms.commplan): tag -> bucket bytes of the ops it splits
+    # (bucket_mb), the tags of gradient averages filled during backward, those that may go two-phase
+    buckets: Mapping[str, float] = field(default_factory=dict)
+    backward_tags: frozenset[str] = frozenset()
+    two_phase: frozenset[str] = frozenset()
 
     def __post_init__(self) -> None:
         if self.params < 1:
@@ -115,40 +124,61 @@ class Trace:
 
 # ----------------------------------------------------------------------------- costs
 
-CostFn = Callable[[Op, int, Link, float], tuple[float, float]]
+
+@dataclass(frozen=True)
+class Pricing:
+    """How ops are priced at the target: ``n`` ranks on ``link``, payloads ``scale`` times larger, all-reduces
+    by ``allreduce`` (a key of :data:`lowband.net.cost.ALL_REDUCES`), the buckets of a :class:`Trace`."""
+
+    n: int
+    link: Link
+    scale: float = 1.0
+    allreduce: str = "auto"
+    buckets: Mapping[str, float] = field(default_factory=dict)
+    two_phase: frozenset[str] = frozenset()
 
 
-def _all_reduce(op: Op, n: int, link: Link, scale: float) -> tuple[float, float]:
-    t = cost.ring_all_reduce(round(op.payload * scale), n, link)
-    return t.seconds, float(t.sent)
+CostFn = Callable[[Op, Pricing, float], tuple[list[float], float]]
 
 
-def _all_gather(op: Op, n: int, link: Link, scale: float) -> tuple[float, float]:
+def _priced(kind: str, size: float, p: Pricing, bucket: float = math.inf) -> tuple[list[float], float]:
+    parts = cost.buckets(kind, size, p.n, p.link, bucket, p.allreduce)
+    return [t.seconds for t in parts], float(sum(t.sent for t in parts))
+
+
+def _all_reduce(op: Op, p: Pricing, scale: float) -> tuple[list[float], float]:
+    return _priced("all_reduce", op.payload * scale, p, p.buckets.get(op.tag, math.inf))
+
+
+def _all_gather(op: Op, p: Pricing, scale: float) -> tuple[list[float], float]:
     if op.tag.endswith(SHARDS) and op.peers:  # a two-phase mean's shards: 1/n of the tensor each
-        scale *= op.peers / n
-    t = cost.ring_all_gather(round(op.payload * scale), n, link)
-    return t.seconds, float(t.sent)
+        scale *= op.peers / p.n
+    size = op.payload * scale
+    if op.tag in p.two_phase and prefer(round(size), p.n, p.link):  # the Aggregator's choice at n ranks
+        scatter, a = _priced("all_to_all", size, p)
+        shards, b = _priced("all_gather", math.ceil(size / p.n), p)
+        return scatter + shards, a + b
+    return _priced("all_gather", size, p, p.buckets.get(op.tag, math.inf))
 
 
-def _broadcast(op: Op, n: int, link: Link, scale: float) -> tuple[float, float]:
+def _broadcast(op: Op, p: Pricing, scale: float) -> tuple[list[float], float]:
     size = round(op.payload * scale)
-    t = cost.gloo_broadcast(size, n, link, 0, 0)
-    return t.seconds, size * (n - 1) / n  # the binomial tree's n - 1 sends, averaged over ranks
+    t = cost.gloo_broadcast(size, p.n, p.link, 0, 0)
+    return [t.seconds], size * (p.n - 1) / p.n  # the binomial tree's n - 1 sends, averaged over ranks
 
 
-def _point_to_point(op: Op, n: int, link: Link, scale: float) -> tuple[float, float]:
-    t = cost.point_to_point(round(op.payload * scale), link, sending=True)
-    return t.seconds, op.sent * scale  # the pair's bytes do not depend on the world size
+def _point_to_point(op: Op, p: Pricing, scale: float) -> tuple[list[float], float]:
+    t = cost.point_to_point(round(op.payload * scale), p.link, sending=True)
+    return [t.seconds], op.sent * scale  # the pair's bytes do not depend on the world size
 
 
-def _all_to_all(op: Op, n: int, link: Link, scale: float) -> tuple[float, float]:
-    t = cost.all_to_all(round(op.payload * scale), n, link)
-    return t.seconds, float(t.sent)
+def _all_to_all(op: Op, p: Pricing, scale: float) -> tuple[list[float], float]:
+    return _priced("all_to_all", op.payload * scale, p)
 
 
-def _neighbor_exchange(op: Op, n: int, link: Link, scale: float) -> tuple[float, float]:
-    t = cost.neighbor_exchange(round(op.sent * scale), round(op.received * scale), link)
-    return t.seconds, op.sent * scale  # a fixed number of neighbours, whatever n is
+def _neighbor_exchange(op: Op, p: Pricing, scale: float) -> tuple[list[float], float]:
+    t = cost.neighbor_exchange(round(op.sent * scale), round(op.received * scale), p.link)
+    return [t.seconds], op.sent * scale  # a fixed number of neighbours, whatever n is
 
 
 COSTS: dict[str, CostFn] = {
@@ -156,13 +186,21 @@ COSTS: dict[str, CostFn] = {
     "send": _point_to_point, "recv": _point_to_point, "all_to_all": _all_to_all,
     "sendrecv": _neighbor_exchange,
 }
-"""Ledger op name -> ``(op, n, link, payload_scale) -> (seconds, mean bytes sent per rank)``."""
+"""Ledger op name -> ``(op, pricing, payload scale) -> (seconds of each bucket, mean bytes sent per rank)``."""
 
 
-def op_cost(op: Op, n: int, link: Link, payload_scale: float) -> tuple[float, float]:
-    """Seconds (without overhead) and mean bytes sent per rank of ``op`` for ``n`` ranks on
-    ``link`` with payloads ``payload_scale`` times larger (``*.sizes`` metadata unscaled)."""
-    return COSTS[op.op](op, n, link, 1.0 if op.tag.endswith(".sizes") else payload_scale)
+def op_parts(op: Op, pricing: Pricing) -> tuple[list[float], float]:
+    """Seconds of each of ``op``'s collectives (without overhead; a scaled op re-split into its tag's
+    buckets, each its cheapest algorithm: :func:`lowband.net.cost.buckets`, as ``lowband plan`` charges)
+    and mean bytes sent per rank (``*.sizes`` metadata unscaled)."""
+    return COSTS[op.op](op, pricing, 1.0 if op.tag.endswith(".sizes") else pricing.scale)
+
+
+def op_cost(op: Op, n: int, link: Link, payload_scale: float, **pricing: Any) -> tuple[float, float]:
+    """Seconds (without overhead) and mean bytes sent per rank of ``op`` for ``n`` ranks on ``link`` with
+    payloads ``payload_scale`` times larger (``pricing``: the other fields of :class:`Pricing`)."""
+    seconds, sent = op_parts(op, Pricing(n, link, payload_scale, **pricing))
+    return sum(seconds), sent
 
 
 # ----------------------------------------------------------------------------- schedule
@@ -231,6 +269,10 @@ def _classify(ops: list[tuple[LedgerRow, int]], comm_s: Sequence[float]) -> list
         if step != current:
             issued, current = 0.0, step
         issued += _duration(row)
+        waited = int(row.get("waited", 0))
+        if waited:  # the ledger says when the training thread waited for it
+            out.append((waited <= step, max(waited, step)))
+            continue
         blocking = comm_s[step - 1] >= BLOCKING_FRACTION * issued
         out.append((blocking, step if blocking else next_wait[step]))
     return out

@@ -21,8 +21,10 @@ simulator turns that into a *schedule* and replays it under the alpha-beta costs
    methods pay the max of per-rank *sums* over a round, which is smaller. One measured rank
    gives no spread; a few measured steps give a coarse tail.
 3. **Communication**. Payloads scale with ``params_target / params_measured`` (compressed
-   ones too; ``*.sizes`` metadata does not), costs are recomputed for ``N`` ranks on a
-   uniform link with the formulas of :mod:`lowband.net.cost` (:data:`COSTS`), plus the
+   ones too; ``*.sizes`` metadata does not) and are priced for ``N`` ranks on a uniform link
+   by :func:`lowband.net.cost.buckets`, the function ``lowband plan`` prices its events with
+   (:func:`lowband.predict.schedule.op_parts`): re-split into the algorithm's buckets, each the
+   cheapest algorithm for its size (``Target.allreduce``), plus the
    op's measured overhead. The link carries one op at a time in issue order (as
    :class:`~lowband.comm.Comm`'s single communication thread does). A blocking op holds every rank
    until it ends; an asynchronous op runs behind compute and only the part of it still in
@@ -53,8 +55,9 @@ from typing import Sequence
 
 import numpy as np
 
+from lowband.net.cost import ALL_REDUCES, behind_backward
 from lowband.net.link import Link
-from lowband.predict.schedule import Op, Trace, op_cost
+from lowband.predict.schedule import Op, Pricing, Trace, op_parts
 
 MAX_WORKERS = 10_240
 
@@ -70,6 +73,8 @@ class Target:
     compute_scale: float | None = None
     seed: int = 0
     speeds: tuple[float, ...] | None = None  # compute speed pattern over the target's ranks (None: all 1)
+    allreduce: str = "auto"  # a key of lowband.net.cost.ALL_REDUCES: the cheapest per bucket, or one for all
+    backward: float = 0.0  # share of a step's compute that is backward, hiding the buckets of backward tags
 
     def __post_init__(self) -> None:
         if not 1 <= self.workers <= MAX_WORKERS:
@@ -80,6 +85,10 @@ class Target:
             raise ValueError(f"--params must be >= 1, got {self.params}")
         if self.compute_scale is not None and not self.compute_scale > 0:
             raise ValueError(f"--compute-scale must be > 0, got {self.compute_scale}")
+        if self.allreduce not in ALL_REDUCES:
+            raise ValueError(f"unknown all-reduce {self.allreduce!r}; choose one of: {', '.join(ALL_REDUCES)}")
+        if not 0 <= self.backward < 1:
+            raise ValueError(f"--overlap-backward must be in [0, 1), got {self.backward}")
         Link(self.bandwidth, self.latency)  # validates both
 
     @property
@@ -146,6 +155,32 @@ def _at_degree(trace: Trace, n: int) -> tuple[Op, ...]:
                  if op.op == "sendrecv" else op for op in trace.ops)
 
 
+def _run_issued(issued: list[int], ops: Sequence[Op], pieces: list[list[float]], durations: list[float],
+                backward: float, backward_tags: frozenset[str], step: np.ndarray, link_free: float,
+                ends: dict[int, float], state: tuple[np.ndarray, np.ndarray, np.ndarray]) -> float:
+    """Put the ops issued at one step on the link (updating ``ends`` and the per-rank ``clock``,
+    ``exposed`` and ``straggling`` of ``state`` in place); the time the link is free again. The step's
+    backward ops (``backward > 0``) go together as the last rank's backward fills their buckets."""
+    clock, exposed, straggling = state
+    during = [k for k in issued if backward > 0 and ops[k].blocking and ops[k].tag in backward_tags]
+    for k in issued:
+        last = float(clock.max())
+        if k in during:  # all of this step's, together (lowband.net.cost.behind_backward, as the planner)
+            if k != during[0]:
+                continue
+            window = backward * float(step[int(clock.argmax())])
+            link_free = behind_backward([s for j in during for s in pieces[j]], window, last - window, link_free)
+            ends.update({j: link_free for j in during})
+        else:
+            start = max(last, link_free)  # the collective starts when the last rank joins
+            link_free = ends[k] = start + durations[k]
+        if ops[k].blocking:
+            straggling += last - clock
+            exposed += link_free - clock
+            clock[:] = link_free
+    return link_free
+
+
 def simulate(trace: Trace, target: Target) -> Projection:
     """Replay ``trace``'s schedule at ``target`` (see the module doc); deterministic per seed."""
     n, steps = target.workers, trace.steps
@@ -161,7 +196,10 @@ def simulate(trace: Trace, target: Target) -> Projection:
     spread = np.divide(measured, step_mean, out=np.ones_like(measured), where=step_mean > 0).ravel()
     rng = np.random.default_rng(target.seed)
     ops = _at_degree(trace, n)
-    durations = [op_cost(op, n, link, payload_scale)[0] + op.overhead for op in ops]
+    pricing = Pricing(n, link, payload_scale, target.allreduce, trace.buckets, trace.two_phase)
+    priced = [op_parts(op, pricing) for op in ops]
+    pieces = [seconds[:-1] + [seconds[-1] + op.overhead] for op, (seconds, _) in zip(ops, priced)]
+    durations = [sum(p) for p in pieces]
     issued: dict[int, list[int]] = {}
     waited: dict[int, list[int]] = {}
     for k, op in enumerate(ops):
@@ -173,21 +211,16 @@ def simulate(trace: Trace, target: Target) -> Projection:
     straggling = np.zeros(n)
     link_free, ends = 0.0, {}
     for t in range(steps):
-        clock += (measured[:, t] if replay else step_mean[t] * rng.choice(spread, size=n)) * slowdown
-        for k in issued.get(t + 1, []):
-            last = float(clock.max())
-            start = max(last, link_free)  # the collective starts when the last rank joins
-            link_free = ends[k] = start + durations[k]
-            if ops[k].blocking:
-                straggling += last - clock
-                exposed += link_free - clock
-                clock[:] = link_free
+        step = (measured[:, t] if replay else step_mean[t] * rng.choice(spread, size=n)) * slowdown
+        clock += step
+        link_free = _run_issued(issued.get(t + 1, []), ops, pieces, durations, target.backward,
+                                trace.backward_tags, step, link_free, ends, (clock, exposed, straggling))
         for k in waited.get(t + 1, []):
             late = np.maximum(ends[k] - clock, 0.0)
             exposed += late
             clock += late
     compute = float(clock.mean() - exposed.mean())
-    sent = sum(op_cost(op, n, link, payload_scale)[1] for op in (*ops, *trace.init_ops))
+    sent = sum(sent for _, sent in priced) + sum(op_parts(op, pricing)[1] for op in trace.init_ops)
     measured_numbers = {
         "workers": trace.ranks, "params": trace.params, "wall_clock_s": trace.wall_clock_s,
         "bytes_sent_per_worker": trace.bytes_sent_per_worker, "compute_s": trace.compute_s,

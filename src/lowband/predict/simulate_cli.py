@@ -8,7 +8,8 @@ worker count, params, network) and renders the measured-vs-projected table and J
 from __future__ import annotations
 
 import json
-from dataclasses import asdict, replace
+import math
+from dataclasses import asdict, fields, replace
 from pathlib import Path
 from typing import Any, Callable
 
@@ -66,6 +67,29 @@ def _neighbours(run: Run, label: str) -> Callable[[int], float] | None:
     return lambda n: sum(len(peers) for peers in neighbours(topology, n)) / n
 
 
+def plan_fields(run: Run, label: str, trace: Trace) -> dict[str, Any]:
+    """What the algorithm's own CommPlan (lowband.algorithms.commplan) says of its ledger tags: the
+    bucket bytes of those it splits (``bucket_mb``), the gradient averages filled during backward and
+    those that may take the two-phase path: :class:`Trace`'s ``buckets``, ``backward_tags``, ``two_phase``."""
+    from lowband.algorithms import ALGORITHMS
+    from lowband.algorithms.commplan import Setup, two_phase_capable
+
+    name = label.partition("+")[0].partition(":")[0]
+    if name not in ALGORITHMS:
+        return {}
+    cls = ALGORITHMS.get(name)
+    recorded = (run.meta.get("algorithms") or {}).get(label) or {}
+    known = {f.name for f in fields(cls.Options)}
+    options = cls.Options(**{k: v for k, v in recorded.items() if k in known})
+    setup = Setup(trace.params, trace.ranks, trace.link, 1.0, trace.steps)
+    syncs = cls.comm_plan(options, setup)
+    capable = hasattr(options, "compress") and two_phase_capable(options)
+    return {"buckets": {s.label: s.chunk_bytes for s in syncs if math.isfinite(s.chunk_bytes)},
+            "backward_tags": frozenset(s.label for s in syncs if s.backward),
+            "two_phase": frozenset(s.label for s in syncs if capable and s.collective == "all_gather"
+                                   and not s.label.endswith(".sizes"))}
+
+
 def load_traces(run: Run, algo: str | None = None) -> dict[str, Trace]:
     """One :class:`Trace` per algorithm of ``run`` (or only ``algo``; ``ValueError`` naming the valid labels)."""
     if algo is not None and algo not in run.algorithms:
@@ -96,13 +120,14 @@ def load_traces(run: Run, algo: str | None = None) -> dict[str, Trace]:
                                 bytes_sent=float(rows[-1].get("bytes_sent", 0.0)), ledger=tuple(ledger)))
         trace = build_trace(label, params, link, logs, _neighbours(run, label))
         present = [r for r, rows in enumerate(run.records[label]) if rows]
-        traces[label] = replace(trace, speeds=None if speeds is None else tuple(speeds[r] for r in present))
+        traces[label] = replace(trace, speeds=None if speeds is None else tuple(speeds[r] for r in present),
+                                **plan_fields(run, label, trace))
     return traces
 
 
 def make_target(run: Run, workers: int | None = None, bandwidth: str | None = None, latency: str | None = None,
                 params: float | None = None, compute_scale: float | None = None, seed: int = 0,
-                worker_speed: str | None = None) -> Target:
+                worker_speed: str | None = None, allreduce: str = "auto", overlap_backward: float = 0.0) -> Target:
     """The target: every value not given is the run's own (so no flags at all replays the run)."""
     link = measured_link(run, run.algorithms[0] if run.algorithms else None)
     try:
@@ -118,7 +143,7 @@ def make_target(run: Run, workers: int | None = None, bandwidth: str | None = No
         bandwidth=link.bandwidth if bandwidth is None else parse_bandwidth(bandwidth),
         latency=link.latency if latency is None else parse_latency(latency),
         params=int(run.meta.get("params") or 1) if params is None else int(params),
-        compute_scale=compute_scale, seed=seed, speeds=speeds)
+        compute_scale=compute_scale, seed=seed, speeds=speeds, allreduce=allreduce, backward=overlap_backward)
 
 
 def simulate_run(run_dir: Path | str, algo: str | None = None, **target: Any) -> tuple[Run, Target, list[Projection]]:
