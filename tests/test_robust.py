@@ -40,13 +40,15 @@ def test_trimmed_mean_drops_floor_trim_k_at_each_end(k: int, trim: float, droppe
     np.testing.assert_allclose(got.numpy(), want, rtol=0, atol=1e-14)
 
 
-def centered_clip_reference(x: np.ndarray, v: np.ndarray, tau: float, iters: int) -> np.ndarray:
-    """Karimireddy, He & Jaggi (arXiv:2012.10333), eq. CC, written out with a Python loop."""
+def centered_clip_reference(x: np.ndarray, v: np.ndarray, tau: float | str, iters: int) -> np.ndarray:
+    """Karimireddy, He & Jaggi (arXiv:2012.10333), eq. CC, written out with a Python loop; tau 'auto':
+    the lower median of the distances to the current centre."""
     for _ in range(iters):
         step = np.zeros_like(v)
-        for xi in x:
-            norm = np.linalg.norm(xi - v)
-            step += (xi - v) * min(1.0, tau / norm)
+        distances = [np.linalg.norm(xi - v) for xi in x]
+        radius = sorted(distances)[(len(x) - 1) // 2] if tau == "auto" else tau
+        for xi, norm in zip(x, distances):
+            step += (xi - v) * min(1.0, radius / norm)
         v = v + step / len(x)
     return v
 
@@ -62,8 +64,24 @@ def test_centered_clip_iterates_the_paper_formula_from_the_previous_aggregate(it
     assert not np.allclose(v2, centered_clip_reference(second.numpy(), np.zeros(33), 0.7, iters))
 
 
+@pytest.mark.parametrize("k", [4, 5])
+def test_centered_clip_by_default_clips_at_the_median_distance_three_times(k: int) -> None:
+    rule = build("centered-clip", RULES)
+    assert (rule.options.tau, rule.options.iters) == ("auto", 3)
+    first, second = rows(k, seed=10 + k), rows(k, seed=20 + k)
+    v1 = centered_clip_reference(first.numpy(), np.zeros(33), "auto", 3)
+    np.testing.assert_allclose(rule("k", first, range(k)).numpy(), v1, rtol=0, atol=1e-12)
+    np.testing.assert_allclose(rule("k", second, range(k)).numpy(),
+                               centered_clip_reference(second.numpy(), v1, "auto", 3), rtol=0, atol=1e-12)
+    assert build("centered-clip:tau=auto", RULES).options.tau == "auto"
+    assert build("centered-clip:tau=2", RULES).options.tau == 2.0
+    for bad in ("tau=-1", "tau=wide"):
+        with pytest.raises(ValueError, match="tau must be a radius > 0 or 'auto'"):
+            build(f"centered-clip:{bad}", RULES)
+
+
 def test_centered_clip_with_momentum_clips_each_ranks_momentum() -> None:
-    rule = build("centered-clip:tau=0.5,momentum=0.9", RULES)
+    rule = build("centered-clip:tau=0.5,iters=1,momentum=0.9", RULES)
     a, b = rows(3, seed=3), rows(3, seed=4)
     rule("k", a, [0, 1, 2])
     got = rule("k", b, [0, 1, 2])
@@ -79,7 +97,7 @@ def test_robust_rules_bound_the_damage_of_byzantine_rows(attack: str, world: int
     rules are not (centered clipping needs its history: it starts at 0 and walks to the honest mean)."""
     name, _, extra = attack.partition(":")
     adversary = build(f"{name}:ranks={'+'.join(map(str, byzantine))}" + (f",{extra}" if extra else ""), ATTACKS)
-    specs = ["mean", "median", "trimmed-mean:trim=0.25", "centered-clip:tau=0.5,iters=3"]
+    specs = ["mean", "median", "trimmed-mean:trim=0.25", "centered-clip:tau=0.5,iters=3", "centered-clip"]
     rules = {spec: build(spec, RULES) for spec in specs}
     for round_ in range(8):
         honest = 1.0 + 0.1 * rows(world, seed=100 * world + round_)  # honest contributions around all-ones

@@ -97,10 +97,18 @@ def _convert(value: str, annotation: Any, where: str) -> Any:
         if "int" in kind and "float" not in kind:
             return int(value)
         if "float" in kind:
-            return float(value)
+            return value if "str" in kind and not _is_number(value) else float(value)
     except ValueError:
         raise ValueError(f"{where} must be a {kind}, got {value!r}") from None
     return value
+
+
+def _is_number(text: str) -> bool:
+    try:
+        float(text)
+    except ValueError:
+        return False
+    return True
 
 
 def build(spec: str, registry: "Registry[Any]") -> Any:
