@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import pytest
+import torch
 
 from lowband.algorithms import ALGORITHMS
 from lowband.algorithms.ddp import DDPOptions
@@ -207,3 +208,16 @@ def test_a_period_that_does_not_divide_the_steps_is_warned_about(capsys: pytest.
         "diloco: --steps 30 is not a multiple of its period H=20: the last 10 inner steps are never averaged (the "
         "evaluated model is the one synchronised at step 20); use --steps 40 or an H that divides --steps"]
     assert parse_train_args(["--algo", "diloco", "--steps", "40"])[0].period_warnings() == []
+
+
+def test_the_inner_optimizer_is_chosen_by_flag() -> None:
+    from lowband.train.loop import OPTIMIZERS
+
+    cfg, _ = parse_train_args(["--optimizer", "sgd", "--momentum", "0.8", "--lr", "0.05", "--weight-decay", "5e-4"])
+    opt = OPTIMIZERS[cfg.optimizer](torch.nn.Linear(3, 2), cfg)
+    assert isinstance(opt, torch.optim.SGD)
+    assert opt.defaults["momentum"] == 0.8 and opt.defaults["lr"] == 0.05 and opt.defaults["weight_decay"] == 5e-4
+    default, _ = parse_train_args([])
+    assert isinstance(OPTIMIZERS[default.optimizer](torch.nn.Linear(3, 2), default), torch.optim.AdamW)
+    with pytest.raises(ValueError, match=r"--momentum must be in \[0, 1\), got 1.0"):
+        TrainConfig(optimizer="sgd", momentum=1.0)

@@ -30,6 +30,7 @@ from lowband.train.models import model_builder
 from lowband.train.precision import PRECISIONS, check_config as check_precision
 
 SCHEDULES = ("cosine", "constant")
+OPTIMIZER_NAMES = ("adamw", "sgd")  # the inner optimizers of lowband.train.loop.OPTIMIZERS
 RING_MODES = ("rank", "auto")  # rank order (gloo's); measured pairwise bandwidth at start-up
 NET_MODES = ("model", "netns")  # in-process emulation; real namespaces + tc-shaped links (root)
 DEFAULT = "default"  # --compress/--feedback: the algorithm's own default
@@ -73,11 +74,15 @@ class TrainConfig:
     workers: int = flag(4, "worker processes (ignored under torchrun)", TASK)
     steps: int = flag(400, "training steps per worker (same token budget for every algorithm)", TASK)
     batch_size: int = flag(16, "sequences (or images) per worker per step", TASK)
-    lr: float = flag(3e-3, "peak (inner) learning rate, AdamW", TASK)
+    optimizer: str = flag("adamw", "inner optimizer of every worker: adamw (betas 0.9/0.95) or sgd (heavy-ball "
+                          "--momentum; weight decay as L2, so pass e.g. --weight-decay 5e-4)", TASK,
+                          choices=OPTIMIZER_NAMES)
+    lr: float = flag(3e-3, "peak (inner) learning rate", TASK)
+    momentum: float = flag(0.9, "momentum of --optimizer sgd", TASK)
     min_lr_ratio: float = flag(0.1, "final lr / peak lr for cosine", TASK)
     warmup_steps: int = flag(20, "linear lr warm-up steps", TASK)
     schedule: str = flag("cosine", "lr after the warm-up", TASK, choices=SCHEDULES)
-    weight_decay: float = flag(0.1, "AdamW's decoupled weight decay", TASK)
+    weight_decay: float = flag(0.1, "weight decay (adamw: decoupled; sgd: L2)", TASK)
     grad_clip: float = flag(1.0, "clip the local gradient norm (0: off)", TASK)
     sharding: str = flag("iid", "how ranks split the training data", TASK, choices=SHARDINGS)
     seed: int = flag(0, "initial model, batches and every seeded draw", TASK)
@@ -92,7 +97,7 @@ class TrainConfig:
     nesterov: bool | None = flag(None, "plain momentum SGD as the outer optimizer", ALGO, negate="no-nesterov")
     bucket_mb: float = flag(25.0, "DDP: gradient bucket size", ALGO)
     aggregate: str | None = flag(None, "robust aggregation for untrusted workers: {rules}, with options "
-                                 "('trimmed-mean:trim=0.25', 'centered-clip:tau=1,iters=3'; docs/robustness.md) "
+                                 "('trimmed-mean:trim=0.25', 'centered-clip' (tau = the median distance, 3 iterations); docs/robustness.md) "
                                  "(default: mean)", ALGO)
     attack: str | None = flag(None, "simulate Byzantine ranks (docs/robustness.md): 'signflip:ranks=0', "
                               "'scale:ranks=0+5,factor=-10', 'noise:std=1', 'labelflip:ranks=1' (trains on flipped "
@@ -190,6 +195,10 @@ class TrainConfig:
             value = getattr(self, name)
             if value is not None and not (value > 0 and math.isfinite(value)):
                 raise ValueError(f"--{name.replace('_', '-')} must be a finite number > 0, got {value}")
+        if self.optimizer not in OPTIMIZER_NAMES:
+            raise ValueError(f"unknown optimizer {self.optimizer!r}; choose one of: {', '.join(OPTIMIZER_NAMES)}")
+        if not 0 <= self.momentum < 1:
+            raise ValueError(f"--momentum must be in [0, 1), got {self.momentum}")
         for name in ("weight_decay", "grad_clip", "outer_momentum"):
             value = getattr(self, name)
             if value is not None and not (value >= 0 and math.isfinite(value)):

@@ -33,7 +33,7 @@ import math
 import os
 import time
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator
 
 import torch
 from torch import nn
@@ -120,8 +120,19 @@ def lr_lambda(cfg: TrainConfig) -> Any:
     return factor
 
 
+OPTIMIZERS: dict[str, Callable[[nn.Module, TrainConfig], torch.optim.Optimizer]] = {
+    "adamw": lambda model, cfg: torch.optim.AdamW(model.parameters(), lr=cfg.lr, betas=(0.9, 0.95),
+                                                  weight_decay=cfg.weight_decay),
+    "sgd": lambda model, cfg: torch.optim.SGD(model.parameters(), lr=cfg.lr, momentum=cfg.momentum,
+                                              weight_decay=cfg.weight_decay),
+}
+"""``--optimizer``: the inner (per-worker) optimizer. AdamW (betas 0.9/0.95, decoupled weight decay) is
+the default of every measured run; SGD with heavy-ball momentum (``--momentum``; weight decay coupled,
+torch's L2 form) is where the error-feedback papers measure."""
+
+
 def build_algorithm(cfg: TrainConfig, variant: Variant, model: nn.Module, comm: Comm) -> Algorithm:
-    optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, betas=(0.9, 0.95), weight_decay=cfg.weight_decay)
+    optimizer = OPTIMIZERS[cfg.optimizer](model, cfg)
     return ALGORITHMS.get(variant.algorithm)(model, optimizer, comm, cfg.options_for(variant), grad_clip=cfg.grad_clip)
 
 
