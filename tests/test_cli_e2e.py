@@ -65,15 +65,13 @@ def test_a_new_user_sees_a_line_at_once_and_powersgd_alone_trains(tmp_path: Path
     assert len(vals) == 3 and vals[-1] < vals[0] - 0.1, vals
 
 
-def test_every_registered_algorithm_trains_through_the_cli(tmp_path: Path) -> None:
-    """One tiny run of every algorithm side by side: each gets a row, finite losses and bytes;
-    the decentralised ones report a consensus distance and the report plots it."""
+def test_every_registered_algorithm_trains_through_the_cli(every_algorithm_run: Path) -> None:
+    """One tiny run of every algorithm side by side (conftest.every_algorithm_run): each gets a row,
+    finite losses and bytes; the decentralised ones report a consensus distance and the report plots it."""
     from lowband.algorithms import ALGORITHMS
 
     names = ALGORITHMS.names()
-    code, run = _train(tmp_path, "--algo", ",".join(names), "--workers", "2", "--steps", "4", "-H", "2",
-                       "--eval-every", "2", "--bandwidth", "none", "--eval-batches", "1", "--batch-size", "4")
-    assert code == 0
+    run = every_algorithm_run
     rows = _rows(run)
     assert sorted(rows) == sorted(names)
     for name, row in rows.items():
