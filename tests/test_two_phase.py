@@ -28,9 +28,11 @@ def _inputs(rank: int, step: int = 0) -> list[tuple[str, torch.Tensor]]:
     return [(k, torch.randn(*shape, generator=g)) for k, shape in SHAPES.items()]
 
 
-def _mean_of(collective: str, spec: str, n: int, rank: int, invalid: int | None = None) -> dict[str, Any]:
+def _mean_of(collective: str, spec: str, n: int, rank: int, invalid: int | None = None,
+             requant: str = "") -> dict[str, Any]:
     comm = Comm(network=Network.parse("100mbit", "1ms", n))
-    agg = Aggregator(comm, build(spec, COMPRESSORS), build("none", FEEDBACK), collective=collective)
+    agg = Aggregator(comm, build(spec, COMPRESSORS), build("none", FEEDBACK), collective=collective,
+                     requant=build(requant, COMPRESSORS) if requant else None)
     named = _inputs(rank)
     if rank == invalid:
         named[0][1][0, 0] = float("nan")
@@ -49,6 +51,17 @@ def _worker(spec: str, invalid: int | None) -> dict[str, Any]:
     try:
         return {c: _mean_of(c, spec, n, rank, invalid if c == "two_phase" else None)
                 for c in ("two_phase", "all_gather", "auto")}
+    finally:
+        group.shutdown()
+
+
+@record
+def _requant_worker(spec: str, finer: str) -> dict[str, Any]:
+    rank, n = group.init_from_env("gloo", timeout_s=120)
+    torch.set_num_threads(1)
+    try:
+        return {"same": _mean_of("two_phase", spec, n, rank), "finer": _mean_of("two_phase", spec, n, rank,
+                                                                                  requant=finer)}
     finally:
         group.shutdown()
 
@@ -73,6 +86,20 @@ def test_four_ranks_agree_on_a_close_mean_with_flat_bytes(spec: str) -> None:
     payload = results[0]["all_gather"]["bytes"] / (n - 1)  # the all-gather path sends (n - 1) payloads
     assert two[0]["bytes"] == pytest.approx(2 * (n - 1) / n * payload, rel=0.02)  # + flag bytes and padding
     assert two[0]["ops"] == ["all_to_all", "all_gather"] and results[0]["auto"]["ops"] == two[0]["ops"]
+
+
+def test_requantising_at_more_bits_removes_most_of_the_second_error_for_half_again_the_bytes() -> None:
+    """4-bit QSGD, 4 ranks: the reduced shards re-encoded at 8 bits (requant=qsgd:bits=8). The first phase is
+    unchanged; the gather's shards take twice the bits, so 1.5x the bytes; the error falls toward the
+    all-gather path's one quantisation."""
+    n = 4
+    results = launch(_requant_worker, n, "qsgd:bits=4", "qsgd:bits=8")
+    exact = _exact(n)
+    error = {k: (torch.linalg.vector_norm(results[0][k]["mean"] - exact) / torch.linalg.vector_norm(exact)).item()
+             for k in ("same", "finer")}
+    assert error["finer"] < 0.8 * error["same"], error
+    assert results[0]["finer"]["bytes"] == pytest.approx(1.5 * results[0]["same"]["bytes"], rel=0.03)
+    assert torch.equal(results[1]["finer"]["mean"], results[0]["finer"]["mean"])
 
 
 def test_a_rank_with_non_finite_input_is_excluded() -> None:
@@ -106,6 +133,11 @@ def test_the_option_is_validated_and_the_planner_charges_what_the_aggregator_sen
     syncs = average(options(compress="qsgd:bits=4"), Setup(params=10_000_000, workers=64, link=fast, step_time=1.0, steps=10), "grads", 1)
     assert [(s.collective, s.label) for s in syncs] == [("all_to_all", "grads"), ("all_gather", "grads.shards")]
     assert syncs[1].nbytes == pytest.approx(syncs[0].nbytes / 64)
+    finer = average(options(compress="qsgd:bits=4", requant="qsgd:bits=8"),
+                    Setup(params=10_000_000, workers=64, link=fast, step_time=1.0, steps=10), "grads", 1)
+    assert finer[1].nbytes == pytest.approx(2 * syncs[1].nbytes, rel=0.01)  # the shards at 8 bits
+    with pytest.raises(ValueError, match="requant='topk:ratio=0.01' must be a requantizable compressor"):
+        options(compress="qsgd:bits=4", requant="topk:ratio=0.01")
 
 
 def test_scaling_benchmark_quick(tmp_path, monkeypatch: pytest.MonkeyPatch) -> None:

@@ -55,6 +55,9 @@ class SyncOptions(Options):
     # how non-summable payloads travel: 'auto' (the cost model: all-gather, or for a requantizable
     # quantiser the two-phase reduce-scatter whose bytes stay flat in n), 'all_gather', 'two_phase'
     collective: str = "auto"
+    # the two-phase path's second quantisation, of the reduced shards ('': the compressor again; a finer
+    # requantizable spec such as 'qsgd:bits=8' or 'int8' halves the added error for more bytes on the gather)
+    requant: str = ""
 
     def __post_init__(self) -> None:
         parse_spec(self.compress, COMPRESSORS)  # raises with the valid names and options
@@ -72,6 +75,8 @@ class SyncOptions(Options):
                                                    self.attack == "none"):
             raise ValueError("collective=two_phase needs a requantizable compressor (qsgd, int8, terngrad) under "
                              "aggregate=mean, without checksum or attack: use collective=auto")
+        if self.requant and not build(self.requant, COMPRESSORS).requantizable:
+            raise ValueError(f"requant={self.requant!r} must be a requantizable compressor (qsgd, int8, terngrad)")
         if self.hierarchical:
             self._check_hierarchical()
 
@@ -260,7 +265,7 @@ class Algorithm:
             collective = "auto" if compressor.summable else o.collective  # summable: always all-reduced
             return Aggregator(comm, compressor, build(o.feedback, FEEDBACK), tag=tag, small_numel=o.small_numel,
                               bucket_mb=o.bucket_mb, collective=collective, rule=rule, attack=attack,
-                              checksum=o.checksum)
+                              checksum=o.checksum, requant=build(o.requant, COMPRESSORS) if o.requant else None)
 
         return HierarchicalAggregator(self.comm, pipeline, tag, o.bucket_mb) if o.hierarchical else pipeline(self.comm)
 

@@ -147,8 +147,9 @@ def average(o: Any, setup: Setup, label: str, every: float, overlap: float = 0.0
     gradient average whose buckets may go during backward, as DDP's)."""
     w = wire(o.compress, round(setup.params * fraction), setup.side)
     if two_phase_capable(o) and prefer(round(w.rounds[0]), setup.workers, setup.link):  # as the Aggregator
+        shards = wire(o.requant, round(setup.params * fraction), setup.side) if getattr(o, "requant", "") else w
         return (Sync(label, "all_to_all", w.rounds[0], every, chunk_bytes=math.inf, overlap_steps=overlap),
-                Sync(label + SHARDS, "all_gather", w.rounds[0] / setup.workers, every, chunk_bytes=math.inf,
+                Sync(label + SHARDS, "all_gather", shards.rounds[0] / setup.workers, every, chunk_bytes=math.inf,
                      overlap_steps=overlap))
     kind = "all_reduce" if w.summable else "all_gather"
     syncs = [Sync(label, kind, w.rounds[0], every, rounds=len(w.rounds), chunk_bytes=o.bucket_mb * 1e6,

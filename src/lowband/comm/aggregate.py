@@ -60,7 +60,8 @@ class Aggregator:
 
     def __init__(self, comm: Comm, compressor: Compressor, feedback: Feedback, tag: str = "grads",
                  small_numel: int = 4096, bucket_mb: float = 25.0, collective: str = "auto",
-                 rule: Rule | None = None, attack: Tamper | None = None, checksum: bool = False) -> None:
+                 rule: Rule | None = None, attack: Tamper | None = None, checksum: bool = False,
+                 requant: Compressor | None = None) -> None:
         if collective not in COLLECTIVES:
             raise ValueError(f"unknown collective {collective!r}; choose one of: {', '.join(COLLECTIVES)}")
         if collective == "all_reduce" and not compressor.summable:
@@ -89,7 +90,7 @@ class Aggregator:
         self._pool: ThreadPoolExecutor | None = None
         # quantisers under the plain mean: a reduce-scatter whose bytes stay flat in n (comm/two_phase.py)
         flat_in_n = compressor.requantizable and not self.robust and not checksum and self.attack.idle
-        self.two_phase = TwoPhase(comm, compressor, tag) if flat_in_n and collective != "all_gather" else None
+        self.two_phase = TwoPhase(comm, compressor, tag, requant) if flat_in_n and collective != "all_gather" else None
         if collective == "two_phase" and self.two_phase is None:
             raise ValueError(f"two_phase needs a requantizable compressor (qsgd, int8, terngrad; not "
                              f"{compressor.name!r}) under aggregate=mean, without checksum or a simulated attack")

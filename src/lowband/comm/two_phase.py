@@ -13,7 +13,9 @@ reduce, requantise, gather), for every group of the call:
    zeros flagged invalid);
 3. rank ``j`` decodes the n payloads of its chunk and averages the valid ones;
 4. it **re-encodes** that reduced chunk (key ``<key>/reduced``): a second quantisation, whose
-   error is not fed back (as in ZeRO++);
+   error is not fed back (as in ZeRO++), with the compressor itself or, with the algorithm option
+   ``requant`` (``ddp:compress=qsgd:bits=4,requant=qsgd:bits=8``), a finer requantizable one: the
+   reduced chunk is 1/n of the tensor, so its bits cost (n - 1)/n x its size on the gather;
 5. **all-gather** of the re-encoded chunks (tag ``<tag>.shards``); every rank decodes all n and
    concatenates them: the mean, the same on every rank.
 
@@ -57,8 +59,10 @@ def prefer(payload_bytes: int, n: int, link: Link) -> bool:
 class TwoPhase:
     """The path of the module docstring for one :class:`~lowband.comm.aggregate.Aggregator`."""
 
-    def __init__(self, comm: Comm, compressor: Compressor, tag: str) -> None:
+    def __init__(self, comm: Comm, compressor: Compressor, tag: str, requant: Compressor | None = None) -> None:
         self.comm, self.compressor, self.tag = comm, compressor, tag
+        self.requant = requant if requant is not None else compressor  # step 4's (None: the same compressor)
+        self.requant.for_rank(comm.rank)
 
     def mean(self, inputs: dict[str, torch.Tensor], valid: bool,
              step: int) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
@@ -86,10 +90,10 @@ class TwoPhase:
         reduced = [torch.stack([self.compressor.decode(pieces[i]) for pieces in
                                 (_payloads(rows[r, :width], templates) for r in keep)]).mean(0)
                    for i in range(len(templates))]
-        again = [self.compressor.encode(r, f"{key}/reduced") for key, r in zip(inputs, reduced)]
+        again = [self.requant.encode(r, f"{key}/reduced") for key, r in zip(inputs, reduced)]
         gathered = self.comm.all_gather(_bytes(again), tag=self.tag + SHARDS)
         shards = [_payloads(buf, again) for buf in gathered]
-        return {key: (_joined([self.compressor.decode(s[i]) for s in shards], inputs[key]), own[key])
+        return {key: (_joined([self.requant.decode(s[i]) for s in shards], inputs[key]), own[key])
                 for i, key in enumerate(inputs)}
 
 
