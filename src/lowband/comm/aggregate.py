@@ -36,7 +36,7 @@ from typing import Any, Sequence
 import torch
 
 from lowband.comm import guards
-from lowband.comm.buffers import chunks, flat_or_self, small_key, write_back
+from lowband.comm.buffers import chunks, cut_payloads, flat_or_self, small_key, write_back
 from lowband.comm.comm import Comm, PendingMean
 from lowband.comm.guards import NonFiniteError
 from lowband.comm.robust import Mean, Rule
@@ -350,19 +350,8 @@ class Aggregator:
         mask = self._agree(guards.verify_all(per_rank, width, self.checksum), step, own.device)
         out: dict[str, list[Payload]] = {key: [] for key in pending}
         for r, buf in enumerate(per_rank):
-            offset, i = 0, 0
-            for key, payload in pending.items():
-                decoded = []
-                for t in payload.tensors:
-                    count = sizes[r][i]
-                    nbytes = count * t.element_size()
-                    raw = buf[offset:offset + nbytes]
-                    if offset % t.element_size():  # misaligned after an odd-length byte tensor
-                        raw = raw.clone()
-                    piece = raw.view(t.dtype)
-                    decoded.append(piece.view(t.shape) if count == t.numel() else piece)
-                    offset, i = offset + nbytes, i + 1
-                out[key].append(Payload(decoded, payload.ctx))
+            for key, payload in zip(pending, cut_payloads(buf, list(pending.values()), sizes[r])):
+                out[key].append(payload)
         return out, mask
 
     def _agree(self, reasons: list[str | None], step: int, device: torch.device) -> list[bool]:

@@ -1,6 +1,7 @@
-"""Flat buffers for the aggregators: grouping small tensors, chunking, writing results back.
+"""Flat buffers for the aggregators: grouping small tensors, chunking, cutting received bytes back
+into payloads, writing results back.
 
-Shared by :class:`~lowband.comm.aggregate.Aggregator` and
+Shared by :class:`~lowband.comm.aggregate.Aggregator`, :class:`~lowband.comm.two_phase.TwoPhase` and
 :class:`~lowband.comm.hierarchy.HierarchicalAggregator`; no communication here.
 """
 
@@ -9,6 +10,27 @@ from __future__ import annotations
 from typing import Sequence
 
 import torch
+
+from lowband.compress.base import Payload
+
+
+def cut_payloads(buf: torch.Tensor, templates: Sequence[Payload], counts: Sequence[int] | None = None) -> list[Payload]:
+    """``buf`` (flat uint8, the payloads' tensors back to back) cut into payloads shaped like ``templates``:
+    tensor i holds ``counts[i]`` elements of its template's dtype (default: the template's own count; a
+    count that differs gives a flat tensor). Views where the bytes are aligned, copies where not."""
+    out, offset, i = [], 0, 0
+    for template in templates:
+        tensors = []
+        for t in template.tensors:
+            count = t.numel() if counts is None else counts[i]
+            raw = buf[offset:offset + count * t.element_size()]
+            if raw.storage_offset() % t.element_size():  # misaligned after an odd-length byte tensor
+                raw = raw.clone()
+            piece = raw.view(t.dtype)
+            tensors.append(piece.view(t.shape) if count == t.numel() else piece)
+            offset, i = offset + count * t.element_size(), i + 1
+        out.append(Payload(tensors, template.ctx))
+    return out
 
 
 def small_key(dtype: torch.dtype, names: Sequence[str]) -> str:

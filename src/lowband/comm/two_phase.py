@@ -34,6 +34,7 @@ import math
 import torch
 
 from lowband.comm import guards
+from lowband.comm.buffers import cut_payloads
 from lowband.comm.comm import Comm
 from lowband.compress.base import Compressor, Payload
 from lowband.net import cost
@@ -88,11 +89,11 @@ class TwoPhase:
             guards.warn_excluded(rank, self.tag, step, [r for r in range(n) if r not in keep], "non-finite")
         templates = [payloads[key][rank] for key in inputs]
         reduced = [torch.stack([self.compressor.decode(pieces[i]) for pieces in
-                                (_payloads(rows[r, :width], templates) for r in keep)]).mean(0)
+                                (cut_payloads(rows[r, :width], templates) for r in keep)]).mean(0)
                    for i in range(len(templates))]
         again = [self.requant.encode(r, f"{key}/reduced") for key, r in zip(inputs, reduced)]
         gathered = self.comm.all_gather(_bytes(again), tag=self.tag + SHARDS)
-        shards = [_payloads(buf, again) for buf in gathered]
+        shards = [cut_payloads(buf, again) for buf in gathered]
         return {key: (_joined([self.requant.decode(s[i]) for s in shards], inputs[key]), own[key])
                 for i, key in enumerate(inputs)}
 
@@ -114,19 +115,3 @@ def _joined(pieces: list[torch.Tensor], like: torch.Tensor) -> torch.Tensor:
 def _bytes(payloads: list[Payload]) -> torch.Tensor:
     """Every tensor of ``payloads`` as one flat uint8 buffer (shapes and dtypes stay with the receiver)."""
     return torch.cat([t.contiguous().reshape(-1).view(torch.uint8) for p in payloads for t in p.tensors])
-
-
-def _payloads(buf: torch.Tensor, templates: list[Payload]) -> list[Payload]:
-    """:func:`_bytes` undone: ``buf`` cut into payloads shaped like ``templates`` (same sizes on every rank)."""
-    out, offset = [], 0
-    for template in templates:
-        tensors = []
-        for t in template.tensors:
-            nbytes = t.numel() * t.element_size()
-            raw = buf[offset:offset + nbytes]
-            if (raw.storage_offset() * raw.element_size()) % t.element_size():  # after an odd-length byte tensor
-                raw = raw.clone()
-            tensors.append(raw.view(t.dtype).view(t.shape))
-            offset += nbytes
-        out.append(Payload(tensors, template.ctx))
-    return out
