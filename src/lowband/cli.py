@@ -32,6 +32,8 @@ console = Console(stderr=True, highlight=False, soft_wrap=True)
 @COMMANDS.register("train")
 def train(argv: list[str]) -> int:
     """Start ``--workers`` processes through torchrun's launcher API and train."""
+    if console.is_terminal and not {"-h", "--help"} & set(argv):  # a person watching: a line at once (torch's
+        console.print("[dim]lowband train: loading torch and reading the flags...[/dim]")  # import takes seconds)
     from lowband.devices import check_gpus
     from lowband.train.checks import worker_warnings
     from lowband.adversity.injection import parse_faults
