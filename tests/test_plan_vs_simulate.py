@@ -36,6 +36,7 @@ FIXED_PAYLOAD = {  # algorithm -> why it is compared only at the run's own model
 }
 ALGOS = [name for name in ALGORITHMS.names() if name not in EXCLUDED]
 QSGD = "ddp+qsgd:bits=4"  # the example: a compressed ddp that takes the two-phase path at scale
+FINER = "ddp:requant=qsgd:bits=8+qsgd:bits=4"  # the same, its reduced shards requantised at 8 bits
 WORKERS = (4, 64, 1024, 10240)
 LINK = (125e6, 0.05)  # 1 Gbit/s, 50 ms
 STEPS = EVERY_STEPS
@@ -47,7 +48,8 @@ def recorded(every_algorithm_run: Path, tmp_path_factory: pytest.TempPathFactory
     out = tmp_path_factory.mktemp("pvs")
     assert cli_main(["train", "--out", str(out), "--no-progress", "--workers", "2", "--steps", str(STEPS), "-H", "4",
                      "--eval-every", str(STEPS), "--eval-batches", "1", "--batch-size", "4", "--bandwidth", "1gbit",
-                     "--latency", "1ms", "--name", "qsgd", "--algo", "ddp", "--compress", "qsgd:bits=4"]) == 0
+                     "--latency", "1ms", "--name", "qsgd", "--algo", f"ddp;{FINER.split('+')[0]}",
+                     "--compress", "qsgd:bits=4"]) == 0
     runs = [load_run(every_algorithm_run), load_run(out / "qsgd")]
     traces = {label: (run, trace) for run in runs for label, trace in load_traces(run).items()}
     return runs[0], traces  # type: ignore[return-value]
@@ -67,7 +69,7 @@ def _both(run: Run, label: str, trace: Trace, n: int, scale: float,
     target = Target(workers=n, bandwidth=LINK[0], latency=LINK[1], params=params, compute_scale=1.0,
                     backward=backward)
     setup = Setup(params, n, target.link, even.compute[0][0], trace.steps, matrix_side=128, backward=backward)
-    cls = ALGORITHMS.get(label.partition("+")[0])
+    cls = ALGORITHMS.get(label.partition("+")[0].partition(":")[0])
     fields = {f.name for f in dataclasses.fields(cls.Options)}
     options = cls.Options(**{k: v for k, v in run.meta["algorithms"][label].items() if k in fields})
     plan = CommPlan(cls.name, getattr(options, "compress", "-"), cls.comm_plan(options, setup))
@@ -82,7 +84,7 @@ def _init_bytes(trace: Trace, n: int, scale: float) -> float:
 @pytest.mark.parametrize("n", WORKERS)
 def test_plan_and_simulate_agree(recorded: tuple[Run, dict], n: int, scale: int) -> None:
     _, traces = recorded
-    labels = [label for label in [*ALGOS, QSGD] if not (scale > 1 and label in FIXED_PAYLOAD)]
+    labels = [label for label in [*ALGOS, QSGD, FINER] if not (scale > 1 and label in FIXED_PAYLOAD)]
     for label in labels:
         run, trace = traces[label]
         projected, planned = _both(run, label, trace, n, scale)
@@ -123,4 +125,4 @@ def test_exclusions_are_registered_algorithms() -> None:
 
 def test_run_folder_exists(recorded: tuple[Run, dict]) -> None:
     run, traces = recorded
-    assert Path(run.path).is_dir() and set(traces) >= {*ALGOS, QSGD}
+    assert Path(run.path).is_dir() and set(traces) >= {*ALGOS, QSGD, FINER}

@@ -100,10 +100,11 @@ class Trace:
     neighbours: Callable[[int], float] | None = None
     speeds: tuple[float, ...] | None = None  # each rank's --worker-speed in the measured run (None: all 1)
     # from the algorithm's CommPlan (lowband.algorithms.commplan): tag -> bucket bytes of the ops it splits
-    # (bucket_mb), the tags of gradient averages filled during backward, those that may go two-phase
+    # (bucket_mb), the tags of gradient averages filled during backward, those that may go two-phase (with the
+    # bytes of a requantised shard per byte of the first quantisation: 1, or more with a finer ``requant``)
     buckets: Mapping[str, float] = field(default_factory=dict)
     backward_tags: frozenset[str] = frozenset()
-    two_phase: frozenset[str] = frozenset()
+    two_phase: Mapping[str, float] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         if self.params < 1:
@@ -135,7 +136,7 @@ class Pricing:
     scale: float = 1.0
     allreduce: str = "auto"
     buckets: Mapping[str, float] = field(default_factory=dict)
-    two_phase: frozenset[str] = frozenset()
+    two_phase: Mapping[str, float] = field(default_factory=dict)
 
 
 CostFn = Callable[[Op, Pricing, float], tuple[list[float], float]]
@@ -156,7 +157,7 @@ def _all_gather(op: Op, p: Pricing, scale: float) -> tuple[list[float], float]:
     size = op.payload * scale
     if op.tag in p.two_phase and prefer(round(size), p.n, p.link):  # the Aggregator's choice at n ranks
         scatter, a = _priced("all_to_all", size, p)
-        shards, b = _priced("all_gather", math.ceil(size / p.n), p)
+        shards, b = _priced("all_gather", math.ceil(size * p.two_phase[op.tag] / p.n), p)
         return scatter + shards, a + b
     return _priced("all_gather", size, p, p.buckets.get(op.tag, math.inf))
 

@@ -72,7 +72,7 @@ def plan_fields(run: Run, label: str, trace: Trace) -> dict[str, Any]:
     bucket bytes of those it splits (``bucket_mb``), the gradient averages filled during backward and
     those that may take the two-phase path: :class:`Trace`'s ``buckets``, ``backward_tags``, ``two_phase``."""
     from lowband.algorithms import ALGORITHMS
-    from lowband.algorithms.commplan import Setup, two_phase_capable
+    from lowband.algorithms.commplan import Setup, two_phase_capable, wire
 
     name = label.partition("+")[0].partition(":")[0]
     if name not in ALGORITHMS:
@@ -84,10 +84,14 @@ def plan_fields(run: Run, label: str, trace: Trace) -> dict[str, Any]:
     setup = Setup(trace.params, trace.ranks, trace.link, 1.0, trace.steps)
     syncs = cls.comm_plan(options, setup)
     capable = hasattr(options, "compress") and two_phase_capable(options)
+    finer = 1.0  # bytes of a requantised shard per byte of the first quantisation (option requant)
+    if capable and getattr(options, "requant", ""):
+        finer = wire(options.requant, trace.params, setup.side).rounds[0] / wire(options.compress, trace.params,
+                                                                                 setup.side).rounds[0]
     return {"buckets": {s.label: s.chunk_bytes for s in syncs if math.isfinite(s.chunk_bytes)},
             "backward_tags": frozenset(s.label for s in syncs if s.backward),
-            "two_phase": frozenset(s.label for s in syncs if capable and s.collective == "all_gather"
-                                   and not s.label.endswith(".sizes"))}
+            "two_phase": {s.label: finer for s in syncs if capable and s.collective == "all_gather"
+                          and not s.label.endswith(".sizes")}}
 
 
 def load_traces(run: Run, algo: str | None = None) -> dict[str, Trace]:
