@@ -13,8 +13,8 @@ threshold. This benchmark measures the pairing the papers use. Per task, one ``l
                   --feedback "none;ef;ef21;econtrol" --workers 4 --steps STEPS --bandwidth none
 
 (identity runs once: feedback has nothing to correct). Tasks: ``gpt`` on shakespeare (lr 0.1, the
-best of 0.03 / 0.05 / 0.1 / 0.3 / 1.0 for uncompressed ddp at 100 steps here) and ``cnn`` on mnist
-(lr 0.05). Reported: final validation loss per compressor and feedback, and per compressor which
+best of 0.03 / 0.05 / 0.1 / 0.3 / 1.0 for uncompressed ddp at 100 steps here: docs/compression.md
+names the command) and ``cnn`` on mnist (lr 0.05, not tuned). Reported: final validation loss per compressor and feedback, and per compressor which
 feedback is best and by how much against none.
 
 Run: ``python benchmarks/feedback_sgd.py`` (about 40 minutes on 2 cores; ``--steps 20`` for a smoke

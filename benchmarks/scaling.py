@@ -8,6 +8,7 @@ tensors (the char-GPT's parameter shapes, 0.82M floats, seeded per rank) once th
 * ``all-gather``: 4-bit QSGD, every rank's payload all-gathered (the path before issue 26);
 * ``two-phase``: 4-bit QSGD through the quantised reduce-scatter + all-gather
   (:mod:`lowband.comm.two_phase`);
+* ``requant 8``: the same, its reduced shards requantised at 8 bits (option ``requant=qsgd:bits=8``);
 
 and the ledger's bytes sent by rank 0 are reported, with the relative error of each mean against
 the exact fp32 mean. Then the two-phase ops recorded at the largest n are priced by the
@@ -40,8 +41,8 @@ from lowband.train.launch import launch
 from lowband.train.models.gpt import GPT, GPTConfig
 
 DEFAULT_OUT = Path(__file__).resolve().parent / "results" / "scaling.json"
-PATHS = {"fp32": ("identity", "auto"), "all-gather": ("qsgd:bits=4", "all_gather"),
-         "two-phase": ("qsgd:bits=4", "two_phase")}
+PATHS = {"fp32": ("identity", "auto", ""), "all-gather": ("qsgd:bits=4", "all_gather", ""),
+         "two-phase": ("qsgd:bits=4", "two_phase", ""), "requant 8": ("qsgd:bits=4", "two_phase", "qsgd:bits=8")}
 PROJECT = (1_024, 10_240)
 
 
@@ -61,9 +62,10 @@ def _worker() -> dict[str, Any]:
     torch.set_num_threads(1)
     out: dict[str, Any] = {}
     try:
-        for name, (spec, collective) in PATHS.items():
+        for name, (spec, collective, requant) in PATHS.items():
             comm = Comm()
-            agg = Aggregator(comm, build(spec, COMPRESSORS), build("none", FEEDBACK), collective=collective)
+            agg = Aggregator(comm, build(spec, COMPRESSORS), build("none", FEEDBACK), collective=collective,
+                             requant=build(requant, COMPRESSORS) if requant else None)
             named = _tensors(rank)
             agg.mean_(named)
             out[name] = {"bytes": comm.ledger.bytes_sent, "mean": torch.cat([t.reshape(-1) for _, t in named]),
@@ -100,7 +102,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                                                              os.environ.get("PYTHONPATH")]))
     rows, recorded = [], {}
     print(f"{'workers':>8} {'fp32 MB':>9} {'all-gather MB':>14} {'two-phase MB':>13} {'two-phase/fp32':>15} "
-          f"{'err all-gather':>15} {'err two-phase':>14}")
+          f"{'err all-gather':>15} {'err two-phase':>14} {'requant 8 MB':>13} {'err requant 8':>14}")
     for n in counts:
         result = launch(_worker, n)[0]
         exact = _exact(n)
@@ -112,7 +114,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         recorded = {k: result[k]["ops"] for k in PATHS}
         print(f"{n:>8} {row['fp32_bytes'] / 1e6:>9.3f} {row['all-gather_bytes'] / 1e6:>14.3f} "
               f"{row['two-phase_bytes'] / 1e6:>13.3f} {row['two-phase_bytes'] / row['fp32_bytes']:>15.3f} "
-              f"{err['all-gather']:>15.4f} {err['two-phase']:>14.4f}")
+              f"{err['all-gather']:>15.4f} {err['two-phase']:>14.4f} {row['requant 8_bytes'] / 1e6:>13.3f} "
+              f"{err['requant 8']:>14.4f}")
     projected = [{"workers": n, **{f"{k}_bytes": _project(recorded[k], n) for k in PATHS}} for n in PROJECT]
     print(f"\nprojected from the ops recorded at {counts[-1]} workers (simulator cost functions):")
     for p in projected:
