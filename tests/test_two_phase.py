@@ -158,3 +158,20 @@ def test_scaling_benchmark_quick(tmp_path, monkeypatch: pytest.MonkeyPatch) -> N
     assert four["two-phase_bytes"] < four["all-gather_bytes"] and result["ratio_spread"] < 0.02
     big = result["projected"][-1]
     assert big["workers"] == 10_240 and big["two-phase_bytes"] < 0.2 * big["fp32_bytes"] < big["all-gather_bytes"]
+
+
+def test_the_requantiser_s_random_state_is_checkpointed() -> None:
+    """A seeded requant compressor draws its own noise: the aggregator's state carries it, so a resumed run
+    rounds the shards as one that did not stop."""
+    comm = Comm()
+    agg = Aggregator(comm, build("qsgd:bits=4", COMPRESSORS), build("none", FEEDBACK),
+                     requant=build("qsgd:bits=8", COMPRESSORS))
+    assert agg.two_phase is not None
+    requant = agg.two_phase.requant
+    requant.uniform(5, torch.device("cpu"))
+    saved = agg.state_dict()
+    ahead = requant.uniform(5, torch.device("cpu"))
+    agg.load_state_dict(saved)
+    assert torch.equal(requant.uniform(5, torch.device("cpu")), ahead)
+    plain = Aggregator(comm, build("qsgd:bits=4", COMPRESSORS), build("none", FEEDBACK))
+    assert "requant" not in plain.state_dict()  # the compressor itself: saved once, under "compressor"

@@ -42,7 +42,7 @@ from lowband.algorithms import ALGORITHMS, Algorithm
 from lowband.comm import Comm, Ledger, group
 from lowband.comm.aggregate import Aggregator
 from lowband.comm.ddp_hook import HookState, ddp_hook  # noqa: F401  (lowband.ddp_hook)
-from lowband.compress import COMPRESSORS
+from lowband.compress import COMPRESSORS, paper_feedback
 from lowband.devices import backend_for, resolve_device
 from lowband.feedback import FEEDBACK
 from lowband.feedback.base import pairing_warning
@@ -97,7 +97,7 @@ def wrap(model: nn.Module, optimizer: torch.optim.Optimizer, algo: str = "diloco
     cls, spec_options = parse_spec(algo, ALGORITHMS)
     given = {**spec_options, **options}
     if isinstance(given.get("compress"), str) and "feedback" not in given:  # the compressor's own pairing
-        given["feedback"] = parse_spec(given["compress"], COMPRESSORS)[0].paper_feedback
+        given["feedback"] = paper_feedback(given["compress"])
     chosen = options_from(cls.Options, None, given)  # unknown names: one line
     if hasattr(chosen, "compress") and hasattr(chosen, "feedback"):
         line = pairing_warning(build(chosen.compress, COMPRESSORS), build(chosen.feedback, FEEDBACK), chosen.compress)

@@ -29,6 +29,7 @@ from lowband.adversity.injection import payload_faults
 from lowband.comm import Comm
 from lowband.comm.aggregate import Aggregator
 from lowband.comm.hierarchy import HierarchicalAggregator
+from lowband.algorithms.commplan import two_phase_capable
 from lowband.comm.robust import RULES, Mean
 from lowband.compress import COMPRESSORS, build, parse_spec
 from lowband.feedback import FEEDBACK
@@ -70,9 +71,7 @@ class SyncOptions(Options):
             raise ValueError(f"bucket_mb must be > 0, got {self.bucket_mb}")
         if self.collective not in ("auto", "all_gather", "two_phase"):
             raise ValueError(f"collective must be auto, all_gather or two_phase, got {self.collective!r}")
-        if self.collective == "two_phase" and not (build(self.compress, COMPRESSORS).requantizable and
-                                                   self.aggregate == "mean" and not self.checksum and
-                                                   self.attack == "none"):
+        if self.collective == "two_phase" and not two_phase_capable(self):
             raise ValueError("collective=two_phase needs a requantizable compressor (qsgd, int8, terngrad) under "
                              "aggregate=mean, without checksum or attack: use collective=auto")
         if self.requant and not build(self.requant, COMPRESSORS).requantizable:

@@ -96,19 +96,13 @@ def summarize_group(group: Group, target: float | None) -> tuple[Target, dict[in
         base = _baseline(group)
         bests = [(f"{row.name}, seed {seed}" if several else row.name, row.best_val_loss)
                  for seed, run in group.runs.items() for row in summarize(run).rows]
-        chosen = automatic(base, [halfway(_first_rank(run.records.get(base, []))) for run in group.runs.values()],
-                           dict(bests))
+        chosen = automatic(base, [halfway(run.records.get(base, [])) for run in group.runs.values()], dict(bests))
     return chosen, {seed: summarize(run, chosen.loss) for seed, run in sorted(group.runs.items())}
 
 
 def _baseline(group: Group) -> str:
     """ddp when the group has it, else its first entry."""
     return "ddp" if "ddp" in group.labels else group.labels[0]
-
-
-def _first_rank(per_rank: list[list[dict[str, Any]]]) -> list[dict[str, Any]]:
-    """The records of the lowest rank that logged (empty if none)."""
-    return next((records for records in per_rank if records), [])
 
 
 def group_rows(group: Group, per_seed: dict[int, Summary]) -> tuple[str, list[dict[str, Any]]]:

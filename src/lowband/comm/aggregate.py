@@ -36,7 +36,7 @@ from typing import Any, Sequence
 import torch
 
 from lowband.comm import guards
-from lowband.comm.buffers import chunks, cut_payloads, flat_or_self, small_key, write_back
+from lowband.comm.buffers import as_bytes, chunks, cut_payloads, flat_or_self, small_key, write_back
 from lowband.comm.comm import Comm, PendingMean
 from lowband.comm.guards import NonFiniteError
 from lowband.comm.robust import Mean, Rule
@@ -137,8 +137,9 @@ class Aggregator:
 
     def state_dict(self) -> dict[str, Any]:
         """What this pipeline remembers between rounds: compressor, feedback and rule state."""
+        own = self.two_phase is not None and self.two_phase.requant is not self.compressor
         return {"compressor": self.compressor.state_dict(), "feedback": self.feedback.state_dict(),
-                "rule": self.rule.state_dict()}
+                "rule": self.rule.state_dict(), **({"requant": self.two_phase.requant.state_dict()} if own else {})}
 
     def metrics(self) -> dict[str, Any]:
         """The compressor's numbers for the metrics row (:meth:`Compressor.metrics`)."""
@@ -148,6 +149,8 @@ class Aggregator:
         self.compressor.load_state_dict(state["compressor"])
         self.feedback.load_state_dict(state["feedback"])
         self.rule.load_state_dict(state.get("rule", {}))  # checkpoints from before robust rules have none
+        if "requant" in state and self.two_phase is not None:
+            self.two_phase.requant.load_state_dict(state["requant"])
 
     def close(self) -> None:
         if self._pool is not None:
@@ -335,7 +338,7 @@ class Aggregator:
         if n == 1 or not tensors:
             return {key: [p] * n for key, p in pending.items()}, [True] * n
         sizes = self._gathered_sizes(tensors)  # [rank][tensor] element counts, on the host
-        own = torch.cat([t.reshape(-1).view(torch.uint8) for t in tensors])
+        own = as_bytes(tensors)
         width = max(sum(c * t.element_size() for c, t in zip(row, tensors)) for row in sizes)
         padded = torch.zeros(width, dtype=torch.uint8, device=own.device)
         padded[:own.numel()] = own

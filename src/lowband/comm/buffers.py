@@ -14,6 +14,11 @@ import torch
 from lowband.compress.base import Payload
 
 
+def as_bytes(tensors: Sequence[torch.Tensor]) -> torch.Tensor:
+    """``tensors`` back to back as one flat uint8 buffer (what :func:`cut_payloads` undoes)."""
+    return torch.cat([t.contiguous().reshape(-1).view(torch.uint8) for t in tensors])
+
+
 def cut_payloads(buf: torch.Tensor, templates: Sequence[Payload], counts: Sequence[int] | None = None) -> list[Payload]:
     """``buf`` (flat uint8, the payloads' tensors back to back) cut into payloads shaped like ``templates``:
     tensor i holds ``counts[i]`` elements of its template's dtype (default: the template's own count; a

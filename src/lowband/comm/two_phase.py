@@ -34,9 +34,9 @@ import math
 import torch
 
 from lowband.comm import guards
-from lowband.comm.buffers import cut_payloads
+from lowband.comm.buffers import as_bytes, cut_payloads
 from lowband.comm.comm import Comm
-from lowband.compress.base import Compressor, Payload
+from lowband.compress.base import Compressor
 from lowband.net import cost
 from lowband.net.link import Link
 
@@ -63,7 +63,8 @@ class TwoPhase:
     def __init__(self, comm: Comm, compressor: Compressor, tag: str, requant: Compressor | None = None) -> None:
         self.comm, self.compressor, self.tag = comm, compressor, tag
         self.requant = requant if requant is not None else compressor  # step 4's (None: the same compressor)
-        self.requant.for_rank(comm.rank)
+        if requant is not None:
+            requant.for_rank(comm.rank)
 
     def mean(self, inputs: dict[str, torch.Tensor], valid: bool,
              step: int) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
@@ -73,7 +74,7 @@ class TwoPhase:
         payloads = {key: [self.compressor.encode(c, f"{key}/{j}") for j, c in enumerate(cs)]
                     for key, cs in chunks.items()}
         own = {key: _joined([self.compressor.decode(p) for p in ps], inputs[key]) for key, ps in payloads.items()}
-        slots = [_bytes([payloads[key][j] for key in inputs]) for j in range(n)]
+        slots = [as_bytes([t for key in inputs for t in payloads[key][j].tensors]) for j in range(n)]
         width = slots[0].numel()
         stride = (width + 1 + 7) // 8 * 8  # payload, the valid flag, padding: every slot 8-byte aligned
         send = torch.zeros(n, stride, dtype=torch.uint8, device=slots[0].device)
@@ -92,7 +93,7 @@ class TwoPhase:
                                 (cut_payloads(rows[r, :width], templates) for r in keep)]).mean(0)
                    for i in range(len(templates))]
         again = [self.requant.encode(r, f"{key}/reduced") for key, r in zip(inputs, reduced)]
-        gathered = self.comm.all_gather(_bytes(again), tag=self.tag + SHARDS)
+        gathered = self.comm.all_gather(as_bytes([t for p in again for t in p.tensors]), tag=self.tag + SHARDS)
         shards = [cut_payloads(buf, again) for buf in gathered]
         return {key: (_joined([self.requant.decode(s[i]) for s in shards], inputs[key]), own[key])
                 for i, key in enumerate(inputs)}
@@ -110,8 +111,3 @@ def _chunks(x: torch.Tensor, n: int) -> list[torch.Tensor]:
 def _joined(pieces: list[torch.Tensor], like: torch.Tensor) -> torch.Tensor:
     """Decoded chunks back into ``like``'s shape (the padding dropped)."""
     return torch.cat([p.reshape(-1) for p in pieces])[:like.numel()].view(like.shape).to(like.dtype)
-
-
-def _bytes(payloads: list[Payload]) -> torch.Tensor:
-    """Every tensor of ``payloads`` as one flat uint8 buffer (shapes and dtypes stay with the receiver)."""
-    return torch.cat([t.contiguous().reshape(-1).view(torch.uint8) for p in payloads for t in p.tensors])

@@ -11,7 +11,13 @@ from lowband.registry import class_named, import_submodules
 
 import_submodules(__name__, __path__)
 
-__all__ = ["COMPRESSORS", "Compressor", "CompressorOptions", "Payload", "build", "parse_spec"]
+__all__ = ["COMPRESSORS", "Compressor", "CompressorOptions", "Payload", "build", "paper_feedback", "parse_spec"]
+
+
+def paper_feedback(compress: str) -> str:
+    """The error feedback the compressor spec ``compress`` declares (``Compressor.paper_feedback``): what
+    ``--feedback default`` and the public API give a compressor chosen without one."""
+    return parse_spec(compress, COMPRESSORS)[0].paper_feedback
 
 
 def __getattr__(name: str) -> Any:

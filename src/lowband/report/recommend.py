@@ -54,9 +54,7 @@ class Entry:
 def recommendation(summary: Summary) -> list[str]:
     """The recommendation and its caveats for one run, one sentence a line (the first is the answer)."""
     entries = [Entry(r.name, r.time_to_target_s, r.bytes_to_target, r.best_val_loss) for r in summary.rows]
-    lines = recommend(entries, summary.network, summary.target_loss, summary.baseline)
-    best, candidates = _decide(entries)
-    return lines + (_noise(summary.compute, best, candidates) if best is not None else [])
+    return recommend(entries, summary.network, summary.target_loss, summary.baseline, check=summary.compute)
 
 
 def sweep_recommendation(rows: list[dict[str, Any]], network: str, target: float | None, baseline: str) -> list[str]:
@@ -69,8 +67,9 @@ def sweep_recommendation(rows: list[dict[str, Any]], network: str, target: float
 
 
 def recommend(entries: list[Entry], network: str, target_loss: float | None, baseline: str,
-              loss_word: str = "best") -> list[str]:
-    """Steps 1-4 of the module docstring over any list of methods."""
+              loss_word: str = "best", check: ComputeCheck | None = None) -> list[str]:
+    """Steps 1-4 of the module docstring over any list of methods (``check``: a run's compute per step
+    across methods, for the loaded-host caveat)."""
     if target_loss is None:
         return ["No recommendation: no method logged a validation loss."]
     target = f"val loss {target_loss:.3f}"
@@ -88,7 +87,7 @@ def recommend(entries: list[Entry], network: str, target_loss: float | None, bas
         factor = (best.bytes_sent or 0) / max(fewest.bytes_sent or 1, 1)
         lines.append(f"Fewest bytes to the target: {fewest.name} ({format_bytes(fewest.bytes_sent or 0)}, "
                      f"{factor:.1f}x fewer than {best.name}).")
-    return lines + caveats(entries, best, reached, loss_word)
+    return lines + caveats(entries, best, reached, loss_word) + _noise(check, best, reached)
 
 
 def _decide(entries: list[Entry]) -> tuple[Entry | None, list[Entry]]:

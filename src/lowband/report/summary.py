@@ -269,8 +269,7 @@ def _choose_target(run: Run, explicit: float | None, stats: dict[str, dict[str, 
     if configured is not None:
         return given(configured, "the run's target_loss")
     baseline = run.algorithms[0] if run.algorithms else ""
-    reference = _present(run.records.get(baseline, []))
-    return automatic(baseline, [halfway(reference[0]) if reference else None],
+    return automatic(baseline, [halfway(run.records.get(baseline, []))],
                      {name: s["best_val_loss"] for name, s in stats.items()})
 
 

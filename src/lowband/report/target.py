@@ -41,9 +41,10 @@ def _finite(value: Any) -> bool:
     return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
 
 
-def halfway(records: Sequence[Record]) -> tuple[float, int, int] | None:
-    """``(val loss, its step, last step)`` of one rank's first evaluation at or after half its
-    steps (step 1 of the module docstring); ``None`` without one."""
+def halfway(per_rank: Sequence[Sequence[Record]]) -> tuple[float, int, int] | None:
+    """``(val loss, its step, last step)`` of the first evaluation at or after half its steps of the
+    lowest rank that logged (step 1 of the module docstring); ``None`` without one."""
+    records = next((rows for rows in per_rank if rows), None)
     if not records:
         return None
     last = int(records[-1]["step"])

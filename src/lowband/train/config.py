@@ -16,7 +16,7 @@ from lowband.adversity.attacks import ATTACKS
 from lowband.algorithms import ALGORITHMS
 from lowband.comm.robust import RULES
 from lowband.devices import DEVICE_CHOICES
-from lowband.compress import COMPRESSORS
+from lowband.compress import COMPRESSORS, paper_feedback
 from lowband.feedback import FEEDBACK
 from lowband.feedback.base import pairing_warning
 from lowband.net.link import Network
@@ -364,12 +364,6 @@ class TrainConfig:
         if "compress" in merged and "feedback" not in merged and "feedback" in names:
             merged["feedback"] = paper_feedback(merged["compress"])  # a chosen compressor brings its paper's
         return cls.Options(**merged)
-
-
-def paper_feedback(compress: str) -> str:
-    """The error feedback compressor spec ``compress`` declares (``Compressor.paper_feedback``):
-    what ``--feedback default`` gives a compressor that was chosen (``--feedback none`` opts out)."""
-    return parse_spec(compress, COMPRESSORS)[0].paper_feedback
 
 
 def _fields(algo: str) -> set[str]:
