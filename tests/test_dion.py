@@ -139,11 +139,12 @@ def test_split_embeddings_head_and_matrices() -> None:
     _, _, gpt_head = split_parameters(gpt, list(gpt.parameters()))
     assert gpt_head is None
 
-    # the untied head runs AdamW at lr / sqrt(d_in), the embedding at lr
+    # with AdamW, the untied head and the embedding both run at lr (microsoft/dion since #94, 2026-06-28:
+    # the 1 / sqrt(d_in) head scale is Lion's only, the Dion paper's App. D.2)
     algo = Dion(model, torch.optim.AdamW(model.parameters(), lr=LR, betas=BETAS, weight_decay=WD), Comm())
     head_ref = nn.Parameter(model.head.weight.detach().clone())
     emb_ref = nn.Parameter(model.emb.weight.detach().clone())
-    ref = torch.optim.AdamW([{"params": [head_ref], "lr": LR / math.sqrt(8)}, {"params": [emb_ref], "lr": LR}],
+    ref = torch.optim.AdamW([{"params": [head_ref], "lr": LR}, {"params": [emb_ref], "lr": LR}],
                             betas=BETAS, weight_decay=WD)
     for step in range(3):
         idx = torch.randint(0, 11, (4, 5), generator=torch.Generator().manual_seed(step))
@@ -154,6 +155,22 @@ def test_split_embeddings_head_and_matrices() -> None:
         algo.zero_grad()
     torch.testing.assert_close(model.head.weight, head_ref.detach(), atol=1e-7, rtol=0)
     torch.testing.assert_close(model.emb.weight, emb_ref.detach(), atol=1e-7, rtol=0)
+
+
+def test_untied_head_lr_scale_only_with_lion() -> None:
+    """The head's lr / sqrt(d_in) is the Lion rule (microsoft/dion ``lm_head_lr_scale``); AdamW keeps lr."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Embedding(11, 8), nn.Linear(8, 8, bias=False), nn.Linear(8, 11, bias=False))
+    opt = torch.optim.AdamW(model.parameters(), lr=LR, betas=BETAS, weight_decay=WD)
+    assert Dion(model, opt, Comm()).scalar_lr_scale == [1.0, 1.0]
+    algo = Dion(model, opt, Comm(), DionOptions(scalar_optimizer="lion"))
+    head = model[2].weight
+    before = head.detach().clone()
+    model(torch.randint(0, 11, (4, 5), generator=torch.Generator().manual_seed(0))).logsumexp(-1).mean().backward()
+    lr = LR / math.sqrt(8)  # first Lion step (m = 0): sign((1 - b1) g)
+    expected = before * (1 - lr * WD) - lr * torch.sign(head.grad)
+    algo.step()
+    torch.testing.assert_close(head.detach(), expected)
 
 
 def test_lion_scalar_optimizer_and_context_manager_refused() -> None:

@@ -42,7 +42,8 @@ heavy-ball momentum (nesterov=False), clipping on with phi = 1.0, H = 20 (fairse
 ``co2_outer_frequency``). Where we had to choose (the paper's method section was not at
 hand; steps 3-4 follow its abstract, its OpenReview discussion -- Lambda_t is computed from
 x_{t,0}, the clip has a threshold phi -- and the authors' code, which divides the update by
-a penalty and clamps the momentum): (a) the penalty's normaliser, the gap measured per
+a penalty and clamps the momentum; in fairscale-CO2's ``co2.py`` that penalty is a constant,
+``co2_gap_penalty`` = 1.0, and the clamp's result is discarded): (a) the penalty's normaliser, the gap measured per
 tensor relative to the stale update's own norm (as Gap-Aware, Barkai et al. 2019), and
 lambda = 1.0; (b) clipping is element-wise, as the authors' ``torch.clamp`` on the momentum
 (phi = 0 disables it); (c) with Nesterov, beta * m_t uses the clipped momentum.

@@ -27,6 +27,13 @@ from.
 5. ``finish()`` waits for the last average, applies it, and sets x_i <- theta_g minus any
    progress made since r_i (none when training stops at a round boundary).
 
+Against the papers (docs/faithfulness.md): applying Delta^{t-1} one round late is the scheme
+of Kale et al.'s Figure 2 ("delaying the application of the averaged outer gradient in the
+outer optimizer", its caption; the method text was not at hand in issue 27). Step 4's
+reconciliation, which keeps the rank's own round-t progress, is the DiLoCoX rule as lowband
+read it; whether Kale et al.'s delayed baseline keeps it too, or restarts each round from
+theta_g (the rule ``co2`` follows), was not verifiable, so this baseline may be the kinder one.
+
 Invariant: r_i = theta_g - (the rank's own outer gradient in flight), so with the outer
 optimizer plain SGD at lr 1 the outer step at the end of round t + 1 gives exactly
 theta_g = mean_i r_i (the mean of the models the ranks started round t + 1 from): the

@@ -35,8 +35,11 @@ Non-matrix parameters (biases, norms), embeddings (``nn.Embedding``, also when t
 head is tied to one, as in lowband's GPT) and an untied output head (the model's last
 ``nn.Linear``) use the scalar optimizer on averaged gradients, as the paper and the
 reference recommend: ``adamw`` exactly as ``torch.optim.AdamW``, or ``lion``
-(Chen et al., arXiv:2302.06675, betas from the param group), at the group's lr; the untied
-head at lr / sqrt(d_in) (the reference's unembedding rule).
+(Chen et al., arXiv:2302.06675, betas from the param group), at the group's lr. With
+``lion`` the untied head runs at lr / sqrt(d_in), the reference's unembedding rule
+(``lm_head_lr_scale``, citing the paper's App. D.2); with ``adamw`` it keeps lr, as the
+reference does since microsoft/dion#94 (it scaled both before). Embeddings and the head
+take the group's weight decay (the reference's ``train.py`` gives them none).
 
 Gradient clipping (``--grad-clip``) scales each rank's local gradient by its own norm
 before anything is averaged, so every rank averages the same clipped contributions.
@@ -147,6 +150,12 @@ def split_parameters(model: nn.Module, params: list[nn.Parameter]) -> tuple[list
     return [p for p in params if id(p) not in scalar], scalar, head
 
 
+def head_lr_scale(scalar_optimizer: str, head: nn.Parameter) -> float:
+    """The untied output head's lr factor: 1 / sqrt(d_in) under Lion (the reference's
+    ``lm_head_lr_scale``, the Dion paper's App. D.2), 1 under AdamW."""
+    return 1.0 / math.sqrt(head.shape[1]) if scalar_optimizer == "lion" else 1.0
+
+
 @ALGORITHMS.register("dion")
 class Dion(OwnUpdate):
     name = "dion"
@@ -174,7 +183,7 @@ class Dion(OwnUpdate):
             r = o.matrix_rank(a, b)
             self.matrices.append(Matrix(p, a, b, r, (a + b) * r < a * b))
         self.scalars = [p for p in self.params if id(p) in scalar_ids]
-        self.scalar_lr_scale = [1.0 / math.sqrt(p.shape[1]) if id(p) == head else 1.0 for p in self.scalars]
+        self.scalar_lr_scale = [head_lr_scale(o.scalar_optimizer, p) if id(p) == head else 1.0 for p in self.scalars]
         self.dense = [mx.param for mx in self.matrices if not mx.low_rank]  # averaged like the scalars
         groups = param_groups(self.optimizer, self.params)
         group_of = {id(p): g for p, g in zip(self.params, groups)}

@@ -52,6 +52,12 @@ H = 20; docs/algorithms/eager-diloco.md): lr 0.7 oscillates between val loss 3.0
 and ends at 3.435; lr 0.5: 2.731; lr 0.3: 2.543; lr 0.2: 2.528; lr 0.3 with momentum 0.8
 (the defaults here, stable for any N in that model): see the docs page.
 
+Against the paper (docs/faithfulness.md): the eager gradient of step 3 is the paper's
+(its own fresh outer gradient mixed with the others' delayed ones, 1/N each), but the paper's
+headline runs apply it per fragment of Streaming DiLoCo ("1-outer-step overlap", its
+Table 1); here it is the whole model at once (streaming-diloco's P = 1). Step 5 is lowband's
+end-of-training rule, and the outer lr / momentum are lowband's (above), not the paper's.
+
 ``state_dict()`` waits for the average in flight and saves it with delta_i^{t-1}; a resumed
 run is bit-identical to one that did not stop.
 

@@ -46,6 +46,10 @@ Choices made here (the paper does not fix them, or lowband differs):
   peers), so that no rank ever skips the averaging.
 - The paper's random routing of activations between pipeline stages is not modelled:
   lowband workers hold whole models.
+- H defaults to 20 (lowband's common period); the authors' NoLoCo configs
+  (jkolehm/noloco, ``SparseOptimizerC``) use H = 50 with pairs, beta 0.7, alpha 0.5.
+- The pairing draws come from torch's generator, not the authors' numpy one: the same
+  distribution (uniform random pairs), other draws.
 
 Ranks differ by design: evaluation uses each rank's own model and ``metrics()`` reports the
 consensus distance mean_i ||theta_i - mean_j theta_j|| (uncharged monitoring traffic).

@@ -23,6 +23,15 @@ weight decay are read from its param groups at every step. At step t = 1, 2, ...
    bias corrections continue those of the warm-up, so the step size does not jump at
    the freeze (1 - b1^t is ~1 by then anyway).
 
+Against DeepSpeed's ``OnebitAdam`` (deepspeed/runtime/fp16/onebit/adam.py and
+runtime/comm/nccl.py; docs/faithfulness.md): the same two stages, local momentum and two-level
+error feedback, but (a) DeepSpeed bias-corrects neither m nor v, in warm-up or after; here the
+warm-up is ``torch.optim.AdamW`` exactly and step 4 continues its corrections (after a short
+warm-up v is far below its stationary scale: uncorrected, 60 steps at b2 = 0.999 would leave
+steps ~4x AdamW's); (b) DeepSpeed compresses each parameter tensor with one worker scale,
+norm / sqrt(numel) over the padded tensor; here one flat buffer with a scale per chunk, and
+the padding keeps no error.
+
 Bytes per rank per step after the freeze: 2 (n - 1) (ceil(numel / 8n) + 4) sent and received,
 about numel / 8 on two ranks, against 2 (n - 1) / n * 4 numel for the fp32 all-reduce of
 the warm-up (~32x less). Parameters and m stay identical on every rank; the errors do not.

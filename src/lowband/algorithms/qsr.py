@@ -9,7 +9,8 @@ whose period grows as the learning rate decays, H proportional to 1/lr^2:
    H = max(H_base, floor((alpha / lr_t)^2)) for the whole round; during the first
    ``warmup_steps`` steps H = H_base (the rule would give huge periods while the rate
    ramps up from almost zero), and when the total ``steps`` is known H is cut to the
-   steps left, so the last round ends with training (both as the authors' code does);
+   steps left, so the last round ends with training (both as the authors' code does, which
+   cuts H only after the warm-up; here the cut applies in the warm-up too);
 2. each rank takes H inner steps alone;
 3. the ranks average their parameters, as local SGD does: the changes since the last
    synchronisation are averaged (through the chosen compressor and feedback) and

@@ -27,6 +27,13 @@ Streaming DiLoCo splits the model into P fragments and staggers them:
 With P = 1, tau = 0 and alpha = 0 this is DiLoCo exactly (bit for bit: same schedule,
 same outer gradients, same outer optimizer).
 
+Against the paper and torchft's ``DiLoCo`` (docs/faithfulness.md): step 5's mixing is
+torchft's ``lerp(local, alpha)`` (alpha weighs the local fragment); torchft starts a
+fragment tau steps before its boundary and applies it at the boundary, here it starts at
+the boundary and applies tau steps later (the same overlap, shifted), and fragment 0 goes
+last in the first round, not first. The paper uses H = 30 or 100 and fragments of 3 layers
+("sequential" or "strided", its Figure 2); lowband's defaults are H = 20, P = 4 sequential.
+
 Quantization: the paper sends the outer gradients as 4-bit floats (E3M0) and accumulates
 in fp32. lowband's default ``compress="qsgd:bits=4"`` is a different 4-bit code: QSGD's
 unbiased stochastic quantizer (one fp32 norm per 512 elements), exchanged with an
