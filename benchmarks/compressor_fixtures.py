@@ -1,10 +1,16 @@
-"""What ``compressors.py`` measures lowband's compressors against: plain-torch reference
-implementations (its table (a)) and the parameter shapes of real models (its table (b)).
+"""What ``compressors.py`` measures lowband's compressors against: reference implementations
+(its tables (a) and (c)) and the parameter shapes of real models (its tables (b) and (c)).
 
-One function per algorithm, written the obvious way (no bit packing, no index-width tricks:
-QSGD codes kept as int8, top-k as ``torch.topk`` + scatter, sign as a float tensor, one
-P = MQ, QR, Q = M^T P, P Q^T for PowerSGD). :data:`REFERENCES` maps a compressor's registry
-name to a builder ``(options, cols) -> roundtrip``; :func:`reference_for` picks one.
+One function per algorithm. Where GRACE (Xu et al., "GRACE: A Compressed Communication
+Framework for Distributed Machine Learning", ICDCS 2021; github.com/sands-lab/grace,
+``grace_dl/torch/compressor``) has the compressor, the reference follows GRACE's PyTorch steps
+op for op (written here from reading them, not copied): its QSGD, TernGrad, EF-signSGD,
+top-k, random-k, threshold and DGC, each decompressed as GRACE does (zeros + ``scatter_``,
+codes cast to fp32). The few departures make it compute what lowband's compressor computes,
+and are stated in each docstring (QSGD's per-bucket norm, random-k's n / k scale). int8 and
+PowerSGD are written the obvious way (one P = MQ, QR, Q = M^T P, P Q^T for PowerSGD).
+:data:`REFERENCES` maps a compressor's registry name to a builder ``(options, cols) ->
+roundtrip``; :func:`reference_for` picks one.
 :func:`model_shapes`: lowband's char-GPT (vocab 84) and MNIST CNN, and a CIFAR ResNet-18.
 """
 
@@ -22,11 +28,12 @@ def ref_identity(x: torch.Tensor) -> torch.Tensor:
 
 
 def ref_cast(dtype: torch.dtype) -> Roundtrip:
+    """GRACE's fp16: cast down, cast back."""
     return lambda x: x.to(dtype).to(torch.float32)
 
 
 def ref_int8(x: torch.Tensor) -> torch.Tensor:
-    """Min-max quantisation per tensor, 256 levels, round to nearest."""
+    """Min-max quantisation per tensor, 256 levels, round to nearest (GRACE has no int8: the obvious code)."""
     lo, hi = x.min(), x.max()
     step = (hi - lo) / 255
     q = ((x - lo) / step).round().to(torch.uint8)
@@ -34,84 +41,127 @@ def ref_int8(x: torch.Tensor) -> torch.Tensor:
 
 
 def ref_qsgd(bits: int, bucket: int) -> Roundtrip:
-    """Stochastic rounding of s |x| / ||x_bucket||, sign folded in, codes as int8 (unpacked).
-
-    ``bucket`` consecutive elements share a norm (the paper's bucketing; 0: the whole tensor).
-    """
+    """GRACE's QSGD steps (quantum_num s = 2**(bits-1) - 1): level = floor(s |x| / norm), one up where a
+    uniform draw falls below the remainder, times sign(x), cast to int16 then int8; decoded as
+    norm / s * codes. GRACE takes one norm per tensor; here each ``bucket`` of elements has its own, as
+    lowband's option (0: one per tensor)."""
     s = 2 ** (bits - 1) - 1
 
     def roundtrip(x: torch.Tensor) -> torch.Tensor:
-        n = x.numel()
+        flat = x.flatten()
+        n = flat.numel()
         d = bucket or n
         pad = -n % d
-        rows = (torch.cat([x.reshape(-1), x.new_zeros(pad)]) if pad else x.reshape(-1)).view(-1, d)
-        norms = rows.norm(dim=1, keepdim=True)
-        r = rows.abs() / norms.clamp_min(1e-30) * s
-        level = r.floor()
-        level = level + (torch.rand(rows.shape) < r - level).float()
-        codes = (torch.sign(rows) * level).to(torch.int8)
-        return (codes.to(torch.float32) * (norms / s)).reshape(-1)[:n].view(x.shape)
+        rows = (torch.cat([flat, flat.new_zeros(pad)]) if pad else flat).view(-1, d)
+        norm = rows.norm(dim=1, keepdim=True)
+        level_float = s / norm * rows.abs()
+        previous_level = level_float.floor()
+        prob = torch.empty_like(rows).uniform_()
+        is_next_level = (prob < (level_float - previous_level)).type(torch.float32)
+        new_level = previous_level + is_next_level
+        codes = (new_level * rows.sign()).type(torch.int16).type(torch.int8 if s < 128 else torch.half)
+        return (norm / s * codes.type(torch.float32)).reshape(-1)[:n].view(x.shape)
 
     return roundtrip
 
 
 def ref_terngrad(clip: float) -> Roundtrip:
-    """Clip at clip * std, then s * sign(x) * Bernoulli(|x| / s), ternary codes as int8."""
+    """GRACE's TernGrad: clip at clip * std (read to the host), scalar = max |x|, sign(x) * scalar zeroed
+    where a uniform draw on [0, scalar) reaches |x|, its sign as int8; decoded as sign * scalar."""
 
     def roundtrip(x: torch.Tensor) -> torch.Tensor:
-        bound = clip * x.std()
-        x = x.clamp(-bound, bound)
-        s = x.abs().max()
-        codes = (torch.bernoulli(x.abs() / s) * torch.sign(x)).to(torch.int8)
-        return codes.to(torch.float32) * s
+        flat = x.flatten()
+        std = torch.sqrt(torch.mean((flat - torch.mean(flat)) ** 2))
+        c = clip * std.item()
+        gradient = torch.clamp(flat, -c, c)
+        abs_gradient = gradient.abs()
+        scalar = abs_gradient.max()
+        sign_gradient = gradient.sign() * scalar
+        rnd_sample = torch.empty_like(flat).uniform_(0, scalar.item())
+        sign_gradient[rnd_sample >= abs_gradient] = 0
+        codes = sign_gradient.sign().type(torch.int8)
+        return (codes.type(torch.float32) * scalar).view(x.shape)
 
     return roundtrip
 
 
 def ref_sign(x: torch.Tensor) -> torch.Tensor:
-    """torch.sign as a float tensor times mean |x|."""
-    signs = torch.sign(x)
-    scale = x.abs().mean()
-    return signs * scale
+    """GRACE's EF-signSGD compressor: mean |x| and (x >= 0) as uint8; decoded as (2 b - 1) * mean."""
+    flat = x.flatten()
+    mean = flat.abs().mean()
+    encoded = (flat >= 0).type(torch.uint8)
+    return (mean * (encoded.type(torch.float32) * 2 - 1)).view(x.shape)
+
+
+def _grace_count(ratio: float, n: int) -> int:
+    return max(1, int(n * ratio))
+
+
+def _desparsify(values: torch.Tensor, indices: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """GRACE's decompression of a sparse payload: zeros, scatter_ the values."""
+    out = torch.zeros(x.numel(), dtype=values.dtype, device=values.device)
+    return out.scatter_(0, indices, values).view(x.shape)
 
 
 def ref_topk(ratio: float) -> Roundtrip:
-    """torch.topk of |x| (exact), values gathered, scattered into zeros."""
+    """GRACE's top-k: ``torch.topk(|x|, k, sorted=False)``, values gathered; zeros + scatter_."""
 
     def roundtrip(x: torch.Tensor) -> torch.Tensor:
-        flat = x.reshape(-1)
-        k = max(1, round(ratio * flat.numel()))
-        idx = torch.topk(flat.abs(), k).indices
-        values = flat[idx]
-        return torch.zeros_like(flat).scatter_(0, idx, values).view(x.shape)
+        flat = x.flatten()
+        _, indices = torch.topk(flat.abs(), _grace_count(ratio, flat.numel()), sorted=False)
+        return _desparsify(torch.gather(flat, 0, indices), indices, x)
 
     return roundtrip
 
 
 def ref_randomk(ratio: float) -> Roundtrip:
-    """randperm(n)[:k], gather, scatter back scaled by n / k (unbiased)."""
+    """GRACE's random-k (``randperm(n)[:k]``, values indexed; zeros + scatter_), values times n / k as
+    lowband's unbiased default (GRACE sends them unscaled)."""
 
     def roundtrip(x: torch.Tensor) -> torch.Tensor:
-        flat = x.reshape(-1)
+        flat = x.flatten()
         n = flat.numel()
-        k = max(1, round(ratio * n))
-        idx = torch.randperm(n)[:k]
-        values = flat[idx]
-        return torch.zeros_like(flat).scatter_(0, idx, values * (n / k)).view(x.shape)
+        k = _grace_count(ratio, n)
+        indices = torch.randperm(n, device=flat.device)[:k]
+        return _desparsify(flat[indices] * (n / k), indices, x)
 
     return roundtrip
 
 
 def ref_threshold(tau: float) -> Roundtrip:
-    """Mask |x| >= tau, nonzero, gather, scatter back."""
+    """GRACE's threshold: ``torch.where(|x| > tau)``, values indexed; zeros + scatter_."""
 
     def roundtrip(x: torch.Tensor) -> torch.Tensor:
-        flat = x.reshape(-1)
-        idx = (flat.abs() >= tau).nonzero().squeeze(1)
-        values = flat[idx]
-        out = torch.zeros_like(flat)
-        out[idx] = values
-        return out.view(x.shape)
+        flat = x.flatten()
+        indices, = torch.where(flat.abs() > tau)
+        return _desparsify(flat[indices], indices, x)
+
+    return roundtrip
+
+
+def ref_dgc(ratio: float) -> Roundtrip:
+    """GRACE's DGC: top-k of 1% of the elements sampled uniformly sets a threshold, moved by 1.3x or 0.7x
+    (at most 10 times) until 0.7 k to 1.3 k elements cross it; those are sent; zeros + scatter_."""
+
+    def roundtrip(x: torch.Tensor) -> torch.Tensor:
+        flat = x.flatten()
+        numel = flat.numel()
+        sample_index = torch.empty(max(1, int(numel * 0.01))).uniform_(0, numel).type(torch.long)
+        vals, _ = torch.topk(flat[sample_index].abs(), max(1, int(numel * ratio * 0.01)))
+        thr = vals.min()
+        mask = flat.abs() >= thr
+        selected = mask.sum()
+        for _ in range(10):
+            if selected > 1.3 * numel * ratio:
+                thr = 1.3 * thr
+            elif selected < 0.7 * numel * ratio:
+                thr = 0.7 * thr
+            else:
+                break
+            mask = flat.abs() >= thr
+            selected = mask.sum()
+        indices, = torch.where(mask)
+        return _desparsify(flat[indices], indices, x)
 
     return roundtrip
 
@@ -142,7 +192,7 @@ REFERENCES: dict[str, Callable[[Any, int], Roundtrip]] = {
     "terngrad": lambda opts, cols: ref_terngrad(float(opts.clip)),
     "sign": lambda opts, cols: ref_sign,
     "topk": lambda opts, cols: ref_topk(_ratio(opts)),
-    "dgc": lambda opts, cols: ref_topk(_ratio(opts)),  # the exact top-k its sampled threshold approximates
+    "dgc": lambda opts, cols: ref_dgc(_ratio(opts)),
     "randomk": lambda opts, cols: ref_randomk(_ratio(opts)),
     "threshold": lambda opts, cols: ref_threshold(float(opts.tau)),
     "powersgd": lambda opts, cols: ref_powersgd(int(opts.rank), cols),

@@ -61,11 +61,12 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # its sibling, also when loaded by path (tests)
 from compressor_fixtures import Roundtrip, model_shapes, reference_for  # noqa: E402
+from compressor_models import (  # noqa: E402
+    DATA_SEED_OFFSET, SMALL_NUMEL, compression_ratio, measure_model, model_tensors, wire_groups)
 
 DEFAULT_OUT = Path(__file__).resolve().parent / "results" / "compressors.json"
 DEFAULT_NUMEL = 25_000_000
 QUICK_NUMEL = 1_000_000
-SMALL_NUMEL = 4096  # lowband.comm.aggregate.Aggregator's default small_numel: smaller tensors share a bucket
 
 # The recommended settings, in table order; a registered compressor not listed here runs at its defaults.
 SPECS = (
@@ -73,9 +74,9 @@ SPECS = (
     "topk:ratio=0.01", "randomk:ratio=0.01", "threshold:tau=1e-3", "dgc:ratio=0.01", "powersgd:rank=2",
 )
 MODELS = ("gpt", "cnn", "resnet18")
-# Data are drawn from their own stream: a compressor seeded 0 (qsgd, terngrad) drawing its rounding
-# noise from the very numbers that made the data would round with noise correlated to the data.
-DATA_SEED_OFFSET = 982_451_653
+TIMED_MODELS = ("gpt", "resnet18")  # table (c)
+# Data are drawn from their own stream (DATA_SEED_OFFSET): a compressor seeded 0 (qsgd, terngrad) drawing
+# its rounding noise from the very numbers that made the data would round with noise correlated to the data.
 RESNET18_PARAMS = 11_173_962  # torchvision-style CIFAR ResNet-18 with a 3x3 stem and 10 classes
 
 
@@ -228,32 +229,6 @@ def measure_throughput(spec: str, compressor: Any, x: torch.Tensor, repeats: int
     }
 
 
-# -- (b) compression ratio on real parameter shapes ------------------------------------------
-
-
-def wire_groups(shapes: list[tuple[str, tuple[int, ...]]], std: float, seed: int) -> list[tuple[str, torch.Tensor]]:
-    """Random normal tensors grouped as the aggregator groups them: small ones in one flat bucket."""
-    gen = torch.Generator().manual_seed(DATA_SEED_OFFSET + seed)
-    groups: list[tuple[str, torch.Tensor]] = []
-    small: list[torch.Tensor] = []
-    for name, shape in shapes:
-        t = torch.randn(shape, generator=gen) * std
-        if t.numel() < SMALL_NUMEL:
-            small.append(t.reshape(-1))
-        else:
-            groups.append((name, t))
-    if small:
-        groups.append(("small.float32", torch.cat(small)))
-    return groups
-
-
-def compression_ratio(compressor: Any, groups: list[tuple[str, torch.Tensor]]) -> tuple[float, int, int]:
-    """(fp32 bytes / payload bytes, fp32 bytes, payload bytes) over every group."""
-    raw = sum(t.numel() * 4 for _, t in groups)
-    sent = sum(run_exchange(compressor, t, key)[1] for key, t in groups)
-    return (raw / sent if sent else math.inf), raw, sent
-
-
 # -- output ----------------------------------------------------------------------------------
 
 
@@ -284,6 +259,24 @@ def print_table(title: str, headers: list[str], lines: list[list[str]], plain: b
     for line in lines:
         table.add_row(*line)
     Console(width=max(120, len(title) + 4)).print(table)
+
+
+def model_throughput(compressors: dict[str, Any], registry: Any, shapes: dict[str, Any], args: argparse.Namespace,
+                     notes: list[str]) -> dict[str, dict[str, Any]]:
+    """Table (c): each single-round compressor with a reference over each of TIMED_MODELS' gradient lists."""
+    tensors = {m: model_tensors(shapes[m], args.std, args.seed) for m in TIMED_MODELS}
+    rows: dict[str, dict[str, Any]] = {}
+    for spec, compressor in compressors.items():
+        reference = reference_for(compressor, 0)
+        if reference is None or multi_round(compressor):
+            continue
+        print(f"model throughput {spec} ...", file=sys.stderr, flush=True)
+        try:
+            rows[spec] = {m: measure_model(fresh(spec, registry), reference, tensors[m], args.repeats)
+                          for m in TIMED_MODELS}
+        except Exception as err:  # noqa: BLE001 - one broken compressor must not hide the others
+            notes.append(f"{spec} left out of the model table: {type(err).__name__}: {err}")
+    return rows
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -376,7 +369,7 @@ def main(argv: list[str] | None = None) -> int:
         try:
             for model in MODELS:
                 compressor = fresh(spec, registry)  # new state (warm starts, step counters) per model
-                ratio, raw, sent = compression_ratio(compressor, groups[model])
+                ratio, raw, sent = compression_ratio(run_exchange, compressor, groups[model])
                 row["ratio"][model], row["fp32_bytes"][model], row["payload_bytes"][model] = ratio, raw, sent
         except Exception as err:  # noqa: BLE001
             _skip(spec, f"failed on the {model} parameters: {type(err).__name__}: {err}", compressors, notes)
@@ -388,6 +381,17 @@ def main(argv: list[str] | None = None) -> int:
         + ", ".join(f"{m} {params[m]:,} params in {len(groups[m])} groups" for m in MODELS),
         ["compressor", *MODELS],
         [[r["spec"], *(_fmt(r["ratio"][m]) for m in MODELS)] for r in compression],
+        args.plain,
+    )
+    per_model = model_throughput(compressors, registry, shapes, args, notes)
+    print_table(
+        f"encode+decode of a whole model's gradients, median of {args.repeats}: lowband grouped as its aggregator "
+        "does (tensors < 4096 elements in one bucket) vs the reference tensor by tensor; vs = reference time / "
+        "lowband time",
+        ["compressor", *(f"{m} {h}" for m in TIMED_MODELS for h in ("ms", "vs ref", "vs memcpy"))],
+        [[spec, *(x for m in TIMED_MODELS for x in (_fmt(row[m]["lowband_s"] * 1e3, 1), _fmt(row[m]["vs_reference"]),
+                                                    _fmt(row[m]["vs_memcpy"], 3)))]
+         for spec, row in per_model.items()],
         args.plain,
     )
     total = params["resnet18"]
@@ -405,6 +409,7 @@ def main(argv: list[str] | None = None) -> int:
         "models": {m: {"params": params[m], "tensors": len(shapes[m]), "groups": len(groups[m])} for m in MODELS},
         "throughput": throughput,
         "compression": compression,
+        "models_throughput": per_model,
         "skipped": notes,
         "seconds": elapsed,
     }, indent=1) + "\n")

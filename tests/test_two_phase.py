@@ -15,6 +15,7 @@ from lowband.comm import Comm, group
 from lowband.comm.aggregate import Aggregator
 from lowband.comm.two_phase import prefer
 from lowband.compress import COMPRESSORS, build
+from lowband.compress.quant import NOISE_OFFSET
 from lowband.feedback import FEEDBACK
 from lowband.net.link import Link, Network
 from lowband.net.units import parse_bandwidth, parse_latency
@@ -168,10 +169,14 @@ def test_the_requantiser_s_random_state_is_checkpointed() -> None:
                      requant=build("qsgd:bits=8", COMPRESSORS))
     assert agg.two_phase is not None
     requant = agg.two_phase.requant
-    requant.uniform(5, torch.device("cpu"))
+    def draw() -> torch.Tensor:  # 64 roundings of 0.5: the generator's next bits
+        halves = torch.full((64,), 0.5 + NOISE_OFFSET)
+        return requant.round_stochastic(halves, 1, torch.empty(64, dtype=torch.uint8)).clone()
+
+    draw()
     saved = agg.state_dict()
-    ahead = requant.uniform(5, torch.device("cpu"))
+    ahead = draw()
     agg.load_state_dict(saved)
-    assert torch.equal(requant.uniform(5, torch.device("cpu")), ahead)
+    assert torch.equal(draw(), ahead)
     plain = Aggregator(comm, build("qsgd:bits=4", COMPRESSORS), build("none", FEEDBACK))
     assert "requant" not in plain.state_dict()  # the compressor itself: saved once, under "compressor"

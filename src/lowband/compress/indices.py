@@ -35,19 +35,12 @@ import math
 import torch
 
 from lowband import devices
+from lowband.compress import scratch
+from lowband.compress.packing import decode_levels
+from lowband.compress.packing import pack as bitpack
+from lowband.compress.select import positions
 
-_BITS: dict[torch.device, torch.Tensor] = {}  # per device (a module-level CPU tensor is a GPU trap)
-_SHIFTS: dict[torch.device, torch.Tensor] = {}
-
-
-def _bits(device: torch.device) -> torch.Tensor:
-    return devices.cached(_BITS, device, lambda d: torch.tensor([1, 2, 4, 8, 16, 32, 64, 128], dtype=torch.uint8,
-                                                                device=d))
-
-
-def _shifts(device: torch.device) -> torch.Tensor:
-    return devices.cached(_SHIFTS, device, lambda d: torch.arange(8, dtype=torch.uint8, device=d))
-
+_BOOLS: dict[torch.device, torch.Tensor] = {}
 
 def index_dtype(n: int) -> torch.dtype:
     """The narrowest integer dtype holding every index of a tensor of ``n`` elements."""
@@ -79,9 +72,14 @@ def encode_indices(idx: torch.Tensor, n: int) -> torch.Tensor:
     k = idx.numel()
     if not uses_bitmap(n, k):
         return idx.reshape(-1).to(index_dtype(n)).view(torch.uint8)
-    bits = torch.zeros(bitmap_nbytes(n) * 8, dtype=torch.uint8, device=idx.device)
-    bits[idx] = 1
-    return (bits.view(-1, 8) * _bits(idx.device)).sum(1, dtype=torch.uint8)
+    mask = scratch.buffer("indices.mask", n, torch.bool, idx.device).zero_()
+    mask[idx] = True
+    return pack_mask(mask)
+
+
+def pack_mask(mask: torch.Tensor) -> torch.Tensor:
+    """The bitmap of a flat bool ``mask``: ``bitmap_nbytes(n)`` bytes, least significant bit first."""
+    return bitpack(mask, 1, check=False)
 
 
 def decode_indices(data: torch.Tensor, n: int, k: int) -> torch.Tensor:
@@ -90,8 +88,9 @@ def decode_indices(data: torch.Tensor, n: int, k: int) -> torch.Tensor:
         raise ValueError(f"{k} indices into {n} elements take {index_nbytes(n, k)} bytes, got {data.numel()}")
     if not uses_bitmap(n, k):
         return data.clone().view(index_dtype(n)).to(torch.int64)  # clone: aligned storage for the view
-    bits = (data.unsqueeze(1) >> _shifts(data.device)) & 1
-    idx = bits.view(-1)[:n].nonzero().squeeze(1)  # host sync on a GPU: the count of set bits
+    mask = scratch.buffer("indices.mask", n, torch.bool, data.device)
+    levels = devices.cached(_BOOLS, data.device, lambda d: torch.tensor([False, True], device=d))
+    idx = positions(decode_levels(data, 1, n, levels, mask))  # host sync on a GPU: the count of set bits
     if idx.numel() != k:
         raise ValueError(f"bitmap holds {idx.numel()} indices, expected {k}")
     return idx

@@ -9,7 +9,7 @@ Karimireddy et al., "Error Feedback Fixes SignSGD and other Gradient Compression
 2. bit_i = 1 if x_i < 0 else 0: zeros count as positive, so they decode to +scale (a
    third value would need a second bit; error feedback carries the difference);
 3. pack the bits, 8 per byte;
-4. decode: scale * (1 - 2 * bit_i).
+4. decode: scale * (1 - 2 * bit_i), each byte looked up in a table of its eight values.
 
 A contraction: ||C(x) - x||^2 = ||x||^2 - ||x||_1^2 / n < ||x||^2 for every x != 0 (a
 delta-approximate compressor with delta = ||x||_1^2 / (n ||x||_2^2) in Karimireddy et al.),
@@ -28,9 +28,13 @@ import math
 
 import torch
 
+from lowband import devices
+from lowband.compress import scratch
 from lowband.compress.base import COMPRESSORS, Compressor, CompressorOptions, Payload, per_matrix
-from lowband.compress.packing import pack, unpack
-from lowband.compress.qsgd import flat_fp32, restore
+from lowband.compress.packing import decode_levels, pack
+from lowband.compress.quant import flat_fp32, restore
+
+_SIGNS: dict[torch.device, torch.Tensor] = {}
 
 
 @COMPRESSORS.register("sign")
@@ -45,11 +49,14 @@ class Sign(Compressor):
 
     def encode(self, x: torch.Tensor, key: str) -> Payload:
         flat = flat_fp32(x)
-        scale = flat.abs().sum() / max(flat.numel(), 1)
-        return Payload([scale.reshape(1), pack(flat < 0, 1)], ctx=(x.shape, x.dtype))
+        scale = torch.linalg.vector_norm(flat, 1) / max(flat.numel(), 1)
+        negative = torch.lt(flat, 0, out=scratch.buffer("sign.bits", flat.numel(), torch.bool, flat.device))
+        return Payload([scale.reshape(1), pack(negative, 1)], ctx=(x.shape, x.dtype))
 
     def decode(self, payload: Payload) -> torch.Tensor:
         scale, packed = payload.tensors
         shape, _ = payload.ctx
-        bits = unpack(packed, 1, math.prod(shape)).to(torch.float32)
-        return restore((1 - 2 * bits) * scale.to(torch.float32), payload.ctx)
+        n = math.prod(shape)
+        signs = devices.cached(_SIGNS, packed.device, lambda d: torch.tensor([1.0, -1.0], device=d))
+        out = torch.empty(n, dtype=torch.float32, device=packed.device)
+        return restore(decode_levels(packed, 1, n, signs * scale.to(torch.float32), out), payload.ctx)

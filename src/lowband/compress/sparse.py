@@ -8,7 +8,8 @@ Strom, "Scalable Distributed DNN Training Using Commodity GPU Cloud Computing"
 ``topk`` (not summable, fixed size):
 
 1. k = options.k, or round(ratio * n) (at least 1), clamped to n at encode;
-2. keep the k elements of largest |x| (ties broken by ``torch.topk``);
+2. keep the k elements of largest |x| (exact; :func:`lowband.compress.select.largest`: a
+   sampled threshold, then ``torch.topk`` among the ~1.25 k candidates; ties broken by ``torch.topk``);
 3. send their values (input dtype) and indices (:mod:`lowband.compress.indices`: the
    narrowest integer list or an n-bit bitmap, whichever is smaller) in one byte tensor;
 4. every rank's payload is all-gathered and scattered into zeros.
@@ -24,7 +25,7 @@ Strom, "Scalable Distributed DNN Training Using Commodity GPU Cloud Computing"
 
 ``threshold`` (not summable, variable size: ``fixed_size = False``):
 
-1. send every element with |x| >= ``tau`` (values and indices, as top-k);
+1. send every element with |x| >= ``tau`` (values and indices, as top-k; a bitmap is the mask itself);
 2. the count differs between ranks and rounds; the receiver recovers it from the
    payload's length (:func:`~lowband.compress.indices.count_from_nbytes`), no header.
 
@@ -46,7 +47,9 @@ from typing import Any, cast
 import torch
 
 from lowband.compress.base import COMPRESSORS, Compressor, CompressorOptions, Payload, per_matrix
-from lowband.compress.indices import index_nbytes, pack, scatter, unpack
+from lowband.compress import scratch
+from lowband.compress.indices import index_nbytes, pack, pack_mask, scatter, unpack, uses_bitmap
+from lowband.compress.select import largest, positions
 
 DEFAULT_RATIO = 0.01
 
@@ -141,8 +144,7 @@ class TopK(_Sparse):
     def encode(self, x: torch.Tensor, key: str) -> Payload:
         flat = x.detach().reshape(-1)
         k = self.options.count(flat.numel())
-        idx = flat.abs().topk(k, sorted=False).indices.sort().values
-        return self._payload(flat, idx, x.shape, k)
+        return self._payload(flat, largest(flat, k), x.shape, k)
 
 
 @COMPRESSORS.register("threshold")
@@ -160,8 +162,14 @@ class Threshold(_Sparse):
 
     def encode(self, x: torch.Tensor, key: str) -> Payload:
         flat = x.detach().reshape(-1)
-        idx = (flat.abs() >= self.options.tau).nonzero().squeeze(1)
-        return self._payload(flat, idx, x.shape, None)  # k: from the payload's length
+        n = flat.numel()
+        magnitudes = torch.abs(flat, out=scratch.buffer("threshold.abs", n, flat.dtype, flat.device))
+        mask = torch.ge(magnitudes, self.options.tau, out=scratch.buffer("threshold.mask", n, torch.bool, flat.device))
+        idx = positions(mask)
+        if not uses_bitmap(n, idx.numel()):
+            return self._payload(flat, idx, x.shape, None)  # k: from the payload's length
+        values = flat[idx].view(torch.uint8)
+        return Payload([torch.cat([values, pack_mask(mask)])], ctx=(x.shape, flat.dtype, None))
 
 
 @COMPRESSORS.register("randomk")

@@ -13,6 +13,10 @@ Learning" (arXiv:1705.07878). Sends ``ceil(n / 4) + 4`` bytes:
 4. code_i = b_i + 1 in {0, 1, 2}, packed at 2 bits;
 5. decode: s * (code_i - 1).
 
+How (:mod:`lowband.compress.quant`): steps 3-4 are one stochastic rounding of x_i / s + 1,
+whose distribution is exactly step 3's, with 16-bit uniforms; the clipped tensor lives in a
+reused work array; the decode looks each byte up in a table of the four values.
+
 Clipping is around zero, as in the paper: a tensor whose mean is far from zero compared
 with its spread loses most of its mean (use ``clip=0`` for such tensors).
 
@@ -35,9 +39,13 @@ from typing import ClassVar
 
 import torch
 
+from lowband import devices
+from lowband.compress import scratch
 from lowband.compress.base import COMPRESSORS, CompressorOptions, Payload, per_matrix
-from lowband.compress.packing import pack, unpack
-from lowband.compress.qsgd import SeededCompressor, check_int, flat_fp32, restore
+from lowband.compress.packing import decode_levels, pack
+from lowband.compress.quant import NOISE_OFFSET, SeededCompressor, check_int, flat_fp32, restore
+
+TERNARY = (-1.0, 0.0, 1.0, 1.0)  # code -> b (code 3 never comes out of the capped rounding)
 
 
 @dataclass(frozen=True)
@@ -63,25 +71,38 @@ class TernGrad(SeededCompressor):
     def wire_bytes(cls, options: CompressorOptions, numel: int, side: int) -> tuple[float, ...]:
         return per_matrix(numel, side, lambda n: math.ceil(n / 4) + 4)  # 2 bits per element + one fp32 scale
 
-    def clipped(self, flat: torch.Tensor) -> torch.Tensor:
-        """Step 1: ``flat`` clamped to +-clip standard deviations (unchanged if clip or sigma is 0)."""
+    def clipped(self, flat: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+        """Step 1: ``flat`` clamped to +-clip standard deviations into ``out``; ``flat`` itself when
+        clip or sigma is 0 (no host sync: a zero bound becomes an infinite one)."""
         clip = float(self.options.clip)  # type: ignore[attr-defined]
         if clip == 0 or flat.numel() < 2:
             return flat
         bound = clip * flat.std(correction=0)
-        return torch.where(bound > 0, flat.clamp(-bound, bound), flat)  # sigma 0: unchanged (no host sync)
+        bound = torch.where(bound > 0, bound, torch.full_like(bound, math.inf))
+        return torch.clamp(flat, -bound, bound, out=out)
 
     def encode(self, x: torch.Tensor, key: str) -> Payload:
-        flat = self.clipped(flat_fp32(x))
-        magnitude = flat.abs()
-        scaler = magnitude.max() if flat.numel() else torch.zeros((), dtype=torch.float32, device=flat.device)
+        flat = flat_fp32(x)
+        n = flat.numel()
+        y = scratch.buffer("terngrad.y", n, torch.float32, flat.device)
+        clipped = self.clipped(flat, y)
+        if n:
+            lo, hi = torch.aminmax(clipped)
+            scaler = torch.maximum(-lo, hi)
+        else:
+            scaler = torch.zeros((), dtype=torch.float32, device=flat.device)
         inv = torch.where(scaler > 0, 1 / scaler, torch.zeros_like(scaler))
-        fire = self.uniform(flat.numel(), flat.device) < magnitude * inv
-        codes = torch.where(fire, torch.where(flat < 0, 0, 2), 1).to(torch.uint8)  # b + 1
+        torch.mul(clipped, inv, out=y).add_(1 + NOISE_OFFSET)  # x / s + 1 in [0, 2]
+        codes = self.round_stochastic(y, 2, scratch.buffer("terngrad.codes", n, torch.uint8, flat.device))
         return Payload([scaler.reshape(1), pack(codes, 2, check=False)], ctx=(x.shape, x.dtype))
 
     def decode(self, payload: Payload) -> torch.Tensor:
         scaler, packed = payload.tensors
         shape, _ = payload.ctx
-        ternary = unpack(packed, 2, math.prod(shape)).to(torch.float32) - 1  # b = code - 1
-        return restore(ternary * scaler.to(torch.float32), payload.ctx)
+        n = math.prod(shape)
+        levels = devices.cached(_TERNARY, packed.device, lambda d: torch.tensor(TERNARY, device=d))
+        out = torch.empty(n, dtype=torch.float32, device=packed.device)
+        return restore(decode_levels(packed, 2, n, levels * scaler.to(torch.float32), out), payload.ctx)
+
+
+_TERNARY: dict[torch.device, torch.Tensor] = {}

@@ -1,0 +1,167 @@
+"""The compressors' fast paths (issue 26): reused work arrays, word-wise bit packing, table decoding,
+16-bit stochastic rounding, sampled exact top-k, mask positions. Each checked against the plain way."""
+
+from __future__ import annotations
+
+import threading
+
+import numpy as np
+import pytest
+import torch
+
+from lowband.compress import COMPRESSORS, build, scratch
+from lowband.compress.indices import index_nbytes, uses_bitmap
+from lowband.compress.packing import decode_levels, pack, unpack
+from lowband.compress.quant import NOISE_OFFSET, SeededCompressor
+from lowband.compress.select import SAMPLED_MIN_NUMEL, largest, positions
+
+CPU = torch.device("cpu")
+BIG = SAMPLED_MIN_NUMEL * 2 + 13  # takes the sampled top-k path; not a multiple of 8
+
+
+# -- scratch ---------------------------------------------------------------------------------------
+def test_scratch_reuses_per_slot_and_thread_and_grows() -> None:
+    scratch.release()
+    a = scratch.buffer("t.a", 1000, torch.float32, CPU)
+    assert a.shape == (1000,) and a.dtype == torch.float32
+    assert scratch.buffer("t.a", 500, torch.int16, CPU).data_ptr() == a.data_ptr()  # same array, smaller view
+    assert scratch.buffer("t.b", 1000, torch.float32, CPU).data_ptr() != a.data_ptr()  # another slot
+    other: list[int] = []
+    thread = threading.Thread(target=lambda: other.append(scratch.buffer("t.a", 1000, torch.float32, CPU).data_ptr()))
+    thread.start()
+    thread.join()
+    assert other[0] != a.data_ptr()  # threads never share
+    grown = scratch.buffer("t.a", 5000, torch.float32, CPU)
+    assert grown.numel() == 5000 and scratch.held_bytes() >= 5000 * 4 + 4000
+    scratch.release()
+    assert scratch.held_bytes() == 0
+    assert scratch.buffer("t.z", 0, torch.int64, CPU).numel() == 0
+
+
+def test_scratch_allocates_fresh_off_the_cpu() -> None:
+    meta = torch.device("meta")
+    assert scratch.buffer("t.m", 10, torch.float32, meta).device == meta
+    assert scratch.held_bytes() == 0 or all(t.device == CPU for t in scratch._pool().values())
+
+
+# -- packing -----------------------------------------------------------------------------------------
+@pytest.mark.parametrize("bits", [1, 2, 4, 8])
+@pytest.mark.parametrize("n", [8 * 4096, 8 * 4096 + 5, 3 * 4096 + 1])
+def test_word_packing_matches_the_bit_layout(bits: int, n: int) -> None:
+    codes = torch.randint(0, 1 << bits, (n,), generator=torch.Generator().manual_seed(n + bits), dtype=torch.uint8)
+    packed = pack(codes, bits, check=False)
+    per = 8 // bits
+    padded = np.zeros(-(-n // per) * per, dtype=np.int64)
+    padded[:n] = codes.numpy()
+    expected = (padded.reshape(-1, per) << (np.arange(per) * bits)).sum(1).astype(np.uint8)  # code k at bits k*b
+    assert np.array_equal(packed.numpy(), expected)
+    assert torch.equal(unpack(packed, bits, n), codes)
+    levels = torch.randn(1 << bits)
+    assert torch.equal(decode_levels(packed, bits, n, levels, torch.empty(n)), levels[codes.long()])
+
+
+def test_one_bit_packing_of_bools_matches_numpy_packbits() -> None:
+    mask = torch.rand(10_007, generator=torch.Generator().manual_seed(1)) < 0.3
+    assert np.array_equal(pack(mask, 1).numpy(), np.packbits(mask.numpy(), bitorder="little"))
+
+
+# -- stochastic rounding ----------------------------------------------------------------------------
+def _rounder(seed: int) -> SeededCompressor:
+    return build(f"qsgd:seed={seed}", COMPRESSORS)  # any seeded compressor rounds
+
+
+def _round(rounder: SeededCompressor, values: torch.Tensor, top: int) -> torch.Tensor:
+    y = values + NOISE_OFFSET
+    return rounder.round_stochastic(y, top, torch.empty(values.numel(), dtype=torch.uint8)).clone()
+
+
+def test_stochastic_rounding_is_unbiased_and_lands_on_a_neighbour() -> None:
+    rounder = _rounder(3)
+    values = torch.tensor([0.0, 0.25, 0.5, 0.999, 1.0, 3.3, 6.75, 14.0])
+    draws = torch.stack([_round(rounder, values.repeat(2000), 14).float() for _ in range(20)]).view(-1, values.numel())
+    assert torch.all((draws == values.floor()) | (draws == values.floor() + 1))
+    assert torch.allclose(draws.mean(0), values, atol=0.012)  # 40,000 draws: sd <= 0.0025
+    assert torch.equal(draws[:, [0, 4, 7]], values[[0, 4, 7]].expand(draws.shape[0], 3))  # integers stay put
+
+
+def test_stochastic_rounding_caps_at_top_and_reproduces_from_its_state() -> None:
+    rounder = _rounder(5)
+    assert int(_round(rounder, torch.full((1000,), 2.0 + 1e-6), 2).max()) == 2
+    values = torch.rand(5000, generator=torch.Generator().manual_seed(0)) * 7
+    state = rounder.state_dict()
+    first = _round(rounder, values, 14)
+    again = _rounder(99)
+    again.load_state_dict(state)
+    assert torch.equal(_round(again, values, 14), first)
+    assert not torch.equal(_round(again, values, 14), first)  # the stream moves on
+
+
+@pytest.mark.parametrize("spec", ["qsgd:bits=2", "qsgd:bits=4", "qsgd:bits=8", "terngrad:clip=0"])
+def test_quantizers_round_each_value_to_a_neighbouring_level(spec: str) -> None:
+    x = torch.randn(BIG, generator=torch.Generator().manual_seed(2))
+    c = build(spec, COMPRESSORS)
+    out = c.decode(c.encode(x, "w"))
+    if spec.startswith("qsgd"):
+        s = (1 << (c.bits - 1)) - 1
+        rows = x[:BIG - BIG % 512].view(-1, 512)
+        unit = (rows.norm(dim=1, keepdim=True) / s)
+        levels = out[:rows.numel()].view(-1, 512) / unit
+        scaled = rows / unit
+    else:
+        unit = x.abs().max()
+        levels, scaled = out / unit, x / unit
+    assert torch.all((levels - levels.round()).abs() < 1e-3)  # on a level
+    assert torch.all((levels - scaled).abs() < 1 + 1e-3)  # and a neighbour of the value, either sign
+
+
+# -- selection --------------------------------------------------------------------------------------
+def _top_set(x: torch.Tensor, k: int) -> set[int]:
+    return set(x.abs().topk(k).indices.tolist())
+
+
+@pytest.mark.parametrize("data", ["normal", "heavy", "sorted", "ties", "constant"])
+@pytest.mark.parametrize("density", [0.001, 0.01, 0.2])
+def test_sampled_top_k_is_the_exact_top_k(data: str, density: float) -> None:
+    g = torch.Generator().manual_seed(7)
+    x = {"normal": lambda: torch.randn(BIG, generator=g),
+         "heavy": lambda: torch.randn(BIG, generator=g) ** 5,
+         "sorted": lambda: torch.randn(BIG, generator=g).sort().values,
+         "ties": lambda: torch.randint(-3, 4, (BIG,), generator=g).float(),
+         "constant": lambda: torch.full((BIG,), 0.5)}[data]()
+    k = max(1, round(density * BIG))
+    idx = largest(x, k)
+    assert idx.numel() == k and torch.all(idx[1:] > idx[:-1])  # k distinct, ascending
+    kth = x.abs().topk(k).values[-1]
+    chosen = x.abs()[idx]
+    assert torch.all(chosen >= kth)  # nothing below the k-th largest magnitude
+    assert int((x.abs() > kth).sum()) <= k and set((x.abs() > kth).nonzero().squeeze(1).tolist()) <= set(idx.tolist())
+    if data in ("normal", "heavy"):  # no ties: the set itself is unique
+        assert set(idx.tolist()) == _top_set(x, k)
+
+
+def test_positions_are_the_nonzero_indices() -> None:
+    mask = torch.rand(100_003, generator=torch.Generator().manual_seed(0)) < 0.05
+    assert torch.equal(positions(mask), mask.nonzero().squeeze(1))
+    assert positions(torch.zeros(10, dtype=torch.bool)).numel() == 0
+
+
+def test_threshold_sends_its_mask_as_the_bitmap_when_dense() -> None:
+    x = torch.randn(BIG, generator=torch.Generator().manual_seed(4))
+    c = build("threshold:tau=1.0", COMPRESSORS)
+    payload = c.encode(x, "w")
+    kept = int((x.abs() >= 1.0).sum())
+    assert uses_bitmap(BIG, kept) and payload.nbytes == 4 * kept + index_nbytes(BIG, kept)
+    assert torch.equal(c.decode(payload), torch.where(x.abs() >= 1.0, x, torch.zeros_like(x)))
+
+
+@pytest.mark.parametrize("spec", ["int8", "int8:chunk=1000"])
+def test_int8_on_a_large_tensor_with_a_partial_chunk(spec: str) -> None:
+    x = torch.randn(BIG, generator=torch.Generator().manual_seed(6))
+    c = build(spec, COMPRESSORS)
+    out = c.decode(c.encode(x, "w"))
+    size = 1000 if "chunk" in spec else BIG
+    for start in range(0, BIG, size * 37):  # a sample of chunks, the partial last one included
+        for lo in {start, (BIG - 1) // size * size}:
+            part = x[lo:lo + size]
+            step = (part.max() - part.min()) / 255
+            assert float((out[lo:lo + size] - part).abs().max()) <= float(step) / 2 * 1.001 + 1e-7
