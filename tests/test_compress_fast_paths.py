@@ -13,7 +13,7 @@ from lowband.compress import COMPRESSORS, build, scratch
 from lowband.compress.indices import index_nbytes, uses_bitmap
 from lowband.compress.packing import decode_levels, pack, unpack
 from lowband.compress.quant import NOISE_OFFSET, SeededCompressor
-from lowband.compress.select import SAMPLED_MIN_NUMEL, largest, positions
+from lowband.compress.select import SAMPLED_MIN_NUMEL, compact, expand, largest, positions, zeros
 
 CPU = torch.device("cpu")
 BIG = SAMPLED_MIN_NUMEL * 2 + 13  # takes the sampled top-k path; not a multiple of 8
@@ -165,3 +165,16 @@ def test_int8_on_a_large_tensor_with_a_partial_chunk(spec: str) -> None:
             part = x[lo:lo + size]
             step = (part.max() - part.min()) / 255
             assert float((out[lo:lo + size] - part).abs().max()) <= float(step) / 2 * 1.001 + 1e-7
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("n", [1000, 2 * (1 << 20) + 7])
+def test_compact_and_expand_are_masked_select_and_scatter(dtype: torch.dtype, n: int) -> None:
+    g = torch.Generator().manual_seed(n)
+    x = torch.randn(n, generator=g).to(dtype)
+    mask = torch.rand(n, generator=g) < 0.3
+    kept = compact(x, mask, torch.empty(int(mask.sum()), dtype=dtype))
+    assert torch.equal(kept, x[mask])
+    dense = expand(kept, mask)
+    assert dense.dtype == dtype and torch.equal(dense, torch.where(mask, x, torch.zeros_like(x)))
+    assert torch.equal(zeros(n, dtype, CPU), torch.zeros(n, dtype=dtype))

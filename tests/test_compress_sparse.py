@@ -50,8 +50,9 @@ def test_pack_recovers_the_count_from_the_length_and_rejects_bad_lengths() -> No
     blob = pack(values, idx, 1200)
     assert blob.numel() == 600 * 4 + 150  # bitmap: 150 < 600 * 2
     shifted = torch.cat([torch.zeros(3, dtype=torch.uint8), blob])[3:]  # as it lands in a gathered buffer
-    got_values, got_idx = unpack(shifted, 1200, torch.float32)
-    assert torch.equal(got_values, values) and torch.equal(got_idx, idx)
+    got_values, got_where = unpack(shifted, 1200, torch.float32)
+    assert got_where.dtype == torch.bool  # a bitmap comes back as the mask itself
+    assert torch.equal(got_values, values) and torch.equal(got_where.nonzero().squeeze(1), idx)
     with pytest.raises(ValueError, match="no sparse payload"):
         count_from_nbytes(1200, blob.numel() + 1, 4)
     with pytest.raises(ValueError, match="takes"):

@@ -38,7 +38,8 @@ SYNCS_ALLOWED = {
     "comm/guards.py": "whether to send (non-finite input), which senders are valid, CRC-32 on the host",
     "comm/aggregate.py": "which ranks are excluded; receive sizes of variable-size payloads",
     "compress/indices.py": "a bitmap's count of set bits (nonzero)",
-    "compress/select.py": "threshold and bitmaps: the positions of a mask (nonzero)",
+    "compress/select.py": "the positions of a mask (nonzero)",
+    "compress/sparse.py": "threshold: how many elements pass (the payload's size)",
     "compress/dgc.py": "how many elements pass the sampled threshold (nonzero)",
 }
 

@@ -41,9 +41,11 @@ from typing import Any, cast
 import torch
 
 from lowband import devices
+from lowband.compress import scratch
 
 from lowband.compress.base import COMPRESSORS, Compressor, CompressorOptions, Payload, per_matrix
 from lowband.compress.indices import index_nbytes, pack, scatter, unpack
+from lowband.compress.select import keep_largest, positions
 from lowband.compress.sparse import stable_seed
 
 WARMUP_START = 0.25  # the paper: 75% sparsity in the first warm-up epoch
@@ -84,16 +86,15 @@ def select(flat: torch.Tensor, k: int, sample: float, generator: torch.Generator
     n = flat.numel()
     if k == 0:
         return torch.empty(0, dtype=torch.int64, device=flat.device)
-    magnitude = flat.abs()
+    magnitude = torch.abs(flat, out=scratch.buffer("dgc.abs", n, flat.dtype, flat.device))
     m = min(n, max(MIN_SAMPLE, math.ceil(sample * n)))
     sampled = magnitude if m == n else magnitude[torch.randint(0, n, (m,), generator=generator,
                                                                          device=flat.device)]
     top = min(m, max(1, math.ceil(k * m / n)))
     threshold = sampled.topk(top, sorted=False).values.min()
-    idx = (magnitude >= threshold).nonzero().squeeze(1)  # host sync on a GPU: the count selected
-    if idx.numel() > k:  # hierarchical selection: exact top-k of the selected
-        idx = idx[magnitude[idx].topk(k, sorted=False).indices]
-    return idx.sort().values
+    mask = torch.ge(magnitude, threshold, out=scratch.buffer("dgc.mask", n, torch.bool, flat.device))
+    # host sync on a GPU: the count selected; hierarchical selection: the exact top-k of the selected
+    return keep_largest(positions(mask), magnitude, k)
 
 
 def _sparse_bytes(n: int, k: int) -> int:

@@ -38,7 +38,7 @@ from lowband import devices
 from lowband.compress import scratch
 from lowband.compress.packing import decode_levels
 from lowband.compress.packing import pack as bitpack
-from lowband.compress.select import positions
+from lowband.compress.select import compact, expand, positions, zeros
 
 _BOOLS: dict[torch.device, torch.Tensor] = {}
 
@@ -84,16 +84,30 @@ def pack_mask(mask: torch.Tensor) -> torch.Tensor:
 
 def decode_indices(data: torch.Tensor, n: int, k: int) -> torch.Tensor:
     """int64 indices from :func:`encode_indices` bytes (ascending when a bitmap was used)."""
+    where = decode_where(data, n, k)
+    return positions(where) if where.dtype == torch.bool else where
+
+
+def decode_where(data: torch.Tensor, n: int, k: int) -> torch.Tensor:
+    """The positions :func:`encode_indices` wrote: int64 indices (a list) or a bool mask of ``n`` (a bitmap)."""
     if data.numel() != index_nbytes(n, k):
         raise ValueError(f"{k} indices into {n} elements take {index_nbytes(n, k)} bytes, got {data.numel()}")
     if not uses_bitmap(n, k):
-        return data.clone().view(index_dtype(n)).to(torch.int64)  # clone: aligned storage for the view
-    mask = scratch.buffer("indices.mask", n, torch.bool, data.device)
+        return aligned(data, index_dtype(n)).to(torch.int64)
     levels = devices.cached(_BOOLS, data.device, lambda d: torch.tensor([False, True], device=d))
-    idx = positions(decode_levels(data, 1, n, levels, mask))  # host sync on a GPU: the count of set bits
-    if idx.numel() != k:
-        raise ValueError(f"bitmap holds {idx.numel()} indices, expected {k}")
-    return idx
+    mask = decode_levels(data, 1, n, levels, torch.empty(n, dtype=torch.bool, device=data.device))
+    count = int(torch.count_nonzero(mask))  # host sync on a GPU: the payload must hold k values
+    if count != k:
+        raise ValueError(f"bitmap holds {count} indices, expected {k}")
+    return mask
+
+
+def aligned(data: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """Bytes viewed as ``dtype``; copied first only when their offset is not a multiple of its size."""
+    flat = data.reshape(-1)
+    if flat.storage_offset() % dtype.itemsize or flat.data_ptr() % dtype.itemsize:
+        flat = flat.clone()
+    return flat.view(dtype)
 
 
 def count_from_nbytes(n: int, nbytes: int, value_size: int) -> int:
@@ -119,20 +133,34 @@ def pack(values: torch.Tensor, idx: torch.Tensor, n: int) -> torch.Tensor:
     return torch.cat([raw, encode_indices(idx, n)])
 
 
+def pack_masked(flat: torch.Tensor, mask: torch.Tensor, k: int) -> torch.Tensor:
+    """:func:`pack` of ``flat[mask]`` (``k`` set) with the indices of ``mask``, the values written in place."""
+    n, size = flat.numel(), flat.element_size()
+    if not uses_bitmap(n, k):
+        idx = positions(mask)
+        return pack(flat[idx], idx, n)
+    blob = torch.empty(k * size + bitmap_nbytes(n), dtype=torch.uint8, device=flat.device)
+    compact(flat, mask, blob[:k * size].view(flat.dtype))
+    blob[k * size:] = pack_mask(mask)
+    return blob
+
+
 def unpack(blob: torch.Tensor, n: int, dtype: torch.dtype, k: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """(values of ``dtype``, int64 indices) from :func:`pack`; ``k`` from the length when not given."""
+    """(values of ``dtype``, positions) from :func:`pack`; ``k`` from the length when not given. The positions
+    are int64 indices, or a bool mask of ``n`` when a bitmap was sent (:func:`scatter` takes either)."""
     size = dtype.itemsize
     if k is None:
         k = count_from_nbytes(n, blob.numel(), size)
     elif blob.numel() != payload_nbytes(n, k, size):
         raise ValueError(f"payload of {k} of {n} elements takes {payload_nbytes(n, k, size)} bytes, "
                          f"got {blob.numel()}")
-    values = blob[:k * size].clone().view(dtype)
-    return values, decode_indices(blob[k * size:], n, k)
+    return aligned(blob[:k * size], dtype), decode_where(blob[k * size:], n, k)
 
 
-def scatter(values: torch.Tensor, idx: torch.Tensor, shape: torch.Size, dtype: torch.dtype) -> torch.Tensor:
-    """A zero tensor of ``shape`` and ``dtype`` holding ``values`` at flat positions ``idx``."""
-    out = torch.zeros(math.prod(shape), dtype=dtype, device=values.device)
-    out[idx] = values.to(dtype)
+def scatter(values: torch.Tensor, where: torch.Tensor, shape: torch.Size, dtype: torch.dtype) -> torch.Tensor:
+    """A zero tensor of ``shape`` and ``dtype`` holding ``values`` at flat positions ``where`` (indices or a mask)."""
+    if where.dtype == torch.bool:
+        return expand(values.to(dtype), where).view(shape)
+    out = zeros(math.prod(shape), dtype, values.device)
+    out[where] = values.to(dtype)
     return out.view(shape)

@@ -21,12 +21,18 @@ On a GPU (and for small tensors, or when k is most of n) it is ``torch.topk`` it
 a GPU runs as a radix select without the host sync that counting candidates needs.
 
 :func:`positions` lists a mask's set positions, ascending: NumPy's ``flatnonzero`` on the CPU
-(a third of ``torch.nonzero``'s time here), ``torch.nonzero`` elsewhere.
+(a third of ``torch.nonzero``'s time here), ``torch.nonzero`` elsewhere. :func:`compact` and
+:func:`expand` move values between a dense tensor and the list of its masked elements (a
+threshold's payload with a bitmap). On the CPU they run NumPy's ``compress`` / ``flatnonzero``
+and fancy assignment, which release the GIL, on as many slices as torch has threads (each
+slice's offset from a count of the mask before it); elsewhere ``masked_select`` and
+``masked_scatter_``.
 """
 
 from __future__ import annotations
 
 import math
+from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 import torch
@@ -37,6 +43,9 @@ SAMPLED_MIN_NUMEL = 1 << 16  # below this, torch.topk is as fast
 SAMPLED_MAX_DENSITY = 0.25  # k above this share of n: torch.topk
 SAMPLE_ABOVE = 256  # sampled values expected above the threshold
 _SAMPLER = torch.Generator().manual_seed(0x5EED)  # cpu: fixed sample positions, the result is exact anyway
+PARALLEL_MIN_NUMEL = 1 << 20  # below this, one slice
+_BITS_OF = {1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64}  # any dtype's bits, as NumPy knows them
+_POOL: list[ThreadPoolExecutor] = []
 
 
 def positions(mask: torch.Tensor) -> torch.Tensor:
@@ -60,11 +69,17 @@ def largest(flat: torch.Tensor, k: int) -> torch.Tensor:
             break
     else:  # many equal magnitudes, or a sample far off: every element is a candidate
         candidates = torch.arange(n, device=flat.device)
-    if candidates.numel() > k:  # keep k of them, in their (ascending) order: a mask, not a sort
-        keep = torch.zeros(candidates.numel(), dtype=torch.bool, device=flat.device)
-        keep[magnitudes[candidates].topk(k, sorted=False).indices] = True
-        candidates = candidates[keep]
-    return candidates
+    return keep_largest(candidates, magnitudes, k)
+
+
+def keep_largest(candidates: torch.Tensor, magnitudes: torch.Tensor, k: int) -> torch.Tensor:
+    """The ``k`` of the ascending ``candidates`` with the largest ``magnitudes``, still ascending (all if
+    there are no more than ``k``): ``torch.topk`` among them, then a mask keeps their order (no sort)."""
+    if candidates.numel() <= k:
+        return candidates
+    keep = torch.zeros(candidates.numel(), dtype=torch.bool, device=candidates.device)
+    keep[magnitudes[candidates].topk(k, sorted=False).indices] = True
+    return candidates[keep]
 
 
 def _threshold(magnitudes: torch.Tensor, k: int, slack: float) -> torch.Tensor:
@@ -75,3 +90,66 @@ def _threshold(magnitudes: torch.Tensor, k: int, slack: float) -> torch.Tensor:
     expected = slack * k * m / n + 3 * math.sqrt(k * m / n) + 1  # sampled values above the threshold
     rank = min(m, max(1, math.ceil(expected)))
     return sample.topk(rank, sorted=False).values.min()
+
+
+def compact(flat: torch.Tensor, mask: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+    """``out`` (as many elements as ``mask`` has set) = ``flat[mask]``, in order; returns ``out``."""
+    if flat.device.type != "cpu":
+        return out.copy_(flat[mask])
+    src, dst, where = _numpy(flat), _numpy(out), mask.numpy()
+    jobs = [(np.compress, where[part], src[part], 0, dst[lo:hi]) for part, lo, hi in _slices(where)]
+    _run(jobs)
+    return out
+
+
+def expand(values: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """A new tensor of ``mask``'s length: zeros, with ``values`` at the set positions of ``mask``, in order."""
+    out = zeros(mask.numel(), values.dtype, values.device)
+    if out.device.type != "cpu":
+        return out.masked_scatter_(mask, values)
+    src, dst, where = _numpy(values), _numpy(out), mask.numpy()
+    _run([(_fill, dst[part], where[part], src[lo:hi]) for part, lo, hi in _slices(where)])
+    return out
+
+
+def zeros(n: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """``torch.zeros(n)``; on the CPU from ``calloc`` (NumPy's zeros), whose pages the kernel hands out
+    zeroed when first written, instead of a pass writing zeros (half of a sparse decode's time)."""
+    if device.type != "cpu":
+        return torch.zeros(n, dtype=dtype, device=device)
+    bits = _BITS_OF[dtype.itemsize]  # cpu: the empty tensor only names NumPy's dtype for it
+    return torch.from_numpy(np.zeros(n, dtype=torch.empty(0, dtype=bits, device=device).numpy().dtype)).view(dtype)
+
+
+def _fill(dst: np.ndarray, where: np.ndarray, values: np.ndarray) -> None:
+    dst[np.flatnonzero(where)] = values
+
+
+def _numpy(t: torch.Tensor) -> np.ndarray:
+    """A flat CPU tensor's storage as NumPy integers of its width (bf16 has no NumPy dtype; bits move alike)."""
+    return t.view(_BITS_OF[t.element_size()]).numpy()
+
+
+def _slices(where: np.ndarray) -> list[tuple[slice, int, int]]:
+    """(slice of the mask, first and last+1 position of its elements in the compact list) per thread."""
+    parts = max(1, min(torch.get_num_threads(), 8)) if where.size >= PARALLEL_MIN_NUMEL else 1
+    bounds = np.linspace(0, where.size, parts + 1).astype(np.int64)
+    out, start = [], 0
+    for lo, hi in zip(bounds[:-1], bounds[1:]):
+        count = int(np.count_nonzero(where[lo:hi]))
+        out.append((slice(int(lo), int(hi)), start, start + count))
+        start += count
+    return out
+
+
+def _run(jobs: list[tuple]) -> None:
+    """Each ``(fn, *args)`` on the pool (NumPy releases the GIL), the first on this thread."""
+    if len(jobs) == 1:
+        jobs[0][0](*jobs[0][1:])
+        return
+    if not _POOL:
+        _POOL.append(ThreadPoolExecutor(max_workers=8, thread_name_prefix="lowband-select"))
+    futures = [_POOL[0].submit(fn, *args) for fn, *args in jobs[1:]]
+    jobs[0][0](*jobs[0][1:])
+    for future in futures:
+        future.result()

@@ -48,8 +48,8 @@ import torch
 
 from lowband.compress.base import COMPRESSORS, Compressor, CompressorOptions, Payload, per_matrix
 from lowband.compress import scratch
-from lowband.compress.indices import index_nbytes, pack, pack_mask, scatter, unpack, uses_bitmap
-from lowband.compress.select import largest, positions
+from lowband.compress.indices import index_nbytes, pack, pack_masked, scatter, unpack
+from lowband.compress.select import largest
 
 DEFAULT_RATIO = 0.01
 
@@ -165,11 +165,8 @@ class Threshold(_Sparse):
         n = flat.numel()
         magnitudes = torch.abs(flat, out=scratch.buffer("threshold.abs", n, flat.dtype, flat.device))
         mask = torch.ge(magnitudes, self.options.tau, out=scratch.buffer("threshold.mask", n, torch.bool, flat.device))
-        idx = positions(mask)
-        if not uses_bitmap(n, idx.numel()):
-            return self._payload(flat, idx, x.shape, None)  # k: from the payload's length
-        values = flat[idx].view(torch.uint8)
-        return Payload([torch.cat([values, pack_mask(mask)])], ctx=(x.shape, flat.dtype, None))
+        k = int(torch.count_nonzero(mask))  # host sync on a GPU: the payload's size
+        return Payload([pack_masked(flat, mask, k)], ctx=(x.shape, flat.dtype, None))  # k: from its length
 
 
 @COMPRESSORS.register("randomk")
