@@ -78,6 +78,13 @@ WHY_BYTES = {  # why a pair's bytes to target differ (docs/peers.md, "What diffe
                                                "quantizes only with triton, a GPU path; lowband's bytes include "
                                                "the initial broadcast",
 }
+_ONE_ROUND = ("one round of delay is a seventh of 150 steps at H = 20; at H = 10 it comes within 0.05 of "
+              "diloco (docs/faithfulness.md, measured)")
+WHY_UNREACHED = {  # measured reasons for a method that misses the target (docs/local-updates.md, faithfulness.md)
+    "eager-diloco": _ONE_ROUND, "co2": _ONE_ROUND,
+    "delayed-diloco": "one round of delay is a seventh of 150 steps at H = 20, without eager's own fresh term "
+                      "(docs/local-updates.md, measured)",
+}
 TARGET_LOSS = {"case-study": 2.65, "case-study-10m": 2.9}  # what DDP reaches in a third (0.82M GPT, 150 steps)
 # and two fifths (10.7M GPT, 50 steps) of its steps on every network (see the page)
 PROJECTION = {"workers": 1024, "bandwidth": "1gbit", "latency": "50ms", "params": 1e9}
@@ -278,7 +285,7 @@ def write_page(specs: list[SweepSpec], args: argparse.Namespace) -> Path:
         head, rest = text.split("\n", 1)
         out += [head, "", "### At a glance", "", *glance(groups), "",
                 "### lowband against the peer library running the same algorithm", "", *against_peers(groups),
-                "", "### What the numbers say", "", *findings(groups, PAIRS, WHY_BYTES, spec.steps), "", rest, ""]
+                "", "### What the numbers say", "", *findings(groups, PAIRS, WHY_BYTES, spec.steps, WHY_UNREACHED), "", rest, ""]
         if spec is specs[0]:
             out += ["## Projected to 1,024 workers and a 1B-parameter model", "",
                     "`lowband simulate` (docs/simulator.md) on each method's 100 Mbit/s run, seed 0, targeting "

@@ -59,7 +59,7 @@ def _link(groups: list[Group], baseline: str) -> str | None:
             f"the fastest method's speed-up over it goes {' → '.join(best)}.")
 
 
-def _ranking(groups: list[Group], baseline: str, steps: int | None) -> list[str]:
+def _ranking(groups: list[Group], baseline: str, steps: int | None, why_unreached: dict[str, str]) -> list[str]:
     entries = list(dict.fromkeys(r["entry"] for g in groups for r in g["rows"] if r["entry"] != baseline))
     everywhere, slow_only, never, unreached = [], [], [], []
     for entry in entries:
@@ -68,7 +68,8 @@ def _ranking(groups: list[Group], baseline: str, steps: int | None) -> list[str]
         if not reached:
             finals = [mean(r, "final_val_loss") for g in groups for r in g["rows"] if r["entry"] == entry]
             best = min((f for f in finals if f is not None), default=None)
-            unreached.append(entry + ("" if best is None else f" (lowest final loss {best:.3f})"))
+            reason = f"; {why_unreached[entry]}" if entry in why_unreached else ""
+            unreached.append(entry + ("" if best is None else f" (lowest final loss {best:.3f}{reason})"))
         elif all(u >= FASTER for u in reached):
             everywhere.append(_list(entry, ups, groups))
         elif any(u >= FASTER for u in reached):
@@ -145,13 +146,14 @@ def _pair(mine: str, peer: str, groups: list[Group], why: dict[tuple[str, str], 
 
 
 def findings(groups: list[Group], pairs: Iterable[tuple[str, str]], why: dict[tuple[str, str], str],
-             steps: int | None = None) -> list[str]:
-    """Markdown bullets over one sweep's per-network summaries (see the module docstring)."""
+             steps: int | None = None, why_unreached: dict[str, str] | None = None) -> list[str]:
+    """Markdown bullets over one sweep's per-network summaries (see the module docstring); ``why_unreached``:
+    a measured reason, by entry, for a method that never reached the target."""
     if not groups:
         return []
     groups = _by_bandwidth(groups)
     baseline = groups[0].get("baseline", "ddp")
-    bullets = [b for b in (_link(groups, baseline), *_ranking(groups, baseline, steps), _frugal(groups, baseline),
+    bullets = [b for b in (_link(groups, baseline), *_ranking(groups, baseline, steps, why_unreached or {}), _frugal(groups, baseline),
                            _spread(groups)) if b]
     peers = [p for mine, peer in pairs if (p := _pair(mine, peer, groups, why))]
     if peers:

@@ -180,6 +180,8 @@ def test_case_study_findings_classify_methods_and_flag_noisy_peer_pairs() -> Non
     assert "**Faster over some links only**: diloco (1gbit 0.80x, 10mbit 4.00x), torchft-diloco" in text, text
     assert "**Never faster than ddp** (below 1.05x wherever it reached the target): gossip" in text
     assert "**Never reached 2.500 in 150 steps**: topk (lowest final loss 3.100)" in text
+    reasoned = "\n".join(findings.findings([slow, fast], [], {}, steps=150, why_unreached={"topk": "too sparse"}))
+    assert "topk (lowest final loss 3.100; too sparse)" in reasoned
     assert "**Fewest bytes to target**: torchft-diloco, 40.00 MB, 22x fewer than ddp's 900.00 MB" in text
     assert "bytes to target 50.00 MB vs 40.00 MB (broadcast)" in text
     assert "1gbit 1.11x (0.40 / 0.40 s), 10mbit 0.83x (0.40 / 0.60 s)" in text
