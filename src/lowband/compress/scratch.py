@@ -17,7 +17,9 @@ Contract:
    it for intermediates of one call only, never for what it returns (payloads, decoded tensors);
 3. threads never share one (the aggregator encodes on its own threads), so no lock is needed;
 4. :func:`release` drops the calling thread's arrays; :func:`held_bytes` says what they hold:
-   at most a few bytes per element of the largest tensor a thread compresses.
+   up to about 13 bytes per element of the largest tensor a thread compresses (QSGD: fp32 values,
+   fp32 noise, 16-bit noise words, codes, packing words), what its encode would otherwise allocate
+   and free on every call.
 """
 
 from __future__ import annotations
