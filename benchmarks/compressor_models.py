@@ -6,7 +6,8 @@ alone in its own shape.
 
 (c) times one encode + decode of a model's whole gradient list (random N(0, std^2) tensors of
 its parameter shapes): lowband as its aggregator runs it (the small tensors concatenated into
-one bucket, each group through ``decode(encode(.))``, the bucket split back), against the
+one bucket, all groups through one ``encode_many`` and one ``decode_many``, which QSGD batches,
+the bucket split back), against the
 reference called tensor by tensor as GRACE calls its compressor, and against a clone of each
 tensor (memcpy), interleaved, median of the per-repeat ratios. Multi-round compressors
 (PowerSGD) and those without a reference are left out of (c).
@@ -52,16 +53,16 @@ def compression_ratio(exchange: Callable[[Any, torch.Tensor, str], tuple[torch.T
 
 
 def lowband_over(compressor: Any, tensors: list[tuple[str, torch.Tensor]]) -> list[torch.Tensor]:
-    """Every tensor through lowband as the aggregator groups them: small ones in one bucket, split back."""
-    out: list[torch.Tensor] = []
+    """Every tensor through lowband as the aggregator runs a call: small ones in one bucket, every group
+    through one ``encode_many`` and one ``decode_many`` (which a compressor may batch), the bucket split back."""
     small = [t for _, t in tensors if t.numel() < SMALL_NUMEL]
-    for name, t in tensors:
-        if t.numel() >= SMALL_NUMEL:
-            out.append(compressor.decode(compressor.encode(t, name)))
+    groups = [(name, t) for name, t in tensors if t.numel() >= SMALL_NUMEL]
     if small:
-        bucket = torch.cat([t.reshape(-1) for t in small])
-        decoded = compressor.decode(compressor.encode(bucket, "small.float32"))
-        out.extend(decoded.split([t.numel() for t in small]))
+        groups.append(("small.float32", torch.cat([t.reshape(-1) for t in small])))
+    decoded = compressor.decode_many(compressor.encode_many([t for _, t in groups], [name for name, _ in groups]))
+    out = decoded[:len(decoded) - (1 if small else 0)]
+    if small:
+        out.extend(decoded[-1].split([t.numel() for t in small]))
     return out
 
 

@@ -178,3 +178,37 @@ def test_compact_and_expand_are_masked_select_and_scatter(dtype: torch.dtype, n:
     dense = expand(kept, mask)
     assert dense.dtype == dtype and torch.equal(dense, torch.where(mask, x, torch.zeros_like(x)))
     assert torch.equal(zeros(n, dtype, CPU), torch.zeros(n, dtype=dtype))
+
+
+# -- many tensors in one call -----------------------------------------------------------------------
+SHAPES_MANY = [(64, 129), (1000,), (7,), (512 * 3,), (300, 300), (600_000,), (0,), (13, 1)]
+
+
+@pytest.mark.parametrize("spec", ["qsgd:bits=2", "qsgd:bits=4", "qsgd:bits=8", "qsgd:bucket=0", "sign", "int8",
+                                  "int8:chunk=100", "terngrad", "terngrad:clip=0",
+                                  "qsgd:bits=4,bucket=5"])  # buckets off byte boundaries: each alone
+def test_encode_many_gives_each_payload_as_encode_would(spec: str) -> None:
+    g = torch.Generator().manual_seed(9)
+    xs = [torch.randn(shape, generator=g) for shape in SHAPES_MANY]
+    keys = [f"t{i}" for i in range(len(xs))]
+    c = build(spec, COMPRESSORS)
+    many, alone = c.encode_many(xs, keys), [build(spec, COMPRESSORS).encode(x, k) for x, k in zip(xs, keys)]
+    for a, b in zip(many, alone):
+        assert [(t.shape, t.dtype) for t in a.tensors] == [(t.shape, t.dtype) for t in b.tensors]
+        assert a.nbytes == b.nbytes
+    for a, b in zip(many, alone):  # the same scales: norms, means, min and max, clipped peaks (to rounding)
+        assert torch.allclose(a.tensors[0], b.tensors[0], rtol=1e-4, atol=0), (spec, a.tensors[0], b.tensors[0])
+    for payloads in (many, alone):  # decode_many reads either exactly as decode does
+        for got, p, x in zip(c.decode_many(payloads), payloads, xs):
+            assert got.shape == x.shape and torch.equal(got, c.decode(p))
+
+
+@pytest.mark.parametrize("spec", ["qsgd:bits=2", "terngrad:clip=0"])
+def test_batched_stochastic_rounding_stays_unbiased(spec: str) -> None:
+    g = torch.Generator().manual_seed(10)
+    xs = [torch.randn(shape, generator=g) for shape in [(50, 40), (700,), (3,)]]
+    c = build(spec, COMPRESSORS)
+    draws = [c.decode_many(c.encode_many(xs, ["a", "b", "c"])) for _ in range(400)]
+    for i, x in enumerate(xs):
+        mean = torch.stack([d[i] for d in draws]).mean(0)
+        assert float((mean - x).norm() / x.norm()) < 0.25  # one draw's error is ~1-4x the norm

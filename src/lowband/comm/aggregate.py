@@ -192,6 +192,8 @@ class Aggregator:
                 poison: bool = False) -> dict[str, tuple[torch.Tensor, torch.Tensor]] | None:
         """The compressor's rounds; None if a summed round 1 is non-finite (``poison``: this rank's is)."""
         n = self.comm.world_size
+        if not self.compressor.summable and type(self.compressor).exchange is Compressor.exchange:
+            return self._gathered(inputs, valid, step)
         exchanges = {key: self.compressor.exchange(x, key, n) for key, x in inputs.items()}
         pending = {key: next(ex) for key, ex in exchanges.items()}
         results: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
@@ -218,9 +220,21 @@ class Aggregator:
                 except StopIteration as done:
                     results[key] = done.value
             pending = nxt
-        if not self.compressor.summable and type(self.compressor).exchange is Compressor.exchange:
-            results = self._receiver_check(results, received, [r for r in range(n) if mask[r]], step)
         return results
+
+    def _gathered(self, inputs: dict[str, torch.Tensor], valid: bool,
+                  step: int) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+        """:meth:`Compressor.exchange`'s one all-gather round for every group at once: one ``encode_many``,
+        one ``decode_many`` per sender (a compressor may batch them: lowband.compress.batched)."""
+        keys = list(inputs)
+        own = dict(zip(keys, self.compressor.encode_many([inputs[key] for key in keys], keys)))
+        gathered, ok = self._all_gather(own, valid, step)
+        received = {key: [p for p, keep in zip(ps, ok) if keep] for key, ps in gathered.items()}
+        senders = [r for r in range(self.comm.world_size) if ok[r]]
+        decoded = [self.compressor.decode_many([received[key][j] for key in keys]) for j in range(len(senders))]
+        mine = self.compressor.decode_many([own[key] for key in keys])
+        results = {key: (torch.stack([d[i] for d in decoded]).mean(0), mine[i]) for i, key in enumerate(keys)}
+        return self._receiver_check(results, received, senders, step)
 
     def _receiver_check(self, results: dict[str, tuple[torch.Tensor, torch.Tensor]],
                         received: dict[str, Any], ranks: list[int],
@@ -281,19 +295,19 @@ class Aggregator:
     def _robust(self, inputs: dict[str, torch.Tensor], valid: bool,
                 step: int) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
         """Every rank's payload all-gathered, decoded, and combined by the rule over the whole call."""
-        payloads = {key: self.compressor.encode(x, key) for key, x in inputs.items()}
+        keys = list(inputs)
+        payloads = dict(zip(keys, self.compressor.encode_many([inputs[key] for key in keys], keys)))
         gathered, mask = self._all_gather(payloads, valid, step)
         ranks = [r for r in range(self.comm.world_size) if mask[r]]
-        rows = torch.stack([torch.cat([self.compressor.decode(gathered[key][r]).reshape(-1).float()
-                                       for key in inputs]) for r in ranks])
+        rows = torch.stack([torch.cat([d.reshape(-1).float() for d in self.compressor.decode_many(
+            [gathered[key][r] for key in keys])]) for r in ranks])
         ok = torch.isfinite(rows).all(1).tolist()  # host sync: receivers check every sender's decoded values
         keep = guards.finite_senders(ok, ranks, self.comm.rank, self.tag, step)  # alike on every rank
         if len(keep) < len(ranks):
             rows, ranks = rows[torch.tensor(keep, device=rows.device)], [ranks[i] for i in keep]
         aggregate = self.rule("|".join(inputs), rows, ranks)
         results, offset = {}, 0
-        for key, x in inputs.items():
-            own = self.compressor.decode(payloads[key])
+        for (key, x), own in zip(inputs.items(), self.compressor.decode_many([payloads[key] for key in keys])):
             results[key] = (aggregate[offset:offset + x.numel()].view(x.shape).to(x.dtype), own)
             offset += x.numel()
         return results

@@ -21,7 +21,7 @@ from __future__ import annotations
 import math
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
-from typing import Any, Callable, ClassVar, Generator, Union
+from typing import Any, Callable, ClassVar, Generator, Sequence, Union
 
 import torch
 
@@ -105,6 +105,15 @@ class Compressor(ABC):
     @abstractmethod
     def decode(self, payload: Payload) -> torch.Tensor:
         """The tensor a payload stands for (shape and dtype of the encoded input)."""
+
+    def encode_many(self, xs: Sequence[torch.Tensor], keys: Sequence[str]) -> list[Payload]:
+        """Each tensor's payload, as :meth:`encode` gives it one by one (the default). A compressor may do
+        the work of many tensors in a few large ops (QSGD): each payload keeps its size and meaning."""
+        return [self.encode(x, key) for x, key in zip(xs, keys)]
+
+    def decode_many(self, payloads: Sequence[Payload]) -> list[torch.Tensor]:
+        """What each payload stands for, as :meth:`decode` gives it one by one (the default)."""
+        return [self.decode(p) for p in payloads]
 
     def exchange(self, x: torch.Tensor, key: str, world_size: int) -> Exchange:
         """Rounds of communication for one tensor; returns (mean over ranks, own decoded).

@@ -29,11 +29,11 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import ClassVar, cast
+from typing import ClassVar, Sequence, cast
 
 import torch
 
-from lowband.compress import scratch
+from lowband.compress import batched, scratch
 from lowband.compress.base import COMPRESSORS, Compressor, CompressorOptions, Payload, per_matrix
 from lowband.compress.quant import check_int, flat_fp32, per_group, restore, rows_and_tail
 
@@ -89,6 +89,41 @@ class Int8(Compressor):
         out = torch.empty(n, dtype=torch.float32, device=q.device).copy_(q)
         per_group(torch.mul, out, size, (hi - lo) / 255, out)
         return restore(per_group(torch.add, out, size, lo, out), payload.ctx)
+
+
+    def encode_many(self, xs: Sequence[torch.Tensor], keys: Sequence[str]) -> list[Payload]:
+        """:meth:`encode` of each, the small ones in one pass (:mod:`lowband.compress.batched`): padded with their
+        last element (a chunk's min and max stay), each block's bounds, then each tensor's (chunk 0)."""
+        return batched.encode_many(self, xs, keys, self._group(), 1, self._encode_batch)
+
+    def _group(self) -> int:
+        return int(self.options.chunk) or batched.BLOCK  # type: ignore[attr-defined]
+
+    def _encode_batch(self, flats: list[torch.Tensor], lay: batched.Layout) -> list[list[torch.Tensor]]:
+        rows = batched.pad_cat(flats, lay, repeat_last=True).view(-1, lay.group)
+        lo, hi = rows.amin(dim=1), rows.amax(dim=1)
+        whole = not self.options.chunk  # type: ignore[attr-defined]
+        if whole:  # each tensor's bounds, then back to its blocks
+            lo, hi = batched.per_tensor(lo, lay, "amin"), batched.per_tensor(hi, lay, "amax")
+        blocks = lay.block_tensor(rows.device)
+        lo_rows, hi_rows = (lo[blocks], hi[blocks]) if whole else (lo, hi)
+        step = (hi_rows - lo_rows) / 255
+        inv = torch.where(step > 0, 1 / step, torch.zeros_like(step))
+        y = scratch.buffer("int8.y", rows.numel(), torch.float32, rows.device).view(rows.shape)
+        torch.sub(rows, lo_rows.unsqueeze(1), out=y).mul_(inv.unsqueeze(1)).round_()
+        q = torch.empty(rows.numel(), dtype=torch.uint8, device=rows.device).copy_(y.view(-1))
+        return batched.split(lay, torch.stack([lo, hi], 1), q, per_tensor_scale=whole)
+
+    def decode_many(self, payloads: Sequence[Payload]) -> list[torch.Tensor]:
+        """:meth:`decode` of each, the small ones in one conversion and one affine map."""
+        return batched.decode_many(self, payloads, self._group(), 1, self._decode_batch)
+
+    def _decode_batch(self, scales: torch.Tensor, q: torch.Tensor, lay: batched.Layout) -> torch.Tensor:
+        lo, hi = scales.to(torch.float32).view(-1, 2).unbind(1)
+        whole = not self.options.chunk  # type: ignore[attr-defined]
+        values = torch.empty(q.numel(), dtype=torch.float32, device=q.device).copy_(q)
+        batched.scale(values, lay, (hi - lo) / 255, whole)
+        return batched.scale(values, lay, lo, whole, op=torch.add)
 
 
 def _bounds(rows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

@@ -38,11 +38,11 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import ClassVar, cast
+from typing import ClassVar, Sequence, cast
 
 import torch
 
-from lowband.compress import scratch
+from lowband.compress import batched, scratch
 from lowband.compress.base import COMPRESSORS, CompressorOptions, Payload, per_matrix
 from lowband.compress.packing import decode_levels, pack
 from lowband.compress.quant import (  # noqa: F401  (check_int, flat_fp32, restore, SeededCompressor: re-exported)
@@ -94,7 +94,10 @@ class QSGD(SeededCompressor):
         return b > 0 and min(b / s ** 2, math.sqrt(b) / s) < 1
 
     def encode(self, x: torch.Tensor, key: str) -> Payload:
-        flat = flat_fp32(x)
+        return Payload(list(self._quantize(flat_fp32(x))), ctx=(x.shape, x.dtype))
+
+    def _quantize(self, flat: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Steps 1-4 on a flat fp32 tensor: (the buckets' norms, the packed codes)."""
         n, s = flat.numel(), self.levels
         bucket = self._bucket(n)
         norms = bucket_norms(flat, bucket)  # (ceil(n / bucket),)
@@ -102,20 +105,38 @@ class QSGD(SeededCompressor):
         y = per_group(torch.mul, flat, bucket, scale, scratch.buffer("qsgd.y", n, torch.float32, flat.device))
         y.add_(s + NOISE_OFFSET)  # r + s >= 0, ready for the rounding
         codes = self.round_stochastic(y, 2 * s, scratch.buffer("qsgd.codes", n, torch.uint8, flat.device))
-        return Payload([norms, pack(codes, self.bits, check=False)], ctx=(x.shape, x.dtype))
+        return norms, pack(codes, self.bits, check=False)
 
     def decode(self, payload: Payload) -> torch.Tensor:
         norms, packed = payload.tensors
-        shape, _ = payload.ctx
-        n, s = math.prod(shape), self.levels
+        n = math.prod(payload.ctx[0])
+        out = self._levels_of(packed.reshape(-1), n)
+        per_group(torch.mul, out, self._bucket(n), norms.to(torch.float32) / self.levels, out)
+        return restore(out, payload.ctx)
+
+    def _levels_of(self, packed: torch.Tensor, n: int) -> torch.Tensor:
+        """Step 5 before scaling: code - s for the first ``n`` codes of the flat ``packed``, fp32."""
+        s = self.levels
         out = torch.empty(n, dtype=torch.float32, device=packed.device)
         if self.bits == 8:  # a byte per code: the conversion is the table
-            out.copy_(packed.reshape(-1)).sub_(s)
-        else:
-            levels = torch.arange(-s, (1 << self.bits) - s, dtype=torch.float32, device=packed.device)
-            decode_levels(packed, self.bits, n, levels, out)
-        per_group(torch.mul, out, self._bucket(n), norms.to(torch.float32) / s, out)
-        return restore(out, payload.ctx)
+            return out.copy_(packed[:n]).sub_(s)
+        levels = torch.arange(-s, (1 << self.bits) - s, dtype=torch.float32, device=packed.device)
+        return decode_levels(packed, self.bits, n, levels, out)
+
+    def encode_many(self, xs: Sequence[torch.Tensor], keys: Sequence[str]) -> list[Payload]:
+        """:meth:`encode` of each, the small ones quantised in one pass (:mod:`lowband.compress.batched`)."""
+        return batched.encode_many(self, xs, keys, int(self.options.bucket), 8 // self.bits,  # type: ignore[attr-defined]
+                                   lambda flats, lay: batched.split(lay, *self._quantize(batched.pad_cat(flats, lay)),
+                                                                    per_tensor_scale=False))
+
+    def decode_many(self, payloads: Sequence[Payload]) -> list[torch.Tensor]:
+        """:meth:`decode` of each, the small ones in one table gather and one scaling."""
+        return batched.decode_many(self, payloads, int(self.options.bucket), 8 // self.bits,  # type: ignore[attr-defined]
+                                   self._decode_batch)
+
+    def _decode_batch(self, norms: torch.Tensor, packed: torch.Tensor, lay: batched.Layout) -> torch.Tensor:
+        values = self._levels_of(packed, packed.numel() * lay.per)
+        return batched.scale(values, lay, norms.to(torch.float32) / self.levels, per_tensor_scale=False)
 
 
 def bucket_norms(flat: torch.Tensor, bucket: int) -> torch.Tensor:

@@ -143,13 +143,12 @@ def _slices(where: np.ndarray) -> list[tuple[slice, int, int]]:
 
 
 def _run(jobs: list[tuple]) -> None:
-    """Each ``(fn, *args)`` on the pool (NumPy releases the GIL), the first on this thread."""
+    """Each ``(fn, *args)`` on the pool, as many at once as torch has threads (NumPy releases the GIL)."""
     if len(jobs) == 1:
         jobs[0][0](*jobs[0][1:])
         return
     if not _POOL:
-        _POOL.append(ThreadPoolExecutor(max_workers=8, thread_name_prefix="lowband-select"))
-    futures = [_POOL[0].submit(fn, *args) for fn, *args in jobs[1:]]
-    jobs[0][0](*jobs[0][1:])
-    for future in futures:
+        workers = max(1, min(torch.get_num_threads(), 8))
+        _POOL.append(ThreadPoolExecutor(max_workers=workers, thread_name_prefix="lowband-select"))
+    for future in [_POOL[0].submit(fn, *args) for fn, *args in jobs]:
         future.result()

@@ -25,11 +25,12 @@ Example::
 from __future__ import annotations
 
 import math
+from typing import Sequence
 
 import torch
 
 from lowband import devices
-from lowband.compress import scratch
+from lowband.compress import batched, scratch
 from lowband.compress.base import COMPRESSORS, Compressor, CompressorOptions, Payload, per_matrix
 from lowband.compress.packing import decode_levels, pack
 from lowband.compress.quant import flat_fp32, restore
@@ -60,3 +61,25 @@ class Sign(Compressor):
         signs = devices.cached(_SIGNS, packed.device, lambda d: torch.tensor([1.0, -1.0], device=d))
         out = torch.empty(n, dtype=torch.float32, device=packed.device)
         return restore(decode_levels(packed, 1, n, signs * scale.to(torch.float32), out), payload.ctx)
+
+    def encode_many(self, xs: Sequence[torch.Tensor], keys: Sequence[str]) -> list[Payload]:
+        """:meth:`encode` of each, the small ones in one pass: blocks' norms summed per tensor, signs packed once."""
+        return batched.encode_many(self, xs, keys, batched.BLOCK, 8, self._encode_batch)
+
+    def _encode_batch(self, flats: list[torch.Tensor], lay: batched.Layout) -> list[list[torch.Tensor]]:
+        padded = batched.pad_cat(flats, lay)  # zeros: they add nothing to the sums, their bits are never read
+        magnitudes = torch.abs(padded, out=scratch.buffer("sign.abs", padded.numel(), torch.float32, padded.device))
+        sums = batched.per_tensor(magnitudes.view(-1, lay.group).sum(dim=1), lay, "sum")  # a 1-norm per row: 3x slower
+        scales = sums / lay.numel_tensor(padded.device)
+        negative = torch.lt(padded, 0, out=scratch.buffer("sign.bits", padded.numel(), torch.bool, padded.device))
+        return batched.split(lay, scales, pack(negative, 1), per_tensor_scale=True)
+
+    def decode_many(self, payloads: Sequence[Payload]) -> list[torch.Tensor]:
+        """:meth:`decode` of each, the small ones in one table gather and one scaling."""
+        return batched.decode_many(self, payloads, batched.BLOCK, 8, self._decode_batch)
+
+    def _decode_batch(self, scales: torch.Tensor, packed: torch.Tensor, lay: batched.Layout) -> torch.Tensor:
+        signs = devices.cached(_SIGNS, packed.device, lambda d: torch.tensor([1.0, -1.0], device=d))
+        slots = packed.numel() * 8
+        values = decode_levels(packed, 1, slots, signs, torch.empty(slots, dtype=torch.float32, device=packed.device))
+        return batched.scale(values, lay, scales.to(torch.float32), per_tensor_scale=True)

@@ -35,12 +35,12 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import ClassVar
+from typing import ClassVar, Sequence
 
 import torch
 
 from lowband import devices
-from lowband.compress import scratch
+from lowband.compress import batched, scratch
 from lowband.compress.base import COMPRESSORS, CompressorOptions, Payload, per_matrix
 from lowband.compress.packing import decode_levels, pack
 from lowband.compress.quant import NOISE_OFFSET, SeededCompressor, check_int, flat_fp32, restore
@@ -103,6 +103,45 @@ class TernGrad(SeededCompressor):
         levels = devices.cached(_TERNARY, packed.device, lambda d: torch.tensor(TERNARY, device=d))
         out = torch.empty(n, dtype=torch.float32, device=packed.device)
         return restore(decode_levels(packed, 2, n, levels * scaler.to(torch.float32), out), payload.ctx)
+
+    def encode_many(self, xs: Sequence[torch.Tensor], keys: Sequence[str]) -> list[Payload]:
+        """:meth:`encode` of each, the small ones in one pass (:mod:`lowband.compress.batched`)."""
+        return batched.encode_many(self, xs, keys, batched.BLOCK, 4, self._encode_batch)
+
+    def _encode_batch(self, flats: list[torch.Tensor], lay: batched.Layout) -> list[list[torch.Tensor]]:
+        rows = batched.pad_cat(flats, lay).view(-1, lay.group)
+        blocks = lay.block_tensor(rows.device)
+        y = scratch.buffer("terngrad.y", rows.numel(), torch.float32, rows.device).view(rows.shape)
+        src = self._clipped_rows(rows, lay, y) if self.options.clip else rows  # type: ignore[attr-defined]
+        peak = torch.maximum(-src.amin(dim=1), src.amax(dim=1))
+        scaler = batched.per_tensor(peak, lay, "amax")
+        inv = torch.where(scaler > 0, 1 / scaler, torch.zeros_like(scaler))
+        torch.mul(src, inv[blocks].unsqueeze(1), out=y).add_(1 + NOISE_OFFSET)
+        codes = self.round_stochastic(y.view(-1), 2, scratch.buffer("terngrad.codes", y.numel(), torch.uint8, y.device))
+        return batched.split(lay, scaler, pack(codes, 2, check=False), per_tensor_scale=True)
+
+    def _clipped_rows(self, rows: torch.Tensor, lay: batched.Layout, out: torch.Tensor) -> torch.Tensor:
+        """Step 1 for every tensor of the batch: two-pass standard deviations (the padding's share taken
+        out exactly), bounds back to each block, one clamp into ``out``."""
+        blocks, n = lay.block_tensor(rows.device), lay.numel_tensor(rows.device)
+        mean = batched.per_tensor(rows.sum(dim=1), lay, "sum") / n
+        centered = torch.sub(rows, mean[blocks].unsqueeze(1), out=out)
+        squares = batched.per_tensor(torch.linalg.vector_norm(centered, dim=1) ** 2, lay, "sum")
+        pads = lay.numel_tensor(rows.device, padding=True)  # padded zeros, each adding (0 - mean)^2
+        sigma = ((squares - pads * mean ** 2).clamp_min(0) / n).sqrt()
+        bound = float(self.options.clip) * torch.where(n > 1, sigma, torch.zeros_like(sigma))  # type: ignore[attr-defined]
+        bound = torch.where(bound > 0, bound, torch.full_like(bound, math.inf))[blocks].unsqueeze(1)
+        return torch.clamp(rows, -bound, bound, out=out)
+
+    def decode_many(self, payloads: Sequence[Payload]) -> list[torch.Tensor]:
+        """:meth:`decode` of each, the small ones in one table gather and one scaling."""
+        return batched.decode_many(self, payloads, batched.BLOCK, 4, self._decode_batch)
+
+    def _decode_batch(self, scalers: torch.Tensor, packed: torch.Tensor, lay: batched.Layout) -> torch.Tensor:
+        levels = devices.cached(_TERNARY, packed.device, lambda d: torch.tensor(TERNARY, device=d))
+        slots = packed.numel() * 4
+        values = decode_levels(packed, 2, slots, levels, torch.empty(slots, dtype=torch.float32, device=packed.device))
+        return batched.scale(values, lay, scalers.to(torch.float32), per_tensor_scale=True)
 
 
 _TERNARY: dict[torch.device, torch.Tensor] = {}
