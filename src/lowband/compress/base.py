@@ -11,6 +11,11 @@ Two kinds, declared by ``summable``:
 * not summable (top-k, sign, QSGD): every rank's payload is all-gathered and decoded one
   by one.
 
+The aggregator hands a single-round, non-summable compressor all of a call's groups at once
+(:meth:`Compressor.encode_many`, :meth:`Compressor.decode_many`; by default one by one): a
+compressor may do small tensors' work in a few large ops (:mod:`lowband.compress.batched`), as
+long as every payload is the one ``encode`` would give (size, meaning) and decodes alike.
+
 Multi-round compressors (PowerSGD) override :meth:`Compressor.exchange`, a generator that
 yields one payload per communication round and receives the reduced result; the caller
 (:class:`lowband.comm.aggregate.Aggregator`) does the communicating.
