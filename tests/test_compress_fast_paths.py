@@ -63,6 +63,7 @@ def test_word_packing_matches_the_bit_layout(bits: int, n: int) -> None:
 def test_one_bit_packing_of_bools_matches_numpy_packbits() -> None:
     mask = torch.rand(10_007, generator=torch.Generator().manual_seed(1)) < 0.3
     assert np.array_equal(pack(mask, 1).numpy(), np.packbits(mask.numpy(), bitorder="little"))
+    assert np.array_equal(pack(mask[3:], 1).numpy(), np.packbits(mask[3:].numpy(), bitorder="little"))  # mid-word view
 
 
 # -- stochastic rounding ----------------------------------------------------------------------------

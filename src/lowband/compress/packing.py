@@ -90,6 +90,8 @@ def pack(codes: torch.Tensor, bits: int, check: bool = True) -> torch.Tensor:
     out = torch.empty(packed_nbytes(n, bits), dtype=torch.uint8, device=flat.device)
     body = n - n % 8 if bits == 1 else n - n % per  # whole words (1 bit) or whole bytes (2, 4 bits)
     if bits == 1 and body:
+        if flat.storage_offset() % 8:  # a view starting mid-word: 64-bit words need an aligned copy
+            flat = flat.clone()
         words = scratch.buffer("pack.words", body // 8, torch.int64, flat.device)
         torch.mul(flat[:body].view(torch.int64), GATHER_BITS, out=words)
         out[:body // 8].copy_(words.bitwise_right_shift_(56))  # the top byte; the copy keeps its low 8 bits
