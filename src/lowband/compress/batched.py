@@ -1,8 +1,8 @@
 """Many tensors through one encode and one decode, each payload as it would be alone; registers nothing.
 
 Why: a tensor of 16k-65k elements (a small model's layers) is bound by per-call overhead, not by
-memory: 25-40 small torch ops per encode + decode, each a few microseconds on a CPU and a kernel
-launch on a GPU, where GRACE-style code issues 8-15 (``benchmarks/compressors.py``, table (c)).
+memory: several times as many small torch ops per encode + decode as GRACE-style code issues, each a
+few microseconds on a CPU and a kernel launch on a GPU (``benchmarks/compressors.py``, table (c)).
 The aggregator hands a compressor all of a call's groups at once (:meth:`Compressor.encode_many`,
 :meth:`Compressor.decode_many`); a compressor whose scales belong to fixed-size groups of elements
 (QSGD's buckets) does them in one pass, as follows:
@@ -21,7 +21,7 @@ The aggregator hands a compressor all of a call's groups at once (:meth:`Compres
 Compressors with one scale per tensor (sign, TernGrad, int8) pad to whole blocks of
 :data:`BLOCK` elements the same way, reduce each block in one op (a norm, a max), and combine a
 tensor's blocks with :func:`per_tensor` (a small scatter over the blocks): a segment reduction
-over the elements themselves (``torch.segment_reduce``) runs ten times slower on a CPU.
+over the elements themselves (``torch.segment_reduce``) is much slower on a CPU.
 
 Tensors of :data:`BATCH_MAX_NUMEL` elements or more are worth their own call (memory-bound) and
 go alone; so do empty ones.
@@ -30,6 +30,7 @@ go alone; so do empty ones.
 from __future__ import annotations
 
 import functools
+import itertools
 import math
 from typing import Callable, Sequence, cast
 
@@ -57,10 +58,10 @@ class Layout:
     def __init__(self, numels: tuple[int, ...], group: int, per: int) -> None:
         self.numels, self.group, self.per = numels, group, per
         padded = [n + (-n % group) for n in numels]
-        self.starts = [sum(padded[:i]) for i in range(len(numels))]  # element offsets, whole groups
+        self.starts = [0, *itertools.accumulate(padded)][:-1]  # element offsets, whole groups
         self.groups = [p // group for p in padded]
         self.code_bytes = [math.ceil(n / per) for n in numels]  # each payload's packed bytes
-        self.slot_starts = [sum(self.code_bytes[:i]) * per for i in range(len(numels))]
+        self.slot_starts = [b * per for b in [0, *itertools.accumulate(self.code_bytes)][:-1]]
         self.pad = max(p - n for p, n in zip(padded, numels))
         self._index: dict[tuple[str, torch.device], torch.Tensor] = {}
 

@@ -54,13 +54,13 @@ def packed_nbytes(n: int, bits: int) -> int:
 
 
 def byte_table(bits: int, device: torch.device) -> torch.Tensor:
-    """``(256, 8 // bits)`` uint8: row ``v`` holds the codes byte ``v`` packs, first code first."""
+    """``(256, 8 // bits)`` int64: row ``v`` holds the codes byte ``v`` packs, first code first (an index)."""
     check_bits(bits)
 
     def make(d: torch.device) -> torch.Tensor:
         values = torch.arange(256, dtype=torch.int32, device=d).unsqueeze(1)
         shifts = torch.arange(0, 8, bits, dtype=torch.int32, device=d)
-        return ((values >> shifts) & ((1 << bits) - 1)).to(torch.uint8)
+        return ((values >> shifts) & ((1 << bits) - 1)).to(torch.int64)
 
     return devices.cached(_TABLES[bits], device, make)
 
@@ -122,7 +122,7 @@ def decode_levels(packed: torch.Tensor, bits: int, n: int, levels: torch.Tensor,
     _check_packed(packed, bits, n)
     flat = packed.reshape(-1)
     per = 8 // bits
-    table = levels[byte_table(bits, flat.device).to(torch.int64)]  # (256, per): a tiny gather
+    table = levels[byte_table(bits, flat.device)]  # (256, per): a tiny gather
     index = scratch.buffer("unpack.index", flat.numel(), torch.int32, flat.device)
     index.copy_(flat)
     full = n // per

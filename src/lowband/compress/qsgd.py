@@ -42,11 +42,15 @@ from typing import ClassVar, Sequence, cast
 
 import torch
 
+from lowband import devices
 from lowband.compress import batched, scratch
 from lowband.compress.base import COMPRESSORS, CompressorOptions, Payload, per_matrix
 from lowband.compress.packing import decode_levels, pack
-from lowband.compress.quant import (  # noqa: F401  (check_int, flat_fp32, restore, SeededCompressor: re-exported)
+from lowband.compress.quant import (
     NOISE_OFFSET, SeededCompressor, check_int, flat_fp32, per_group, restore, rows_and_tail)
+
+
+_LEVELS: dict[int, dict[torch.device, torch.Tensor]] = {2: {}, 4: {}, 8: {}}  # code - s, per width and device
 
 
 @dataclass(frozen=True)
@@ -120,7 +124,8 @@ class QSGD(SeededCompressor):
         out = torch.empty(n, dtype=torch.float32, device=packed.device)
         if self.bits == 8:  # a byte per code: the conversion is the table
             return out.copy_(packed[:n]).sub_(s)
-        levels = torch.arange(-s, (1 << self.bits) - s, dtype=torch.float32, device=packed.device)
+        levels = devices.cached(_LEVELS[self.bits], packed.device,
+                                lambda d: torch.arange(-s, (1 << self.bits) - s, dtype=torch.float32, device=d))
         return decode_levels(packed, self.bits, n, levels, out)
 
     def encode_many(self, xs: Sequence[torch.Tensor], keys: Sequence[str]) -> list[Payload]:

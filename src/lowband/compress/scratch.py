@@ -2,8 +2,8 @@
 
 Why: on the CPU, torch gets every large tensor from the C allocator, which maps fresh pages
 from the kernel and returns them on free. Touching a fresh 100 MB array costs its page faults,
-about 20 ms on the reference machine, four times the arithmetic of an elementwise op over it
-(``benchmarks/compressors.py`` measures both sides). An encode that made five such
+more than the arithmetic of an elementwise op over it (``benchmarks/compressors.py``'s memcpy
+column is a clone into fresh memory). An encode that made five such
 temporaries spent most of its time faulting pages in. A GPU has a caching allocator that
 already recycles blocks (and streams whose order a shared buffer would have to respect), so
 there :func:`buffer` simply allocates.

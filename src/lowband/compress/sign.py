@@ -69,7 +69,7 @@ class Sign(Compressor):
     def _encode_batch(self, flats: list[torch.Tensor], lay: batched.Layout) -> list[list[torch.Tensor]]:
         padded = batched.pad_cat(flats, lay)  # zeros: they add nothing to the sums, their bits are never read
         magnitudes = torch.abs(padded, out=scratch.buffer("sign.abs", padded.numel(), torch.float32, padded.device))
-        sums = batched.per_tensor(magnitudes.view(-1, lay.group).sum(dim=1), lay, "sum")  # a 1-norm per row: 3x slower
+        sums = batched.per_tensor(magnitudes.view(-1, lay.group).sum(dim=1), lay, "sum")  # torch's 1-norm per row is slower
         scales = sums / lay.numel_tensor(padded.device)
         negative = torch.lt(padded, 0, out=scratch.buffer("sign.bits", padded.numel(), torch.bool, padded.device))
         return batched.split(lay, scales, pack(negative, 1), per_tensor_scale=True)

@@ -77,8 +77,7 @@ class TernGrad(SeededCompressor):
         clip = float(self.options.clip)  # type: ignore[attr-defined]
         if clip == 0 or flat.numel() < 2:
             return flat
-        bound = clip * flat.std(correction=0)
-        bound = torch.where(bound > 0, bound, torch.full_like(bound, math.inf))
+        bound = _bound(clip * flat.std(correction=0))
         return torch.clamp(flat, -bound, bound, out=out)
 
     def encode(self, x: torch.Tensor, key: str) -> Payload:
@@ -129,9 +128,8 @@ class TernGrad(SeededCompressor):
         squares = batched.per_tensor(torch.linalg.vector_norm(centered, dim=1) ** 2, lay, "sum")
         pads = lay.numel_tensor(rows.device, padding=True)  # padded zeros, each adding (0 - mean)^2
         sigma = ((squares - pads * mean ** 2).clamp_min(0) / n).sqrt()
-        bound = float(self.options.clip) * torch.where(n > 1, sigma, torch.zeros_like(sigma))  # type: ignore[attr-defined]
-        bound = torch.where(bound > 0, bound, torch.full_like(bound, math.inf))[blocks].unsqueeze(1)
-        return torch.clamp(rows, -bound, bound, out=out)
+        bound = _bound(float(self.options.clip) * torch.where(n > 1, sigma, torch.zeros_like(sigma)))  # type: ignore[attr-defined]
+        return torch.clamp(rows, -bound[blocks].unsqueeze(1), bound[blocks].unsqueeze(1), out=out)
 
     def decode_many(self, payloads: Sequence[Payload]) -> list[torch.Tensor]:
         """:meth:`decode` of each, the small ones in one table gather and one scaling."""
@@ -145,3 +143,8 @@ class TernGrad(SeededCompressor):
 
 
 _TERNARY: dict[torch.device, torch.Tensor] = {}
+
+
+def _bound(bound: torch.Tensor) -> torch.Tensor:
+    """A clipping bound with 0 (sigma 0: a constant tensor) made infinite: no clipping, no host sync."""
+    return torch.where(bound > 0, bound, torch.full_like(bound, math.inf))
