@@ -54,6 +54,7 @@ def main(argv: list[str] | None = None) -> dict:
               "bytes_sent": lowband.ledger(algo).bytes_sent, "outer_steps": algo.outer_steps}
     if rt.rank == 0:
         print("RESULT", json.dumps(result), flush=True)
+    torch.distributed.barrier()  # every rank done with the wire before any tears its connections down
     torch.distributed.destroy_process_group()
     return result
 

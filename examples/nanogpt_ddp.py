@@ -68,6 +68,7 @@ def main(argv: list[str] | None = None) -> dict:
               "bytes_sent": lowband.ledger(state).bytes_sent}  # lowband
     if rank == 0:
         print("RESULT", json.dumps(result), flush=True)
+    dist.barrier()  # every rank done with the wire before any tears its connections down
     dist.destroy_process_group()
     return result
 
