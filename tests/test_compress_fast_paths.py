@@ -10,10 +10,10 @@ import pytest
 import torch
 
 from lowband.compress import COMPRESSORS, build, scratch
-from lowband.compress.indices import index_nbytes, uses_bitmap
+from lowband.compress.indices import index_nbytes, pack_at_least, pack_masked, unpack_dense, uses_bitmap
 from lowband.compress.packing import decode_levels, pack, unpack
 from lowband.compress.quant import NOISE_OFFSET, SeededCompressor
-from lowband.compress.select import SAMPLED_MIN_NUMEL, compact, expand, largest, positions, zeros
+from lowband.compress.select import CHUNK, SAMPLED_MIN_NUMEL, compact, expand, largest, positions
 
 CPU = torch.device("cpu")
 BIG = SAMPLED_MIN_NUMEL * 2 + 13  # takes the sampled top-k path; not a multiple of 8
@@ -42,6 +42,24 @@ def test_scratch_allocates_fresh_off_the_cpu() -> None:
     meta = torch.device("meta")
     assert scratch.buffer("t.m", 10, torch.float32, meta).device == meta
     assert scratch.held_bytes() == 0 or all(t.device == CPU for t in scratch._pool().values())
+
+
+def test_fresh_results_hint_whole_huge_pages_and_zeros_are_zero(monkeypatch: pytest.MonkeyPatch) -> None:
+    calls: list[tuple[int, int, int]] = []
+    monkeypatch.setattr(scratch, "_ADVISE", lambda start, length, advice: calls.append((start, length, advice)) or 0)
+    small = scratch.fresh(1000, torch.float32, CPU)
+    assert small.shape == (1000,) and calls == []  # below HUGE_MIN_NBYTES: no hint
+    n = scratch.HUGE_MIN_NBYTES // 4 + 12345
+    z = scratch.zeros(n, torch.float32, CPU)
+    assert z.dtype == torch.float32 and z.shape == (n,) and not z.any()
+    (start, length, advice), = calls
+    end = z.data_ptr() + 4 * n
+    assert start % scratch.HUGE_PAGE == 0 and length % scratch.HUGE_PAGE == 0 and advice == 14
+    assert z.data_ptr() <= start and start + length <= end  # only whole pages inside the tensor
+    assert start - z.data_ptr() < scratch.HUGE_PAGE and end - (start + length) < scratch.HUGE_PAGE
+    assert scratch.zeros(7, torch.bfloat16, CPU).dtype == torch.bfloat16
+    monkeypatch.setattr(scratch, "_ADVISE", None)  # off Linux, or LOWBAND_HUGEPAGES=0: plain allocations
+    assert scratch.fresh(n, torch.uint8, CPU).numel() == n and len(calls) == 1
 
 
 # -- packing -----------------------------------------------------------------------------------------
@@ -155,6 +173,29 @@ def test_threshold_sends_its_mask_as_the_bitmap_when_dense() -> None:
     assert torch.equal(c.decode(payload), torch.where(x.abs() >= 1.0, x, torch.zeros_like(x)))
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.float64, torch.bfloat16])
+@pytest.mark.parametrize("n", [0, 5, 1000, 3 * CHUNK, 2 * (1 << 20) + 7])
+@pytest.mark.parametrize("tau", [0.5, 3.0])  # a bitmap (most kept), an index list (few kept)
+def test_chunked_threshold_payload_is_the_masked_pack(dtype: torch.dtype, n: int, tau: float) -> None:
+    x = torch.randn(n, generator=torch.Generator().manual_seed(n)).to(dtype)
+    if n > 4:
+        x[3] = float("nan")  # not kept, as |nan| >= tau is false
+    mask = x.abs() >= tau
+    blob = pack_at_least(x, tau)
+    assert torch.equal(blob, pack_masked(x, mask, int(mask.sum())))  # same bytes as the whole-tensor path
+    dense = unpack_dense(blob, torch.Size([n]), dtype)
+    assert dense.dtype == dtype and torch.equal(dense, torch.where(mask, x, torch.zeros_like(x)))
+
+
+def test_expanding_a_bitmap_checks_its_count() -> None:
+    x = torch.randn(3 * CHUNK + 9, generator=torch.Generator().manual_seed(1))
+    blob = pack_at_least(x, 0.5)
+    k = int((x.abs() >= 0.5).sum())
+    blob[-1] ^= 0x01  # one bit more or less than the values sent
+    with pytest.raises(ValueError, match=f"expected {k}"):
+        unpack_dense(blob, x.shape, x.dtype, k)
+
+
 @pytest.mark.parametrize("spec", ["int8", "int8:chunk=1000"])
 def test_int8_on_a_large_tensor_with_a_partial_chunk(spec: str) -> None:
     x = torch.randn(BIG, generator=torch.Generator().manual_seed(6))
@@ -178,7 +219,7 @@ def test_compact_and_expand_are_masked_select_and_scatter(dtype: torch.dtype, n:
     assert torch.equal(kept, x[mask])
     dense = expand(kept, mask)
     assert dense.dtype == dtype and torch.equal(dense, torch.where(mask, x, torch.zeros_like(x)))
-    assert torch.equal(zeros(n, dtype, CPU), torch.zeros(n, dtype=dtype))
+    assert torch.equal(scratch.zeros(n, dtype, CPU), torch.zeros(n, dtype=dtype))
 
 
 # -- many tensors in one call -----------------------------------------------------------------------

@@ -16,6 +16,7 @@ from typing import ClassVar
 
 import torch
 
+from lowband.compress import scratch
 from lowband.compress.base import COMPRESSORS, Compressor, CompressorOptions, Payload
 
 
@@ -29,11 +30,11 @@ class _HalfPrecision(Compressor):
         return (2.0 * numel,)
 
     def encode(self, x: torch.Tensor, key: str) -> Payload:
-        return Payload([x.to(self.wire_dtype).contiguous()], ctx=(x.shape, x.dtype))
+        return Payload([scratch.cast(x.detach(), self.wire_dtype).contiguous()], ctx=(x.shape, x.dtype))
 
     def decode(self, payload: Payload) -> torch.Tensor:
         shape, dtype = payload.ctx
-        return payload.tensors[0].to(dtype).view(shape)
+        return scratch.cast(payload.tensors[0], dtype).view(shape)
 
 
 @COMPRESSORS.register("fp16")

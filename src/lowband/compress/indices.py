@@ -38,7 +38,7 @@ from lowband import devices
 from lowband.compress import scratch
 from lowband.compress.packing import decode_levels
 from lowband.compress.packing import pack as bitpack
-from lowband.compress.select import compact, expand, positions, zeros
+from lowband.compress.select import compact, compact_bits, expand, expand_bits, fused, mask_at_least, positions
 
 _BOOLS: dict[torch.device, torch.Tensor] = {}
 
@@ -95,7 +95,7 @@ def decode_where(data: torch.Tensor, n: int, k: int) -> torch.Tensor:
     if not uses_bitmap(n, k):
         return aligned(data, index_dtype(n)).to(torch.int64)
     levels = devices.cached(_BOOLS, data.device, lambda d: torch.tensor([False, True], device=d))
-    mask = decode_levels(data, 1, n, levels, torch.empty(n, dtype=torch.bool, device=data.device))
+    mask = decode_levels(data, 1, n, levels, scratch.fresh(n, torch.bool, data.device))
     count = int(torch.count_nonzero(mask))  # host sync on a GPU: the payload must hold k values
     if count != k:
         raise ValueError(f"bitmap holds {count} indices, expected {k}")
@@ -139,10 +139,42 @@ def pack_masked(flat: torch.Tensor, mask: torch.Tensor, k: int) -> torch.Tensor:
     if not uses_bitmap(n, k):
         idx = positions(mask)
         return pack(flat[idx], idx, n)
-    blob = torch.empty(k * size + bitmap_nbytes(n), dtype=torch.uint8, device=flat.device)
+    blob = scratch.fresh(k * size + bitmap_nbytes(n), torch.uint8, flat.device)
     compact(flat, mask, blob[:k * size].view(flat.dtype))
     blob[k * size:] = pack_mask(mask)
     return blob
+
+
+def pack_at_least(flat: torch.Tensor, tau: float) -> torch.Tensor:
+    """:func:`pack_masked` of the elements with ``|flat| >= tau`` (a threshold's payload). On the CPU in NumPy by
+    cache-sized chunks (:mod:`lowband.compress.select`: one read of ``flat`` for the mask and its count, then the
+    values and the bitmap written straight into the payload); elsewhere in torch ops."""
+    n = flat.numel()
+    mask = scratch.buffer("indices.at_least", n, torch.bool, flat.device)
+    if not fused(flat):
+        magnitudes = torch.abs(flat, out=scratch.buffer("indices.abs", n, flat.dtype, flat.device))
+        torch.ge(magnitudes, tau, out=mask)
+        return pack_masked(flat, mask, int(torch.count_nonzero(mask)))  # host sync on a GPU: the payload's size
+    counts = mask_at_least(flat, tau, mask)
+    k = sum(map(sum, counts))
+    if not uses_bitmap(n, k):
+        return pack_masked(flat, mask, k)
+    size = flat.element_size()
+    blob = scratch.fresh(k * size + bitmap_nbytes(n), torch.uint8, flat.device)
+    compact_bits(flat, mask, counts, blob[:k * size].view(flat.dtype), blob[k * size:])
+    return blob
+
+
+def unpack_dense(blob: torch.Tensor, shape: torch.Size, dtype: torch.dtype, k: int | None = None) -> torch.Tensor:
+    """:func:`scatter` of :func:`unpack`: the dense tensor a sparse payload stands for. A bitmap on the CPU is
+    expanded from its bits by chunks (:func:`lowband.compress.select.expand_bits`), never as a whole mask."""
+    n, size = math.prod(shape), dtype.itemsize
+    if k is None:
+        k = count_from_nbytes(n, blob.numel(), size)
+    if blob.device.type != "cpu" or not uses_bitmap(n, k) or blob.numel() != payload_nbytes(n, k, size):
+        values, where = unpack(blob, n, dtype, k)  # (unpack raises on a wrong length)
+        return scatter(values, where, shape, dtype)
+    return expand_bits(aligned(blob[:k * size], dtype), blob[k * size:], n).view(shape)
 
 
 def unpack(blob: torch.Tensor, n: int, dtype: torch.dtype, k: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
@@ -161,6 +193,6 @@ def scatter(values: torch.Tensor, where: torch.Tensor, shape: torch.Size, dtype:
     """A zero tensor of ``shape`` and ``dtype`` holding ``values`` at flat positions ``where`` (indices or a mask)."""
     if where.dtype == torch.bool:
         return expand(values.to(dtype), where).view(shape)
-    out = zeros(math.prod(shape), dtype, values.device)
+    out = scratch.zeros(math.prod(shape), dtype, values.device)
     out[where] = values.to(dtype)
     return out.view(shape)

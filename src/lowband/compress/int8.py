@@ -77,7 +77,7 @@ class Int8(Compressor):
         inv = torch.where(step > 0, 1 / step, torch.zeros_like(step))
         y = per_group(torch.sub, flat, size, lo, scratch.buffer("int8.y", n, torch.float32, flat.device))
         per_group(torch.mul, y, size, inv, y).round_()
-        q = torch.empty(n, dtype=torch.uint8, device=flat.device).copy_(y)
+        q = scratch.fresh(n, torch.uint8, flat.device).copy_(y)
         return Payload([torch.stack([lo, hi], 1).reshape(-1), q], ctx=(x.shape, x.dtype))
 
     def decode(self, payload: Payload) -> torch.Tensor:
@@ -86,7 +86,7 @@ class Int8(Compressor):
         n = math.prod(shape)
         lo, hi = scales.to(torch.float32).view(-1, 2).unbind(1)
         size = self._size(n)
-        out = torch.empty(n, dtype=torch.float32, device=q.device).copy_(q)
+        out = scratch.fresh(n, torch.float32, q.device).copy_(q)
         per_group(torch.mul, out, size, (hi - lo) / 255, out)
         return restore(per_group(torch.add, out, size, lo, out), payload.ctx)
 
@@ -111,7 +111,7 @@ class Int8(Compressor):
         inv = torch.where(step > 0, 1 / step, torch.zeros_like(step))
         y = scratch.buffer("int8.y", rows.numel(), torch.float32, rows.device).view(rows.shape)
         torch.sub(rows, lo_rows.unsqueeze(1), out=y).mul_(inv.unsqueeze(1)).round_()
-        q = torch.empty(rows.numel(), dtype=torch.uint8, device=rows.device).copy_(y.view(-1))
+        q = scratch.fresh(rows.numel(), torch.uint8, rows.device).copy_(y.view(-1))
         return batched.split(lay, torch.stack([lo, hi], 1), q, per_tensor_scale=whole)
 
     def decode_many(self, payloads: Sequence[Payload]) -> list[torch.Tensor]:
@@ -121,7 +121,7 @@ class Int8(Compressor):
     def _decode_batch(self, scales: torch.Tensor, q: torch.Tensor, lay: batched.Layout) -> torch.Tensor:
         lo, hi = scales.to(torch.float32).view(-1, 2).unbind(1)
         whole = not self.options.chunk  # type: ignore[attr-defined]
-        values = torch.empty(q.numel(), dtype=torch.float32, device=q.device).copy_(q)
+        values = scratch.fresh(q.numel(), torch.float32, q.device).copy_(q)
         batched.scale(values, lay, (hi - lo) / 255, whole)
         return batched.scale(values, lay, lo, whole, op=torch.add)
 

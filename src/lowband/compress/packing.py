@@ -87,7 +87,7 @@ def pack(codes: torch.Tensor, bits: int, check: bool = True) -> torch.Tensor:
         return flat.to(torch.uint8, copy=True)
     flat = flat.view(torch.uint8)
     per = 8 // bits
-    out = torch.empty(packed_nbytes(n, bits), dtype=torch.uint8, device=flat.device)
+    out = scratch.fresh(packed_nbytes(n, bits), torch.uint8, flat.device)
     body = n - n % 8 if bits == 1 else n - n % per  # whole words (1 bit) or whole bytes (2, 4 bits)
     if bits == 1 and body:
         if flat.storage_offset() % 8:  # a view starting mid-word: 64-bit words need an aligned copy
@@ -139,7 +139,7 @@ def unpack(packed: torch.Tensor, bits: int, n: int) -> torch.Tensor:
     _check_packed(packed, bits, n)
     if bits == 8:
         return packed.reshape(-1).clone()
-    out = torch.empty(n, dtype=torch.uint8, device=packed.device)
+    out = scratch.fresh(n, torch.uint8, packed.device)
     levels = torch.arange(1 << bits, dtype=torch.uint8, device=packed.device)
     return decode_levels(packed, bits, n, levels, out)
 

@@ -121,7 +121,7 @@ class QSGD(SeededCompressor):
     def _levels_of(self, packed: torch.Tensor, n: int) -> torch.Tensor:
         """Step 5 before scaling: code - s for the first ``n`` codes of the flat ``packed``, fp32."""
         s = self.levels
-        out = torch.empty(n, dtype=torch.float32, device=packed.device)
+        out = scratch.fresh(n, torch.float32, packed.device)
         if self.bits == 8:  # a byte per code: the conversion is the table
             return out.copy_(packed[:n]).sub_(s)
         levels = devices.cached(_LEVELS[self.bits], packed.device,

@@ -46,7 +46,7 @@ def flat_fp32(x: torch.Tensor) -> torch.Tensor:
 
 def restore(flat: torch.Tensor, ctx: Ctx) -> torch.Tensor:
     shape, dtype = ctx
-    return flat.to(dtype).view(shape)
+    return scratch.cast(flat, dtype).view(shape)
 
 
 def rows_and_tail(flat: torch.Tensor, size: int) -> tuple[torch.Tensor, torch.Tensor]:

@@ -59,7 +59,7 @@ class Sign(Compressor):
         shape, _ = payload.ctx
         n = math.prod(shape)
         signs = devices.cached(_SIGNS, packed.device, lambda d: torch.tensor([1.0, -1.0], device=d))
-        out = torch.empty(n, dtype=torch.float32, device=packed.device)
+        out = scratch.fresh(n, torch.float32, packed.device)
         return restore(decode_levels(packed, 1, n, signs * scale.to(torch.float32), out), payload.ctx)
 
     def encode_many(self, xs: Sequence[torch.Tensor], keys: Sequence[str]) -> list[Payload]:
@@ -81,5 +81,5 @@ class Sign(Compressor):
     def _decode_batch(self, scales: torch.Tensor, packed: torch.Tensor, lay: batched.Layout) -> torch.Tensor:
         signs = devices.cached(_SIGNS, packed.device, lambda d: torch.tensor([1.0, -1.0], device=d))
         slots = packed.numel() * 8
-        values = decode_levels(packed, 1, slots, signs, torch.empty(slots, dtype=torch.float32, device=packed.device))
+        values = decode_levels(packed, 1, slots, signs, scratch.fresh(slots, torch.float32, packed.device))
         return batched.scale(values, lay, scales.to(torch.float32), per_tensor_scale=True)

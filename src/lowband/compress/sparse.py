@@ -47,8 +47,7 @@ from typing import Any, cast
 import torch
 
 from lowband.compress.base import COMPRESSORS, Compressor, CompressorOptions, Payload, per_matrix
-from lowband.compress import scratch
-from lowband.compress.indices import index_nbytes, pack, pack_masked, scatter, unpack
+from lowband.compress.indices import index_nbytes, pack, pack_at_least, scatter, unpack_dense
 from lowband.compress.select import largest
 
 DEFAULT_RATIO = 0.01
@@ -122,8 +121,7 @@ class _Sparse(Compressor):
 
     def decode(self, payload: Payload) -> torch.Tensor:
         shape, dtype, k = payload.ctx
-        values, idx = unpack(payload.tensors[0], math.prod(shape), dtype, k)
-        return scatter(values, idx, shape, dtype)
+        return unpack_dense(payload.tensors[0], shape, dtype, k)
 
     def _payload(self, flat: torch.Tensor, idx: torch.Tensor, shape: torch.Size, k: int | None) -> Payload:
         return Payload([pack(flat[idx], idx, flat.numel())], ctx=(shape, flat.dtype, k))
@@ -162,11 +160,7 @@ class Threshold(_Sparse):
 
     def encode(self, x: torch.Tensor, key: str) -> Payload:
         flat = x.detach().reshape(-1)
-        n = flat.numel()
-        magnitudes = torch.abs(flat, out=scratch.buffer("threshold.abs", n, flat.dtype, flat.device))
-        mask = torch.ge(magnitudes, self.options.tau, out=scratch.buffer("threshold.mask", n, torch.bool, flat.device))
-        k = int(torch.count_nonzero(mask))  # host sync on a GPU: the payload's size
-        return Payload([pack_masked(flat, mask, k)], ctx=(x.shape, flat.dtype, None))  # k: from its length
+        return Payload([pack_at_least(flat, self.options.tau)], ctx=(x.shape, flat.dtype, None))  # k: from its length
 
 
 @COMPRESSORS.register("randomk")

@@ -100,7 +100,7 @@ class TernGrad(SeededCompressor):
         shape, _ = payload.ctx
         n = math.prod(shape)
         levels = devices.cached(_TERNARY, packed.device, lambda d: torch.tensor(TERNARY, device=d))
-        out = torch.empty(n, dtype=torch.float32, device=packed.device)
+        out = scratch.fresh(n, torch.float32, packed.device)
         return restore(decode_levels(packed, 2, n, levels * scaler.to(torch.float32), out), payload.ctx)
 
     def encode_many(self, xs: Sequence[torch.Tensor], keys: Sequence[str]) -> list[Payload]:
@@ -138,7 +138,7 @@ class TernGrad(SeededCompressor):
     def _decode_batch(self, scalers: torch.Tensor, packed: torch.Tensor, lay: batched.Layout) -> torch.Tensor:
         levels = devices.cached(_TERNARY, packed.device, lambda d: torch.tensor(TERNARY, device=d))
         slots = packed.numel() * 4
-        values = decode_levels(packed, 2, slots, levels, torch.empty(slots, dtype=torch.float32, device=packed.device))
+        values = decode_levels(packed, 2, slots, levels, scratch.fresh(slots, torch.float32, packed.device))
         return batched.scale(values, lay, scalers.to(torch.float32), per_tensor_scale=True)
 
 
