@@ -13,7 +13,8 @@ from lowband.compress import COMPRESSORS, build, scratch
 from lowband.compress.indices import index_nbytes, pack_at_least, pack_masked, unpack_dense, uses_bitmap
 from lowband.compress.packing import decode_levels, pack, unpack
 from lowband.compress.quant import NOISE_OFFSET, SeededCompressor
-from lowband.compress.select import CHUNK, SAMPLED_MIN_NUMEL, compact, expand, largest, positions
+from lowband.compress.bitmaps import CHUNK, MANY_MAX_NUMEL
+from lowband.compress.select import SAMPLED_MIN_NUMEL, compact, expand, largest, positions
 
 CPU = torch.device("cpu")
 BIG = SAMPLED_MIN_NUMEL * 2 + 13  # takes the sampled top-k path; not a multiple of 8
@@ -187,13 +188,30 @@ def test_chunked_threshold_payload_is_the_masked_pack(dtype: torch.dtype, n: int
     assert dense.dtype == dtype and torch.equal(dense, torch.where(mask, x, torch.zeros_like(x)))
 
 
-def test_expanding_a_bitmap_checks_its_count() -> None:
-    x = torch.randn(3 * CHUNK + 9, generator=torch.Generator().manual_seed(1))
+@pytest.mark.parametrize("n", [3 * CHUNK + 9, MANY_MAX_NUMEL + 9])  # the many path, the large one
+def test_expanding_a_bitmap_checks_its_count(n: int) -> None:
+    x = torch.randn(n, generator=torch.Generator().manual_seed(1))
     blob = pack_at_least(x, 0.5)
     k = int((x.abs() >= 0.5).sum())
     blob[-1] ^= 0x01  # one bit more or less than the values sent
     with pytest.raises(ValueError, match=f"expected {k}"):
         unpack_dense(blob, x.shape, x.dtype, k)
+
+
+def test_threshold_many_gives_each_payload_as_encode_would() -> None:
+    g = torch.Generator().manual_seed(5)
+    xs = [torch.randn(shape, generator=g) for shape in [(64, 129), (7,), (0,), (300, 300), (MANY_MAX_NUMEL + 3,)]]
+    xs += [torch.randn(5000, generator=g) * 0.01, torch.randn(999, generator=g).half(), torch.randn(77, generator=g).bfloat16()]
+    xs.append(torch.randn(40, 50, generator=g).t())  # not contiguous
+    c = build("threshold:tau=0.8", COMPRESSORS)  # 42% kept (a bitmap); the 0.01-scaled tensor keeps none (a list)
+    many = c.encode_many(xs, [f"t{i}" for i in range(len(xs))])
+    for x, p in zip(xs, many):
+        alone = c.encode(x, "a")
+        assert torch.equal(p.tensors[0], alone.tensors[0]) and p.ctx[:2] == (x.shape, x.dtype)
+    for payloads in (many, [c.encode(x, "a") for x in xs]):
+        for got, p, x in zip(c.decode_many(payloads), payloads, xs):
+            assert got.shape == x.shape and got.dtype == x.dtype and torch.equal(got, c.decode(p))
+            assert torch.equal(got, torch.where(x.abs() >= 0.8, x, torch.zeros_like(x)))
 
 
 @pytest.mark.parametrize("spec", ["int8", "int8:chunk=1000"])

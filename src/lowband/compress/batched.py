@@ -14,14 +14,16 @@ The aggregator hands a compressor all of a call's groups at once (:meth:`Compres
    result: its groups' scales and the bytes of its codes (its start is a whole number of
    groups, so a whole number of bytes), exactly the size ``encode`` gives, read by ``decode``
    alike (the last byte's unused codes, zeros here, are never read);
-3. the decode concatenates the payloads (one copy of the bytes), decodes every code in one
-   table gather, and scales each tensor's slice in place (:func:`scale`: one op per tensor, a
-   third of the time of one gather of a scale per element).
+3. the decode lays the payloads' codes out as the encode had them, padded to whole groups (one
+   copy of the bytes, zero bytes between), decodes every code in one table gather, and scales
+   every group by its scale in one op (:func:`scale`); each decoded tensor is a view of the result.
 
 Compressors with one scale per tensor (sign, TernGrad, int8) pad to whole blocks of
 :data:`BLOCK` elements the same way, reduce each block in one op (a norm, a max), and combine a
 tensor's blocks with :func:`per_tensor` (a small scatter over the blocks): a segment reduction
-over the elements themselves (``torch.segment_reduce``) is much slower on a CPU.
+over the elements themselves (``torch.segment_reduce``) is much slower on a CPU. Sign and TernGrad
+decode with each tensor's scale folded into its own rows of the level table
+(:meth:`Layout.byte_owners`): the gather writes the final values, no scaling pass.
 
 Tensors of :data:`BATCH_MAX_NUMEL` elements or more are worth their own call (memory-bound) and
 go alone; so do empty ones.
@@ -36,8 +38,9 @@ from typing import Callable, Sequence, cast
 
 import torch
 
+from lowband.compress import scratch
 from lowband.compress.base import Compressor, Payload
-from lowband.compress.quant import flat_fp32, per_group, restore
+from lowband.compress.quant import flat_fp32, restore
 
 BATCH_MAX_NUMEL = 1 << 18  # from this size on, a tensor's own call costs little next to its data
 BLOCK = 512  # elements per block for per-tensor scales (a multiple of every codes-per-byte)
@@ -61,7 +64,7 @@ class Layout:
         self.starts = [0, *itertools.accumulate(padded)][:-1]  # element offsets, whole groups
         self.groups = [p // group for p in padded]
         self.code_bytes = [math.ceil(n / per) for n in numels]  # each payload's packed bytes
-        self.slot_starts = [b * per for b in [0, *itertools.accumulate(self.code_bytes)][:-1]]
+        self.padded_bytes = [p // per for p in padded]  # the same, padded to whole groups
         self.pad = max(p - n for p, n in zip(padded, numels))
         self._index: dict[tuple[str, torch.device], torch.Tensor] = {}
 
@@ -71,6 +74,15 @@ class Layout:
         if key not in self._index:
             counts = [g * self.group - n for g, n in zip(self.groups, self.numels)] if padding else self.numels
             self._index[key] = torch.tensor(counts, dtype=torch.float32, device=device)
+        return self._index[key]
+
+    def byte_owners(self, device: torch.device) -> torch.Tensor:
+        """For every byte of :func:`padded_codes`, 256 times the tensor it belongs to (int32):
+        :func:`lowband.compress.packing.decode_levels`'s ``owners``, a level table per tensor (made once)."""
+        key = ("owners", device)
+        if key not in self._index:
+            tables = torch.arange(len(self.numels), dtype=torch.int32, device=device) * 256
+            self._index[key] = tables.repeat_interleave(torch.tensor(self.padded_bytes, device=device))
         return self._index[key]
 
     def block_tensor(self, device: torch.device) -> torch.Tensor:
@@ -90,7 +102,8 @@ def layout(numels: tuple[int, ...], group: int, per: int) -> Layout:
 
 def pad_cat(flats: Sequence[torch.Tensor], lay: Layout, repeat_last: bool = False) -> torch.Tensor:
     """The flat tensors back to back, each followed by what completes its last group: zeros, or (``repeat_last``)
-    copies of its last element, which leave a min or a max unchanged."""
+    copies of its last element, which leave a min or a max unchanged. In a work array
+    (:mod:`lowband.compress.scratch`): valid until the calling thread's next ``pad_cat``."""
     zeros = flats[0].new_zeros(lay.pad)
     parts: list[torch.Tensor] = []
     for flat in flats:
@@ -98,7 +111,8 @@ def pad_cat(flats: Sequence[torch.Tensor], lay: Layout, repeat_last: bool = Fals
         pad = -flat.numel() % lay.group
         if pad:
             parts.append(flat[-1:].expand(pad) if repeat_last else zeros[:pad])
-    return torch.cat(parts)
+    out = scratch.buffer("batched.pad_cat", lay.starts[-1] + lay.groups[-1] * lay.group, flats[0].dtype, flats[0].device)
+    return torch.cat(parts, out=out)
 
 
 def per_tensor(block_values: torch.Tensor, lay: Layout, reduce: str) -> torch.Tensor:
@@ -132,11 +146,25 @@ def decode_many(compressor: Compressor, payloads: Sequence[Payload], group: int,
     out = [compressor.decode(p) if i in alone else None for i, p in enumerate(payloads)]
     if picked:
         lay = layout(tuple(numels[i] for i in picked), group, per)
-        scales, codes = (torch.cat([payloads[i].tensors[t].reshape(-1) for i in picked]) for t in (0, 1))
-        values = batch(scales, codes, lay)
+        scales = torch.cat([payloads[i].tensors[0].reshape(-1) for i in picked])
+        values = batch(scales, padded_codes([payloads[i].tensors[1] for i in picked], lay), lay)
         for j, i in enumerate(picked):
-            out[i] = restore(values[lay.slot_starts[j]:lay.slot_starts[j] + numels[i]], payloads[i].ctx)
+            out[i] = restore(values[lay.starts[j]:lay.starts[j] + numels[i]], payloads[i].ctx)
     return cast(list[torch.Tensor], out)
+
+
+def padded_codes(codes: Sequence[torch.Tensor], lay: Layout) -> torch.Tensor:
+    """The payloads' packed codes back to back, each followed by zero bytes up to its whole groups: the bytes
+    the encode packed (``batch`` of :func:`decode_many` decodes them into the padded layout, read by views).
+    In a work array (:mod:`lowband.compress.scratch`): valid until the calling thread's next call."""
+    zeros = codes[0].new_zeros(max(p - c for p, c in zip(lay.padded_bytes, lay.code_bytes)))
+    parts: list[torch.Tensor] = []
+    for part, have, want in zip(codes, lay.code_bytes, lay.padded_bytes):
+        parts.append(part.reshape(-1))
+        if want > have:
+            parts.append(zeros[:want - have])
+    out = scratch.buffer("batched.codes", sum(lay.padded_bytes), codes[0].dtype, codes[0].device)
+    return torch.cat(parts, out=out)
 
 
 def split(lay: Layout, scales: torch.Tensor, codes: torch.Tensor, per_tensor_scale: bool) -> list[list[torch.Tensor]]:
@@ -151,14 +179,9 @@ def split(lay: Layout, scales: torch.Tensor, codes: torch.Tensor, per_tensor_sca
 
 def scale(values: torch.Tensor, lay: Layout, scales: torch.Tensor, per_tensor_scale: bool,
           op: Callable[..., torch.Tensor] = torch.mul) -> torch.Tensor:
-    """``values`` (every decoded slot of a batch) with each tensor's slice ``op``-ed in place by its scale
-    (``per_tensor_scale``) or by its groups' scales; returns ``values``."""
-    first = 0
-    for j, n in enumerate(lay.numels):
-        part = values[lay.slot_starts[j]:lay.slot_starts[j] + n]
-        if per_tensor_scale:
-            op(part, scales[j], out=part)
-        else:
-            per_group(op, part, lay.group, scales[first:first + lay.groups[j]], part)
-            first += lay.groups[j]
+    """``values`` (a batch decoded in its padded layout) with every group ``op``-ed in place, in one op, by its
+    tensor's scale (``per_tensor_scale``) or by its own; returns ``values``."""
+    rows = values.view(-1, lay.group)
+    column = scales[lay.block_tensor(values.device)] if per_tensor_scale else scales
+    op(rows, column.unsqueeze(1), out=rows)
     return values

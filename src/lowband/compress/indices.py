@@ -31,6 +31,7 @@ Example::
 from __future__ import annotations
 
 import math
+from typing import cast
 
 import torch
 
@@ -38,7 +39,8 @@ from lowband import devices
 from lowband.compress import scratch
 from lowband.compress.packing import decode_levels
 from lowband.compress.packing import pack as bitpack
-from lowband.compress.select import compact, compact_bits, expand, expand_bits, fused, mask_at_least, positions
+from lowband.compress import bitmaps
+from lowband.compress.select import compact, expand, positions
 
 _BOOLS: dict[torch.device, torch.Tensor] = {}
 
@@ -147,34 +149,63 @@ def pack_masked(flat: torch.Tensor, mask: torch.Tensor, k: int) -> torch.Tensor:
 
 def pack_at_least(flat: torch.Tensor, tau: float) -> torch.Tensor:
     """:func:`pack_masked` of the elements with ``|flat| >= tau`` (a threshold's payload). On the CPU in NumPy by
-    cache-sized chunks (:mod:`lowband.compress.select`: one read of ``flat`` for the mask and its count, then the
+    cache-sized chunks (:mod:`lowband.compress.bitmaps`: one read of ``flat`` for the mask and its count, then the
     values and the bitmap written straight into the payload); elsewhere in torch ops."""
     n = flat.numel()
     mask = scratch.buffer("indices.at_least", n, torch.bool, flat.device)
-    if not fused(flat):
+    if not bitmaps.fused(flat):
         magnitudes = torch.abs(flat, out=scratch.buffer("indices.abs", n, flat.dtype, flat.device))
         torch.ge(magnitudes, tau, out=mask)
         return pack_masked(flat, mask, int(torch.count_nonzero(mask)))  # host sync on a GPU: the payload's size
-    counts = mask_at_least(flat, tau, mask)
+    counts = bitmaps.mask_large(flat, tau, mask)
     k = sum(map(sum, counts))
     if not uses_bitmap(n, k):
         return pack_masked(flat, mask, k)
-    size = flat.element_size()
-    blob = scratch.fresh(k * size + bitmap_nbytes(n), torch.uint8, flat.device)
-    compact_bits(flat, mask, counts, blob[:k * size].view(flat.dtype), blob[k * size:])
+    blob = scratch.fresh(payload_nbytes(n, k, flat.element_size()), torch.uint8, flat.device)
+    bitmaps.pack_large(flat, mask, counts, blob)
     return blob
+
+
+def pack_many_at_least(flats: list[torch.Tensor], tau: float) -> list[torch.Tensor]:
+    """:func:`pack_at_least` of each flat tensor; the small CPU ones of the first one's dtype in one NumPy pass
+    (:func:`lowband.compress.bitmaps.pack_many`), whose payloads are views of one buffer."""
+    many = [i for i, f in enumerate(flats) if 0 < f.numel() < bitmaps.MANY_MAX_NUMEL and bitmaps.fused(f)
+            and f.dtype == flats[0].dtype]
+    out: list[torch.Tensor | None] = [None] * len(flats)
+    if len(many) > 1:
+        for i, blob in zip(many, bitmaps.pack_many([flats[i] for i in many], tau, uses_bitmap)):
+            out[i] = blob
+    return [pack_at_least(f, tau) if blob is None else blob for f, blob in zip(flats, out)]
 
 
 def unpack_dense(blob: torch.Tensor, shape: torch.Size, dtype: torch.dtype, k: int | None = None) -> torch.Tensor:
     """:func:`scatter` of :func:`unpack`: the dense tensor a sparse payload stands for. A bitmap on the CPU is
-    expanded from its bits by chunks (:func:`lowband.compress.select.expand_bits`), never as a whole mask."""
-    n, size = math.prod(shape), dtype.itemsize
-    if k is None:
-        k = count_from_nbytes(n, blob.numel(), size)
-    if blob.device.type != "cpu" or not uses_bitmap(n, k) or blob.numel() != payload_nbytes(n, k, size):
-        values, where = unpack(blob, n, dtype, k)  # (unpack raises on a wrong length)
-        return scatter(values, where, shape, dtype)
-    return expand_bits(aligned(blob[:k * size], dtype), blob[k * size:], n).view(shape)
+    expanded from its bits by chunks (:func:`lowband.compress.bitmaps.expand_large`), never as a whole mask."""
+    return unpack_many_dense([(blob, shape, k)], dtype)[0]
+
+
+def unpack_many_dense(payloads: list[tuple[torch.Tensor, torch.Size, int | None]], dtype: torch.dtype
+                      ) -> list[torch.Tensor]:
+    """:func:`unpack_dense` of each ``(blob, shape, k)`` (``k`` None: from the blob's length). Bitmaps on the CPU
+    in NumPy: a large one by chunks, small ones together into one zeroed array
+    (:func:`lowband.compress.bitmaps.expand_many`)."""
+    out: list[torch.Tensor | None] = [None] * len(payloads)
+    small: list[tuple[int, tuple[torch.Tensor, torch.Tensor, int]]] = []
+    for i, (blob, shape, k) in enumerate(payloads):
+        n, size = math.prod(shape), dtype.itemsize
+        k = count_from_nbytes(n, blob.numel(), size) if k is None else k
+        if blob.device.type != "cpu" or dtype not in bitmaps.NUMPY_FLOATS or not uses_bitmap(n, k) \
+                or blob.numel() != payload_nbytes(n, k, size):
+            values, where = unpack(blob, n, dtype, k)  # (unpack raises on a wrong length)
+            out[i] = scatter(values, where, shape, dtype)
+        elif n >= bitmaps.MANY_MAX_NUMEL:
+            out[i] = bitmaps.expand_large(aligned(blob[:k * size], dtype), blob[k * size:], n).view(shape)
+        else:
+            small.append((i, (aligned(blob[:k * size], dtype), blob[k * size:], n)))
+    if small:
+        for (i, _), flat in zip(small, bitmaps.expand_many([part for _, part in small], dtype)):
+            out[i] = flat.view(payloads[i][1])
+    return cast(list[torch.Tensor], out)
 
 
 def unpack(blob: torch.Tensor, n: int, dtype: torch.dtype, k: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:

@@ -112,19 +112,22 @@ def _pack_slots(slots: torch.Tensor, bits: int, out: torch.Tensor) -> None:
         out.bitwise_left_shift_(bits).bitwise_or_(slots[:, k])
 
 
-def decode_levels(packed: torch.Tensor, bits: int, n: int, levels: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+def decode_levels(packed: torch.Tensor, bits: int, n: int, levels: torch.Tensor, out: torch.Tensor,
+                  owners: torch.Tensor | None = None) -> torch.Tensor:
     """``out[i] = levels[code_i]`` for the ``n`` codes packed in ``packed``, in one gather; returns ``out``.
 
     ``levels`` (``2**bits`` values, ``out``'s dtype and device) is what each code stands for; ``out``
     is a flat tensor of ``n`` elements. Each byte is looked up in a ``(256, per)`` table of values.
+    With ``owners`` (int32, one per packed byte: 256 times the row of ``levels`` it reads), ``levels`` is
+    ``(T, 2**bits)``, a level table per tensor of a batch, and the tables are stacked: still one gather.
     """
     check_bits(bits)
     _check_packed(packed, bits, n)
     flat = packed.reshape(-1)
     per = 8 // bits
-    table = levels[byte_table(bits, flat.device)]  # (256, per): a tiny gather
+    table = levels[..., byte_table(bits, flat.device)].reshape(-1, per)  # (256 T, per): a tiny gather
     index = scratch.buffer("unpack.index", flat.numel(), torch.int32, flat.device)
-    index.copy_(flat)
+    index.copy_(flat) if owners is None else torch.add(owners, flat, out=index)
     full = n // per
     if full:
         torch.index_select(table, 0, index[:full], out=out[:full * per].view(full, per))

@@ -27,17 +27,6 @@ threshold's payload with a bitmap). On the CPU they run NumPy's ``compress`` / `
 and fancy assignment, which release the GIL, on as many slices as torch has threads (each
 slice's offset from a count of the mask before it); elsewhere ``masked_select`` and
 ``masked_scatter_``.
-
-A threshold's payload (every element with ``|x| >= tau``, positions as a bitmap) has its own
-CPU path, :func:`mask_at_least`, :func:`compact_bits` and :func:`expand_bits`, in NumPy on
-:data:`CHUNK`-element steps that stay in the cache, one slice of the tensor per thread:
-
-1. per chunk: ``|x|`` into a small work array, ``>= tau`` into the mask, its count (one read of
-   ``x`` where three whole-tensor torch ops read and wrote it four times);
-2. with the counts, every slice knows where its values start: per chunk ``np.compress`` into the
-   payload and ``np.packbits`` (least significant bit first) into its bitmap;
-3. decoding, each slice counts its bitmap's bits (a popcount of n / 8 bytes), then per chunk
-   unpacks them, lists the set positions and writes the values there into calloc'd zeros.
 """
 
 from __future__ import annotations
@@ -55,8 +44,6 @@ SAMPLED_MAX_DENSITY = 0.25  # k above this share of n: torch.topk
 SAMPLE_ABOVE = 64  # sampled values expected above the threshold (its rank's sd: 1/8 of it)
 _SAMPLER = torch.Generator().manual_seed(0x5EED)  # cpu: fixed sample positions, the result is exact anyway
 PARALLEL_MIN_NUMEL = 1 << 20  # below this, one slice
-CHUNK = 1 << 16  # elements per step of the threshold path (a multiple of 8: whole bitmap bytes)
-_NUMPY_FLOATS = (torch.float16, torch.float32, torch.float64)
 _BITS_OF = {1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64}  # any dtype's bits, as NumPy knows them
 _POOL: list[ThreadPoolExecutor] = []
 
@@ -109,9 +96,9 @@ def compact(flat: torch.Tensor, mask: torch.Tensor, out: torch.Tensor) -> torch.
     """``out`` (as many elements as ``mask`` has set) = ``flat[mask]``, in order; returns ``out``."""
     if flat.device.type != "cpu":
         return out.copy_(flat[mask])
-    src, dst, where = _numpy(flat), _numpy(out), mask.numpy()
+    src, dst, where = as_numpy(flat), as_numpy(out), mask.numpy()
     jobs = [(np.compress, where[part], src[part], 0, dst[lo:hi]) for part, lo, hi in _slices(where)]
-    _run(jobs)
+    run(jobs)
     return out
 
 
@@ -120,8 +107,8 @@ def expand(values: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     out = scratch.zeros(mask.numel(), values.dtype, values.device)
     if out.device.type != "cpu":
         return out.masked_scatter_(mask, values)
-    src, dst, where = _numpy(values), _numpy(out), mask.numpy()
-    _run([(_fill, dst[part], where[part], src[lo:hi]) for part, lo, hi in _slices(where)])
+    src, dst, where = as_numpy(values), as_numpy(out), mask.numpy()
+    run([(_fill, dst[part], where[part], src[lo:hi]) for part, lo, hi in _slices(where)])
     return out
 
 
@@ -129,7 +116,7 @@ def _fill(dst: np.ndarray, where: np.ndarray, values: np.ndarray) -> None:
     dst[np.flatnonzero(where)] = values
 
 
-def _numpy(t: torch.Tensor) -> np.ndarray:
+def as_numpy(t: torch.Tensor) -> np.ndarray:
     """A flat CPU tensor's storage as NumPy integers of its width (bf16 has no NumPy dtype; bits move alike)."""
     return t.view(_BITS_OF[t.element_size()]).numpy()
 
@@ -146,7 +133,7 @@ def _slices(where: np.ndarray) -> list[tuple[slice, int, int]]:
     return out
 
 
-def _run(jobs: list[tuple]) -> list:
+def run(jobs: list[tuple]) -> list:
     """Each ``(fn, *args)`` on the pool, as many at once as torch has threads (NumPy releases the GIL);
     their results, in order."""
     if len(jobs) == 1:
@@ -156,81 +143,3 @@ def _run(jobs: list[tuple]) -> list:
         _POOL.append(ThreadPoolExecutor(max_workers=workers, thread_name_prefix="lowband-select"))
     return [future.result() for future in [_POOL[0].submit(fn, *args) for fn, *args in jobs]]
 
-
-def fused(flat: torch.Tensor) -> bool:
-    """Whether the threshold path of this module (NumPy, by chunks) takes ``flat``: a contiguous CPU tensor
-    of a dtype NumPy computes in (not bf16)."""
-    return flat.device.type == "cpu" and flat.dtype in _NUMPY_FLOATS and flat.is_contiguous()
-
-
-def mask_at_least(flat: torch.Tensor, tau: float, mask: torch.Tensor) -> list[list[int]]:
-    """Step 1: ``mask`` (flat bool, ``flat``'s length) = ``|flat| >= tau``; returns the set count of every
-    :data:`CHUNK` of every slice (see :func:`_chunked`). For :func:`fused` tensors only."""
-    src, where = flat.numpy(), mask.numpy()
-
-    def slice_counts(lo: int, hi: int) -> list[int]:
-        work = scratch.buffer("select.abs_chunk", CHUNK, flat.dtype, flat.device).numpy()
-        counts = []
-        for c0 in range(lo, hi, CHUNK):
-            c1 = min(c0 + CHUNK, hi)
-            np.greater_equal(np.abs(src[c0:c1], out=work[:c1 - c0]), tau, out=where[c0:c1])
-            counts.append(int(np.count_nonzero(where[c0:c1])))
-        return counts
-
-    return _run([(slice_counts, lo, hi) for lo, hi in _chunked(flat.numel())])
-
-
-def compact_bits(flat: torch.Tensor, mask: torch.Tensor, counts: list[list[int]], values: torch.Tensor,
-                 bits: torch.Tensor) -> None:
-    """Step 2: ``values`` = ``flat[mask]`` and ``bits`` = the bitmap of ``mask`` (``ceil(n / 8)`` uint8),
-    from :func:`mask_at_least`'s counts."""
-    src, where, dst, out = flat.numpy(), mask.numpy(), values.numpy(), bits.numpy()
-
-    def fill(lo: int, hi: int, start: int, chunk_counts: list[int]) -> None:
-        for c0, count in zip(range(lo, hi, CHUNK), chunk_counts):
-            c1 = min(c0 + CHUNK, hi)
-            np.compress(where[c0:c1], src[c0:c1], out=dst[start:start + count])
-            out[c0 // 8:(c1 + 7) // 8] = np.packbits(where[c0:c1], bitorder="little")
-            start += count
-
-    starts = np.cumsum([0] + [sum(c) for c in counts]).tolist()
-    _run([(fill, lo, hi, starts[i], counts[i]) for i, (lo, hi) in enumerate(_chunked(flat.numel()))])
-
-
-def expand_bits(values: torch.Tensor, bits: torch.Tensor, n: int) -> torch.Tensor:
-    """Step 3: a new flat tensor of ``n``: zeros, with ``values`` in order at the set bits of ``bits``
-    (:func:`compact_bits`'s bitmap, a CPU uint8 tensor); ValueError unless it has ``values.numel()`` bits set."""
-    packed = bits.numpy()
-    parts = _chunked(n)
-    per_part = [int(_popcount(packed[lo // 8:(hi + 7) // 8])) for lo, hi in parts]
-    if sum(per_part) != values.numel():
-        raise ValueError(f"bitmap holds {sum(per_part)} indices, expected {values.numel()}")
-    out = scratch.zeros(n, values.dtype, values.device)
-    src, dst = _numpy(values), _numpy(out)
-
-    def fill(lo: int, hi: int, start: int) -> None:
-        for c0 in range(lo, hi, CHUNK):
-            c1 = min(c0 + CHUNK, hi)
-            set_at = np.flatnonzero(np.unpackbits(packed[c0 // 8:(c1 + 7) // 8], count=c1 - c0,
-                                                  bitorder="little").view(np.bool_))
-            dst[c0:c1][set_at] = src[start:start + set_at.size]
-            start += set_at.size
-
-    starts = np.cumsum([0] + per_part).tolist()
-    _run([(fill, lo, hi, starts[i]) for i, (lo, hi) in enumerate(parts)])
-    return out
-
-
-def _popcount(packed: np.ndarray) -> int:
-    if hasattr(np, "bitwise_count"):  # NumPy >= 2.0
-        return int(np.bitwise_count(packed).sum(dtype=np.int64))
-    return int(np.unpackbits(packed).sum(dtype=np.int64))
-
-
-def _chunked(n: int) -> list[tuple[int, int]]:
-    """``[lo, hi)`` per thread: whole :data:`CHUNK` s (the last slice ends at ``n``), one slice below
-    :data:`PARALLEL_MIN_NUMEL`."""
-    parts = max(1, min(torch.get_num_threads(), 8)) if n >= PARALLEL_MIN_NUMEL else 1
-    chunks = -(-n // CHUNK)
-    per = max(1, -(-chunks // parts)) * CHUNK  # whole chunks per slice, in elements
-    return [(lo, min(n, lo + per)) for lo in range(0, max(n, 1), per)]

@@ -75,11 +75,12 @@ class Sign(Compressor):
         return batched.split(lay, scales, pack(negative, 1), per_tensor_scale=True)
 
     def decode_many(self, payloads: Sequence[Payload]) -> list[torch.Tensor]:
-        """:meth:`decode` of each, the small ones in one table gather and one scaling."""
+        """:meth:`decode` of each, the small ones in one table gather (a table of levels per tensor, scale included)."""
         return batched.decode_many(self, payloads, batched.BLOCK, 8, self._decode_batch)
 
     def _decode_batch(self, scales: torch.Tensor, packed: torch.Tensor, lay: batched.Layout) -> torch.Tensor:
         signs = devices.cached(_SIGNS, packed.device, lambda d: torch.tensor([1.0, -1.0], device=d))
         slots = packed.numel() * 8
-        values = decode_levels(packed, 1, slots, signs, scratch.fresh(slots, torch.float32, packed.device))
-        return batched.scale(values, lay, scales.to(torch.float32), per_tensor_scale=True)
+        levels = scales.to(torch.float32).unsqueeze(1) * signs  # (tensors, 2): each tensor's own table
+        return decode_levels(packed, 1, slots, levels, scratch.fresh(slots, torch.float32, packed.device),
+                             lay.byte_owners(packed.device))

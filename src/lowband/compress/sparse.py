@@ -42,12 +42,13 @@ from __future__ import annotations
 import math
 import zlib
 from dataclasses import dataclass
-from typing import Any, cast
+from typing import Any, Sequence, cast
 
 import torch
 
 from lowband.compress.base import COMPRESSORS, Compressor, CompressorOptions, Payload, per_matrix
-from lowband.compress.indices import index_nbytes, pack, pack_at_least, scatter, unpack_dense
+from lowband.compress.indices import (
+    index_nbytes, pack, pack_at_least, pack_many_at_least, scatter, unpack_dense, unpack_many_dense)
 from lowband.compress.select import largest
 
 DEFAULT_RATIO = 0.01
@@ -161,6 +162,22 @@ class Threshold(_Sparse):
     def encode(self, x: torch.Tensor, key: str) -> Payload:
         flat = x.detach().reshape(-1)
         return Payload([pack_at_least(flat, self.options.tau)], ctx=(x.shape, flat.dtype, None))  # k: from its length
+
+    def encode_many(self, xs: Sequence[torch.Tensor], keys: Sequence[str]) -> list[Payload]:
+        """:meth:`encode` of each; the small CPU tensors in one NumPy pass (:mod:`lowband.compress.bitmaps`)."""
+        flats = [x.detach().reshape(-1) for x in xs]
+        return [Payload([blob], ctx=(x.shape, flat.dtype, None))
+                for x, flat, blob in zip(xs, flats, pack_many_at_least(flats, self.options.tau))]
+
+    def decode_many(self, payloads: Sequence[Payload]) -> list[torch.Tensor]:
+        """:meth:`decode` of each; the small CPU bitmaps of each dtype into one zeroed array."""
+        out: list[torch.Tensor | None] = [None] * len(payloads)
+        for dtype in dict.fromkeys(p.ctx[1] for p in payloads):
+            picked = [i for i, p in enumerate(payloads) if p.ctx[1] == dtype]
+            decoded = unpack_many_dense([(payloads[i].tensors[0], payloads[i].ctx[0], None) for i in picked], dtype)
+            for i, tensor in zip(picked, decoded):
+                out[i] = tensor
+        return cast(list[torch.Tensor], out)
 
 
 @COMPRESSORS.register("randomk")

@@ -132,14 +132,15 @@ class TernGrad(SeededCompressor):
         return torch.clamp(rows, -bound[blocks].unsqueeze(1), bound[blocks].unsqueeze(1), out=out)
 
     def decode_many(self, payloads: Sequence[Payload]) -> list[torch.Tensor]:
-        """:meth:`decode` of each, the small ones in one table gather and one scaling."""
+        """:meth:`decode` of each, the small ones in one table gather (a table of levels per tensor, scale included)."""
         return batched.decode_many(self, payloads, batched.BLOCK, 4, self._decode_batch)
 
     def _decode_batch(self, scalers: torch.Tensor, packed: torch.Tensor, lay: batched.Layout) -> torch.Tensor:
         levels = devices.cached(_TERNARY, packed.device, lambda d: torch.tensor(TERNARY, device=d))
         slots = packed.numel() * 4
-        values = decode_levels(packed, 2, slots, levels, scratch.fresh(slots, torch.float32, packed.device))
-        return batched.scale(values, lay, scalers.to(torch.float32), per_tensor_scale=True)
+        table = scalers.to(torch.float32).unsqueeze(1) * levels  # (tensors, 4): each tensor's own table
+        return decode_levels(packed, 2, slots, table, scratch.fresh(slots, torch.float32, packed.device),
+                             lay.byte_owners(packed.device))
 
 
 _TERNARY: dict[torch.device, torch.Tensor] = {}

@@ -1,0 +1,175 @@
+"""A threshold's payload on the CPU: the kept values and their bitmap, written in NumPy; registers nothing.
+
+The payload (:mod:`lowband.compress.indices`) is every element with ``|x| >= tau``, then their
+positions as a bitmap of ``ceil(n / 8)`` bytes, least significant bit first. torch builds it in
+whole-tensor passes (``abs``, ``ge``, ``count_nonzero``, ``masked_select``), each reading and
+writing the tensor; NumPy compacts and expands a mask several times faster than torch on a CPU.
+Two paths, one layout, same bytes as :func:`lowband.compress.indices.pack_masked`:
+
+* one large tensor (:func:`pack_large`, :func:`expand_large`): :data:`CHUNK`-element steps that
+  stay in the cache, one slice of the tensor per thread (:func:`lowband.compress.select.run`):
+
+  1. per chunk: ``|x|`` into a small work array, ``>= tau`` into the mask, its count (one read of
+     ``x`` where the torch ops read and wrote it four times);
+  2. with the counts, every slice knows where its values start: per chunk ``np.compress`` into the
+     payload and ``np.packbits`` into its bitmap;
+  3. decoding, each slice counts its bitmap's bits (a popcount of n / 8 bytes), then per chunk
+     unpacks them, lists the set positions and writes the values there into calloc'd zeros;
+
+* many small tensors (:func:`pack_many`, :func:`expand_many`: a model's layers, which the
+  aggregator hands over in one call): the same steps tensor by tensor, without the per-call
+  layers around them; all payloads are views of one buffer, all decoded tensors views of one
+  calloc'd array.
+
+Only for :func:`fused` tensors (contiguous, on the CPU, a dtype NumPy computes in: not bf16);
+the caller keeps the torch path for the others, and for payloads whose positions travel as an
+index list (few kept: :func:`lowband.compress.indices.uses_bitmap`).
+"""
+
+from __future__ import annotations
+
+import itertools
+from typing import Callable, Sequence
+
+import numpy as np
+import torch
+
+from lowband.compress import scratch
+from lowband.compress.select import PARALLEL_MIN_NUMEL, as_numpy, run
+
+CHUNK = 1 << 16  # elements per step (a multiple of 8: whole bitmap bytes)
+MANY_MAX_NUMEL = 1 << 18  # from this size on, a tensor takes the large path (its call overhead is small)
+NUMPY_FLOATS = (torch.float16, torch.float32, torch.float64)
+
+
+def fused(flat: torch.Tensor) -> bool:
+    """Whether this module takes ``flat``: contiguous, on the CPU, fp16/fp32/fp64."""
+    return flat.device.type == "cpu" and flat.dtype in NUMPY_FLOATS and flat.is_contiguous()
+
+
+def mask_large(flat: torch.Tensor, tau: float, mask: torch.Tensor) -> list[list[int]]:
+    """Step 1: ``mask`` (flat bool, ``flat``'s length) = ``|flat| >= tau``; returns the set count of every
+    :data:`CHUNK` of every slice (:func:`_slices`)."""
+    src, where = flat.numpy(), mask.numpy()
+
+    def slice_counts(lo: int, hi: int) -> list[int]:
+        work = scratch.buffer("bitmaps.abs", CHUNK, flat.dtype, flat.device).numpy()
+        counts = []
+        for c0 in range(lo, hi, CHUNK):
+            c1 = min(c0 + CHUNK, hi)
+            np.greater_equal(np.abs(src[c0:c1], out=work[:c1 - c0]), tau, out=where[c0:c1])
+            counts.append(int(np.count_nonzero(where[c0:c1])))
+        return counts
+
+    return run([(slice_counts, lo, hi) for lo, hi in _slices(flat.numel())])
+
+
+def pack_large(flat: torch.Tensor, mask: torch.Tensor, counts: list[list[int]], blob: torch.Tensor) -> None:
+    """Step 2: ``blob`` (uint8, ``k * itemsize + ceil(n / 8)`` bytes) = ``flat[mask]``'s bytes, then the bitmap of
+    ``mask``, from :func:`mask_large`'s counts."""
+    k = sum(map(sum, counts))
+    src, where = flat.numpy(), mask.numpy()
+    dst, out = blob[:k * flat.element_size()].view(flat.dtype).numpy(), blob[k * flat.element_size():].numpy()
+
+    def fill(lo: int, hi: int, start: int, chunk_counts: list[int]) -> None:
+        for c0, count in zip(range(lo, hi, CHUNK), chunk_counts):
+            c1 = min(c0 + CHUNK, hi)
+            np.compress(where[c0:c1], src[c0:c1], out=dst[start:start + count])
+            out[c0 // 8:(c1 + 7) // 8] = np.packbits(where[c0:c1], bitorder="little")
+            start += count
+
+    starts = list(itertools.accumulate((sum(c) for c in counts), initial=0))
+    run([(fill, lo, hi, starts[i], counts[i]) for i, (lo, hi) in enumerate(_slices(flat.numel()))])
+
+
+def expand_large(values: torch.Tensor, bits: torch.Tensor, n: int) -> torch.Tensor:
+    """Step 3: a new flat tensor of ``n``: zeros, with ``values`` in order at the set bits of ``bits``
+    (a CPU uint8 bitmap); ValueError unless it has ``values.numel()`` bits set."""
+    packed = bits.numpy()
+    parts = _slices(n)
+    per_part = [popcount(packed[lo // 8:(hi + 7) // 8]) for lo, hi in parts]
+    _check(sum(per_part), values.numel())
+    out = scratch.zeros(n, values.dtype, values.device)
+    src, dst = as_numpy(values), as_numpy(out)
+
+    def fill(lo: int, hi: int, start: int) -> None:
+        for c0 in range(lo, hi, CHUNK):
+            c1 = min(c0 + CHUNK, hi)
+            start += _expand(packed[c0 // 8:(c1 + 7) // 8], src[start:], dst[c0:c1])
+
+    starts = list(itertools.accumulate(per_part, initial=0))
+    run([(fill, lo, hi, starts[i]) for i, (lo, hi) in enumerate(parts)])
+    return out
+
+
+def pack_many(flats: Sequence[torch.Tensor], tau: float, uses_bitmap: Callable[[int, int], bool]
+              ) -> list[torch.Tensor | None]:
+    """Each small :func:`fused` tensor (all of one dtype)'s payload, views of one new buffer; None where its
+    count ``k`` makes the index list the smaller encoding (``uses_bitmap(n, k)`` false): the caller packs
+    those its own way."""
+    dtype = flats[0].dtype
+    work = scratch.buffer("bitmaps.abs", max(f.numel() for f in flats), dtype, flats[0].device).numpy()
+    starts = list(itertools.accumulate((f.numel() for f in flats), initial=0))
+    mask = scratch.buffer("bitmaps.mask", starts[-1], torch.bool, flats[0].device).numpy()
+    sources, counts = [], []
+    for flat, lo, hi in zip(flats, starts, starts[1:]):
+        src = flat.numpy()
+        np.greater_equal(np.abs(src, out=work[:hi - lo]), tau, out=mask[lo:hi])
+        sources.append(src)
+        counts.append(int(np.count_nonzero(mask[lo:hi])))
+    sizes = [k * f.element_size() + (f.numel() + 7) // 8 if uses_bitmap(f.numel(), k) else 0
+             for f, k in zip(flats, counts)]
+    offsets = list(itertools.accumulate(sizes, initial=0))
+    blob = scratch.fresh(offsets[-1], torch.uint8, flats[0].device)
+    raw = blob.numpy()
+    out: list[torch.Tensor | None] = []
+    for src, k, lo, hi, at, size in zip(sources, counts, starts, starts[1:], offsets, sizes):
+        if not size:
+            out.append(None)
+            continue
+        values = k * src.itemsize
+        np.compress(mask[lo:hi], src, out=raw[at:at + values].view(src.dtype))
+        raw[at + values:at + size] = np.packbits(mask[lo:hi], bitorder="little")
+        out.append(blob[at:at + size])
+    return out
+
+
+def expand_many(parts: Sequence[tuple[torch.Tensor, torch.Tensor, int]], dtype: torch.dtype) -> list[torch.Tensor]:
+    """For each ``(values, bits, n)`` (values of ``dtype``, aligned; a CPU uint8 bitmap of ``n``): the flat
+    decoded tensor, each a view of one new zeroed array; ValueError where a bitmap's count is not its values'."""
+    starts = list(itertools.accumulate((n for _, _, n in parts), initial=0))
+    out = scratch.zeros(starts[-1], dtype, parts[0][0].device)
+    dst = as_numpy(out)
+    for (values, bits, n), lo in zip(parts, starts):
+        packed = bits.numpy()
+        _check(popcount(packed), values.numel())
+        _expand(packed, as_numpy(values), dst[lo:lo + n])
+    return [out[lo:hi] for lo, hi in zip(starts, starts[1:])]
+
+
+def _expand(packed: np.ndarray, src: np.ndarray, dst: np.ndarray) -> int:
+    """``dst`` (zeros) at the set bits of ``packed`` = the first values of ``src``, in order; returns how many."""
+    set_at = np.flatnonzero(np.unpackbits(packed, count=dst.size, bitorder="little").view(np.bool_))
+    dst[set_at] = src[:set_at.size]
+    return set_at.size
+
+
+def _check(count: int, expected: int) -> None:
+    if count != expected:
+        raise ValueError(f"bitmap holds {count} indices, expected {expected}")
+
+
+def popcount(packed: np.ndarray) -> int:
+    """Set bits in a uint8 array."""
+    if hasattr(np, "bitwise_count"):  # NumPy >= 2.0
+        return int(np.bitwise_count(packed).sum(dtype=np.int64))
+    return int(np.unpackbits(packed).sum(dtype=np.int64))
+
+
+def _slices(n: int) -> list[tuple[int, int]]:
+    """``[lo, hi)`` per thread: whole :data:`CHUNK` s (the last slice ends at ``n``), one slice below
+    :data:`~lowband.compress.select.PARALLEL_MIN_NUMEL`."""
+    parts = max(1, min(torch.get_num_threads(), 8)) if n >= PARALLEL_MIN_NUMEL else 1
+    chunks = -(-n // CHUNK)
+    per = max(1, -(-chunks // parts)) * CHUNK  # whole chunks per slice, in elements
+    return [(lo, min(n, lo + per)) for lo in range(0, max(n, 1), per)]
