@@ -122,14 +122,20 @@ def per_tensor(block_values: torch.Tensor, lay: Layout, reduce: str) -> torch.Te
 
 
 def encode_many(compressor: Compressor, xs: Sequence[torch.Tensor], keys: Sequence[str], group: int, per: int,
-                batch: Callable[[list[torch.Tensor], Layout], list[list[torch.Tensor]]]) -> list[Payload]:
+                batch: Callable[[list[torch.Tensor], Layout], list[list[torch.Tensor]]],
+                host: Callable[[torch.Tensor], list[torch.Tensor]] | None = None) -> list[Payload]:
     """``compressor.encode`` of each tensor; the batchable ones through ``batch(flats, layout)``, which gives
-    each one's payload tensors (see :func:`batchable` for what is not batched)."""
+    each one's payload tensors (see :func:`batchable` for what is not batched). With ``host``, batchable CPU
+    tensors go through ``host(flat)`` one by one instead: NumPy's elementwise loops on a small tensor beat
+    torch's CPU kernels several times over, and a NumPy call costs a fraction of a torch op's dispatch."""
     flats = [flat_fp32(x) for x in xs]
     picked = batchable([f.numel() for f in flats], group, per)
     alone = set(range(len(xs))) - set(picked)
     out = [compressor.encode(x, key) if i in alone else None for i, (x, key) in enumerate(zip(xs, keys))]
-    if picked:
+    if picked and host is not None and all(flats[i].device.type == "cpu" for i in picked):
+        for i in picked:
+            out[i] = Payload(host(flats[i].contiguous()), ctx=(xs[i].shape, xs[i].dtype))
+    elif picked:
         lay = layout(tuple(flats[i].numel() for i in picked), group, per)
         for i, tensors in zip(picked, batch([flats[i] for i in picked], lay)):
             out[i] = Payload(tensors, ctx=(xs[i].shape, xs[i].dtype))
@@ -137,14 +143,20 @@ def encode_many(compressor: Compressor, xs: Sequence[torch.Tensor], keys: Sequen
 
 
 def decode_many(compressor: Compressor, payloads: Sequence[Payload], group: int, per: int,
-                batch: Callable[[torch.Tensor, torch.Tensor, Layout], torch.Tensor]) -> list[torch.Tensor]:
+                batch: Callable[[torch.Tensor, torch.Tensor, Layout], torch.Tensor],
+                host: Callable[[list[Payload], list[int]], list[torch.Tensor]] | None = None) -> list[torch.Tensor]:
     """``compressor.decode`` of each payload; the batchable ones through ``batch(scales, codes, layout)``,
-    given every picked payload's first and second tensor back to back, which returns every decoded slot."""
+    given every picked payload's first and second tensor back to back, which returns every decoded slot.
+    With ``host``, batchable CPU payloads go through ``host(payloads, numels)`` instead (each one's flat fp32
+    decode, in NumPy tensor by tensor, into one new array)."""
     numels = [math.prod(p.ctx[0]) for p in payloads]
     picked = batchable(numels, group, per)
     alone = set(range(len(payloads))) - set(picked)
     out = [compressor.decode(p) if i in alone else None for i, p in enumerate(payloads)]
-    if picked:
+    if picked and host is not None and all(payloads[i].tensors[1].device.type == "cpu" for i in picked):
+        for i, flat in zip(picked, host([payloads[i] for i in picked], [numels[i] for i in picked])):
+            out[i] = restore(flat, payloads[i].ctx)
+    elif picked:
         lay = layout(tuple(numels[i] for i in picked), group, per)
         scales = torch.cat([payloads[i].tensors[0].reshape(-1) for i in picked])
         values = batch(scales, padded_codes([payloads[i].tensors[1] for i in picked], lay), lay)

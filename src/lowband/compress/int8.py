@@ -27,10 +27,12 @@ Example::
 
 from __future__ import annotations
 
+import itertools
 import math
 from dataclasses import dataclass
 from typing import ClassVar, Sequence, cast
 
+import numpy as np
 import torch
 
 from lowband.compress import batched, scratch
@@ -94,7 +96,8 @@ class Int8(Compressor):
     def encode_many(self, xs: Sequence[torch.Tensor], keys: Sequence[str]) -> list[Payload]:
         """:meth:`encode` of each, the small ones in one pass (:mod:`lowband.compress.batched`): padded with their
         last element (a chunk's min and max stay), each block's bounds, then each tensor's (chunk 0)."""
-        return batched.encode_many(self, xs, keys, self._group(), 1, self._encode_batch)
+        whole = not self.options.chunk  # type: ignore[attr-defined]
+        return batched.encode_many(self, xs, keys, self._group(), 1, self._encode_batch, _encode_host if whole else None)
 
     def _group(self) -> int:
         return int(self.options.chunk) or batched.BLOCK  # type: ignore[attr-defined]
@@ -116,7 +119,8 @@ class Int8(Compressor):
 
     def decode_many(self, payloads: Sequence[Payload]) -> list[torch.Tensor]:
         """:meth:`decode` of each, the small ones in one conversion and one affine map."""
-        return batched.decode_many(self, payloads, self._group(), 1, self._decode_batch)
+        whole = not self.options.chunk  # type: ignore[attr-defined]
+        return batched.decode_many(self, payloads, self._group(), 1, self._decode_batch, _decode_host if whole else None)
 
     def _decode_batch(self, scales: torch.Tensor, q: torch.Tensor, lay: batched.Layout) -> torch.Tensor:
         lo, hi = scales.to(torch.float32).view(-1, 2).unbind(1)
@@ -124,6 +128,30 @@ class Int8(Compressor):
         values = scratch.fresh(q.numel(), torch.float32, q.device).copy_(q)
         batched.scale(values, lay, (hi - lo) / 255, whole)
         return batched.scale(values, lay, lo, whole, op=torch.add)
+
+
+def _encode_host(flat: torch.Tensor) -> list[torch.Tensor]:
+    """:meth:`Int8.encode` (chunk 0) of a small contiguous fp32 CPU tensor in NumPy: the same IEEE operations in the
+    same order (min, max, (x - lo) * inv rounded half to even), so the same bytes."""
+    src = flat.numpy()
+    lo, hi = src.min(), src.max()
+    step = (hi - lo) / np.float32(255)
+    inv = np.float32(1) / step if step > 0 else np.float32(0)
+    y = np.subtract(src, lo, out=scratch.array("int8.host_y", src.size, np.float32))
+    np.rint(np.multiply(y, inv, out=y), out=y)
+    return [torch.from_numpy(np.array([lo, hi], dtype=np.float32)), torch.from_numpy(y.astype(np.uint8))]
+
+
+def _decode_host(payloads: list[Payload], numels: list[int]) -> list[torch.Tensor]:
+    """:meth:`Int8.decode` (chunk 0) of small CPU payloads in NumPy, into one new array: lo + q * step, as there."""
+    starts = list(itertools.accumulate(numels, initial=0))
+    out = torch.empty(starts[-1], dtype=torch.float32)
+    values = out.numpy()
+    for payload, lo_at, hi_at in zip(payloads, starts, starts[1:]):
+        lo, hi = payload.tensors[0].to(torch.float32).numpy()
+        part = np.multiply(payload.tensors[1].reshape(-1).numpy(), (hi - lo) / np.float32(255), out=values[lo_at:hi_at])
+        np.add(part, lo, out=part)
+    return [out[lo_at:hi_at] for lo_at, hi_at in zip(starts, starts[1:])]
 
 
 def _bounds(rows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

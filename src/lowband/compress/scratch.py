@@ -44,6 +44,7 @@ import numpy as np
 import torch
 
 _LOCAL = threading.local()
+_CPU = torch.device("cpu")
 HUGE_PAGE = 2 << 20
 HUGE_MIN_NBYTES = 32 << 20  # glibc's largest mmap threshold: from here on, every allocation is fresh pages
 _MADV_HUGEPAGE = 14
@@ -85,9 +86,28 @@ def buffer(slot: str, numel: int, dtype: torch.dtype, device: torch.device) -> t
     return held[:need].view(dtype)  # offset 0: aligned for every dtype
 
 
+def array(slot: str, numel: int, dtype: type | np.dtype) -> np.ndarray:
+    """:func:`buffer` for the NumPy paths: an uninitialised NumPy array of ``numel`` elements of ``dtype``, recycled
+    per thread and slot under the same contract (slicing a NumPy array costs a fraction of a torch view)."""
+    need = numel * np.dtype(dtype).itemsize
+    views = _views()
+    held = views.get(slot)
+    if held is None or held.size < need:
+        views[slot] = held = buffer("numpy:" + slot, need, torch.uint8, _CPU).numpy()
+    return held[:need].view(dtype)
+
+
+def _views() -> dict[str, np.ndarray]:
+    views = getattr(_LOCAL, "views", None)
+    if views is None:
+        views = _LOCAL.views = {}
+    return views
+
+
 def release() -> None:
     """Free the calling thread's arrays (they come back, at their first use, when needed again)."""
     _pool().clear()
+    _views().clear()
 
 
 def held_bytes() -> int:

@@ -27,10 +27,11 @@ from __future__ import annotations
 import math
 from typing import Sequence
 
+import numpy as np
 import torch
 
 from lowband import devices
-from lowband.compress import batched, scratch
+from lowband.compress import batched, bitmaps, scratch
 from lowband.compress.base import COMPRESSORS, Compressor, CompressorOptions, Payload, per_matrix
 from lowband.compress.packing import decode_levels, pack
 from lowband.compress.quant import flat_fp32, restore
@@ -50,6 +51,8 @@ class Sign(Compressor):
 
     def encode(self, x: torch.Tensor, key: str) -> Payload:
         flat = flat_fp32(x)
+        if bitmaps.fused(flat):
+            return Payload(_encode_cpu(flat), ctx=(x.shape, x.dtype))
         scale = torch.linalg.vector_norm(flat, 1) / max(flat.numel(), 1)
         negative = torch.lt(flat, 0, out=scratch.buffer("sign.bits", flat.numel(), torch.bool, flat.device))
         return Payload([scale.reshape(1), pack(negative, 1)], ctx=(x.shape, x.dtype))
@@ -64,7 +67,7 @@ class Sign(Compressor):
 
     def encode_many(self, xs: Sequence[torch.Tensor], keys: Sequence[str]) -> list[Payload]:
         """:meth:`encode` of each, the small ones in one pass: blocks' norms summed per tensor, signs packed once."""
-        return batched.encode_many(self, xs, keys, batched.BLOCK, 8, self._encode_batch)
+        return batched.encode_many(self, xs, keys, batched.BLOCK, 8, self._encode_batch, _encode_cpu)
 
     def _encode_batch(self, flats: list[torch.Tensor], lay: batched.Layout) -> list[list[torch.Tensor]]:
         padded = batched.pad_cat(flats, lay)  # zeros: they add nothing to the sums, their bits are never read
@@ -84,3 +87,17 @@ class Sign(Compressor):
         levels = scales.to(torch.float32).unsqueeze(1) * signs  # (tensors, 2): each tensor's own table
         return decode_levels(packed, 1, slots, levels, scratch.fresh(slots, torch.float32, packed.device),
                              lay.byte_owners(packed.device))
+
+
+def _encode_cpu(flat: torch.Tensor) -> list[torch.Tensor]:
+    """:meth:`Sign.encode`'s payload of a contiguous fp32 CPU tensor: the bits in NumPy
+    (:func:`lowband.compress.bitmaps.negative`), the scale by torch on a large tensor (on every thread), by
+    NumPy on a small one (pairwise in fp32: either's last bits may differ from the GPU's 1-norm)."""
+    n = flat.numel()
+    if n >= batched.BATCH_MAX_NUMEL:
+        magnitudes = torch.abs(flat, out=scratch.buffer("sign.abs", n, torch.float32, flat.device))
+        scale = (magnitudes.sum() / n).reshape(1)
+    else:
+        magnitudes_np = np.abs(flat.numpy(), out=scratch.array("sign.abs_small", n, np.float32))
+        scale = torch.from_numpy(np.array([magnitudes_np.sum(dtype=np.float32) / np.float32(max(n, 1))]))
+    return [scale, bitmaps.negative(flat)]
