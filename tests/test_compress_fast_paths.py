@@ -14,7 +14,7 @@ from lowband.compress.indices import index_nbytes, pack_at_least, pack_masked, u
 from lowband.compress.packing import decode_levels, pack, unpack
 from lowband.compress.quant import NOISE_OFFSET, SeededCompressor
 from lowband.compress.bitmaps import CHUNK, MANY_MAX_NUMEL
-from lowband.compress.select import SAMPLED_MIN_NUMEL, compact, expand, largest, positions
+from lowband.compress.select import PARTITION_MAX_NUMEL, SAMPLED_MIN_NUMEL, compact, expand, largest, positions
 
 CPU = torch.device("cpu")
 BIG = SAMPLED_MIN_NUMEL * 2 + 13  # takes the sampled top-k path; not a multiple of 8
@@ -141,14 +141,15 @@ def _top_set(x: torch.Tensor, k: int) -> set[int]:
 
 @pytest.mark.parametrize("data", ["normal", "heavy", "sorted", "ties", "constant"])
 @pytest.mark.parametrize("density", [0.001, 0.01, 0.2])
-def test_sampled_top_k_is_the_exact_top_k(data: str, density: float) -> None:
+@pytest.mark.parametrize("n", [BIG, PARTITION_MAX_NUMEL + 13])  # NumPy's argpartition, the sampled threshold
+def test_sampled_top_k_is_the_exact_top_k(data: str, density: float, n: int) -> None:
     g = torch.Generator().manual_seed(7)
-    x = {"normal": lambda: torch.randn(BIG, generator=g),
-         "heavy": lambda: torch.randn(BIG, generator=g) ** 5,
-         "sorted": lambda: torch.randn(BIG, generator=g).sort().values,
-         "ties": lambda: torch.randint(-3, 4, (BIG,), generator=g).float(),
-         "constant": lambda: torch.full((BIG,), 0.5)}[data]()
-    k = max(1, round(density * BIG))
+    x = {"normal": lambda: torch.randn(n, generator=g),
+         "heavy": lambda: torch.randn(n, generator=g) ** 5,
+         "sorted": lambda: torch.randn(n, generator=g).sort().values,
+         "ties": lambda: torch.randint(-3, 4, (n,), generator=g).float(),
+         "constant": lambda: torch.full((n,), 0.5)}[data]()
+    k = max(1, round(density * n))
     idx = largest(x, k)
     assert idx.numel() == k and torch.all(idx[1:] > idx[:-1])  # k distinct, ascending
     kth = x.abs().topk(k).values[-1]

@@ -35,11 +35,10 @@ import numpy as np
 import torch
 
 from lowband.compress import scratch
-from lowband.compress.select import PARALLEL_MIN_NUMEL, as_numpy, run
+from lowband.compress.select import NUMPY_FLOATS, PARALLEL_MIN_NUMEL, as_numpy, run
 
 CHUNK = 1 << 16  # elements per step (a multiple of 8: whole bitmap bytes)
 MANY_MAX_NUMEL = 1 << 18  # from this size on, a tensor takes the large path (its call overhead is small)
-NUMPY_FLOATS = (torch.float16, torch.float32, torch.float64)
 
 
 def fused(flat: torch.Tensor) -> bool:
@@ -104,45 +103,54 @@ def expand_large(values: torch.Tensor, bits: torch.Tensor, n: int) -> torch.Tens
 
 def pack_many(flats: Sequence[torch.Tensor], tau: float, uses_bitmap: Callable[[int, int], bool]
               ) -> list[torch.Tensor | None]:
-    """Each small :func:`fused` tensor (all of one dtype)'s payload, views of one new buffer; None where its
-    count ``k`` makes the index list the smaller encoding (``uses_bitmap(n, k)`` false): the caller packs
-    those its own way."""
-    starts = list(itertools.accumulate((f.numel() for f in flats), initial=0))
+    """Each small :func:`fused` tensor's payload, views of one new buffer; None where its count ``k`` makes the
+    index list the smaller encoding (``uses_bitmap(n, k)`` false): the caller packs those its own way."""
+    sources = [flat.numpy() for flat in flats]
+    sizes = [src.size for src in sources]
+    starts = list(itertools.accumulate(sizes, initial=0))
     mask = scratch.array("bitmaps.mask", starts[-1], np.bool_)
-    work = scratch.array("bitmaps.abs", max(f.numel() for f in flats), flats[0].numpy().dtype)
-    sources, counts = [], []
-    for flat, lo, hi in zip(flats, starts, starts[1:]):
-        src = flat.numpy()
-        np.greater_equal(np.abs(src, out=work[:hi - lo]), tau, out=mask[lo:hi])
-        sources.append(src)
-        counts.append(int(np.count_nonzero(mask[lo:hi])))
-    sizes = [k * f.element_size() + (f.numel() + 7) // 8 if uses_bitmap(f.numel(), k) else 0
-             for f, k in zip(flats, counts)]
-    offsets = list(itertools.accumulate(sizes, initial=0))
+
+    def count(i: int) -> int:
+        where = mask[starts[i]:starts[i + 1]]
+        work = scratch.array("bitmaps.abs", sizes[i], sources[i].dtype)
+        np.greater_equal(np.abs(sources[i], out=work), tau, out=where)
+        return int(np.count_nonzero(where))
+
+    counts = [count(i) for i in range(len(sources))]
+    nbytes = [k * src.itemsize + (src.size + 7) // 8 if uses_bitmap(src.size, k) else 0
+              for src, k in zip(sources, counts)]
+    offsets = list(itertools.accumulate(nbytes, initial=0))
     blob = scratch.fresh(offsets[-1], torch.uint8, flats[0].device)
     raw = blob.numpy()
-    out: list[torch.Tensor | None] = []
-    for src, k, lo, hi, at, size in zip(sources, counts, starts, starts[1:], offsets, sizes):
-        if not size:
-            out.append(None)
-            continue
-        values = k * src.itemsize
-        np.compress(mask[lo:hi], src, out=raw[at:at + values].view(src.dtype))
-        raw[at + values:at + size] = np.packbits(mask[lo:hi], bitorder="little")
-        out.append(blob[at:at + size])
-    return out
+
+    def fill(i: int) -> None:
+        if nbytes[i]:
+            at, values, where = offsets[i], counts[i] * sources[i].itemsize, mask[starts[i]:starts[i + 1]]
+            np.compress(where, sources[i], out=raw[at:at + values].view(sources[i].dtype))
+            raw[at + values:at + nbytes[i]] = np.packbits(where, bitorder="little")
+
+    for i in range(len(sources)):
+        fill(i)
+    return [blob[at:at + size] if size else None for at, size in zip(offsets, nbytes)]
 
 
 def expand_many(parts: Sequence[tuple[torch.Tensor, torch.Tensor, int]], dtype: torch.dtype) -> list[torch.Tensor]:
     """For each ``(values, bits, n)`` (values of ``dtype``, aligned; a CPU uint8 bitmap of ``n``): the flat
-    decoded tensor, each a view of one new zeroed array; ValueError where a bitmap's count is not its values'."""
-    starts = list(itertools.accumulate((n for _, _, n in parts), initial=0))
+    decoded tensor, each a view of one new zeroed array; ValueError where a bitmap's count is not its values'.
+    (NumPy keeps the interpreter lock in the fancy assignment: spreading tensors over threads measured slower.)"""
+    sizes = [n for _, _, n in parts]
+    starts = list(itertools.accumulate(sizes, initial=0))
     out = scratch.zeros(starts[-1], dtype, parts[0][0].device)
     dst = as_numpy(out)
-    for (values, bits, n), lo in zip(parts, starts):
+
+    def fill(i: int) -> None:
+        values, bits, n = parts[i]
         packed = bits.numpy()
         _check(popcount(packed), values.numel())
-        _expand(packed, as_numpy(values), dst[lo:lo + n])
+        _expand(packed, as_numpy(values), dst[starts[i]:starts[i] + n])
+
+    for i in range(len(parts)):
+        fill(i)
     return [out[lo:hi] for lo, hi in zip(starts, starts[1:])]
 
 
