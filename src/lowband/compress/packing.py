@@ -112,6 +112,9 @@ def _pack_slots(slots: torch.Tensor, bits: int, out: torch.Tensor) -> None:
         out.bitwise_left_shift_(bits).bitwise_or_(slots[:, k])
 
 
+_WORDS = {4: torch.int32, 8: torch.int64}  # a table row's bytes -> the integer that holds it
+
+
 def decode_levels(packed: torch.Tensor, bits: int, n: int, levels: torch.Tensor, out: torch.Tensor,
                   owners: torch.Tensor | None = None) -> torch.Tensor:
     """``out[i] = levels[code_i]`` for the ``n`` codes packed in ``packed``, in one gather; returns ``out``.
@@ -129,7 +132,10 @@ def decode_levels(packed: torch.Tensor, bits: int, n: int, levels: torch.Tensor,
     index = scratch.buffer("unpack.index", flat.numel(), torch.int32, flat.device)
     index.copy_(flat) if owners is None else torch.add(owners, flat, out=index)
     full = n // per
-    if full:
+    row = _WORDS.get(per * out.element_size())  # a row of the table as one word: a 1-D gather, faster than rows
+    if full and row is not None and out.storage_offset() % per == 0:
+        torch.index_select(table.contiguous().view(row).reshape(-1), 0, index[:full], out=out[:full * per].view(row))
+    elif full:
         torch.index_select(table, 0, index[:full], out=out[:full * per].view(full, per))
     if full * per < n:
         out[full * per:].copy_(table.index_select(0, index[full:]).reshape(-1)[:n - full * per])

@@ -78,6 +78,9 @@ class TernGrad(SeededCompressor):
         if clip == 0 or flat.numel() < 2:
             return flat
         bound = _bound(clip * flat.std(correction=0))
+        if flat.device.type == "cpu":  # a number for bounds: torch's CPU clamp runs ~4x faster than with tensors
+            limit = float(bound)
+            return torch.clamp(flat, -limit, limit, out=out)
         return torch.clamp(flat, -bound, bound, out=out)
 
     def encode(self, x: torch.Tensor, key: str) -> Payload:
