@@ -78,6 +78,7 @@ SPECS = (
 )
 MODELS = ("gpt", "cnn", "resnet18")
 TIMED_MODELS = ("gpt", "resnet18")  # table (c)
+MODEL_REPEATS = 4  # table (c) times each point 4 x --repeats: its runs take milliseconds, and the host's noise as much
 # Data are drawn from their own stream (DATA_SEED_OFFSET): a compressor seeded 0 (qsgd, terngrad) drawing
 # its rounding noise from the very numbers that made the data would round with noise correlated to the data.
 RESNET18_PARAMS = 11_173_962  # torchvision-style CIFAR ResNet-18 with a 3x3 stem and 10 classes
@@ -284,7 +285,7 @@ def model_throughput(compressors: dict[str, Any], registry: Any, shapes: dict[st
             continue
         print(f"model throughput {spec} ...", file=sys.stderr, flush=True)
         try:
-            rows[spec] = {m: measure_model(fresh(spec, registry), reference, tensors[m], args.repeats)
+            rows[spec] = {m: measure_model(fresh(spec, registry), reference, tensors[m], MODEL_REPEATS * args.repeats)
                           for m in TIMED_MODELS}
         except Exception as err:  # noqa: BLE001 - one broken compressor must not hide the others
             notes.append(f"{spec} left out of the model table: {type(err).__name__}: {err}")
@@ -397,7 +398,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     per_model = model_throughput(compressors, registry, shapes, args, notes)
     print_table(
-        f"encode+decode of a whole model's gradients, median of {args.repeats}: lowband grouped as its aggregator "
+        f"encode+decode of a whole model's gradients, median of {MODEL_REPEATS * args.repeats}: lowband grouped as its aggregator "
         "does (tensors < 4096 elements in one bucket) vs the reference tensor by tensor; vs = reference time / "
         "lowband time",
         ["compressor", *(f"{m} {h}" for m in TIMED_MODELS for h in ("ms", "vs ref", "vs memcpy"))],
@@ -415,7 +416,7 @@ def main(argv: list[str] | None = None) -> int:
 
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps({
-        "config": {"numel": numel, "matrix_shape": [rows, cols], "repeats": args.repeats, "std": args.std,
+        "config": {"numel": numel, "matrix_shape": [rows, cols], "repeats": args.repeats, "model_repeats": MODEL_REPEATS * args.repeats, "std": args.std,
                    "seed": args.seed, "small_numel": SMALL_NUMEL, "torch": torch.__version__,
                    "threads": torch.get_num_threads(), "specs": specs},
         "models": {m: {"params": params[m], "tensors": len(shapes[m]), "groups": len(groups[m])} for m in MODELS},

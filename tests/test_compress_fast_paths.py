@@ -215,6 +215,20 @@ def test_threshold_many_gives_each_payload_as_encode_would() -> None:
             assert torch.equal(got, torch.where(x.abs() >= 0.8, x, torch.zeros_like(x)))
 
 
+@pytest.mark.parametrize("n", [1, 1000, 3 * CHUNK + 5, 2 * (1 << 20) + 7])  # one chunk; several; two threads
+def test_int8_numpy_path_gives_the_torch_ops_bytes(n: int) -> None:
+    x = torch.randn(n, generator=torch.Generator().manual_seed(n)) * 3 + 1
+    lo, hi = x.min(), x.max()
+    step = (hi - lo) / 255
+    inv = torch.where(step > 0, 1 / step, torch.zeros_like(step))
+    codes = ((x - lo) * inv).round().to(torch.uint8)  # the GPU path's ops, in its order
+    c = build("int8", COMPRESSORS)
+    payload = c.encode(x, "w")
+    assert torch.equal(payload.tensors[0], torch.stack([lo, hi])) and torch.equal(payload.tensors[1], codes)
+    assert torch.equal(c.decode(payload), codes.float() * step + lo)
+    assert torch.equal(c.decode_many([payload, payload])[1], codes.float() * step + lo)
+
+
 @pytest.mark.parametrize("spec", ["int8", "int8:chunk=1000"])
 def test_int8_on_a_large_tensor_with_a_partial_chunk(spec: str) -> None:
     x = torch.randn(BIG, generator=torch.Generator().manual_seed(6))

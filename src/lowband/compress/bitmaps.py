@@ -35,9 +35,8 @@ import numpy as np
 import torch
 
 from lowband.compress import scratch
-from lowband.compress.select import NUMPY_FLOATS, PARALLEL_MIN_NUMEL, as_numpy, run
+from lowband.compress.select import CHUNK, NUMPY_FLOATS, as_numpy, run, slices
 
-CHUNK = 1 << 16  # elements per step (a multiple of 8: whole bitmap bytes)
 MANY_MAX_NUMEL = 1 << 18  # from this size on, a tensor takes the large path (its call overhead is small)
 
 
@@ -189,12 +188,3 @@ def popcount(packed: np.ndarray) -> int:
     if hasattr(np, "bitwise_count"):  # NumPy >= 2.0
         return int(np.bitwise_count(packed).sum(dtype=np.int64))
     return int(np.unpackbits(packed).sum(dtype=np.int64))
-
-
-def slices(n: int) -> list[tuple[int, int]]:
-    """``[lo, hi)`` per thread: whole :data:`CHUNK` s (the last slice ends at ``n``), one slice below
-    :data:`~lowband.compress.select.PARALLEL_MIN_NUMEL`."""
-    parts = max(1, min(torch.get_num_threads(), 8)) if n >= PARALLEL_MIN_NUMEL else 1
-    chunks = -(-n // CHUNK)
-    per = max(1, -(-chunks // parts)) * CHUNK  # whole chunks per slice, in elements
-    return [(lo, min(n, lo + per)) for lo in range(0, max(n, 1), per)]

@@ -30,7 +30,7 @@ from __future__ import annotations
 import itertools
 import math
 from dataclasses import dataclass
-from typing import ClassVar, Sequence, cast
+from typing import Callable, ClassVar, Sequence, cast
 
 import numpy as np
 import torch
@@ -38,6 +38,7 @@ import torch
 from lowband.compress import batched, scratch
 from lowband.compress.base import COMPRESSORS, Compressor, CompressorOptions, Payload, per_matrix
 from lowband.compress.quant import check_int, flat_fp32, per_group, restore, rows_and_tail
+from lowband.compress.select import CHUNK, chunked
 
 
 @dataclass(frozen=True)
@@ -72,6 +73,8 @@ class Int8(Compressor):
             pairs = 0 if self.options.chunk else 1  # type: ignore[attr-defined]  (chunks of nothing: none)
             scales = torch.zeros(2 * pairs, dtype=torch.float32, device=flat.device)
             return Payload([scales, torch.empty(0, dtype=torch.uint8, device=flat.device)], ctx=(x.shape, x.dtype))
+        if flat.device.type == "cpu" and not self.options.chunk:  # type: ignore[attr-defined]
+            return Payload(_encode_cpu([flat.contiguous()])[0], ctx=(x.shape, x.dtype))
         size = self._size(n)
         rows, tail = rows_and_tail(flat, size)
         lo, hi = (torch.cat(parts) for parts in zip(*(_bounds(g) for g in (rows, tail.unsqueeze(0)) if g.numel())))
@@ -86,18 +89,19 @@ class Int8(Compressor):
         scales, q = payload.tensors
         shape, _ = payload.ctx
         n = math.prod(shape)
+        if q.device.type == "cpu" and not self.options.chunk and n:  # type: ignore[attr-defined]
+            return restore(_decode_cpu([payload], [n])[0], payload.ctx)
         lo, hi = scales.to(torch.float32).view(-1, 2).unbind(1)
         size = self._size(n)
         out = scratch.fresh(n, torch.float32, q.device).copy_(q)
         per_group(torch.mul, out, size, (hi - lo) / 255, out)
         return restore(per_group(torch.add, out, size, lo, out), payload.ctx)
 
-
     def encode_many(self, xs: Sequence[torch.Tensor], keys: Sequence[str]) -> list[Payload]:
         """:meth:`encode` of each, the small ones in one pass (:mod:`lowband.compress.batched`): padded with their
         last element (a chunk's min and max stay), each block's bounds, then each tensor's (chunk 0)."""
         whole = not self.options.chunk  # type: ignore[attr-defined]
-        return batched.encode_many(self, xs, keys, self._group(), 1, self._encode_batch, _encode_host if whole else None)
+        return batched.encode_many(self, xs, keys, self._group(), 1, self._encode_batch, _encode_cpu if whole else None)
 
     def _group(self) -> int:
         return int(self.options.chunk) or batched.BLOCK  # type: ignore[attr-defined]
@@ -120,7 +124,7 @@ class Int8(Compressor):
     def decode_many(self, payloads: Sequence[Payload]) -> list[torch.Tensor]:
         """:meth:`decode` of each, the small ones in one conversion and one affine map."""
         whole = not self.options.chunk  # type: ignore[attr-defined]
-        return batched.decode_many(self, payloads, self._group(), 1, self._decode_batch, _decode_host if whole else None)
+        return batched.decode_many(self, payloads, self._group(), 1, self._decode_batch, _decode_cpu if whole else None)
 
     def _decode_batch(self, scales: torch.Tensor, q: torch.Tensor, lay: batched.Layout) -> torch.Tensor:
         lo, hi = scales.to(torch.float32).view(-1, 2).unbind(1)
@@ -130,28 +134,67 @@ class Int8(Compressor):
         return batched.scale(values, lay, lo, whole, op=torch.add)
 
 
-def _encode_host(flat: torch.Tensor) -> list[torch.Tensor]:
-    """:meth:`Int8.encode` (chunk 0) of a small contiguous fp32 CPU tensor in NumPy: the same IEEE operations in the
-    same order (min, max, (x - lo) * inv rounded half to even), so the same bytes."""
-    src = flat.numpy()
-    lo, hi = src.min(), src.max()
-    step = (hi - lo) / np.float32(255)
-    inv = np.float32(1) / step if step > 0 else np.float32(0)
-    y = np.subtract(src, lo, out=scratch.array("int8.host_y", src.size, np.float32))
-    np.rint(np.multiply(y, inv, out=y), out=y)
-    return [torch.from_numpy(np.array([lo, hi], dtype=np.float32)), torch.from_numpy(y.astype(np.uint8))]
+def _encode_cpu(flats: list[torch.Tensor]) -> list[list[torch.Tensor]]:
+    """:meth:`Int8.encode` (chunk 0) of non-empty contiguous fp32 CPU tensors, in NumPy: the same IEEE operations in
+    the same order as the torch ops (min, max, (x - lo) * inv rounded half to even), so the same bytes. A large
+    tensor by cache-sized chunks on every thread (:func:`lowband.compress.select.chunked`), in one read of ``x``;
+    the codes of all in one new buffer, the bounds in one array (each payload views of them)."""
+    sources = [flat.numpy() for flat in flats]
+    bounds = np.array([[np.float32(v) for v in torch.aminmax(flat)] if src.size >= batched.BATCH_MAX_NUMEL
+                       else [src.min(), src.max()] for flat, src in zip(flats, sources)], dtype=np.float32)
+    steps = _steps(bounds)
+    with np.errstate(divide="ignore"):
+        inverses = np.where(steps > 0, np.float32(1) / steps, np.float32(0)).astype(np.float32)
+    starts = list(itertools.accumulate((src.size for src in sources), initial=0))
+    q = scratch.fresh(starts[-1], torch.uint8, flats[0].device)
+    codes = q.numpy()
+    for i, (src, first) in enumerate(zip(sources, starts)):
+        lo, inv, out = bounds[i, 0], inverses[i], codes[first:first + src.size]
+
+        def quantize(c0: int, c1: int) -> None:
+            y = scratch.array("int8.y", c1 - c0, np.float32)
+            np.rint(np.multiply(np.subtract(src[c0:c1], lo, out=y), inv, out=y), out=y)
+            np.copyto(out[c0:c1], y, casting="unsafe")
+
+        _run(src.size, quantize, np.isfinite(steps[i]), lambda: out.fill(0))  # (else: the bounds carry it)
+    scales = torch.from_numpy(bounds)
+    return [[scales[i], q[first:first + src.size]] for i, (src, first) in enumerate(zip(sources, starts))]
 
 
-def _decode_host(payloads: list[Payload], numels: list[int]) -> list[torch.Tensor]:
-    """:meth:`Int8.decode` (chunk 0) of small CPU payloads in NumPy, into one new array: lo + q * step, as there."""
+def _decode_cpu(payloads: list[Payload], numels: list[int]) -> list[torch.Tensor]:
+    """:meth:`Int8.decode` (chunk 0) of CPU payloads in NumPy, into one new array (a large one by chunks on every
+    thread): lo + q * step, as the torch ops compute it; NaN where a bound is not finite, as there."""
+    bounds = torch.cat([p.tensors[0].reshape(-1) for p in payloads]).to(torch.float32).numpy().reshape(-1, 2)
+    steps = _steps(bounds)
     starts = list(itertools.accumulate(numels, initial=0))
-    out = torch.empty(starts[-1], dtype=torch.float32)
+    out = scratch.fresh(starts[-1], torch.float32, torch.device("cpu"))
     values = out.numpy()
-    for payload, lo_at, hi_at in zip(payloads, starts, starts[1:]):
-        lo, hi = payload.tensors[0].to(torch.float32).numpy()
-        part = np.multiply(payload.tensors[1].reshape(-1).numpy(), (hi - lo) / np.float32(255), out=values[lo_at:hi_at])
-        np.add(part, lo, out=part)
+    for i, (payload, first) in enumerate(zip(payloads, starts)):
+        lo, step, codes = bounds[i, 0], steps[i], payload.tensors[1].reshape(-1).numpy()
+        part = values[first:first + codes.size]
+
+        def affine(c0: int, c1: int) -> None:
+            np.add(np.multiply(codes[c0:c1], step, out=part[c0:c1]), lo, out=part[c0:c1])
+
+        _run(codes.size, affine, np.isfinite(step), lambda: part.fill(np.nan))  # what lo + 0 * step gives
     return [out[lo_at:hi_at] for lo_at, hi_at in zip(starts, starts[1:])]
+
+
+def _steps(bounds: np.ndarray) -> np.ndarray:
+    """(hi - lo) / 255 in fp32 for each ``(lo, hi)`` row, as torch computes it (NaN or inf bounds: no warning)."""
+    with np.errstate(invalid="ignore", over="ignore"):
+        return ((bounds[:, 1] - bounds[:, 0]) / np.float32(255)).astype(np.float32)
+
+
+def _run(n: int, body: Callable[[int, int], None], finite: bool, otherwise: Callable[[], None]) -> None:
+    """``body`` over ``range(n)``: in one call up to a chunk, else by chunks on every thread; ``otherwise()`` if
+    the tensor's bounds are not ``finite``."""
+    if not finite:
+        otherwise()
+    elif n <= CHUNK:
+        body(0, n)
+    else:
+        chunked(n, body)
 
 
 def _bounds(rows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

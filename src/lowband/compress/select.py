@@ -36,6 +36,7 @@ from __future__ import annotations
 
 import math
 from concurrent.futures import ThreadPoolExecutor
+from typing import Callable
 
 import numpy as np
 import torch
@@ -48,6 +49,7 @@ SAMPLED_MAX_DENSITY = 0.25  # k above this share of n: torch.topk
 SAMPLE_ABOVE = 64  # sampled values expected above the threshold (its rank's sd: 1/8 of it)
 _SAMPLER = torch.Generator().manual_seed(0x5EED)  # cpu: fixed sample positions, the result is exact anyway
 PARALLEL_MIN_NUMEL = 1 << 20  # below this, one slice
+CHUNK = 1 << 16  # elements per step of a chunked NumPy loop (a multiple of 8: whole bitmap bytes)
 NUMPY_FLOATS = (torch.float16, torch.float32, torch.float64)  # the dtypes NumPy computes in (not bf16)
 _BITS_OF = {1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64}  # any dtype's bits, as NumPy knows them
 _POOL: list[ThreadPoolExecutor] = []
@@ -155,3 +157,21 @@ def run(jobs: list[tuple]) -> list:
     return [future.result() for future in [_POOL[0].submit(fn, *args) for fn, *args in jobs]]
 
 
+def slices(n: int) -> list[tuple[int, int]]:
+    """``[lo, hi)`` per thread: whole :data:`CHUNK` s (the last slice ends at ``n``), one slice below
+    :data:`PARALLEL_MIN_NUMEL`."""
+    parts = max(1, min(torch.get_num_threads(), 8)) if n >= PARALLEL_MIN_NUMEL else 1
+    chunks = -(-n // CHUNK)
+    per = max(1, -(-chunks // parts)) * CHUNK  # whole chunks per slice, in elements
+    return [(lo, min(n, lo + per)) for lo in range(0, max(n, 1), per)]
+
+
+def chunked(n: int, body: Callable[[int, int], None]) -> None:
+    """``body(lo, hi)`` for every :data:`CHUNK` of ``range(n)``, in order within each slice, the slices
+    (:func:`slices`) at once: NumPy work that stays in the cache and releases the interpreter lock."""
+
+    def part(lo: int, hi: int) -> None:
+        for c0 in range(lo, hi, CHUNK):
+            body(c0, min(c0 + CHUNK, hi))
+
+    run([(part, lo, hi) for lo, hi in slices(n)])

@@ -52,7 +52,7 @@ class Sign(Compressor):
     def encode(self, x: torch.Tensor, key: str) -> Payload:
         flat = flat_fp32(x)
         if bitmaps.fused(flat):
-            return Payload(_encode_cpu(flat), ctx=(x.shape, x.dtype))
+            return Payload(_encode_cpu([flat])[0], ctx=(x.shape, x.dtype))
         scale = torch.linalg.vector_norm(flat, 1) / max(flat.numel(), 1)
         negative = torch.lt(flat, 0, out=scratch.buffer("sign.bits", flat.numel(), torch.bool, flat.device))
         return Payload([scale.reshape(1), pack(negative, 1)], ctx=(x.shape, x.dtype))
@@ -89,15 +89,18 @@ class Sign(Compressor):
                              lay.byte_owners(packed.device))
 
 
-def _encode_cpu(flat: torch.Tensor) -> list[torch.Tensor]:
-    """:meth:`Sign.encode`'s payload of a contiguous fp32 CPU tensor: the bits in NumPy
+def _encode_cpu(flats: list[torch.Tensor]) -> list[list[torch.Tensor]]:
+    """:meth:`Sign.encode`'s payload of contiguous fp32 CPU tensors: the bits in NumPy
     (:func:`lowband.compress.bitmaps.negative`), the scale by torch on a large tensor (on every thread), by
     NumPy on a small one (pairwise in fp32: either's last bits may differ from the GPU's 1-norm)."""
-    n = flat.numel()
-    if n >= batched.BATCH_MAX_NUMEL:
-        magnitudes = torch.abs(flat, out=scratch.buffer("sign.abs", n, torch.float32, flat.device))
-        scale = (magnitudes.sum() / n).reshape(1)
-    else:
-        magnitudes_np = np.abs(flat.numpy(), out=scratch.array("sign.abs_small", n, np.float32))
-        scale = torch.from_numpy(np.array([magnitudes_np.sum(dtype=np.float32) / np.float32(max(n, 1))]))
-    return [scale, bitmaps.negative(flat)]
+    out = []
+    for flat in flats:
+        n = flat.numel()
+        if n >= batched.BATCH_MAX_NUMEL:
+            magnitudes = torch.abs(flat, out=scratch.buffer("sign.abs", n, torch.float32, flat.device))
+            scale = (magnitudes.sum() / n).reshape(1)
+        else:
+            magnitudes_np = np.abs(flat.numpy(), out=scratch.array("sign.abs_small", n, np.float32))
+            scale = torch.from_numpy(np.array([magnitudes_np.sum(dtype=np.float32) / np.float32(max(n, 1))]))
+        out.append([scale, bitmaps.negative(flat)])
+    return out
