@@ -157,8 +157,7 @@ def _encode_cpu(flats: list[torch.Tensor]) -> list[list[torch.Tensor]]:
             np.copyto(out[c0:c1], y, casting="unsafe")
 
         _run(src.size, quantize, np.isfinite(steps[i]), lambda: out.fill(0))  # (else: the bounds carry it)
-    scales = torch.from_numpy(bounds)
-    return [[scales[i], q[first:first + src.size]] for i, (src, first) in enumerate(zip(sources, starts))]
+    return [list(pair) for pair in zip(torch.from_numpy(bounds).unbind(0), q.split([src.size for src in sources]))]
 
 
 def _decode_cpu(payloads: list[Payload], numels: list[int]) -> list[torch.Tensor]:
@@ -169,15 +168,14 @@ def _decode_cpu(payloads: list[Payload], numels: list[int]) -> list[torch.Tensor
     starts = list(itertools.accumulate(numels, initial=0))
     out = scratch.fresh(starts[-1], torch.float32, torch.device("cpu"))
     values = out.numpy()
-    for i, (payload, first) in enumerate(zip(payloads, starts)):
-        lo, step, codes = bounds[i, 0], steps[i], payload.tensors[1].reshape(-1).numpy()
-        part = values[first:first + codes.size]
+    for i, (payload, first, last) in enumerate(zip(payloads, starts, starts[1:])):
+        lo, step, codes, part = bounds[i, 0], steps[i], payload.tensors[1].reshape(-1).numpy(), values[first:last]
 
         def affine(c0: int, c1: int) -> None:
             np.add(np.multiply(codes[c0:c1], step, out=part[c0:c1]), lo, out=part[c0:c1])
 
         _run(codes.size, affine, np.isfinite(step), lambda: part.fill(np.nan))  # what lo + 0 * step gives
-    return [out[lo_at:hi_at] for lo_at, hi_at in zip(starts, starts[1:])]
+    return list(out.split(numels))
 
 
 def _steps(bounds: np.ndarray) -> np.ndarray:
