@@ -189,6 +189,13 @@ def test_chunked_threshold_payload_is_the_masked_pack(dtype: torch.dtype, n: int
     assert dense.dtype == dtype and torch.equal(dense, torch.where(mask, x, torch.zeros_like(x)))
 
 
+def test_threshold_decodes_a_tensor_of_fresh_pages() -> None:  # zeros from the kernel, not chunk by chunk
+    n = scratch.HUGE_MIN_NBYTES // 4 + 9
+    x = torch.randn(n, generator=torch.Generator().manual_seed(2))
+    dense = unpack_dense(pack_at_least(x, 1.5), x.shape, x.dtype)
+    assert torch.equal(dense, torch.where(x.abs() >= 1.5, x, torch.zeros_like(x)))
+
+
 @pytest.mark.parametrize("n", [3 * CHUNK + 9, MANY_MAX_NUMEL + 9])  # the many path, the large one
 def test_expanding_a_bitmap_checks_its_count(n: int) -> None:
     x = torch.randn(n, generator=torch.Generator().manual_seed(1))

@@ -14,12 +14,13 @@ Two paths, one layout, same bytes as :func:`lowband.compress.indices.pack_masked
   2. with the counts, every slice knows where its values start: per chunk ``np.compress`` into the
      payload and ``np.packbits`` into its bitmap;
   3. decoding, each slice counts its bitmap's bits (a popcount of n / 8 bytes), then per chunk
-     unpacks them, lists the set positions and writes the values there into calloc'd zeros;
+     zeroes the chunk of the output (in the cache, not a pass of its own), unpacks the bits, lists
+     the set positions and writes the values there;
 
 * many small tensors (:func:`pack_many`, :func:`expand_many`: a model's layers, which the
   aggregator hands over in one call): the same steps tensor by tensor, without the per-call
-  layers around them; all payloads are views of one buffer, all decoded tensors views of one
-  calloc'd array.
+  layers around them; all payloads are views of one buffer (each on an 8-byte boundary), all
+  decoded tensors views of one array.
 
 Only for :func:`fused` tensors (contiguous, on the CPU, a dtype NumPy computes in: not bf16);
 the caller keeps the torch path for the others, and for payloads whose positions travel as an
@@ -87,13 +88,14 @@ def expand_large(values: torch.Tensor, bits: torch.Tensor, n: int) -> torch.Tens
     parts = slices(n)
     per_part = [popcount(packed[lo // 8:(hi + 7) // 8]) for lo, hi in parts]
     _check(sum(per_part), values.numel())
-    out = scratch.zeros(n, values.dtype, values.device)
+    zeroed = n * values.element_size() >= scratch.HUGE_MIN_NBYTES  # fresh pages from the kernel: zero already
+    out = (scratch.zeros if zeroed else scratch.fresh)(n, values.dtype, values.device)  # else zeroed by chunks
     src, dst = as_numpy(values), as_numpy(out)
 
     def fill(lo: int, hi: int, start: int) -> None:
         for c0 in range(lo, hi, CHUNK):
             c1 = min(c0 + CHUNK, hi)
-            start += _expand(packed[c0 // 8:(c1 + 7) // 8], src[start:], dst[c0:c1])
+            start += _expand(packed[c0 // 8:(c1 + 7) // 8], src[start:], dst[c0:c1], zero=not zeroed)
 
     starts = list(itertools.accumulate(per_part, initial=0))
     run([(fill, lo, hi, starts[i]) for i, (lo, hi) in enumerate(parts)])
@@ -118,7 +120,7 @@ def pack_many(flats: Sequence[torch.Tensor], tau: float, uses_bitmap: Callable[[
     counts = [count(i) for i in range(len(sources))]
     nbytes = [k * src.itemsize + (src.size + 7) // 8 if uses_bitmap(src.size, k) else 0
               for src, k in zip(sources, counts)]
-    offsets = list(itertools.accumulate(nbytes, initial=0))
+    offsets = list(itertools.accumulate((-(-size // 8) * 8 for size in nbytes), initial=0))  # each on a word
     blob = scratch.fresh(offsets[-1], torch.uint8, flats[0].device)
     raw = blob.numpy()
 
@@ -133,29 +135,31 @@ def pack_many(flats: Sequence[torch.Tensor], tau: float, uses_bitmap: Callable[[
     return [blob[at:at + size] if size else None for at, size in zip(offsets, nbytes)]
 
 
-def expand_many(parts: Sequence[tuple[torch.Tensor, torch.Tensor, int]], dtype: torch.dtype) -> list[torch.Tensor]:
-    """For each ``(values, bits, n)`` (values of ``dtype``, aligned; a CPU uint8 bitmap of ``n``): the flat
-    decoded tensor, each a view of one new zeroed array; ValueError where a bitmap's count is not its values'.
-    (NumPy keeps the interpreter lock in the fancy assignment: spreading tensors over threads measured slower.)"""
-    sizes = [n for _, _, n in parts]
+def expand_many(parts: Sequence[tuple[np.ndarray, int, int, bool]], dtype: torch.dtype) -> list[torch.Tensor]:
+    """For each ``(payload, k, n, aligned)`` (a CPU payload's bytes: ``k`` values of ``dtype``, then the bitmap of
+    ``n``; ``aligned``: whether they start on a multiple of the dtype's size): the flat decoded tensor, each a
+    view of one new zeroed array; ValueError where a bitmap's count is not ``k``. Values move as integers of
+    their width, so any dtype does. (NumPy keeps the interpreter lock in the fancy assignment: spreading the
+    tensors over threads measured slower.)"""
+    sizes = [n for _, _, n, _ in parts]
     starts = list(itertools.accumulate(sizes, initial=0))
-    out = scratch.zeros(starts[-1], dtype, parts[0][0].device)
-    dst = as_numpy(out)
-
-    def fill(i: int) -> None:
-        values, bits, n = parts[i]
-        packed = bits.numpy()
-        _check(popcount(packed), values.numel())
-        _expand(packed, as_numpy(values), dst[starts[i]:starts[i] + n])
-
-    for i in range(len(parts)):
-        fill(i)
-    return [out[lo:hi] for lo, hi in zip(starts, starts[1:])]
+    out = scratch.fresh(starts[-1], dtype, torch.device("cpu"))  # each tensor zeroed by _expand, in the cache
+    dst, width = as_numpy(out), dtype.itemsize
+    for (raw, k, n, aligned), lo in zip(parts, starts):
+        values = raw[:k * width] if aligned else raw[:k * width].copy()  # (at an odd offset of a gathered buffer)
+        _expand(raw[k * width:], values.view(dst.dtype), dst[lo:lo + n], k)
+    return list(out.split(sizes))
 
 
-def _expand(packed: np.ndarray, src: np.ndarray, dst: np.ndarray) -> int:
-    """``dst`` (zeros) at the set bits of ``packed`` = the first values of ``src``, in order; returns how many."""
+def _expand(packed: np.ndarray, src: np.ndarray, dst: np.ndarray, expected: int | None = None,
+            zero: bool = True) -> int:
+    """``dst`` = zeros (already, unless ``zero``), and at the set bits of ``packed`` the first values of ``src``, in
+    order; returns how many (ValueError unless ``expected``, when given)."""
     set_at = np.flatnonzero(np.unpackbits(packed, count=dst.size, bitorder="little").view(np.bool_))
+    if expected is not None:
+        _check(set_at.size, expected)
+    if zero:
+        dst.fill(0)
     dst[set_at] = src[:set_at.size]
     return set_at.size
 

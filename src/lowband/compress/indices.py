@@ -33,6 +33,7 @@ from __future__ import annotations
 import math
 from typing import cast
 
+import numpy as np
 import torch
 
 from lowband import devices
@@ -190,7 +191,7 @@ def unpack_many_dense(payloads: list[tuple[torch.Tensor, torch.Size, int | None]
     in NumPy: a large one by chunks, small ones together into one zeroed array
     (:func:`lowband.compress.bitmaps.expand_many`)."""
     out: list[torch.Tensor | None] = [None] * len(payloads)
-    small: list[tuple[int, tuple[torch.Tensor, torch.Tensor, int]]] = []
+    small: list[tuple[int, tuple[np.ndarray, int, int, bool]]] = []
     for i, (blob, shape, k) in enumerate(payloads):
         n, size = math.prod(shape), dtype.itemsize
         k = count_from_nbytes(n, blob.numel(), size) if k is None else k
@@ -201,7 +202,7 @@ def unpack_many_dense(payloads: list[tuple[torch.Tensor, torch.Size, int | None]
         elif n >= bitmaps.MANY_MAX_NUMEL:
             out[i] = bitmaps.expand_large(aligned(blob[:k * size], dtype), blob[k * size:], n).view(shape)
         else:
-            small.append((i, (aligned(blob[:k * size], dtype), blob[k * size:], n)))
+            small.append((i, (blob.numpy(), k, n, blob.data_ptr() % size == 0)))
     if small:
         for (i, _), flat in zip(small, bitmaps.expand_many([part for _, part in small], dtype)):
             out[i] = flat.view(payloads[i][1])
