@@ -236,6 +236,22 @@ def test_int8_numpy_path_gives_the_torch_ops_bytes(n: int) -> None:
     assert torch.equal(c.decode_many([payload, payload])[1], codes.float() * step + lo)
 
 
+@pytest.mark.parametrize("spec", ["qsgd:bits=2", "qsgd:bits=4", "qsgd:bits=8", "qsgd:bucket=0", "terngrad",
+                                  "terngrad:clip=0"])
+@pytest.mark.parametrize("n", [7, 1000, 3 * CHUNK + 77, 2 * (1 << 20) + 5])  # one chunk; several; two threads
+def test_stochastic_rounding_in_numpy_gives_the_torch_ops_bytes(spec: str, n: int,
+                                                                 monkeypatch: pytest.MonkeyPatch) -> None:
+    import lowband.compress.qsgd as qsgd_module
+    from lowband.compress.terngrad import TernGrad
+
+    x = torch.randn(n, generator=torch.Generator().manual_seed(n))
+    fast = build(spec, COMPRESSORS).encode(x, "w")
+    monkeypatch.setattr(qsgd_module, "CHUNK", 7)  # buckets no longer tile a chunk: QSGD's torch ops
+    monkeypatch.setattr(TernGrad, "_encode_cpu", lambda self, flat: None)  # TernGrad's torch ops
+    plain = build(spec, COMPRESSORS).encode(x, "w")  # the same seed, the same draws
+    assert all(torch.equal(a, b) for a, b in zip(fast.tensors, plain.tensors))
+
+
 @pytest.mark.parametrize("spec", ["int8", "int8:chunk=1000"])
 def test_int8_on_a_large_tensor_with_a_partial_chunk(spec: str) -> None:
     x = torch.randn(BIG, generator=torch.Generator().manual_seed(6))

@@ -31,6 +31,7 @@ Example::
 
 from __future__ import annotations
 
+import numpy as np
 import torch
 
 from lowband import devices
@@ -102,6 +103,22 @@ def pack(codes: torch.Tensor, bits: int, check: bool = True) -> torch.Tensor:
         tail[:n - body] = flat[body:]
         _pack_slots(tail.view(-1, per), bits, out[body * bits // 8:])
     return out
+
+
+def pack_numpy(codes: np.ndarray, bits: int, out: np.ndarray) -> None:
+    """:func:`pack` in NumPy, into ``out``: ``codes`` (uint8, a whole number of bytes' worth, values in range;
+    overwritten). The codes of a byte are read as one little-endian word (``per`` bytes) and folded into its low
+    byte by shifts, on contiguous arrays (strided slices of the codes are several times slower)."""
+    if bits == 8:
+        out[:] = codes
+        return
+    word = codes.view(np.uint16 if bits == 4 else np.uint32)  # bits 4: c0 + c1 << 8; bits 2: four bytes
+    folded = scratch.array("pack.folded", word.size, word.dtype)
+    np.bitwise_or(word, np.right_shift(word, 8 - bits, out=folded), out=folded)  # c0 | c1 << bits in the low byte
+    if bits == 2:  # c2 | c3 << 2 sit in the second byte: move them to bits 4-7
+        word = np.right_shift(folded, 12, out=scratch.array("pack.high", word.size, word.dtype))
+        np.bitwise_or(folded, word, out=folded)
+    np.copyto(out, folded, casting="unsafe")  # the low byte of each word
 
 
 def _pack_slots(slots: torch.Tensor, bits: int, out: torch.Tensor) -> None:

@@ -38,13 +38,15 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import ClassVar, Sequence, cast
+from typing import Callable, ClassVar, Sequence, cast
 
+import numpy as np
 import torch
 
 from lowband import devices
 from lowband.compress import batched, scratch
 from lowband.compress.base import COMPRESSORS, CompressorOptions, Payload, per_matrix
+from lowband.compress.select import CHUNK
 from lowband.compress.packing import decode_levels, pack
 from lowband.compress.quant import (
     NOISE_OFFSET, SeededCompressor, check_int, flat_fp32, per_group, restore, rows_and_tail)
@@ -106,6 +108,9 @@ class QSGD(SeededCompressor):
         bucket = self._bucket(n)
         norms = bucket_norms(flat, bucket)  # (ceil(n / bucket),)
         scale = torch.where(norms > 0, s / norms, torch.zeros_like(norms))
+        if flat.device.type == "cpu" and n and (bucket >= n or CHUNK % bucket == 0) and bool(torch.isfinite(scale).all()):
+            shifted = _shifted(flat.contiguous().numpy(), bucket, scale.numpy(), np.float32(s + NOISE_OFFSET))
+            return norms, self.round_pack_cpu(n, shifted, 2 * s, self.bits)  # steps 2-4 in NumPy, same bytes
         y = per_group(torch.mul, flat, bucket, scale, scratch.buffer("qsgd.y", n, torch.float32, flat.device))
         y.add_(s + NOISE_OFFSET)  # r + s >= 0, ready for the rounding
         codes = self.round_stochastic(y, 2 * s, scratch.buffer("qsgd.codes", n, torch.uint8, flat.device))
@@ -142,6 +147,24 @@ class QSGD(SeededCompressor):
     def _decode_batch(self, norms: torch.Tensor, packed: torch.Tensor, lay: batched.Layout) -> torch.Tensor:
         values = self._levels_of(packed, packed.numel() * lay.per)
         return batched.scale(values, lay, norms.to(torch.float32) / self.levels, per_tensor_scale=False)
+
+
+def _shifted(src: np.ndarray, bucket: int, scale: np.ndarray, offset: np.float32
+             ) -> Callable[[int, int, np.ndarray], None]:
+    """``shifted(lo, hi, y)``: ``y = x[lo:hi] * scale of its bucket + offset`` (``lo`` on a bucket boundary), the
+    NumPy twin of the torch path's per-bucket multiply and add."""
+
+    def shifted(lo: int, hi: int, y: np.ndarray) -> None:
+        full = (hi - lo) // bucket if bucket < src.size else 0
+        first = lo // bucket
+        if full:
+            np.multiply(src[lo:lo + full * bucket].reshape(full, bucket), scale[first:first + full, None],
+                        out=y[:full * bucket].reshape(full, bucket))
+        if lo + full * bucket < hi:  # the last, partial bucket (or the one bucket of the tensor)
+            np.multiply(src[lo + full * bucket:hi], scale[-1], out=y[full * bucket:])
+        np.add(y, offset, out=y)
+
+    return shifted
 
 
 def bucket_norms(flat: torch.Tensor, bucket: int) -> torch.Tensor:

@@ -20,13 +20,16 @@ pass of an encode). Each rounding's probability is then ``frac(y)`` to the neare
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Callable
 
+import numpy as np
 import torch
 
 from lowband import devices
 from lowband.compress import scratch
 from lowband.compress.base import Compressor, CompressorOptions
+from lowband.compress.packing import pack_numpy
+from lowband.compress.select import CHUNK, chunked
 
 Ctx = tuple[torch.Size, torch.dtype]
 NOISE_SCALE = 2.0 ** -16  # one step of the 16-bit uniform
@@ -69,6 +72,17 @@ def per_group(op: Any, src: torch.Tensor, size: int, column: torch.Tensor, out: 
     return out
 
 
+_FILLED: dict[int, np.ndarray] = {}
+
+
+def _filled(value: int) -> np.ndarray:
+    """A read-only uint8 array of :data:`~lowband.compress.select.CHUNK` copies of ``value`` (made once)."""
+    if value not in _FILLED:
+        _FILLED[value] = np.full(CHUNK, value, dtype=np.uint8)
+        _FILLED[value].flags.writeable = False
+    return _FILLED[value]
+
+
 class SeededCompressor(Compressor):
     """A compressor that draws from its own ``torch.Generator`` (``options.seed``), saved in ``state_dict``.
 
@@ -107,6 +121,36 @@ class SeededCompressor(Compressor):
         noise.copy_(words.view(torch.int16)[:n])
         y.add_(noise, alpha=NOISE_SCALE)
         return codes.copy_(y).clamp_(max=top)  # y >= 0: the conversion truncates, which is floor
+
+    def round_pack_cpu(self, n: int, shifted: Callable[[int, int, np.ndarray], None], top: int, bits: int
+                       ) -> torch.Tensor:
+        """:meth:`round_stochastic` and :func:`~lowband.compress.packing.pack` on the CPU, in NumPy by cache-sized
+        chunks on every thread (:func:`lowband.compress.select.chunked`): ``shifted(lo, hi, y)`` writes value +
+        ``NOISE_OFFSET`` of elements ``[lo, hi)`` into ``y`` (finite). The same generator draws and the same IEEE
+        operations (the noise ``k / 65536`` is exact in fp32, so adding it rounds once either way), so the same
+        bytes as the torch ops; the values pass through the cache once instead of once per op."""
+        cpu = torch.device("cpu")
+        words = scratch.buffer("noise.words", (n + 3) // 4, torch.int64, cpu)
+        words.random_(-2 ** 63, None, generator=self._generator_on(cpu))  # as round_stochastic draws
+        noise = words.numpy().view(np.int16)
+        per = 8 // bits
+        out = scratch.fresh((n * bits + 7) // 8, torch.uint8, cpu)
+        packed = out.numpy()
+
+        def body(lo: int, hi: int) -> None:
+            m, whole = hi - lo, -(-(hi - lo) // per) * per
+            y = scratch.array("round.y", m, np.float32)
+            shifted(lo, hi, y)
+            np.add(y, np.multiply(noise[lo:hi], np.float32(NOISE_SCALE), out=scratch.array("round.u", m, np.float32)),
+                   out=y)
+            codes = scratch.array("round.codes", whole, np.uint8)
+            np.copyto(codes[:m], y, casting="unsafe")  # y >= 0: the conversion truncates, which is floor
+            codes[m:] = 0
+            np.minimum(codes[:m], _filled(top)[:m], out=codes[:m])  # (against a scalar NumPy takes a slow loop)
+            pack_numpy(codes, bits, packed[lo * bits // 8:(lo + whole) * bits // 8])
+
+        chunked(n, body)
+        return out
 
     def state_dict(self) -> dict[str, Any]:
         return {"generator": self.generator.get_state(), "device": str(self.device)}

@@ -37,6 +37,7 @@ import math
 from dataclasses import dataclass
 from typing import ClassVar, Sequence
 
+import numpy as np
 import torch
 
 from lowband import devices
@@ -86,6 +87,10 @@ class TernGrad(SeededCompressor):
     def encode(self, x: torch.Tensor, key: str) -> Payload:
         flat = flat_fp32(x)
         n = flat.numel()
+        if flat.device.type == "cpu" and n:
+            encoded = self._encode_cpu(flat.contiguous())
+            if encoded is not None:
+                return Payload(encoded, ctx=(x.shape, x.dtype))
         y = scratch.buffer("terngrad.y", n, torch.float32, flat.device)
         clipped = self.clipped(flat, y)
         if n:
@@ -105,6 +110,26 @@ class TernGrad(SeededCompressor):
         levels = devices.cached(_TERNARY, packed.device, lambda d: torch.tensor(TERNARY, device=d))
         out = scratch.fresh(n, torch.float32, packed.device)
         return restore(decode_levels(packed, 2, n, levels * scaler.to(torch.float32), out), payload.ctx)
+
+    def _encode_cpu(self, flat: torch.Tensor) -> list[torch.Tensor] | None:
+        """Steps 1-4 on the CPU, the rounding and packing in NumPy by chunks (:meth:`round_pack_cpu`): the same
+        bytes as the torch ops (the clipped tensor's peak is min(max |x|, bound), exactly), without the clipped
+        copy. None for a tensor with a NaN or an infinity (the torch ops take it)."""
+        lo, hi = (np.float32(v) for v in torch.aminmax(flat))
+        peak, clip = max(-lo, hi), float(self.options.clip)  # type: ignore[attr-defined]
+        limit = float(_bound(clip * flat.std(correction=0))) if clip and flat.numel() >= 2 else math.inf
+        if math.isfinite(limit):
+            peak = min(peak, np.float32(limit))
+        if not math.isfinite(peak):
+            return None
+        inv = np.float32(1) / peak if peak > 0 else np.float32(0)
+        src, bound, offset = flat.numpy(), np.float32(limit), np.float32(1 + NOISE_OFFSET)
+
+        def shifted(first: int, last: int, y: np.ndarray) -> None:  # x / s + 1 (+ the noise's offset)
+            part = np.clip(src[first:last], -bound, bound, out=y) if math.isfinite(limit) else src[first:last]
+            np.add(np.multiply(part, inv, out=y), offset, out=y)
+
+        return [torch.tensor([peak], dtype=torch.float32), self.round_pack_cpu(flat.numel(), shifted, 2, 2)]
 
     def encode_many(self, xs: Sequence[torch.Tensor], keys: Sequence[str]) -> list[Payload]:
         """:meth:`encode` of each, the small ones in one pass (:mod:`lowband.compress.batched`)."""
