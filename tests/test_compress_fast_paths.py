@@ -242,12 +242,14 @@ def test_int8_numpy_path_gives_the_torch_ops_bytes(n: int) -> None:
 def test_stochastic_rounding_in_numpy_gives_the_torch_ops_bytes(spec: str, n: int,
                                                                  monkeypatch: pytest.MonkeyPatch) -> None:
     import lowband.compress.qsgd as qsgd_module
-    from lowband.compress.terngrad import TernGrad
+    import lowband.compress.terngrad as terngrad_module
 
     x = torch.randn(n, generator=torch.Generator().manual_seed(n))
+    for module in (qsgd_module, terngrad_module):  # the NumPy path at every size
+        monkeypatch.setattr(module, "ROUND_NUMPY_MIN_NUMEL", 1)
     fast = build(spec, COMPRESSORS).encode(x, "w")
-    monkeypatch.setattr(qsgd_module, "CHUNK", 7)  # buckets no longer tile a chunk: QSGD's torch ops
-    monkeypatch.setattr(TernGrad, "_encode_cpu", lambda self, flat: None)  # TernGrad's torch ops
+    for module in (qsgd_module, terngrad_module):  # the torch ops at every size
+        monkeypatch.setattr(module, "ROUND_NUMPY_MIN_NUMEL", 1 << 62)
     plain = build(spec, COMPRESSORS).encode(x, "w")  # the same seed, the same draws
     assert all(torch.equal(a, b) for a, b in zip(fast.tensors, plain.tensors))
 

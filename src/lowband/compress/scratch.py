@@ -29,7 +29,8 @@ kernel: one fault per 2 MiB instead of one per 4 KiB, which halves the cost of w
 fresh 100 MB tensor on the machines measured (``benchmarks/compressors.py``; torch itself
 does the same with ``THP_MEM_ALLOC_ENABLE=1``). Only the hint changes: where the kernel has
 transparent huge pages off or no free 2 MiB page, it hands out small pages as before.
-``LOWBAND_HUGEPAGES=0`` turns the hint off.
+The work arrays of :func:`buffer` get the same hint when they are made (fewer TLB misses on the
+passes over a large tensor). ``LOWBAND_HUGEPAGES=0`` turns the hint off.
 """
 
 from __future__ import annotations
@@ -82,7 +83,7 @@ def buffer(slot: str, numel: int, dtype: torch.dtype, device: torch.device) -> t
     held = pool.get(slot)
     if held is None or held.numel() < need:
         pool.pop(slot, None)  # free the smaller one first: the peak stays one array per slot
-        held = pool[slot] = torch.empty(max(need, 1), dtype=torch.uint8, device=device)
+        held = pool[slot] = hint_huge(torch.empty(max(need, 1), dtype=torch.uint8, device=device))
     return held[:need].view(dtype)  # offset 0: aligned for every dtype
 
 
