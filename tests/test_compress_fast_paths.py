@@ -223,7 +223,11 @@ def test_threshold_many_gives_each_payload_as_encode_would() -> None:
 
 
 @pytest.mark.parametrize("n", [1, 1000, 3 * CHUNK + 5, 2 * (1 << 20) + 7])  # one chunk; several; two threads
-def test_int8_numpy_path_gives_the_torch_ops_bytes(n: int) -> None:
+@pytest.mark.parametrize("numpy_from", [1, 1 << 62])  # NumPy's chunk loop at every size; the torch ops at every size
+def test_int8_numpy_path_gives_the_torch_ops_bytes(n: int, numpy_from: int, monkeypatch: pytest.MonkeyPatch) -> None:
+    import lowband.compress.int8 as int8_module
+
+    monkeypatch.setattr(int8_module, "NUMPY_MIN_NUMEL", numpy_from)
     x = torch.randn(n, generator=torch.Generator().manual_seed(n)) * 3 + 1
     lo, hi = x.min(), x.max()
     step = (hi - lo) / 255
@@ -246,10 +250,10 @@ def test_stochastic_rounding_in_numpy_gives_the_torch_ops_bytes(spec: str, n: in
 
     x = torch.randn(n, generator=torch.Generator().manual_seed(n))
     for module in (qsgd_module, terngrad_module):  # the NumPy path at every size
-        monkeypatch.setattr(module, "ROUND_NUMPY_MIN_NUMEL", 1)
+        monkeypatch.setattr(module, "NUMPY_MIN_NUMEL", 1)
     fast = build(spec, COMPRESSORS).encode(x, "w")
     for module in (qsgd_module, terngrad_module):  # the torch ops at every size
-        monkeypatch.setattr(module, "ROUND_NUMPY_MIN_NUMEL", 1 << 62)
+        monkeypatch.setattr(module, "NUMPY_MIN_NUMEL", 1 << 62)
     plain = build(spec, COMPRESSORS).encode(x, "w")  # the same seed, the same draws
     assert all(torch.equal(a, b) for a, b in zip(fast.tensors, plain.tensors))
 

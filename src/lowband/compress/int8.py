@@ -37,7 +37,7 @@ import torch
 
 from lowband.compress import batched, scratch
 from lowband.compress.base import COMPRESSORS, Compressor, CompressorOptions, Payload, per_matrix
-from lowband.compress.quant import check_int, flat_fp32, per_group, restore, rows_and_tail
+from lowband.compress.quant import NUMPY_MIN_NUMEL, check_int, flat_fp32, per_group, restore, rows_and_tail
 from lowband.compress.select import CHUNK, chunked
 
 
@@ -73,7 +73,7 @@ class Int8(Compressor):
             pairs = 0 if self.options.chunk else 1  # type: ignore[attr-defined]  (chunks of nothing: none)
             scales = torch.zeros(2 * pairs, dtype=torch.float32, device=flat.device)
             return Payload([scales, torch.empty(0, dtype=torch.uint8, device=flat.device)], ctx=(x.shape, x.dtype))
-        if flat.device.type == "cpu" and not self.options.chunk:  # type: ignore[attr-defined]
+        if flat.device.type == "cpu" and n >= NUMPY_MIN_NUMEL and not self.options.chunk:  # type: ignore[attr-defined]
             return Payload(_encode_cpu([flat.contiguous()])[0], ctx=(x.shape, x.dtype))
         size = self._size(n)
         rows, tail = rows_and_tail(flat, size)
@@ -89,8 +89,6 @@ class Int8(Compressor):
         scales, q = payload.tensors
         shape, _ = payload.ctx
         n = math.prod(shape)
-        if q.device.type == "cpu" and not self.options.chunk and n:  # type: ignore[attr-defined]
-            return restore(_decode_cpu([payload], [n])[0], payload.ctx)
         lo, hi = scales.to(torch.float32).view(-1, 2).unbind(1)
         size = self._size(n)
         out = scratch.fresh(n, torch.float32, q.device).copy_(q)

@@ -49,7 +49,7 @@ from lowband.compress.base import COMPRESSORS, CompressorOptions, Payload, per_m
 from lowband.compress.select import CHUNK
 from lowband.compress.packing import decode_levels, pack
 from lowband.compress.quant import (
-    NOISE_OFFSET, ROUND_NUMPY_MIN_NUMEL, SeededCompressor, check_int, flat_fp32, per_group, restore, rows_and_tail)
+    NOISE_OFFSET, NUMPY_MIN_NUMEL, SeededCompressor, check_int, flat_fp32, per_group, restore, rows_and_tail)
 
 
 _LEVELS: dict[int, dict[torch.device, torch.Tensor]] = {2: {}, 4: {}, 8: {}}  # code - s, per width and device
@@ -108,7 +108,7 @@ class QSGD(SeededCompressor):
         bucket = self._bucket(n)
         norms = bucket_norms(flat, bucket)  # (ceil(n / bucket),)
         scale = torch.where(norms > 0, s / norms, torch.zeros_like(norms))
-        if flat.device.type == "cpu" and n >= ROUND_NUMPY_MIN_NUMEL and (bucket >= n or CHUNK % bucket == 0) \
+        if flat.device.type == "cpu" and n >= NUMPY_MIN_NUMEL and (bucket >= n or CHUNK % bucket == 0) \
                 and bool(torch.isfinite(scale).all()):
             shifted = _shifted(flat.contiguous().numpy(), bucket, scale.numpy(), np.float32(s + NOISE_OFFSET))
             return norms, self.round_pack_cpu(n, shifted, 2 * s, self.bits)  # steps 2-4 in NumPy, same bytes

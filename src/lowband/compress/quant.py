@@ -72,8 +72,8 @@ def per_group(op: Any, src: torch.Tensor, size: int, column: torch.Tensor, out: 
     return out
 
 
-ROUND_NUMPY_MIN_NUMEL = 1 << 23  # from here on round_pack_cpu beats the torch ops (benchmarks/compressors.py);
-# below, whose temporaries stay in the caches, they are as fast or faster
+NUMPY_MIN_NUMEL = 1 << 23  # a CPU tensor from this size on: the quantizers' NumPy chunk loops beat the torch
+# ops (benchmarks/compressors.py); below, the torch ops on cached work arrays are as fast or faster
 _FILLED: dict[int, np.ndarray] = {}
 
 

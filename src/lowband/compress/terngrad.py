@@ -45,7 +45,7 @@ from lowband.compress import batched, scratch
 from lowband.compress.base import COMPRESSORS, CompressorOptions, Payload, per_matrix
 from lowband.compress.packing import decode_levels, pack
 from lowband.compress.quant import (
-    NOISE_OFFSET, ROUND_NUMPY_MIN_NUMEL, SeededCompressor, check_int, flat_fp32, restore)
+    NOISE_OFFSET, NUMPY_MIN_NUMEL, SeededCompressor, check_int, flat_fp32, restore)
 
 TERNARY = (-1.0, 0.0, 1.0, 1.0)  # code -> b (code 3 never comes out of the capped rounding)
 
@@ -88,7 +88,7 @@ class TernGrad(SeededCompressor):
     def encode(self, x: torch.Tensor, key: str) -> Payload:
         flat = flat_fp32(x)
         n = flat.numel()
-        if flat.device.type == "cpu" and n >= ROUND_NUMPY_MIN_NUMEL:
+        if flat.device.type == "cpu" and n >= NUMPY_MIN_NUMEL:
             encoded = self._encode_cpu(flat.contiguous())
             if encoded is not None:
                 return Payload(encoded, ctx=(x.shape, x.dtype))
