@@ -130,7 +130,7 @@ class TernGrad(SeededCompressor):
             part = np.clip(src[first:last], -bound, bound, out=y) if math.isfinite(limit) else src[first:last]
             np.add(np.multiply(part, inv, out=y), offset, out=y)
 
-        return [torch.tensor([peak], dtype=torch.float32), self.round_pack_cpu(flat.numel(), shifted, 2, 2)]
+        return [torch.from_numpy(np.array([peak], dtype=np.float32)), self.round_pack_cpu(flat.numel(), shifted, 2, 2)]
 
     def encode_many(self, xs: Sequence[torch.Tensor], keys: Sequence[str]) -> list[Payload]:
         """:meth:`encode` of each, the small ones in one pass (:mod:`lowband.compress.batched`)."""
