@@ -126,9 +126,9 @@ def encode_many(compressor: Compressor, xs: Sequence[torch.Tensor], keys: Sequen
                 host: Callable[[list[torch.Tensor]], list[list[torch.Tensor]]] | None = None) -> list[Payload]:
     """``compressor.encode`` of each tensor; the batchable ones through ``batch(flats, layout)``, which gives
     each one's payload tensors (see :func:`batchable` for what is not batched). With ``host``, batchable CPU
-    tensors go through ``host(flats)`` instead (contiguous), which gives the same: NumPy tensor by tensor, whose
-    elementwise loops on a small tensor beat torch's CPU kernels several times over, and whose calls cost a
-    fraction of a torch op's dispatch."""
+    tensors go through ``host(flats)`` instead (contiguous), which gives the same: NumPy tensor by tensor, which
+    measured faster there (``benchmarks/compressors.py``, table (c)): NumPy's elementwise loops on a small
+    tensor, and its calls, cost less than torch's CPU kernels and their dispatch."""
     flats = [flat_fp32(x) for x in xs]
     picked = batchable([f.numel() for f in flats], group, per)
     alone = set(range(len(xs))) - set(picked)

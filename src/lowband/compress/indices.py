@@ -37,10 +37,9 @@ import numpy as np
 import torch
 
 from lowband import devices
-from lowband.compress import scratch
+from lowband.compress import bitmaps, scratch
 from lowband.compress.packing import decode_levels
 from lowband.compress.packing import pack as bitpack
-from lowband.compress import bitmaps
 from lowband.compress.select import compact, expand, positions
 
 _BOOLS: dict[torch.device, torch.Tensor] = {}
@@ -168,10 +167,10 @@ def pack_at_least(flat: torch.Tensor, tau: float) -> torch.Tensor:
 
 
 def pack_many_at_least(flats: list[torch.Tensor], tau: float) -> list[torch.Tensor]:
-    """:func:`pack_at_least` of each flat tensor; the small CPU ones of the first one's dtype in one NumPy pass
+    """:func:`pack_at_least` of each flat tensor; the small CPU ones (of the first one's dtype) in one NumPy pass
     (:func:`lowband.compress.bitmaps.pack_many`), whose payloads are views of one buffer."""
-    many = [i for i, f in enumerate(flats) if 0 < f.numel() < bitmaps.MANY_MAX_NUMEL and bitmaps.fused(f)
-            and f.dtype == flats[0].dtype]
+    small = [i for i, f in enumerate(flats) if 0 < f.numel() < bitmaps.MANY_MAX_NUMEL and bitmaps.fused(f)]
+    many = [i for i in small if flats[i].dtype == flats[small[0]].dtype]
     out: list[torch.Tensor | None] = [None] * len(flats)
     if len(many) > 1:
         for i, blob in zip(many, bitmaps.pack_many([flats[i] for i in many], tau, uses_bitmap)):

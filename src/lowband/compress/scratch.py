@@ -25,9 +25,9 @@ What a compressor returns (payloads, decoded tensors) cannot be recycled: it bel
 caller. :func:`fresh` and :func:`zeros` allocate it, and on Linux ask the kernel for 2 MiB
 pages (``madvise(MADV_HUGEPAGE)``, before the first touch) when it is at least
 :data:`HUGE_MIN_NBYTES`, the size from which glibc maps every allocation fresh from the
-kernel: one fault per 2 MiB instead of one per 4 KiB, which halves the cost of writing a
-fresh 100 MB tensor on the machines measured (``benchmarks/compressors.py``; torch itself
-does the same with ``THP_MEM_ALLOC_ENABLE=1``). Only the hint changes: where the kernel has
+kernel: one fault per 2 MiB instead of one per 4 KiB (``benchmarks/compressors.py``'s copy into
+hinted memory takes ~0.6 of a plain clone's time here; torch itself hints with
+``THP_MEM_ALLOC_ENABLE=1``). Only the hint changes: where the kernel has
 transparent huge pages off or no free 2 MiB page, it hands out small pages as before.
 The work arrays of :func:`buffer` get the same hint when they are made (fewer TLB misses on the
 passes over a large tensor). ``LOWBAND_HUGEPAGES=0`` turns the hint off.

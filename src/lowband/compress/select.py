@@ -20,8 +20,8 @@ threshold the same way but keeps whatever crosses it; here the result stays exac
 On a GPU (and for tiny tensors, or when k is most of n) it is ``torch.topk`` itself, which
 a GPU runs as a radix select without the host sync that counting candidates needs. A CPU tensor
 of fewer than :data:`PARTITION_MAX_NUMEL` elements takes NumPy's ``argpartition`` (an introselect,
-several times faster than ``torch.topk`` there, and than the sampling below that size), the
-same exact set (ties broken its own way).
+faster there than ``torch.topk`` and than the sampling, as profiled here), the same exact set
+(ties broken its own way).
 
 :func:`positions` lists a mask's set positions, ascending: NumPy's ``flatnonzero`` on the CPU
 (faster than ``torch.nonzero`` on a CPU), ``torch.nonzero`` elsewhere. :func:`compact` and
@@ -136,12 +136,10 @@ def as_numpy(t: torch.Tensor) -> np.ndarray:
 
 def _slices(where: np.ndarray) -> list[tuple[slice, int, int]]:
     """(slice of the mask, first and last+1 position of its elements in the compact list) per thread."""
-    parts = max(1, min(torch.get_num_threads(), 8)) if where.size >= PARALLEL_MIN_NUMEL else 1
-    bounds = np.linspace(0, where.size, parts + 1).astype(np.int64)
     out, start = [], 0
-    for lo, hi in zip(bounds[:-1], bounds[1:]):
+    for lo, hi in slices(where.size):
         count = int(np.count_nonzero(where[lo:hi]))
-        out.append((slice(int(lo), int(hi)), start, start + count))
+        out.append((slice(lo, hi), start, start + count))
         start += count
     return out
 
