@@ -199,6 +199,12 @@ def relative_error(fn: Roundtrip, x: torch.Tensor) -> float:
     return float((out - x).norm() / x.norm())
 
 
+def _spread(row: dict[str, Any]) -> str:
+    """A model row's ratio with the middle half of its per-repeat ratios, e.g. ``1.41 [1.35-1.48]``."""
+    low, high = row["vs_reference_quartiles"]
+    return f"{_fmt(row['vs_reference'])} [{_fmt(low)}-{_fmt(high)}]"
+
+
 def _huge_copy(x: torch.Tensor) -> torch.Tensor:
     from lowband.compress import scratch  # loaded with the compressors (see load_compressors)
 
@@ -400,9 +406,9 @@ def main(argv: list[str] | None = None) -> int:
     print_table(
         f"encode+decode of a whole model's gradients, median of {MODEL_REPEATS * args.repeats}: lowband grouped as its aggregator "
         "does (tensors < 4096 elements in one bucket) vs the reference tensor by tensor; vs = reference time / "
-        "lowband time",
+        "lowband time, [the middle half of the per-repeat ratios]",
         ["compressor", *(f"{m} {h}" for m in TIMED_MODELS for h in ("ms", "vs ref", "vs memcpy"))],
-        [[spec, *(x for m in TIMED_MODELS for x in (_fmt(row[m]["lowband_s"] * 1e3, 1), _fmt(row[m]["vs_reference"]),
+        [[spec, *(x for m in TIMED_MODELS for x in (_fmt(row[m]["lowband_s"] * 1e3, 1), _spread(row[m]),
                                                     _fmt(row[m]["vs_memcpy"], 3)))]
          for spec, row in per_model.items()],
         args.plain,

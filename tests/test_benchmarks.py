@@ -69,6 +69,11 @@ def test_compressors_benchmark_quick(tmp_path: Path, capsys) -> None:
             elif compresses is not None:
                 assert (ratio > 1) == compresses, (spec, model, ratio)
     assert compression["fp16"]["ratio"]["resnet18"] == 2.0
+    assert data["config"]["model_repeats"] == 4  # table (c): 4 x --repeats
+    for spec, row in data["models_throughput"].items():
+        for model, timed in row.items():
+            low, high = timed["vs_reference_quartiles"]
+            assert 0 < low <= timed["vs_reference"] <= high, (spec, model, low, timed["vs_reference"], high)
 
 
 CONTRACTIONS = ["randomk:ratio=0.01,unbiased=false", "sketch:ratio=0.05,unbiased=false", "qsgd:bits=8", "lgreco",
