@@ -36,7 +36,7 @@ import numpy as np
 import torch
 
 from lowband.compress import scratch
-from lowband.compress.select import CHUNK, NUMPY_FLOATS, as_numpy, run, slices
+from lowband.compress.select import CHUNK, NUMPY_FLOATS, as_numpy, chunked, run, slices
 
 MANY_MAX_NUMEL = 1 << 18  # from this size on, a tensor takes the large path (its call overhead is small)
 
@@ -172,13 +172,11 @@ def negative(flat: torch.Tensor) -> torch.Tensor:
     out = scratch.fresh((src.size + 7) // 8, torch.uint8, flat.device)
     bits = out.numpy()
 
-    def fill(lo: int, hi: int) -> None:
-        below = scratch.array("bitmaps.negative", min(CHUNK, hi - lo), np.bool_)
-        for c0 in range(lo, hi, CHUNK):
-            c1 = min(c0 + CHUNK, hi)
-            bits[c0 // 8:(c1 + 7) // 8] = np.packbits(np.less(src[c0:c1], 0, out=below[:c1 - c0]), bitorder="little")
+    def fill(c0: int, c1: int) -> None:
+        below = scratch.array("bitmaps.negative", c1 - c0, np.bool_)  # the running thread's own
+        bits[c0 // 8:(c1 + 7) // 8] = np.packbits(np.less(src[c0:c1], 0, out=below), bitorder="little")
 
-    run([(fill, lo, hi) for lo, hi in slices(src.size)])
+    chunked(src.size, fill)
     return out
 
 

@@ -30,7 +30,7 @@ from __future__ import annotations
 import itertools
 import math
 from dataclasses import dataclass
-from typing import Callable, ClassVar, Sequence, cast
+from typing import ClassVar, Sequence, cast
 
 import numpy as np
 import torch
@@ -38,7 +38,7 @@ import torch
 from lowband.compress import batched, scratch
 from lowband.compress.base import COMPRESSORS, Compressor, CompressorOptions, Payload, per_matrix
 from lowband.compress.quant import NUMPY_MIN_NUMEL, check_int, flat_fp32, per_group, restore, rows_and_tail
-from lowband.compress.select import CHUNK, chunked
+from lowband.compress.select import chunked
 
 
 @dataclass(frozen=True)
@@ -154,7 +154,10 @@ def _encode_cpu(flats: list[torch.Tensor]) -> list[list[torch.Tensor]]:
             np.rint(np.multiply(np.subtract(src[c0:c1], lo, out=y), inv, out=y), out=y)
             np.copyto(out[c0:c1], y, casting="unsafe")
 
-        _run(src.size, quantize, np.isfinite(steps[i]), lambda: out.fill(0))  # (else: the bounds carry it)
+        if np.isfinite(steps[i]):
+            chunked(src.size, quantize)
+        else:  # a NaN or an infinity: codes 0, the bounds carry it
+            out.fill(0)
     return [list(pair) for pair in zip(torch.from_numpy(bounds).unbind(0), q.split([src.size for src in sources]))]
 
 
@@ -172,7 +175,10 @@ def _decode_cpu(payloads: list[Payload], numels: list[int]) -> list[torch.Tensor
         def affine(c0: int, c1: int) -> None:
             np.add(np.multiply(codes[c0:c1], step, out=part[c0:c1]), lo, out=part[c0:c1])
 
-        _run(codes.size, affine, np.isfinite(step), lambda: part.fill(np.nan))  # what lo + 0 * step gives
+        if np.isfinite(step):
+            chunked(codes.size, affine)
+        else:  # what lo + 0 * step gives
+            part.fill(np.nan)
     return list(out.split(numels))
 
 
@@ -180,17 +186,6 @@ def _steps(bounds: np.ndarray) -> np.ndarray:
     """(hi - lo) / 255 in fp32 for each ``(lo, hi)`` row, as torch computes it (NaN or inf bounds: no warning)."""
     with np.errstate(invalid="ignore", over="ignore"):
         return ((bounds[:, 1] - bounds[:, 0]) / np.float32(255)).astype(np.float32)
-
-
-def _run(n: int, body: Callable[[int, int], None], finite: bool, otherwise: Callable[[], None]) -> None:
-    """``body`` over ``range(n)``: in one call up to a chunk, else by chunks on every thread; ``otherwise()`` if
-    the tensor's bounds are not ``finite``."""
-    if not finite:
-        otherwise()
-    elif n <= CHUNK:
-        body(0, n)
-    else:
-        chunked(n, body)
 
 
 def _bounds(rows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

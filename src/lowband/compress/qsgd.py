@@ -46,10 +46,10 @@ import torch
 from lowband import devices
 from lowband.compress import batched, scratch
 from lowband.compress.base import COMPRESSORS, CompressorOptions, Payload, per_matrix
-from lowband.compress.select import CHUNK
 from lowband.compress.packing import decode_levels, pack
 from lowband.compress.quant import (
     NOISE_OFFSET, NUMPY_MIN_NUMEL, SeededCompressor, check_int, flat_fp32, per_group, restore, rows_and_tail)
+from lowband.compress.select import CHUNK
 
 
 _LEVELS: dict[int, dict[torch.device, torch.Tensor]] = {2: {}, 4: {}, 8: {}}  # code - s, per width and device

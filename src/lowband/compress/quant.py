@@ -28,7 +28,7 @@ import torch
 from lowband import devices
 from lowband.compress import scratch
 from lowband.compress.base import Compressor, CompressorOptions
-from lowband.compress.packing import pack_numpy
+from lowband.compress.packing import pack_numpy, packed_nbytes
 from lowband.compress.select import CHUNK, chunked
 
 Ctx = tuple[torch.Size, torch.dtype]
@@ -72,8 +72,8 @@ def per_group(op: Any, src: torch.Tensor, size: int, column: torch.Tensor, out: 
     return out
 
 
-NUMPY_MIN_NUMEL = 1 << 23  # a CPU tensor from this size on: the quantizers' NumPy chunk loops beat the torch
-# ops (benchmarks/compressors.py); below, the torch ops on cached work arrays are as fast or faster
+NUMPY_MIN_NUMEL = 1 << 23  # a CPU tensor from this size on: the quantizers' NumPy chunk loops (faster at 25M in
+# benchmarks/compressors.py); below, the torch ops on cached work arrays timed as fast or faster (by hand, here)
 _FILLED: dict[int, np.ndarray] = {}
 
 
@@ -136,7 +136,7 @@ class SeededCompressor(Compressor):
         words.random_(-2 ** 63, None, generator=self._generator_on(cpu))  # as round_stochastic draws
         noise = words.numpy().view(np.int16)
         per = 8 // bits
-        out = scratch.fresh((n * bits + 7) // 8, torch.uint8, cpu)
+        out = scratch.fresh(packed_nbytes(n, bits), torch.uint8, cpu)
         packed = out.numpy()
 
         def body(lo: int, hi: int) -> None:

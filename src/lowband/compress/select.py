@@ -166,7 +166,11 @@ def slices(n: int) -> list[tuple[int, int]]:
 
 def chunked(n: int, body: Callable[[int, int], None]) -> None:
     """``body(lo, hi)`` for every :data:`CHUNK` of ``range(n)``, in order within each slice, the slices
-    (:func:`slices`) at once: NumPy work that stays in the cache and releases the interpreter lock."""
+    (:func:`slices`) at once: NumPy work that stays in the cache and releases the interpreter lock. Up to one
+    chunk, one call in the calling thread."""
+    if n <= CHUNK:
+        body(0, n)
+        return
 
     def part(lo: int, hi: int) -> None:
         for c0 in range(lo, hi, CHUNK):
