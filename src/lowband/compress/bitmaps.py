@@ -7,15 +7,15 @@ writing the tensor; NumPy compacts and expands a mask several times faster than 
 Two paths, one layout, same bytes as :func:`lowband.compress.indices.pack_masked`:
 
 * one large tensor (:func:`pack_large`, :func:`expand_large`): :data:`CHUNK`-element steps that
-  stay in the cache, one slice of the tensor per thread (:func:`lowband.compress.select.run`):
+  stay in the cache, claimed one by one by the threads (:func:`lowband.compress.select.parallel`):
 
   1. per chunk: ``|x|`` into a small work array, ``>= tau`` into the mask, its count (one read of
      ``x`` where the torch ops read and wrote it four times);
-  2. with the counts, every slice knows where its values start: per chunk ``np.compress`` into the
-     payload and ``np.packbits`` into its bitmap;
-  3. decoding, each slice counts its bitmap's bits (a popcount of n / 8 bytes), then per chunk
-     zeroes the chunk of the output (in the cache, not a pass of its own), unpacks the bits, lists
-     the set positions and writes the values there;
+  2. with the counts, every chunk knows where its values start: ``np.compress`` into the payload
+     and ``np.packbits`` into its bitmap;
+  3. decoding, the bitmap's bits are counted per chunk (popcounts of 64-bit words), then per chunk
+     the output's chunk is zeroed (in the cache, not a pass of its own), the bits unpacked, the set
+     positions listed and the values written there;
 
 * many small tensors (:func:`pack_many`, :func:`expand_many`: a model's layers, which the
   aggregator hands over in one call): the same steps tensor by tensor, without the per-call
@@ -36,7 +36,7 @@ import numpy as np
 import torch
 
 from lowband.compress import scratch
-from lowband.compress.select import CHUNK, NUMPY_FLOATS, as_numpy, chunked, run, slices
+from lowband.compress.select import CHUNK, NUMPY_FLOATS, as_numpy, chunk, chunked, chunks, parallel
 
 MANY_MAX_NUMEL = 1 << 18  # from this size on, a tensor takes the large path (its call overhead is small)
 
@@ -46,59 +46,51 @@ def fused(flat: torch.Tensor) -> bool:
     return flat.device.type == "cpu" and flat.dtype in NUMPY_FLOATS and flat.is_contiguous()
 
 
-def mask_large(flat: torch.Tensor, tau: float, mask: torch.Tensor) -> list[list[int]]:
-    """Step 1: ``mask`` (flat bool, ``flat``'s length) = ``|flat| >= tau``; returns the set count of every
-    :data:`CHUNK` of every slice (:func:`slices`)."""
-    src, where = flat.numpy(), mask.numpy()
+def mask_large(flat: torch.Tensor, tau: float, mask: torch.Tensor) -> list[int]:
+    """Step 1: ``mask`` (flat bool, ``flat``'s length) = ``|flat| >= tau``; returns where each :data:`CHUNK`'s
+    set elements start in the payload's values (then their total)."""
+    src, where, n = flat.numpy(), mask.numpy(), flat.numel()
+    counts = [0] * chunks(n)
 
-    def slice_counts(lo: int, hi: int) -> list[int]:
-        work = scratch.array("bitmaps.abs", CHUNK, src.dtype)
-        counts = []
-        for c0 in range(lo, hi, CHUNK):
-            c1 = min(c0 + CHUNK, hi)
-            np.greater_equal(np.abs(src[c0:c1], out=work[:c1 - c0]), tau, out=where[c0:c1])
-            counts.append(int(np.count_nonzero(where[c0:c1])))
-        return counts
+    def count(j: int) -> None:
+        part = chunk(j, n)
+        work = scratch.array("bitmaps.abs", CHUNK, src.dtype)[:part.stop - part.start]  # the running thread's own
+        counts[j] = int(np.count_nonzero(np.greater_equal(np.abs(src[part], out=work), tau, out=where[part])))
 
-    return run([(slice_counts, lo, hi) for lo, hi in slices(flat.numel())])
+    parallel(len(counts), count, n)
+    return list(itertools.accumulate(counts, initial=0))
 
 
-def pack_large(flat: torch.Tensor, mask: torch.Tensor, counts: list[list[int]], blob: torch.Tensor) -> None:
+def pack_large(flat: torch.Tensor, mask: torch.Tensor, starts: list[int], blob: torch.Tensor) -> None:
     """Step 2: ``blob`` (uint8, ``k * itemsize + ceil(n / 8)`` bytes) = ``flat[mask]``'s bytes, then the bitmap of
-    ``mask``, from :func:`mask_large`'s counts."""
-    k = sum(map(sum, counts))
-    src, where = flat.numpy(), mask.numpy()
+    ``mask``, from :func:`mask_large`'s starts."""
+    src, where, n, k = flat.numpy(), mask.numpy(), flat.numel(), starts[-1]
     dst, out = blob[:k * flat.element_size()].view(flat.dtype).numpy(), blob[k * flat.element_size():].numpy()
 
-    def fill(lo: int, hi: int, start: int, chunk_counts: list[int]) -> None:
-        for c0, count in zip(range(lo, hi, CHUNK), chunk_counts):
-            c1 = min(c0 + CHUNK, hi)
-            np.compress(where[c0:c1], src[c0:c1], out=dst[start:start + count])
-            out[c0 // 8:(c1 + 7) // 8] = np.packbits(where[c0:c1], bitorder="little")
-            start += count
+    def fill(j: int) -> None:
+        part = chunk(j, n)
+        np.compress(where[part], src[part], out=dst[starts[j]:starts[j + 1]])
+        out[part.start // 8:(part.stop + 7) // 8] = np.packbits(where[part], bitorder="little")
 
-    starts = list(itertools.accumulate((sum(c) for c in counts), initial=0))
-    run([(fill, lo, hi, starts[i], counts[i]) for i, (lo, hi) in enumerate(slices(flat.numel()))])
+    parallel(len(starts) - 1, fill, n)
 
 
 def expand_large(values: torch.Tensor, bits: torch.Tensor, n: int) -> torch.Tensor:
     """Step 3: a new flat tensor of ``n``: zeros, with ``values`` in order at the set bits of ``bits``
     (a CPU uint8 bitmap); ValueError unless it has ``values.numel()`` bits set."""
     packed = bits.numpy()
-    parts = slices(n)
-    per_part = [popcount(packed[lo // 8:(hi + 7) // 8]) for lo, hi in parts]
-    _check(sum(per_part), values.numel())
+    starts = list(itertools.accumulate(_chunk_popcounts(packed), initial=0))
+    _check(starts[-1], values.numel())
     zeroed = n * values.element_size() >= scratch.HUGE_MIN_NBYTES  # fresh pages from the kernel: zero already
     out = (scratch.zeros if zeroed else scratch.fresh)(n, values.dtype, values.device)  # else zeroed by chunks
     src, dst = as_numpy(values), as_numpy(out)
 
-    def fill(lo: int, hi: int, start: int) -> None:
-        for c0 in range(lo, hi, CHUNK):
-            c1 = min(c0 + CHUNK, hi)
-            start += _expand(packed[c0 // 8:(c1 + 7) // 8], src[start:], dst[c0:c1], zero=not zeroed)
+    def fill(j: int) -> None:
+        part = chunk(j, n)
+        _expand(packed[part.start // 8:(part.stop + 7) // 8], src[starts[j]:starts[j + 1]], dst[part],
+                zero=not zeroed)
 
-    starts = list(itertools.accumulate(per_part, initial=0))
-    run([(fill, lo, hi, starts[i]) for i, (lo, hi) in enumerate(parts)])
+    parallel(len(starts) - 1, fill, n)
     return out
 
 
@@ -130,7 +122,7 @@ def pack_many(flats: Sequence[torch.Tensor], tau: float, uses_bitmap: Callable[[
             np.compress(where, sources[i], out=raw[at:at + values].view(sources[i].dtype))
             raw[at + values:at + nbytes[i]] = np.packbits(where, bitorder="little")
 
-    for i in range(len(sources)):
+    for i in range(len(sources)):  # (spreading a call's small tensors over threads measured slower here)
         fill(i)
     return [blob[at:at + size] if size else None for at, size in zip(offsets, nbytes)]
 
@@ -139,15 +131,20 @@ def expand_many(parts: Sequence[tuple[np.ndarray, int, int, bool]], dtype: torch
     """For each ``(payload, k, n, aligned)`` (a CPU payload's bytes: ``k`` values of ``dtype``, then the bitmap of
     ``n``; ``aligned``: whether they start on a multiple of the dtype's size): the flat decoded tensor, each a
     view of one new zeroed array; ValueError where a bitmap's count is not ``k``. Values move as integers of
-    their width, so any dtype does. (NumPy keeps the interpreter lock in the fancy assignment: spreading the
-    tensors over threads measured slower.)"""
+    their width, so any dtype does. In one thread: spreading the tensors over threads measured slower here (the
+    interpreter lock and a pool thread's wake-up cost more than their share of a small tensor's work)."""
     sizes = [n for _, _, n, _ in parts]
     starts = list(itertools.accumulate(sizes, initial=0))
     out = scratch.fresh(starts[-1], dtype, torch.device("cpu"))  # each tensor zeroed by _expand, in the cache
     dst, width = as_numpy(out), dtype.itemsize
-    for (raw, k, n, aligned), lo in zip(parts, starts):
+
+    def fill(i: int) -> None:
+        (raw, k, n, aligned), lo = parts[i], starts[i]
         values = raw[:k * width] if aligned else raw[:k * width].copy()  # (at an odd offset of a gathered buffer)
         _expand(raw[k * width:], values.view(dst.dtype), dst[lo:lo + n], k)
+
+    for i in range(len(parts)):
+        fill(i)
     return list(out.split(sizes))
 
 
@@ -164,17 +161,14 @@ def _expand(packed: np.ndarray, src: np.ndarray, dst: np.ndarray, expected: int 
     return set_at.size
 
 
-def negative(flat: torch.Tensor) -> torch.Tensor:
-    """The bitmap of ``flat < 0`` (``ceil(n / 8)`` new uint8 bytes, least significant bit first) of a :func:`fused`
-    tensor, by chunks on every thread: NumPy's compare and ``packbits`` cost a fraction of torch's ``lt`` and
-    bit packing on a CPU."""
-    src = flat.numpy()
-    out = scratch.fresh((src.size + 7) // 8, torch.uint8, flat.device)
-    bits = out.numpy()
+def negative(src: np.ndarray, out: np.ndarray) -> np.ndarray:
+    """``out`` (``ceil(n / 8)`` uint8 bytes) = the bitmap of ``src < 0``, least significant bit first, by
+    chunks on every thread for a large ``src``: NumPy's compare and ``packbits`` cost a fraction of torch's ``lt``
+    and bit packing on a CPU. Returns ``out``."""
 
     def fill(c0: int, c1: int) -> None:
         below = scratch.array("bitmaps.negative", c1 - c0, np.bool_)  # the running thread's own
-        bits[c0 // 8:(c1 + 7) // 8] = np.packbits(np.less(src[c0:c1], 0, out=below), bitorder="little")
+        out[c0 // 8:(c1 + 7) // 8] = np.packbits(np.less(src[c0:c1], 0, out=below), bitorder="little")
 
     chunked(src.size, fill)
     return out
@@ -185,8 +179,17 @@ def _check(count: int, expected: int) -> None:
         raise ValueError(f"bitmap holds {count} indices, expected {expected}")
 
 
-def popcount(packed: np.ndarray) -> int:
-    """Set bits in a uint8 array."""
-    if hasattr(np, "bitwise_count"):  # NumPy >= 2.0
-        return int(np.bitwise_count(packed).sum(dtype=np.int64))
-    return int(np.unpackbits(packed).sum(dtype=np.int64))
+def _chunk_popcounts(packed: np.ndarray) -> list[int]:
+    """Set bits in each :data:`CHUNK`'s bytes of a bitmap (one count for an empty one): whole chunks as 64-bit
+    words, popcounts summed per chunk in one reduction (a few times faster than ``reduceat`` over the bytes)."""
+    per = CHUNK // 8  # bytes per chunk
+    whole = packed.size // per * per
+    counts = _popcounts(packed[:whole].view(np.uint64)).reshape(-1, per // 8).sum(axis=1, dtype=np.int64).tolist()
+    return counts + [int(_popcounts(packed[whole:]).sum(dtype=np.int64))] if whole < packed.size or not counts else counts
+
+
+def _popcounts(words: np.ndarray) -> np.ndarray:
+    """Set bits of each unsigned integer (NumPy >= 2.0 counts them natively)."""
+    if hasattr(np, "bitwise_count"):
+        return np.bitwise_count(words)
+    return np.unpackbits(words.view(np.uint8)).reshape(words.size, -1).sum(axis=1)

@@ -157,12 +157,12 @@ def pack_at_least(flat: torch.Tensor, tau: float) -> torch.Tensor:
         magnitudes = torch.abs(flat, out=scratch.buffer("indices.abs", n, flat.dtype, flat.device))
         torch.ge(magnitudes, tau, out=mask)
         return pack_masked(flat, mask, int(torch.count_nonzero(mask)))  # host sync on a GPU: the payload's size
-    counts = bitmaps.mask_large(flat, tau, mask)
-    k = sum(map(sum, counts))
+    starts = bitmaps.mask_large(flat, tau, mask)
+    k = starts[-1]
     if not uses_bitmap(n, k):
         return pack_masked(flat, mask, k)
     blob = scratch.fresh(payload_nbytes(n, k, flat.element_size()), torch.uint8, flat.device)
-    bitmaps.pack_large(flat, mask, counts, blob)
+    bitmaps.pack_large(flat, mask, starts, blob)
     return blob
 
 
@@ -188,24 +188,33 @@ def unpack_many_dense(payloads: list[tuple[torch.Tensor, torch.Size, int | None]
                       ) -> list[torch.Tensor]:
     """:func:`unpack_dense` of each ``(blob, shape, k)`` (``k`` None: from the blob's length). Bitmaps on the CPU
     in NumPy: a large one by chunks, small ones together into one zeroed array
-    (:func:`lowband.compress.bitmaps.expand_many`)."""
+    (:func:`lowband.compress.bitmaps.expand_many`). (Read once per tensor, in as few calls as the checks allow:
+    this loop runs over a model's layers every step.)"""
     out: list[torch.Tensor | None] = [None] * len(payloads)
     small: list[tuple[int, tuple[np.ndarray, int, int, bool]]] = []
+    size, numpy = dtype.itemsize, dtype in bitmaps.NUMPY_FLOATS
     for i, (blob, shape, k) in enumerate(payloads):
-        n, size = math.prod(shape), dtype.itemsize
-        k = count_from_nbytes(n, blob.numel(), size) if k is None else k
-        if blob.device.type != "cpu" or dtype not in bitmaps.NUMPY_FLOATS or not uses_bitmap(n, k) \
-                or blob.numel() != payload_nbytes(n, k, size):
+        n = math.prod(shape)
+        raw = blob.numpy() if numpy and blob.device.type == "cpu" else None
+        mapped = None if raw is None else _bitmap_count(n, raw.size, size)
+        if mapped is None or (k is not None and k != mapped):  # a list, another device, or a wrong length
             values, where = unpack(blob, n, dtype, k)  # (unpack raises on a wrong length)
             out[i] = scatter(values, where, shape, dtype)
         elif n >= bitmaps.MANY_MAX_NUMEL:
-            out[i] = bitmaps.expand_large(aligned(blob[:k * size], dtype), blob[k * size:], n).view(shape)
+            out[i] = bitmaps.expand_large(aligned(blob[:mapped * size], dtype), blob[mapped * size:], n).view(shape)
         else:
-            small.append((i, (blob.numpy(), k, n, blob.data_ptr() % size == 0)))
+            small.append((i, (raw, mapped, n, raw.ctypes.data % size == 0)))
     if small:
         for (i, _), flat in zip(small, bitmaps.expand_many([part for _, part in small], dtype)):
             out[i] = flat.view(payloads[i][1])
     return cast(list[torch.Tensor], out)
+
+
+def _bitmap_count(n: int, nbytes: int, value_size: int) -> int | None:
+    """``k`` if ``nbytes`` is a payload of ``k`` values and a bitmap of ``n`` bits (:func:`count_from_nbytes`'s
+    answer when it chose the bitmap), else None."""
+    k, rest = divmod(nbytes - bitmap_nbytes(n), value_size)
+    return k if k >= 0 and not rest and uses_bitmap(n, k) else None
 
 
 def unpack(blob: torch.Tensor, n: int, dtype: torch.dtype, k: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:

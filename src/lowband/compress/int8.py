@@ -27,7 +27,6 @@ Example::
 
 from __future__ import annotations
 
-import itertools
 import math
 from dataclasses import dataclass
 from typing import ClassVar, Sequence, cast
@@ -38,7 +37,7 @@ import torch
 from lowband.compress import batched, scratch
 from lowband.compress.base import COMPRESSORS, Compressor, CompressorOptions, Payload, per_matrix
 from lowband.compress.quant import NUMPY_MIN_NUMEL, check_int, flat_fp32, per_group, restore, rows_and_tail
-from lowband.compress.select import chunked
+from lowband.compress.select import CHUNK, chunked
 
 
 @dataclass(frozen=True)
@@ -138,48 +137,56 @@ def _encode_cpu(flats: list[torch.Tensor]) -> list[list[torch.Tensor]]:
     tensor by cache-sized chunks on every thread (:func:`lowband.compress.select.chunked`), in one read of ``x``;
     the codes of all in one new buffer, the bounds in one array (each payload views of them)."""
     sources = [flat.numpy() for flat in flats]
-    bounds = np.array([[np.float32(v) for v in torch.aminmax(flat)] if src.size >= batched.BATCH_MAX_NUMEL
-                       else [src.min(), src.max()] for flat, src in zip(flats, sources)], dtype=np.float32)
+    bounds = np.empty((len(sources), 2), dtype=np.float32)
+    for row, flat, src in zip(bounds, flats, sources):
+        row[:] = torch.aminmax(flat) if src.size >= batched.BATCH_MAX_NUMEL else (src.min(), src.max())
     steps = _steps(bounds)
     with np.errstate(divide="ignore"):
         inverses = np.where(steps > 0, np.float32(1) / steps, np.float32(0)).astype(np.float32)
-    starts = list(itertools.accumulate((src.size for src in sources), initial=0))
-    q = scratch.fresh(starts[-1], torch.uint8, flats[0].device)
-    codes = q.numpy()
-    for i, (src, first) in enumerate(zip(sources, starts)):
-        lo, inv, out = bounds[i, 0], inverses[i], codes[first:first + src.size]
-
-        def quantize(c0: int, c1: int) -> None:
-            y = scratch.array("int8.y", c1 - c0, np.float32)
-            np.rint(np.multiply(np.subtract(src[c0:c1], lo, out=y), inv, out=y), out=y)
-            np.copyto(out[c0:c1], y, casting="unsafe")
-
-        if np.isfinite(steps[i]):
-            chunked(src.size, quantize)
-        else:  # a NaN or an infinity: codes 0, the bounds carry it
+    sizes = [src.size for src in sources]
+    q = scratch.fresh(sum(sizes), torch.uint8, flats[0].device)
+    codes, first = q.numpy(), 0
+    for src, (lo, _), inv, step in zip(sources, bounds, inverses, steps):
+        out, first = codes[first:first + src.size], first + src.size
+        if not np.isfinite(step):  # a NaN or an infinity: codes 0, the bounds carry it
             out.fill(0)
-    return [list(pair) for pair in zip(torch.from_numpy(bounds).unbind(0), q.split([src.size for src in sources]))]
+        elif src.size <= CHUNK:  # (the call costs more than its arithmetic here)
+            _quantize(src, lo, inv, out)
+        else:
+            chunked(src.size, lambda c0, c1, src=src, lo=lo, inv=inv, out=out: _quantize(src[c0:c1], lo, inv, out[c0:c1]))
+    return [list(pair) for pair in zip(torch.from_numpy(bounds).unbind(0), q.split(sizes))]
+
+
+def _quantize(src: np.ndarray, lo: np.float32, inv: np.float32, out: np.ndarray) -> None:
+    """``out`` (uint8) = round((src - lo) * inv), half to even, through the running thread's work array."""
+    y = scratch.array("int8.y", src.size, np.float32)
+    np.rint(np.multiply(np.subtract(src, lo, out=y), inv, out=y), out=y)
+    np.copyto(out, y, casting="unsafe")
 
 
 def _decode_cpu(payloads: list[Payload], numels: list[int]) -> list[torch.Tensor]:
     """:meth:`Int8.decode` (chunk 0) of CPU payloads in NumPy, into one new array (a large one by chunks on every
-    thread): lo + q * step, as the torch ops compute it; NaN where a bound is not finite, as there."""
-    bounds = torch.cat([p.tensors[0].reshape(-1) for p in payloads]).to(torch.float32).numpy().reshape(-1, 2)
+    thread): lo + q * step, as the torch ops compute it (the codes converted, then the product, then the sum);
+    NaN where a bound is not finite, as there."""
+    bounds = np.array([p.tensors[0].to(torch.float32).numpy() for p in payloads], dtype=np.float32).reshape(-1, 2)
     steps = _steps(bounds)
-    starts = list(itertools.accumulate(numels, initial=0))
-    out = scratch.fresh(starts[-1], torch.float32, torch.device("cpu"))
-    values = out.numpy()
-    for i, (payload, first, last) in enumerate(zip(payloads, starts, starts[1:])):
-        lo, step, codes, part = bounds[i, 0], steps[i], payload.tensors[1].reshape(-1).numpy(), values[first:last]
-
-        def affine(c0: int, c1: int) -> None:
-            np.add(np.multiply(codes[c0:c1], step, out=part[c0:c1]), lo, out=part[c0:c1])
-
-        if np.isfinite(step):
-            chunked(codes.size, affine)
-        else:  # what lo + 0 * step gives
+    out = scratch.fresh(sum(numels), torch.float32, torch.device("cpu"))
+    values, first = out.numpy(), 0
+    for payload, n, (lo, _), step in zip(payloads, numels, bounds, steps):
+        codes, part, first = payload.tensors[1].numpy(), values[first:first + n], first + n
+        if not np.isfinite(step):  # what lo + 0 * step gives
             part.fill(np.nan)
+        elif n <= CHUNK:
+            _affine(codes, step, lo, part)
+        else:
+            chunked(n, lambda c0, c1, codes=codes, step=step, lo=lo, part=part: _affine(codes[c0:c1], step, lo, part[c0:c1]))
     return list(out.split(numels))
+
+
+def _affine(codes: np.ndarray, step: np.float32, lo: np.float32, out: np.ndarray) -> None:
+    """``out`` (fp32) = lo + codes * step: converted in place first (a uint8-by-float product is a slower loop)."""
+    np.copyto(out, codes)
+    np.add(np.multiply(out, step, out=out), lo, out=out)
 
 
 def _steps(bounds: np.ndarray) -> np.ndarray:

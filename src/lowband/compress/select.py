@@ -27,14 +27,19 @@ faster there than ``torch.topk`` and than the sampling, as profiled here), the s
 (faster than ``torch.nonzero`` on a CPU), ``torch.nonzero`` elsewhere. :func:`compact` and
 :func:`expand` move values between a dense tensor and the list of its masked elements (a
 threshold's payload with a bitmap). On the CPU they run NumPy's ``compress`` / ``flatnonzero``
-and fancy assignment, which release the GIL, on as many slices as torch has threads (each
-slice's offset from a count of the mask before it); elsewhere ``masked_select`` and
+and fancy assignment, which release the GIL, by :data:`CHUNK` s (each chunk's offset from a count
+of the mask before it) claimed by the threads (:func:`parallel`); elsewhere ``masked_select`` and
 ``masked_scatter_``.
+
+:func:`parallel` is how every NumPy path here uses threads: the calling thread starts at once and
+pool threads join as they wake, each claiming the next task (see its docstring for why).
 """
 
 from __future__ import annotations
 
+import itertools
 import math
+import threading
 from concurrent.futures import ThreadPoolExecutor
 from typing import Callable
 
@@ -48,11 +53,12 @@ PARTITION_MAX_NUMEL = 1 << 19  # CPU tensors below this: NumPy's argpartition (f
 SAMPLED_MAX_DENSITY = 0.25  # k above this share of n: torch.topk
 SAMPLE_ABOVE = 64  # sampled values expected above the threshold (its rank's sd: 1/8 of it)
 _SAMPLER = torch.Generator().manual_seed(0x5EED)  # cpu: fixed sample positions, the result is exact anyway
-PARALLEL_MIN_NUMEL = 1 << 20  # below this, one slice
+PARALLEL_MIN_NUMEL = 1 << 20  # a tensor of fewer elements: one thread
 CHUNK = 1 << 16  # elements per step of a chunked NumPy loop (a multiple of 8: whole bitmap bytes)
 NUMPY_FLOATS = (torch.float16, torch.float32, torch.float64)  # the dtypes NumPy computes in (not bf16)
 _BITS_OF = {1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64}  # any dtype's bits, as NumPy knows them
 _POOL: list[ThreadPoolExecutor] = []
+_LOCAL = threading.local()  # .inside: the running thread is in a task of parallel()
 
 
 def positions(mask: torch.Tensor) -> torch.Tensor:
@@ -110,8 +116,13 @@ def compact(flat: torch.Tensor, mask: torch.Tensor, out: torch.Tensor) -> torch.
     if flat.device.type != "cpu":
         return out.copy_(flat[mask])
     src, dst, where = as_numpy(flat), as_numpy(out), mask.numpy()
-    jobs = [(np.compress, where[part], src[part], 0, dst[lo:hi]) for part, lo, hi in _slices(where)]
-    run(jobs)
+    starts = chunk_starts(where)
+
+    def take(j: int) -> None:
+        part = chunk(j, where.size)
+        np.compress(where[part], src[part], out=dst[starts[j]:starts[j + 1]])
+
+    parallel(chunks(where.size), take, where.size)
     return out
 
 
@@ -121,12 +132,30 @@ def expand(values: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     if out.device.type != "cpu":
         return out.masked_scatter_(mask, values)
     src, dst, where = as_numpy(values), as_numpy(out), mask.numpy()
-    run([(_fill, dst[part], where[part], src[lo:hi]) for part, lo, hi in _slices(where)])
+    starts = chunk_starts(where)
+
+    def fill(j: int) -> None:
+        part = chunk(j, where.size)
+        dst[part][np.flatnonzero(where[part])] = src[starts[j]:starts[j + 1]]
+
+    parallel(chunks(where.size), fill, where.size)
     return out
 
 
-def _fill(dst: np.ndarray, where: np.ndarray, values: np.ndarray) -> None:
-    dst[np.flatnonzero(where)] = values
+def chunk_starts(where: np.ndarray) -> list[int]:
+    """Where each :data:`CHUNK` of a flat bool mask starts in the list of its set elements (then their total)."""
+    counts = (int(np.count_nonzero(where[chunk(j, where.size)])) for j in range(chunks(where.size)))
+    return list(itertools.accumulate(counts, initial=0))
+
+
+def chunks(n: int) -> int:
+    """How many :data:`CHUNK` s ``n`` elements make (at least one)."""
+    return max(1, -(-n // CHUNK))
+
+
+def chunk(j: int, n: int) -> slice:
+    """Chunk ``j`` of ``n`` elements."""
+    return slice(j * CHUNK, min(n, (j + 1) * CHUNK))
 
 
 def as_numpy(t: torch.Tensor) -> np.ndarray:
@@ -134,46 +163,61 @@ def as_numpy(t: torch.Tensor) -> np.ndarray:
     return t.view(_BITS_OF[t.element_size()]).numpy()
 
 
-def _slices(where: np.ndarray) -> list[tuple[slice, int, int]]:
-    """(slice of the mask, first and last+1 position of its elements in the compact list) per thread."""
-    out, start = [], 0
-    for lo, hi in slices(where.size):
-        count = int(np.count_nonzero(where[lo:hi]))
-        out.append((slice(lo, hi), start, start + count))
-        start += count
-    return out
+def threads() -> int:
+    """How many threads the NumPy paths use at most: torch's intra-op threads, up to 8."""
+    return max(1, min(torch.get_num_threads(), 8))
 
 
-def run(jobs: list[tuple]) -> list:
-    """Each ``(fn, *args)`` on the pool, as many at once as torch has threads (NumPy releases the GIL);
-    their results, in order."""
-    if len(jobs) == 1:
-        return [jobs[0][0](*jobs[0][1:])]
+def parallel(count: int, task: Callable[[int], None], numel: int, min_numel: int = PARALLEL_MIN_NUMEL) -> None:
+    """``task(j)`` for every ``j < count`` (tasks touching ``numel`` elements in all), on up to :func:`threads`
+    threads when ``numel >= min_numel``: the calling thread starts at once, pool threads join as they wake, each
+    claiming the next task until none is left; returns when all are done (then raises a task's error, if any).
+    Tasks write only their own outputs and use only work arrays (:mod:`lowband.compress.scratch`) their caller
+    does not hold (each runs in some thread, the caller's included). Nested calls run in one thread.
+
+    Why claimed, not dealt out: a pool thread idle for a few milliseconds is slow to wake on a virtual machine
+    (~0.35 ms measured here, against ~0.02 ms right after a call), longer than a small call's whole work. With
+    dealt-out shares the calling thread waited for it; a claimed task never waits for a thread that has not
+    started it."""
+    helpers = min(threads(), count) - 1 if numel >= min_numel and not getattr(_LOCAL, "inside", False) else 0
+    if helpers <= 0:
+        for j in range(count):
+            task(j)
+        return
+    claim, lock, left, finished, errors = itertools.count(), threading.Lock(), [count], threading.Event(), []
+
+    def work() -> None:
+        _LOCAL.inside = True
+        try:
+            for j in claim:
+                if j >= count:
+                    return
+                try:
+                    task(j)
+                except BaseException as err:  # noqa: BLE001 - raised in the caller, once all are done
+                    errors.append(err)
+                with lock:
+                    left[0] -= 1
+                    if not left[0]:
+                        finished.set()
+        finally:
+            _LOCAL.inside = False
+
     if not _POOL:
-        workers = max(1, min(torch.get_num_threads(), 8))
-        _POOL.append(ThreadPoolExecutor(max_workers=workers, thread_name_prefix="lowband-select"))
-    return [future.result() for future in [_POOL[0].submit(fn, *args) for fn, *args in jobs]]
-
-
-def slices(n: int) -> list[tuple[int, int]]:
-    """``[lo, hi)`` per thread: whole :data:`CHUNK` s (the last slice ends at ``n``), one slice below
-    :data:`PARALLEL_MIN_NUMEL`."""
-    parts = max(1, min(torch.get_num_threads(), 8)) if n >= PARALLEL_MIN_NUMEL else 1
-    chunks = -(-n // CHUNK)
-    per = max(1, -(-chunks // parts)) * CHUNK  # whole chunks per slice, in elements
-    return [(lo, min(n, lo + per)) for lo in range(0, max(n, 1), per)]
+        _POOL.append(ThreadPoolExecutor(max_workers=threads(), thread_name_prefix="lowband-select"))
+    for _ in range(helpers):
+        _POOL[0].submit(work)
+    work()
+    finished.wait()
+    if errors:
+        raise errors[0]
 
 
 def chunked(n: int, body: Callable[[int, int], None]) -> None:
-    """``body(lo, hi)`` for every :data:`CHUNK` of ``range(n)``, in order within each slice, the slices
-    (:func:`slices`) at once: NumPy work that stays in the cache and releases the interpreter lock. Up to one
-    chunk, one call in the calling thread."""
+    """``body(lo, hi)`` for every :data:`CHUNK` of ``range(n)`` through :func:`parallel` (from
+    :data:`PARALLEL_MIN_NUMEL` elements on): NumPy work that stays in the cache and releases the interpreter
+    lock. Up to one chunk, one call in the calling thread."""
     if n <= CHUNK:
         body(0, n)
         return
-
-    def part(lo: int, hi: int) -> None:
-        for c0 in range(lo, hi, CHUNK):
-            body(c0, min(c0 + CHUNK, hi))
-
-    run([(part, lo, hi) for lo, hi in slices(n)])
+    parallel(chunks(n), lambda j: body(j * CHUNK, min(n, (j + 1) * CHUNK)), n)

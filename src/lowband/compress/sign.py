@@ -91,16 +91,22 @@ class Sign(Compressor):
 
 def _encode_cpu(flats: list[torch.Tensor]) -> list[list[torch.Tensor]]:
     """:meth:`Sign.encode`'s payload of contiguous fp32 CPU tensors: the bits in NumPy
-    (:func:`lowband.compress.bitmaps.negative`), the scale by torch on a large tensor (on every thread), by
-    NumPy on a small one (pairwise in fp32: either's last bits may differ from the GPU's 1-norm)."""
-    out = []
-    for flat in flats:
-        n = flat.numel()
+    (:func:`lowband.compress.bitmaps.negative`), all in one new buffer (each payload a view); the scale by torch
+    on a large tensor (on every thread), by NumPy on a small one (pairwise in fp32: either's last bits may differ
+    from the GPU's 1-norm)."""
+    sources = [flat.numpy() for flat in flats]
+    nbytes = [(src.size + 7) // 8 for src in sources]
+    bits = scratch.fresh(sum(nbytes), torch.uint8, flats[0].device)
+    raw, first = bits.numpy(), 0
+    scales = np.empty(len(sources), dtype=np.float32)
+    for i, (flat, src, size) in enumerate(zip(flats, sources, nbytes)):
+        n = src.size
         if n >= batched.BATCH_MAX_NUMEL:
             magnitudes = torch.abs(flat, out=scratch.buffer("sign.abs", n, torch.float32, flat.device))
-            scale = (magnitudes.sum() / n).reshape(1)
+            scales[i] = magnitudes.sum() / n
         else:
-            magnitudes_np = np.abs(flat.numpy(), out=scratch.array("sign.abs_small", n, np.float32))
-            scale = torch.from_numpy(np.array([magnitudes_np.sum(dtype=np.float32) / np.float32(max(n, 1))]))
-        out.append([scale, bitmaps.negative(flat)])
-    return out
+            scales[i] = np.abs(src, out=scratch.array("sign.abs_small", n, np.float32)).sum(dtype=np.float32)
+            scales[i] /= np.float32(max(n, 1))
+        bitmaps.negative(src, raw[first:first + size])
+        first += size
+    return [list(pair) for pair in zip(torch.from_numpy(scales).split(1), bits.split(nbytes))]

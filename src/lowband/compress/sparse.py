@@ -171,9 +171,10 @@ class Threshold(_Sparse):
 
     def decode_many(self, payloads: Sequence[Payload]) -> list[torch.Tensor]:
         """:meth:`decode` of each; the small CPU bitmaps of each dtype into one zeroed array."""
+        dtypes = [p.ctx[1] for p in payloads]
         out: list[torch.Tensor | None] = [None] * len(payloads)
-        for dtype in dict.fromkeys(p.ctx[1] for p in payloads):
-            picked = [i for i, p in enumerate(payloads) if p.ctx[1] == dtype]
+        for dtype in dict.fromkeys(dtypes):
+            picked = [i for i, d in enumerate(dtypes) if d == dtype]
             decoded = unpack_many_dense([(payloads[i].tensors[0], payloads[i].ctx[0], None) for i in picked], dtype)
             for i, tensor in zip(picked, decoded):
                 out[i] = tensor
