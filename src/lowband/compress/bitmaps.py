@@ -185,7 +185,9 @@ def _chunk_popcounts(packed: np.ndarray) -> list[int]:
     per = CHUNK // 8  # bytes per chunk
     whole = packed.size // per * per
     counts = _popcounts(packed[:whole].view(np.uint64)).reshape(-1, per // 8).sum(axis=1, dtype=np.int64).tolist()
-    return counts + [int(_popcounts(packed[whole:]).sum(dtype=np.int64))] if whole < packed.size or not counts else counts
+    if whole < packed.size or not counts:  # the last partial chunk (or the only, empty one)
+        counts.append(int(_popcounts(packed[whole:]).sum(dtype=np.int64)))
+    return counts
 
 
 def _popcounts(words: np.ndarray) -> np.ndarray:

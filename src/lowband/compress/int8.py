@@ -37,7 +37,7 @@ import torch
 from lowband.compress import batched, scratch
 from lowband.compress.base import COMPRESSORS, Compressor, CompressorOptions, Payload, per_matrix
 from lowband.compress.quant import NUMPY_MIN_NUMEL, check_int, flat_fp32, per_group, restore, rows_and_tail
-from lowband.compress.select import CHUNK, chunked
+from lowband.compress.select import chunked
 
 
 @dataclass(frozen=True)
@@ -150,10 +150,8 @@ def _encode_cpu(flats: list[torch.Tensor]) -> list[list[torch.Tensor]]:
         out, first = codes[first:first + src.size], first + src.size
         if not np.isfinite(step):  # a NaN or an infinity: codes 0, the bounds carry it
             out.fill(0)
-        elif src.size <= CHUNK:  # (the call costs more than its arithmetic here)
-            _quantize(src, lo, inv, out)
         else:
-            chunked(src.size, lambda c0, c1, src=src, lo=lo, inv=inv, out=out: _quantize(src[c0:c1], lo, inv, out[c0:c1]))
+            chunked(src.size, lambda c0, c1, x=src, lo=lo, inv=inv, q=out: _quantize(x[c0:c1], lo, inv, q[c0:c1]))
     return [list(pair) for pair in zip(torch.from_numpy(bounds).unbind(0), q.split(sizes))]
 
 
@@ -176,10 +174,8 @@ def _decode_cpu(payloads: list[Payload], numels: list[int]) -> list[torch.Tensor
         codes, part, first = payload.tensors[1].numpy(), values[first:first + n], first + n
         if not np.isfinite(step):  # what lo + 0 * step gives
             part.fill(np.nan)
-        elif n <= CHUNK:
-            _affine(codes, step, lo, part)
         else:
-            chunked(n, lambda c0, c1, codes=codes, step=step, lo=lo, part=part: _affine(codes[c0:c1], step, lo, part[c0:c1]))
+            chunked(n, lambda c0, c1, q=codes, step=step, lo=lo, x=part: _affine(q[c0:c1], step, lo, x[c0:c1]))
     return list(out.split(numels))
 
 
