@@ -92,8 +92,8 @@ class Sign(Compressor):
 def _encode_cpu(flats: list[torch.Tensor]) -> list[list[torch.Tensor]]:
     """:meth:`Sign.encode`'s payload of contiguous fp32 CPU tensors: the bits in NumPy
     (:func:`lowband.compress.bitmaps.negative`), all in one new buffer (each payload a view); the scale by torch
-    on a large tensor (on every thread), by NumPy on a small one (pairwise in fp32: either's last bits may differ
-    from the GPU's 1-norm)."""
+    on a large tensor (on every thread), by NumPy and BLAS on a small one (fp32 sums in another order: the
+    last bits may differ from the GPU's 1-norm)."""
     sources = [flat.numpy() for flat in flats]
     nbytes = [(src.size + 7) // 8 for src in sources]
     bits = scratch.fresh(sum(nbytes), torch.uint8, flats[0].device)
@@ -104,9 +104,21 @@ def _encode_cpu(flats: list[torch.Tensor]) -> list[list[torch.Tensor]]:
         if n >= batched.BATCH_MAX_NUMEL:
             magnitudes = torch.abs(flat, out=scratch.buffer("sign.abs", n, torch.float32, flat.device))
             scales[i] = magnitudes.sum() / n
-        else:
-            scales[i] = np.abs(src, out=scratch.array("sign.abs_small", n, np.float32)).sum(dtype=np.float32)
+        else:  # the 1-norm as a BLAS dot with ones: half the time of NumPy's pairwise sum here
+            scales[i] = np.dot(np.abs(src, out=scratch.array("sign.abs_small", n, np.float32)), _ones(n))
             scales[i] /= np.float32(max(n, 1))
         bitmaps.negative(src, raw[first:first + size])
         first += size
     return [list(pair) for pair in zip(torch.from_numpy(scales).split(1), bits.split(nbytes))]
+
+
+_ONES: list[np.ndarray] = [np.ones(0, dtype=np.float32)]
+
+
+def _ones(n: int) -> np.ndarray:
+    """``n`` fp32 ones, read-only (one array, grown as needed)."""
+    if _ONES[0].size < n:
+        ones = np.ones(n, dtype=np.float32)
+        ones.flags.writeable = False
+        _ONES[0] = ones
+    return _ONES[0][:n]
