@@ -50,7 +50,7 @@ def test_fresh_results_hint_whole_huge_pages_and_zeros_are_zero(monkeypatch: pyt
     monkeypatch.setattr(scratch, "_ADVISE", lambda start, length, advice: calls.append((start, length, advice)) or 0)
     small = scratch.fresh(1000, torch.float32, CPU)
     assert small.shape == (1000,) and calls == []  # below HUGE_MIN_NBYTES: no hint
-    n = scratch.HUGE_MIN_NBYTES // 4 + 12345
+    n = 2 * scratch.HUGE_MIN_NBYTES // 4 + 12345  # holds at least one whole huge page wherever it starts
     z = scratch.zeros(n, torch.float32, CPU)
     assert z.dtype == torch.float32 and z.shape == (n,) and not z.any()
     (start, length, advice), = calls
@@ -190,7 +190,7 @@ def test_chunked_threshold_payload_is_the_masked_pack(dtype: torch.dtype, n: int
 
 
 def test_threshold_decodes_a_tensor_of_fresh_pages() -> None:  # zeros from the kernel, not chunk by chunk
-    n = scratch.HUGE_MIN_NBYTES // 4 + 9
+    n = scratch.FRESH_MIN_NBYTES // 4 + 9
     x = torch.randn(n, generator=torch.Generator().manual_seed(2))
     dense = unpack_dense(pack_at_least(x, 1.5), x.shape, x.dtype)
     assert torch.equal(dense, torch.where(x.abs() >= 1.5, x, torch.zeros_like(x)))

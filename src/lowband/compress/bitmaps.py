@@ -81,7 +81,7 @@ def expand_large(values: torch.Tensor, bits: torch.Tensor, n: int) -> torch.Tens
     packed = bits.numpy()
     starts = list(itertools.accumulate(_chunk_popcounts(packed), initial=0))
     _check(starts[-1], values.numel())
-    zeroed = n * values.element_size() >= scratch.HUGE_MIN_NBYTES  # fresh pages from the kernel: zero already
+    zeroed = n * values.element_size() >= scratch.FRESH_MIN_NBYTES  # fresh pages from the kernel: zero already
     out = (scratch.zeros if zeroed else scratch.fresh)(n, values.dtype, values.device)  # else zeroed by chunks
     src, dst = as_numpy(values), as_numpy(out)
 
