@@ -137,14 +137,9 @@ def expand_many(parts: Sequence[tuple[np.ndarray, int, int, bool]], dtype: torch
     starts = list(itertools.accumulate(sizes, initial=0))
     out = scratch.fresh(starts[-1], dtype, torch.device("cpu"))  # each tensor zeroed by _expand, in the cache
     dst, width = as_numpy(out), dtype.itemsize
-
-    def fill(i: int) -> None:
-        (raw, k, n, aligned), lo = parts[i], starts[i]
+    for (raw, k, n, aligned), lo in zip(parts, starts):
         values = raw[:k * width] if aligned else raw[:k * width].copy()  # (at an odd offset of a gathered buffer)
         _expand(raw[k * width:], values.view(dst.dtype), dst[lo:lo + n], k)
-
-    for i in range(len(parts)):
-        fill(i)
     return list(out.split(sizes))
 
 
