@@ -195,7 +195,7 @@ def unpack_many_dense(payloads: list[tuple[torch.Tensor, torch.Size, int | None]
     size, numpy = dtype.itemsize, dtype in bitmaps.NUMPY_FLOATS
     for i, (blob, shape, k) in enumerate(payloads):
         n = math.prod(shape)
-        raw = blob.numpy() if numpy and blob.device.type == "cpu" else None
+        raw = blob.numpy() if numpy and blob.is_cpu else None
         mapped = None if raw is None else _bitmap_count(n, raw.size, size)
         if mapped is None or (k is not None and k != mapped):  # a list, another device, or a wrong length
             values, where = unpack(blob, n, dtype, k)  # (unpack raises on a wrong length)
@@ -203,7 +203,7 @@ def unpack_many_dense(payloads: list[tuple[torch.Tensor, torch.Size, int | None]
         elif n >= bitmaps.MANY_MAX_NUMEL:
             out[i] = bitmaps.expand_large(aligned(blob[:mapped * size], dtype), blob[mapped * size:], n).view(shape)
         else:
-            small.append((i, (raw, mapped, n, raw.ctypes.data % size == 0)))
+            small.append((i, (raw, mapped, n, blob.data_ptr() % size == 0)))
     if small:
         for (i, _), flat in zip(small, bitmaps.expand_many([part for _, part in small], dtype)):
             out[i] = flat.view(payloads[i][1])
