@@ -133,7 +133,7 @@ def encode_many(compressor: Compressor, xs: Sequence[torch.Tensor], keys: Sequen
     picked = batchable([f.numel() for f in flats], group, per)
     alone = set(range(len(xs))) - set(picked)
     out = [compressor.encode(x, key) if i in alone else None for i, (x, key) in enumerate(zip(xs, keys))]
-    if picked and host is not None and all(flats[i].device.type == "cpu" for i in picked):
+    if picked and host is not None and all(flats[i].is_cpu for i in picked):
         for i, tensors in zip(picked, host([flats[i].contiguous() for i in picked])):
             out[i] = Payload(tensors, ctx=(xs[i].shape, xs[i].dtype))
     elif picked:
@@ -154,7 +154,7 @@ def decode_many(compressor: Compressor, payloads: Sequence[Payload], group: int,
     picked = batchable(numels, group, per)
     alone = set(range(len(payloads))) - set(picked)
     out = [compressor.decode(p) if i in alone else None for i, p in enumerate(payloads)]
-    if picked and host is not None and all(payloads[i].tensors[1].device.type == "cpu" for i in picked):
+    if picked and host is not None and all(payloads[i].tensors[1].is_cpu for i in picked):
         for i, flat in zip(picked, host([payloads[i] for i in picked], [numels[i] for i in picked])):
             out[i] = restore(flat, payloads[i].ctx)
     elif picked:

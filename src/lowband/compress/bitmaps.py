@@ -43,7 +43,7 @@ MANY_MAX_NUMEL = 1 << 18  # from this size on, a tensor takes the large path (it
 
 def fused(flat: torch.Tensor) -> bool:
     """Whether this module takes ``flat``: contiguous, on the CPU, fp16/fp32/fp64."""
-    return flat.device.type == "cpu" and flat.dtype in NUMPY_FLOATS and flat.is_contiguous()
+    return flat.is_cpu and flat.dtype in NUMPY_FLOATS and flat.is_contiguous()
 
 
 def mask_large(flat: torch.Tensor, tau: float, mask: torch.Tensor) -> list[int]:

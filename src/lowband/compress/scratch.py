@@ -130,7 +130,9 @@ def fresh(numel: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
 
 def cast(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     """``t.to(dtype)`` (``t`` itself when it has that dtype), the copy in :func:`fresh` memory, in ``t``'s shape."""
-    if t.dtype == dtype or t.device.type != "cpu" or t.numel() * dtype.itemsize < FRESH_MIN_NBYTES:
+    if t.dtype == dtype:
+        return t
+    if not t.is_cpu or t.numel() * dtype.itemsize < FRESH_MIN_NBYTES:
         return t.to(dtype)  # (no hint to give: a plain conversion, its call cheaper)
     return fresh(t.numel(), dtype, t.device).view(t.shape).copy_(t)
 
