@@ -96,34 +96,26 @@ def expand_large(values: torch.Tensor, bits: torch.Tensor, n: int) -> torch.Tens
 
 def pack_many(flats: Sequence[torch.Tensor], tau: float, uses_bitmap: Callable[[int, int], bool]
               ) -> list[torch.Tensor | None]:
-    """Each small :func:`fused` tensor's payload, views of one new buffer; None where its count ``k`` makes the
-    index list the smaller encoding (``uses_bitmap(n, k)`` false): the caller packs those its own way."""
+    """Each small :func:`fused` tensor's payload (all of one dtype), views of one new buffer; None where its count
+    ``k`` makes the index list the smaller encoding (``uses_bitmap(n, k)`` false): the caller packs those its own
+    way. In one thread: spreading a call's small tensors over threads measured slower here."""
     sources = [flat.numpy() for flat in flats]
-    sizes = [src.size for src in sources]
-    starts = list(itertools.accumulate(sizes, initial=0))
+    starts = list(itertools.accumulate((src.size for src in sources), initial=0))
     mask = scratch.array("bitmaps.mask", starts[-1], np.bool_)
-
-    def count(i: int) -> int:
-        where = mask[starts[i]:starts[i + 1]]
-        work = scratch.array("bitmaps.abs", sizes[i], sources[i].dtype)
-        np.greater_equal(np.abs(sources[i], out=work), tau, out=where)
-        return int(np.count_nonzero(where))
-
-    counts = [count(i) for i in range(len(sources))]
+    work = scratch.array("bitmaps.abs", max(src.size for src in sources), sources[0].dtype)
+    wheres = [mask[lo:hi] for lo, hi in zip(starts, starts[1:])]
+    counts = [int(np.count_nonzero(np.greater_equal(np.abs(src, out=work[:src.size]), tau, out=where)))
+              for src, where in zip(sources, wheres)]
     nbytes = [k * src.itemsize + (src.size + 7) // 8 if uses_bitmap(src.size, k) else 0
               for src, k in zip(sources, counts)]
     offsets = list(itertools.accumulate((-(-size // 8) * 8 for size in nbytes), initial=0))  # each on a word
     blob = scratch.fresh(offsets[-1], torch.uint8, flats[0].device)
     raw = blob.numpy()
-
-    def fill(i: int) -> None:
-        if nbytes[i]:
-            at, values, where = offsets[i], counts[i] * sources[i].itemsize, mask[starts[i]:starts[i + 1]]
-            np.compress(where, sources[i], out=raw[at:at + values].view(sources[i].dtype))
-            raw[at + values:at + nbytes[i]] = np.packbits(where, bitorder="little")
-
-    for i in range(len(sources)):  # (spreading a call's small tensors over threads measured slower here)
-        fill(i)
+    for src, where, k, at, size in zip(sources, wheres, counts, offsets, nbytes):
+        if size:
+            values = k * src.itemsize
+            np.compress(where, src, out=raw[at:at + values].view(src.dtype))
+            raw[at + values:at + size] = np.packbits(where, bitorder="little")
     return [blob[at:at + size] if size else None for at, size in zip(offsets, nbytes)]
 
 
@@ -147,7 +139,7 @@ def _expand(packed: np.ndarray, src: np.ndarray, dst: np.ndarray, expected: int 
             zero: bool = True) -> int:
     """``dst`` = zeros (already, unless ``zero``), and at the set bits of ``packed`` the first values of ``src``, in
     order; returns how many (ValueError unless ``expected``, when given)."""
-    set_at = np.flatnonzero(np.unpackbits(packed, count=dst.size, bitorder="little").view(np.bool_))
+    set_at = np.unpackbits(packed, count=dst.size, bitorder="little").view(np.bool_).nonzero()[0]  # (1-D: flatnonzero)
     if expected is not None:
         _check(set_at.size, expected)
     if zero:
