@@ -129,11 +129,12 @@ def ref_randomk(ratio: float) -> Roundtrip:
 
 
 def ref_threshold(tau: float) -> Roundtrip:
-    """GRACE's threshold: ``torch.where(|x| > tau)``, values indexed; zeros + scatter_."""
+    """GRACE's threshold: ``torch.where(|x| >= tau)`` (GRACE's history has both ``>=`` and ``>``; ``>=`` is what
+    lowband keeps), values indexed; zeros + scatter_."""
 
     def roundtrip(x: torch.Tensor) -> torch.Tensor:
         flat = x.flatten()
-        indices, = torch.where(flat.abs() > tau)
+        indices, = torch.where(flat.abs() >= tau)
         return _desparsify(flat[indices], indices, x)
 
     return roundtrip
