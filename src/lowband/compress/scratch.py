@@ -30,10 +30,10 @@ clone's time here; torch itself hints with ``THP_MEM_ALLOC_ENABLE=1``). From
 :data:`FRESH_MIN_NBYTES` on glibc maps every allocation fresh; below, it may hand back heap pages
 already faulted in, where the hint costs one system call and changes nothing. A model's layers
 (2-10 MB each) are often fresh too: glibc returns the freed memory of a step's decoded tensors to
-the kernel, and table (c) of the benchmark measured ResNet-18's lists faster with the hint from
-2 MiB than from 32 MiB (sign 1.71-2.40x against 1.53-1.64x, three runs each). Only the hint
-changes: where the kernel has transparent huge pages off or no free 2 MiB page, it hands out small
-pages as before.
+the kernel; with the hint from 2 MiB instead of 32 MiB, table (c) of ``benchmarks/compressors.py``
+timed lowband's encode + decode of ResNet-18's list at 23.6-24.9 ms for threshold (28.7-29.8 ms
+before), 30-31.6 ms for 4-bit QSGD (33-34.6 ms). Only the hint changes: where the kernel has
+transparent huge pages off or no free 2 MiB page, it hands out small pages as before.
 The work arrays of :func:`buffer` get the same hint when they are made (fewer TLB misses on the
 passes over a large tensor). ``LOWBAND_HUGEPAGES=0`` turns the hint off.
 """
