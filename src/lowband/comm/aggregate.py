@@ -42,7 +42,7 @@ from lowband.comm.guards import NonFiniteError
 from lowband.comm.robust import Mean, Rule
 from lowband.comm.tamper import Tamper
 from lowband.comm.two_phase import TwoPhase, prefer
-from lowband.compress.base import Compressor, Payload
+from lowband.compress.base import Compressor, Payload, RunningMean, running_mean
 from lowband.feedback.base import Feedback
 
 COLLECTIVES = ("auto", "all_reduce", "all_gather", "two_phase")
@@ -231,9 +231,12 @@ class Aggregator:
         gathered, ok = self._all_gather(own, valid, step)
         received = {key: [p for p, keep in zip(ps, ok) if keep] for key, ps in gathered.items()}
         senders = [r for r in range(self.comm.world_size) if ok[r]]
-        decoded = [self.compressor.decode_many([received[key][j] for key in keys]) for j in range(len(senders))]
+        means = [RunningMean() for _ in keys]  # one sender decoded at a time: its tensors and the sums held, not n
+        for j in range(len(senders)):
+            for acc, decoded in zip(means, self.compressor.decode_many([received[key][j] for key in keys])):
+                acc.add(decoded)
         mine = self.compressor.decode_many([own[key] for key in keys])
-        results = {key: (torch.stack([d[i] for d in decoded]).mean(0), mine[i]) for i, key in enumerate(keys)}
+        results = {key: (acc.mean(), mine_i) for key, acc, mine_i in zip(keys, means, mine)}
         return self._receiver_check(results, received, senders, step)
 
     def _receiver_check(self, results: dict[str, tuple[torch.Tensor, torch.Tensor]],
@@ -250,7 +253,7 @@ class Aggregator:
         if len(keep) == len(ranks):
             raise NonFiniteError(f"{self.tag}: the mean is non-finite although every sender's values are finite "
                                  "(overflow?)")
-        return {key: (torch.stack([ds[i] for i in keep]).mean(0), results[key][1]) for key, ds in decoded.items()}
+        return {key: (running_mean(ds[i] for i in keep), results[key][1]) for key, ds in decoded.items()}
 
     def _summed(self, inputs: dict[str, torch.Tensor], valid: bool,
                 step: int) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:

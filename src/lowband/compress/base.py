@@ -26,7 +26,7 @@ from __future__ import annotations
 import math
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
-from typing import Any, Callable, ClassVar, Generator, Sequence, Union
+from typing import Any, Callable, ClassVar, Generator, Iterable, Sequence, Union
 
 import torch
 
@@ -135,8 +135,7 @@ class Compressor(ABC):
         own = self.encode(x, key)
         everyone = yield own
         assert isinstance(everyone, list)
-        decoded = [self.decode(p) for p in everyone]
-        return torch.stack(decoded).mean(0), self.decode(own)
+        return running_mean(self.decode(p) for p in everyone), self.decode(own)
 
     def for_rank(self, rank: int) -> None:
         """Called once by the aggregator with this process's rank (seeded compressors draw
@@ -151,6 +150,38 @@ class Compressor(ABC):
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         pass
+
+
+class RunningMean:
+    """The mean of equally shaped tensors added one at a time, into one new accumulator (fp32 at least: fp16 and
+    bf16 sums are kept in fp32, as ``torch.mean`` keeps them), returned in their dtype. Holds the sum and nothing
+    else, where stacking every sender's decoded tensor held n of them (n workers' gradients)."""
+
+    def __init__(self) -> None:
+        self.total: torch.Tensor | None = None
+        self.count = 0
+        self.dtype = torch.float32
+
+    def add(self, t: torch.Tensor) -> None:
+        if self.total is None:
+            self.dtype = t.dtype
+            self.total = t.to(torch.promote_types(t.dtype, torch.float32), copy=True)  # never the caller's memory
+        else:
+            self.total.add_(t)
+        self.count += 1
+
+    def mean(self) -> torch.Tensor:
+        if self.total is None:
+            raise ValueError("the mean of no tensors")
+        return self.total.div_(self.count).to(self.dtype)
+
+
+def running_mean(tensors: Iterable[torch.Tensor]) -> torch.Tensor:
+    """:class:`RunningMean` of ``tensors``."""
+    acc = RunningMean()
+    for t in tensors:
+        acc.add(t)
+    return acc.mean()
 
 
 def per_matrix(numel: int, side: int, per: Callable[[int], float]) -> tuple[float]:
