@@ -154,3 +154,22 @@ def test_mean_async_overlaps_compute_and_charges_only_exposed_time() -> None:
         assert modelled == pytest.approx(0.4)  # 1 MB ring all-reduce over 20 Mbit/s, 2 ranks
         assert wall < 0.6 + modelled * 0.5, (rank, wall)  # overlapped, not 1.0 s
         assert blocked < 0.15, (rank, blocked)  # only the exposed part is charged
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16, torch.float16])
+def test_running_mean_is_the_stacked_mean_and_leaves_its_inputs_alone(dtype: torch.dtype) -> None:
+    from lowband.compress.base import RunningMean, running_mean
+
+    g = torch.Generator().manual_seed(3)
+    xs = [(torch.randn(257, generator=g) * 10).to(dtype) for _ in range(16)]
+    before = [x.clone() for x in xs]
+    got = running_mean(iter(xs))
+    exact = torch.stack([x.double() for x in xs]).mean(0)
+    assert got.dtype == dtype and got.shape == (257,)
+    tol = {torch.float32: 1e-5, torch.float64: 1e-12}.get(dtype, 2e-2)  # fp16/bf16: one rounding at the end
+    torch.testing.assert_close(got.double(), exact, rtol=tol, atol=tol)
+    if dtype in (torch.float16, torch.bfloat16):  # summed in fp32, rounded once at the end, as torch.mean does
+        assert torch.equal(got, torch.stack(xs).mean(0))
+    assert all(torch.equal(x, b) for x, b in zip(xs, before))  # the first one is copied, never summed into
+    with pytest.raises(ValueError, match="no tensors"):
+        RunningMean().mean()
