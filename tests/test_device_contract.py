@@ -36,7 +36,8 @@ SPECS = COMPRESSORS.names() + VARIANTS
 # source file -> why the host must wait for the device there (each is one decision per call)
 SYNCS_ALLOWED = {
     "comm/guards.py": "whether to send (non-finite input), which senders are valid, CRC-32 on the host",
-    "comm/aggregate.py": "which ranks are excluded; receive sizes of variable-size payloads",
+    "comm/aggregate.py": "which ranks are excluded (non-finite contributions)",
+    "comm/wire.py": "which ranks are excluded (checksums agreed); receive sizes of variable-size payloads",
     "compress/indices.py": "a bitmap's count of set bits (nonzero)",
     "compress/select.py": "the positions of a mask (nonzero)",
     "compress/sparse.py": "threshold: how many elements pass (the payload's size)",

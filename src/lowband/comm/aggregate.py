@@ -36,11 +36,12 @@ from typing import Any, Sequence
 import torch
 
 from lowband.comm import guards
-from lowband.comm.buffers import as_bytes, chunks, cut_payloads, flat_or_self, small_key, write_back
+from lowband.comm.buffers import flat_or_self, small_key, write_back
 from lowband.comm.comm import Comm, PendingMean
 from lowband.comm.guards import NonFiniteError
 from lowband.comm.robust import Mean, Rule
 from lowband.comm.tamper import Tamper
+from lowband.comm.wire import PayloadWire
 from lowband.comm.two_phase import TwoPhase, prefer
 from lowband.compress.base import Compressor, Payload, RunningMean, running_mean
 from lowband.feedback.base import Feedback
@@ -86,7 +87,9 @@ class Aggregator:
         self.checksum, self.attack = checksum, attack if attack is not None else Tamper()
         self.comm, self.compressor, self.feedback, self.tag = comm, compressor, feedback, tag
         compressor.for_rank(comm.rank)
-        self.small_numel, self.bucket_bytes = small_numel, int(bucket_mb * 1e6)
+        self.small_numel = small_numel
+        self.wire = PayloadWire(comm, tag, int(bucket_mb * 1e6), self.attack, checksum,
+                                fixed_size=getattr(compressor, "fixed_size", True))
         self._pool: ThreadPoolExecutor | None = None
         # quantisers under the plain mean: a reduce-scatter whose bytes stay flat in n (comm/two_phase.py)
         flat_in_n = compressor.requantizable and not self.robust and not checksum and self.attack.idle
@@ -201,7 +204,7 @@ class Aggregator:
         received: dict[str, Payload | list[Payload]]
         while pending:
             if self.compressor.summable:
-                summed = self._all_reduce(pending, poison=first and poison)
+                summed = self.wire.all_reduce(pending, poison=first and poison)
                 if first and not guards.all_finite([t for p in summed.values() for t in p.tensors
                                                     if t.is_floating_point()]):  # host sync: one per call
                     for ex in exchanges.values():
@@ -209,7 +212,7 @@ class Aggregator:
                     return None
                 received = dict(summed)
             else:
-                gathered, ok = self._all_gather(pending, valid, step)
+                gathered, ok = self.wire.all_gather(pending, valid, step)
                 mask = [a and b for a, b in zip(mask, ok)]
                 received = {key: [p for p, keep in zip(ps, mask) if keep] for key, ps in gathered.items()}
             first = False
@@ -228,7 +231,7 @@ class Aggregator:
         one ``decode_many`` per sender (a compressor may batch them: lowband.compress.batched)."""
         keys = list(inputs)
         own = dict(zip(keys, self.compressor.encode_many([inputs[key] for key in keys], keys)))
-        gathered, ok = self._all_gather(own, valid, step)
+        gathered, ok = self.wire.all_gather(own, valid, step)
         received = {key: [p for p, keep in zip(ps, ok) if keep] for key, ps in gathered.items()}
         senders = [r for r in range(self.comm.world_size) if ok[r]]
         means = [RunningMean() for _ in keys]  # one sender decoded at a time: its tensors and the sums held, not n
@@ -300,7 +303,7 @@ class Aggregator:
         """Every rank's payload all-gathered, decoded, and combined by the rule over the whole call."""
         keys = list(inputs)
         payloads = dict(zip(keys, self.compressor.encode_many([inputs[key] for key in keys], keys)))
-        gathered, mask = self._all_gather(payloads, valid, step)
+        gathered, mask = self.wire.all_gather(payloads, valid, step)
         ranks = [r for r in range(self.comm.world_size) if mask[r]]
         rows = torch.stack([torch.cat([d.reshape(-1).float() for d in self.compressor.decode_many(
             [gathered[key][r] for key in keys])]) for r in ranks])
@@ -327,78 +330,6 @@ class Aggregator:
         for dtype, members in small.items():
             groups[small_key(dtype, [name for name, _ in members])] = [t for _, t in members]
         return groups
-
-    # -- communication --------------------------------------------------------------------
-    def _all_reduce(self, pending: dict[str, Payload], poison: bool = False) -> dict[str, Payload]:
-        by_dtype: dict[torch.dtype, list[torch.Tensor]] = defaultdict(list)
-        for payload in pending.values():
-            for t in payload.tensors:
-                by_dtype[t.dtype].append(t)
-        summed: dict[int, torch.Tensor] = {}
-        for tensors in by_dtype.values():
-            flat = torch.cat([t.reshape(-1) for t in tensors])
-            if poison:
-                guards.poison_(flat)
-            for chunk in chunks(flat, self.bucket_bytes):
-                self.comm.all_reduce(chunk, tag=self.tag)
-            offset = 0
-            for t in tensors:
-                summed[id(t)] = flat[offset:offset + t.numel()].view_as(t)
-                offset += t.numel()
-        return {key: Payload([summed[id(t)] for t in p.tensors], p.ctx) for key, p in pending.items()}
-
-    def _all_gather(self, pending: dict[str, Payload], valid: bool = True,
-                    step: int = 0) -> tuple[dict[str, list[Payload]], list[bool]]:
-        """Every rank's payloads, and which ranks' are valid (flag byte, CRC-32 with ``checksum``)."""
-        n = self.comm.world_size
-        tensors = [t.contiguous() for p in pending.values() for t in p.tensors]
-        if n == 1 or not tensors:
-            return {key: [p] * n for key, p in pending.items()}, [True] * n
-        sizes = self._gathered_sizes(tensors)  # [rank][tensor] element counts, on the host
-        own = as_bytes(tensors)
-        width = max(sum(c * t.element_size() for c, t in zip(row, tensors)) for row in sizes)
-        padded = torch.zeros(width, dtype=torch.uint8, device=own.device)
-        padded[:own.numel()] = own
-        parts: list[list[torch.Tensor]] = [[] for _ in range(n)]
-        sealed = self.attack.on_wire(guards.seal(padded, valid, self.checksum), own.numel(), self.comm.rank, step)
-        for chunk in chunks(sealed, self.bucket_bytes):
-            gathered = self.comm.all_gather(chunk, tag=self.tag)
-            for r, piece in enumerate(gathered):
-                parts[r].append(piece)
-        per_rank = [torch.cat(p) for p in parts]
-        guards.apply_corruptions(per_rank, width, self.comm.rank)
-        mask = self._agree(guards.verify_all(per_rank, width, self.checksum), step, own.device)
-        out: dict[str, list[Payload]] = {key: [] for key in pending}
-        for r, buf in enumerate(per_rank):
-            for key, payload in zip(pending, cut_payloads(buf, list(pending.values()), sizes[r])):
-                out[key].append(payload)
-        return out, mask
-
-    def _agree(self, reasons: list[str | None], step: int, device: torch.device) -> list[bool]:
-        """Which ranks' contributions count. With ``checksum``, one all-reduce of n int32 flags (on
-        ``device``, the payload's) makes every rank exclude a sender that any receiver saw corrupted
-        (ranks must stay equal)."""
-        bad = [int(r is not None) for r in reasons]
-        if self.checksum:
-            flags = torch.tensor(bad, dtype=torch.int32, device=device)
-            self.comm.all_reduce(flags, tag=f"{self.tag}.valid")
-            bad = flags.tolist()  # host sync: the agreed exclusions
-        excluded = [r for r in range(len(reasons)) if bad[r] > 0]
-        if len(excluded) == len(reasons):
-            raise guards.refuse(f"{self.tag}: no rank has a valid contribution")
-        if excluded:
-            why = ", ".join(sorted({reasons[r] or "checksum seen by another rank" for r in excluded}))
-            guards.warn_excluded(self.comm.rank, self.tag, step, excluded, why)
-        return [r not in excluded for r in range(len(reasons))]
-
-    def _gathered_sizes(self, tensors: list[torch.Tensor]) -> list[list[int]]:
-        """Element counts of every payload tensor on every rank (one small all-gather if they vary)."""
-        own = [t.numel() for t in tensors]
-        if getattr(self.compressor, "fixed_size", True) or self.comm.world_size == 1:
-            return [own] * self.comm.world_size
-        sent = torch.tensor(own, dtype=torch.int64, device=tensors[0].device)
-        # host sync: the receive buffers' sizes
-        return torch.stack(self.comm.all_gather(sent, tag=f"{self.tag}.sizes")).tolist()
 
     @staticmethod
     def _device(inputs: dict[str, torch.Tensor]) -> torch.device:
