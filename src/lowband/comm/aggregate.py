@@ -84,7 +84,7 @@ class Aggregator:
         if checksum and compressor.summable and not self.robust:
             raise ValueError("checksum needs the all-gather path (a non-summable compressor or a robust aggregate "
                              "rule): summed all-reduce payloads carry no per-rank checksum")
-        self.checksum, self.attack = checksum, attack if attack is not None else Tamper()
+        self.attack = attack if attack is not None else Tamper()
         self.comm, self.compressor, self.feedback, self.tag = comm, compressor, feedback, tag
         compressor.for_rank(comm.rank)
         self.small_numel = small_numel

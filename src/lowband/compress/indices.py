@@ -117,11 +117,18 @@ def count_from_nbytes(n: int, nbytes: int, value_size: int) -> int:
     listed = nbytes // (value_size + index_dtype(n).itemsize)
     if listed * (value_size + index_dtype(n).itemsize) == nbytes and not uses_bitmap(n, listed):
         return listed
-    mapped = (nbytes - bitmap_nbytes(n)) // value_size
-    if mapped >= 0 and mapped * value_size + bitmap_nbytes(n) == nbytes and uses_bitmap(n, mapped):
+    mapped = bitmap_count(n, nbytes, value_size)
+    if mapped is not None:
         return mapped
     raise ValueError(f"{nbytes} bytes are no sparse payload of a tensor of {n} elements "
                      f"with {value_size}-byte values")
+
+
+def bitmap_count(n: int, nbytes: int, value_size: int) -> int | None:
+    """``k`` if ``nbytes`` is a payload of ``k`` values and a bitmap of ``n`` bits (the bitmap reading
+    of :func:`count_from_nbytes`), else None."""
+    k, rest = divmod(nbytes - bitmap_nbytes(n), value_size)
+    return k if k >= 0 and not rest and uses_bitmap(n, k) else None
 
 
 def payload_nbytes(n: int, k: int, value_size: int) -> int:
@@ -196,7 +203,7 @@ def unpack_many_dense(payloads: list[tuple[torch.Tensor, torch.Size, int | None]
     for i, (blob, shape, k) in enumerate(payloads):
         n = math.prod(shape)
         raw = blob.numpy() if numpy and blob.is_cpu else None
-        mapped = None if raw is None else _bitmap_count(n, raw.size, size)
+        mapped = None if raw is None else bitmap_count(n, raw.size, size)
         if mapped is None or (k is not None and k != mapped):  # a list, another device, or a wrong length
             values, where = unpack(blob, n, dtype, k)  # (unpack raises on a wrong length)
             out[i] = scatter(values, where, shape, dtype)
@@ -208,13 +215,6 @@ def unpack_many_dense(payloads: list[tuple[torch.Tensor, torch.Size, int | None]
         for (i, _), flat in zip(small, bitmaps.expand_many([part for _, part in small], dtype)):
             out[i] = flat.view(payloads[i][1])
     return cast(list[torch.Tensor], out)
-
-
-def _bitmap_count(n: int, nbytes: int, value_size: int) -> int | None:
-    """``k`` if ``nbytes`` is a payload of ``k`` values and a bitmap of ``n`` bits (:func:`count_from_nbytes`'s
-    answer when it chose the bitmap), else None."""
-    k, rest = divmod(nbytes - bitmap_nbytes(n), value_size)
-    return k if k >= 0 and not rest and uses_bitmap(n, k) else None
 
 
 def unpack(blob: torch.Tensor, n: int, dtype: torch.dtype, k: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:

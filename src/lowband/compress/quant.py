@@ -29,7 +29,7 @@ from lowband import devices
 from lowband.compress import scratch
 from lowband.compress.base import Compressor, CompressorOptions
 from lowband.compress.packing import pack_numpy, packed_nbytes
-from lowband.compress.select import CHUNK, chunked
+from lowband.compress.select import chunked
 
 Ctx = tuple[torch.Size, torch.dtype]
 NOISE_SCALE = 2.0 ** -16  # one step of the 16-bit uniform
@@ -74,15 +74,6 @@ def per_group(op: Any, src: torch.Tensor, size: int, column: torch.Tensor, out: 
 
 NUMPY_MIN_NUMEL = 1 << 23  # a CPU tensor from this size on: the quantizers' NumPy chunk loops (faster at 25M in
 # benchmarks/compressors.py); below, the torch ops on cached work arrays timed as fast or faster (by hand, here)
-_FILLED: dict[int, np.ndarray] = {}
-
-
-def _filled(value: int) -> np.ndarray:
-    """A read-only uint8 array of :data:`~lowband.compress.select.CHUNK` copies of ``value`` (made once)."""
-    if value not in _FILLED:
-        _FILLED[value] = np.full(CHUNK, value, dtype=np.uint8)
-        _FILLED[value].flags.writeable = False
-    return _FILLED[value]
 
 
 class SeededCompressor(Compressor):
@@ -148,7 +139,8 @@ class SeededCompressor(Compressor):
             codes = scratch.array("round.codes", whole, np.uint8)
             np.copyto(codes[:m], y, casting="unsafe")  # y >= 0: the conversion truncates, which is floor
             codes[m:] = 0
-            np.minimum(codes[:m], _filled(top)[:m], out=codes[:m])  # (against a scalar NumPy takes a slow loop)
+            top_codes = scratch.constant(top, m, np.uint8)  # (against a scalar NumPy takes a slow loop)
+            np.minimum(codes[:m], top_codes, out=codes[:m])
             pack_numpy(codes, bits, packed[lo * bits // 8:(lo + whole) * bits // 8])
 
         chunked(n, body)

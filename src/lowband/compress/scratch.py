@@ -73,11 +73,17 @@ def _madvise() -> Optional[Any]:
 _ADVISE = _madvise()
 
 
+def _local(name: str) -> dict[str, Any]:
+    """The calling thread's dict ``name`` (made at its first use)."""
+    held = getattr(_LOCAL, name, None)
+    if held is None:
+        held = {}
+        setattr(_LOCAL, name, held)
+    return held
+
+
 def _pool() -> dict[str, torch.Tensor]:
-    pool = getattr(_LOCAL, "pool", None)
-    if pool is None:
-        pool = _LOCAL.pool = {}
-    return pool
+    return _local("pool")
 
 
 def buffer(slot: str, numel: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
@@ -105,10 +111,22 @@ def array(slot: str, numel: int, dtype: type | np.dtype) -> np.ndarray:
 
 
 def _views() -> dict[str, np.ndarray]:
-    views = getattr(_LOCAL, "views", None)
-    if views is None:
-        views = _LOCAL.views = {}
-    return views
+    return _local("views")
+
+
+_CONSTANTS: dict[tuple[int | float, str], np.ndarray] = {}
+
+
+def constant(value: int | float, numel: int, dtype: type | np.dtype) -> np.ndarray:
+    """``numel`` copies of ``value`` as a read-only NumPy array of ``dtype``, shared by every thread (one array per
+    value and dtype, grown as needed): an operand where NumPy's loop against a scalar is slower, or a BLAS dot's."""
+    key = (value, np.dtype(dtype).str)
+    held = _CONSTANTS.get(key)
+    if held is None or held.size < numel:
+        held = np.full(numel, value, dtype=dtype)
+        held.flags.writeable = False
+        _CONSTANTS[key] = held
+    return held[:numel]
 
 
 def release() -> None:
@@ -133,7 +151,7 @@ def cast(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     if t.dtype == dtype:
         return t
     if not t.is_cpu or t.numel() * dtype.itemsize < FRESH_MIN_NBYTES:
-        return t.to(dtype)  # (no hint to give: a plain conversion, its call cheaper)
+        return t.to(dtype)  # (below the fresh-pages size the hint rarely pays: a plain conversion, its call cheaper)
     return fresh(t.numel(), dtype, t.device).view(t.shape).copy_(t)
 
 
