@@ -105,7 +105,8 @@ def _encode_cpu(flats: list[torch.Tensor]) -> list[list[torch.Tensor]]:
             magnitudes = torch.abs(flat, out=scratch.buffer("sign.abs", n, torch.float32, flat.device))
             scales[i] = magnitudes.sum() / n
         else:  # the 1-norm as a BLAS dot with ones: half the time of NumPy's pairwise sum here
-            scales[i] = np.dot(np.abs(src, out=scratch.array("sign.abs_small", n, np.float32)), scratch.constant(1.0, n, np.float32))
+            magnitudes_np = np.abs(src, out=scratch.array("sign.abs_small", n, np.float32))
+            scales[i] = np.dot(magnitudes_np, scratch.constant(1.0, n, np.float32))
             scales[i] /= np.float32(max(n, 1))
         bitmaps.negative(src, raw[first:first + size])
         first += size
