@@ -21,8 +21,8 @@ BIG = SAMPLED_MIN_NUMEL * 2 + 13  # takes the sampled top-k path; not a multiple
 
 
 @pytest.fixture(params=["compiled", "numpy"])
-def bitmap_path(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
-    """Runs a threshold test with the compiled kernels (skipped without numba) and with the NumPy passes."""
+def kernel_path(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
+    """Runs a test with the compiled kernels (skipped without numba) and with the NumPy passes."""
     if request.param == "compiled":
         pytest.importorskip("numba")
         monkeypatch.delenv(kernels.ENV, raising=False)
@@ -179,7 +179,7 @@ def test_positions_are_the_nonzero_indices() -> None:
     assert positions(torch.zeros(10, dtype=torch.bool)).numel() == 0
 
 
-def test_threshold_sends_its_mask_as_the_bitmap_when_dense(bitmap_path: str) -> None:
+def test_threshold_sends_its_mask_as_the_bitmap_when_dense(kernel_path: str) -> None:
     x = torch.randn(BIG, generator=torch.Generator().manual_seed(4))
     c = build("threshold:tau=1.0", COMPRESSORS)
     payload = c.encode(x, "w")
@@ -192,7 +192,7 @@ def test_threshold_sends_its_mask_as_the_bitmap_when_dense(bitmap_path: str) -> 
 @pytest.mark.parametrize("n", [0, 5, 1000, 3 * CHUNK, 2 * (1 << 20) + 7])
 @pytest.mark.parametrize("tau", [0.5, 3.0])  # a bitmap (most kept), an index list (few kept)
 def test_chunked_threshold_payload_is_the_masked_pack(dtype: torch.dtype, n: int, tau: float,
-                                                      bitmap_path: str) -> None:
+                                                      kernel_path: str) -> None:
     x = torch.randn(n, generator=torch.Generator().manual_seed(n)).to(dtype)
     if n > 4:
         x[3] = float("nan")  # not kept, as |nan| >= tau is false
@@ -203,7 +203,7 @@ def test_chunked_threshold_payload_is_the_masked_pack(dtype: torch.dtype, n: int
     assert dense.dtype == dtype and torch.equal(dense, torch.where(mask, x, torch.zeros_like(x)))
 
 
-def test_threshold_decodes_a_tensor_of_fresh_pages(bitmap_path: str) -> None:  # zeroed pages, not chunk by chunk
+def test_threshold_decodes_a_tensor_of_fresh_pages(kernel_path: str) -> None:  # zeroed pages, not chunk by chunk
     n = scratch.FRESH_MIN_NBYTES // 4 + 9
     x = torch.randn(n, generator=torch.Generator().manual_seed(2))
     dense = unpack_dense(pack_at_least(x, 1.5), x.shape, x.dtype)
@@ -211,7 +211,7 @@ def test_threshold_decodes_a_tensor_of_fresh_pages(bitmap_path: str) -> None:  #
 
 
 @pytest.mark.parametrize("n", [3 * CHUNK + 9, MANY_MAX_NUMEL + 9])  # the many path, the large one
-def test_expanding_a_bitmap_checks_its_count(n: int, bitmap_path: str) -> None:
+def test_expanding_a_bitmap_checks_its_count(n: int, kernel_path: str) -> None:
     x = torch.randn(n, generator=torch.Generator().manual_seed(1))
     blob = pack_at_least(x, 0.5)
     k = int((x.abs() >= 0.5).sum())
@@ -220,7 +220,7 @@ def test_expanding_a_bitmap_checks_its_count(n: int, bitmap_path: str) -> None:
         unpack_dense(blob, x.shape, x.dtype, k)
 
 
-def test_threshold_many_gives_each_payload_as_encode_would(bitmap_path: str) -> None:
+def test_threshold_many_gives_each_payload_as_encode_would(kernel_path: str) -> None:
     g = torch.Generator().manual_seed(5)
     xs = [torch.randn(shape, generator=g) for shape in [(64, 129), (7,), (0,), (300, 300), (MANY_MAX_NUMEL + 3,)]]
     xs += [torch.randn(5000, generator=g) * 0.01, torch.randn(999, generator=g).half(), torch.randn(77, generator=g).bfloat16()]
@@ -238,7 +238,8 @@ def test_threshold_many_gives_each_payload_as_encode_would(bitmap_path: str) -> 
 
 @pytest.mark.parametrize("n", [1, 1000, 3 * CHUNK + 5, 2 * (1 << 20) + 7])  # one chunk; several; two threads
 @pytest.mark.parametrize("numpy_from", [1, 1 << 62])  # NumPy's chunk loop at every size; the torch ops at every size
-def test_int8_numpy_path_gives_the_torch_ops_bytes(n: int, numpy_from: int, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_int8_numpy_path_gives_the_torch_ops_bytes(n: int, numpy_from: int, monkeypatch: pytest.MonkeyPatch,
+                                                   kernel_path: str) -> None:
     import lowband.compress.int8 as int8_module
 
     monkeypatch.setattr(int8_module, "NUMPY_MIN_NUMEL", numpy_from)
@@ -252,6 +253,18 @@ def test_int8_numpy_path_gives_the_torch_ops_bytes(n: int, numpy_from: int, monk
     assert torch.equal(payload.tensors[0], torch.stack([lo, hi])) and torch.equal(payload.tensors[1], codes)
     assert torch.equal(c.decode(payload), codes.float() * step + lo)
     assert torch.equal(c.decode_many([payload, payload])[1], codes.float() * step + lo)
+
+
+def test_int8_rounds_halves_to_even_on_every_path(kernel_path: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    import lowband.compress.int8 as int8_module
+
+    monkeypatch.setattr(int8_module, "NUMPY_MIN_NUMEL", 1)  # one tensor through the CPU path too
+    x = (torch.arange(600, dtype=torch.float32) / 2).clamp(max=255.0)  # lo 0, hi 255: step 1, codes round(x)
+    codes = x.round().to(torch.uint8)  # torch rounds half to even: 0.5 -> 0, 1.5 -> 2, 2.5 -> 2
+    c = build("int8", COMPRESSORS)
+    for payload in (c.encode(x, "w"), *c.encode_many([x, x], ["a", "b"])):
+        assert torch.equal(payload.tensors[1], codes)
+        assert torch.equal(c.decode(payload), codes.float())
 
 
 @pytest.mark.parametrize("spec", ["qsgd:bits=2", "qsgd:bits=4", "qsgd:bits=8", "qsgd:bucket=0", "terngrad",

@@ -12,7 +12,9 @@ bytes, or ``n + 8`` per tensor.
 3. decode: lo + q_i * step.
 
 The intermediate (x - lo) / step lives in a reused work array (:mod:`lowband.compress.scratch`);
-the decode converts the bytes and applies each chunk's affine map in place.
+the decode converts the bytes and applies each chunk's affine map in place. On the CPU (chunk 0)
+with numba installed, steps 2 and 3 are one compiled loop each (:mod:`lowband.compress.kernels`),
+at every size; without it, NumPy passes from 2^23 elements and torch ops below.
 
 A contraction (||C(x) - x|| < ||x||) on ordinary gradients, but not for every x: zeros
 between two large values of opposite sign decode to +-step/2, so ``[M, -M]`` followed by
@@ -34,7 +36,7 @@ from typing import ClassVar, Sequence, cast
 import numpy as np
 import torch
 
-from lowband.compress import batched, scratch
+from lowband.compress import batched, kernels, scratch
 from lowband.compress.base import COMPRESSORS, Compressor, CompressorOptions, Payload, per_matrix
 from lowband.compress.quant import NUMPY_MIN_NUMEL, check_int, flat_fp32, per_group, restore, rows_and_tail
 from lowband.compress.select import chunked
@@ -72,7 +74,8 @@ class Int8(Compressor):
             pairs = 0 if self.options.chunk else 1  # type: ignore[attr-defined]  (chunks of nothing: none)
             scales = torch.zeros(2 * pairs, dtype=torch.float32, device=flat.device)
             return Payload([scales, torch.empty(0, dtype=torch.uint8, device=flat.device)], ctx=(x.shape, x.dtype))
-        if flat.device.type == "cpu" and n >= NUMPY_MIN_NUMEL and not self.options.chunk:  # type: ignore[attr-defined]
+        whole = not self.options.chunk  # type: ignore[attr-defined]
+        if flat.is_cpu and whole and (n >= NUMPY_MIN_NUMEL or kernels.loaded()):  # compiled: at every size
             return Payload(_encode_cpu([flat.contiguous()])[0], ctx=(x.shape, x.dtype))
         size = self._size(n)
         rows, tail = rows_and_tail(flat, size)
@@ -88,6 +91,8 @@ class Int8(Compressor):
         scales, q = payload.tensors
         shape, _ = payload.ctx
         n = math.prod(shape)
+        if q.is_cpu and kernels.loaded() and not self.options.chunk:  # type: ignore[attr-defined]
+            return restore(_decode_cpu([payload], [n])[0], payload.ctx)  # one compiled pass instead of three ops
         lo, hi = scales.to(torch.float32).view(-1, 2).unbind(1)
         size = self._size(n)
         out = scratch.fresh(n, torch.float32, q.device).copy_(q)
@@ -156,7 +161,12 @@ def _encode_cpu(flats: list[torch.Tensor]) -> list[list[torch.Tensor]]:
 
 
 def _quantize(src: np.ndarray, lo: np.float32, inv: np.float32, out: np.ndarray) -> None:
-    """``out`` (uint8) = round((src - lo) * inv), half to even, through the running thread's work array."""
+    """``out`` (uint8) = round((src - lo) * inv), half to even: one compiled loop (:mod:`lowband.compress.kernels`),
+    else NumPy passes through the running thread's work array."""
+    fast = kernels.loaded()
+    if fast:
+        fast.quantize(src, lo, inv, out)
+        return
     y = scratch.array("int8.y", src.size, np.float32)
     np.rint(np.multiply(np.subtract(src, lo, out=y), inv, out=y), out=y)
     np.copyto(out, y, casting="unsafe")
@@ -180,7 +190,12 @@ def _decode_cpu(payloads: list[Payload], numels: list[int]) -> list[torch.Tensor
 
 
 def _affine(codes: np.ndarray, step: np.float32, lo: np.float32, out: np.ndarray) -> None:
-    """``out`` (fp32) = lo + codes * step: converted in place first (a uint8-by-float product is a slower loop)."""
+    """``out`` (fp32) = lo + codes * step: one compiled loop, else NumPy converting in place first (a uint8-by-float
+    product is a slower loop)."""
+    fast = kernels.loaded()
+    if fast:
+        fast.dequantize(codes, step, lo, out)
+        return
     np.copyto(out, codes)
     np.add(np.multiply(out, step, out=out), lo, out=out)
 

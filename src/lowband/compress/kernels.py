@@ -1,4 +1,4 @@
-"""Compiled CPU loops for a threshold's bitmap payload (numba, optional); registers nothing.
+"""Compiled CPU loops for a threshold's bitmap payload and int8's codes (numba, optional); registers nothing.
 
 NumPy builds a bitmap payload (:mod:`lowband.compress.bitmaps`) from whole-array passes: ``|x|``,
 ``>= tau``, a count, ``compress`` (itself ``nonzero`` then ``take``) and ``packbits``; decoding,
@@ -14,6 +14,11 @@ each direction in one pass over the elements, with no branch on the data:
   bits of a NaN unchanged); the slot read is clamped to the last value, so a bitmap that holds
   more bits than values never reads past them. It returns the bits it found: the caller checks
   that count before trusting the output.
+
+int8 (:mod:`lowband.compress.int8`) quantises in NumPy in four passes (subtract, multiply, round,
+convert) and decodes in three (convert, multiply, add); :func:`quantize` and :func:`dequantize` are
+each one vectorised loop doing the same fp32 operations in the same order (no fused multiply-add:
+numba compiles without fastmath), so the same bytes.
 
 numba (``pip install lowband[cpu]``; ``make setup`` installs it) compiles them on first use,
 ~0.3 s a signature, then from its cache beside this file (or its user cache when that is not
@@ -37,7 +42,8 @@ _LOADED: list[types.SimpleNamespace | None] = []
 
 
 def loaded() -> types.SimpleNamespace | None:
-    """The compiled kernels (``count_at_least``, ``pack_at_least``, ``expand_bits``), or None where numba is
+    """The compiled kernels (``count_at_least``, ``pack_at_least``, ``expand_bits``, ``quantize``, ``dequantize``),
+    or None where numba is
     missing, fails to import, or ``LOWBAND_KERNELS=numpy``; decided once per process."""
     if not _LOADED:
         _LOADED.append(None if os.environ.get(ENV, "").lower() == "numpy" else _compile())
@@ -116,5 +122,15 @@ def _compile() -> types.SimpleNamespace | None:
             b += 1
         return expand_tail(bits, values, dst, b, k)
 
+    @jit
+    def quantize(src: np.ndarray, lo: float, inv: float, out: np.ndarray) -> None:  # pragma: no cover - compiled
+        for i in range(src.size):
+            out[i] = np.uint8(np.rint((src[i] - lo) * inv))
+
+    @jit
+    def dequantize(codes: np.ndarray, step: float, lo: float, out: np.ndarray) -> None:  # pragma: no cover
+        for i in range(codes.size):
+            out[i] = np.float32(codes[i]) * step + lo
+
     return types.SimpleNamespace(count_at_least=count_at_least, pack_at_least=pack_at_least,
-                                 expand_bits=expand_bits)
+                                 expand_bits=expand_bits, quantize=quantize, dequantize=dequantize)
