@@ -20,16 +20,20 @@ CPU = torch.device("cpu")
 BIG = SAMPLED_MIN_NUMEL * 2 + 13  # takes the sampled top-k path; not a multiple of 8
 
 
+@pytest.fixture(scope="module")
+def compiled() -> object:
+    """The compiled kernels, as :func:`lowband.compress.kernels.loaded` gives them."""
+    pytest.importorskip("numba")
+    from lowband.compress import _numba_loops
+
+    return _numba_loops
+
+
 @pytest.fixture(params=["compiled", "numpy"])
 def kernel_path(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
     """Runs a test with the compiled kernels (skipped without numba) and with the NumPy passes."""
-    if request.param == "compiled":
-        pytest.importorskip("numba")
-        monkeypatch.delenv(kernels.ENV, raising=False)
-        monkeypatch.setattr(kernels, "_LOADED", [])
-        assert kernels.loaded() is not None
-    else:
-        monkeypatch.setattr(kernels, "_LOADED", [None])
+    fast = request.getfixturevalue("compiled") if request.param == "compiled" else None
+    monkeypatch.setattr(kernels, "_LOADED", [fast])
     return request.param
 
 

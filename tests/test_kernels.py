@@ -13,9 +13,9 @@ pytest.importorskip("numba")
 
 @pytest.fixture(scope="module")
 def fast() -> object:
-    compiled = kernels._compile()
-    assert compiled is not None
-    return compiled
+    from lowband.compress import _numba_loops
+
+    return _numba_loops
 
 
 def _data(n: int, dtype: type, seed: int) -> np.ndarray:
@@ -73,3 +73,23 @@ def test_the_environment_switch_keeps_the_numpy_path(monkeypatch: pytest.MonkeyP
     monkeypatch.setattr(kernels, "_LOADED", [])
     monkeypatch.delenv(kernels.ENV)
     assert kernels.loaded() is not None
+
+
+def test_a_failing_compiler_leaves_the_numpy_path_with_a_warning(monkeypatch: pytest.MonkeyPatch,
+                                                                  caplog: pytest.LogCaptureFixture) -> None:
+    def broken(fast: object) -> None:
+        raise RuntimeError("LLVM said no")
+
+    monkeypatch.setattr(kernels, "_LOADED", [])
+    monkeypatch.delenv(kernels.ENV, raising=False)
+    monkeypatch.setattr(kernels, "_smoke", broken)
+    assert kernels.loaded() is None
+    assert "numba kernels unavailable (RuntimeError: LLVM said no); using the NumPy path" in caplog.text
+
+
+def test_import_of_the_compress_package_leaves_numba_unloaded() -> None:
+    import subprocess
+    import sys
+
+    code = "import sys, lowband.compress; print('numba' in sys.modules)"
+    assert subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout == "False\n"

@@ -61,10 +61,12 @@ class Registry(Generic[T]):
 def import_submodules(package: str, path: list[str]) -> None:
     """Import every module of a package so that each registers itself (one algorithm per file).
 
-    Called from a package's ``__init__``: ``import_submodules(__name__, __path__)``.
+    Called from a package's ``__init__``: ``import_submodules(__name__, __path__)``. Private modules (a leading
+    underscore: ``compress/_numba_loops.py``, which needs an optional dependency) are left to their importers.
     """
     for module in pkgutil.iter_modules(path):
-        importlib.import_module(f"{package}.{module.name}")
+        if not module.name.startswith("_"):
+            importlib.import_module(f"{package}.{module.name}")
 
 
 def parse_spec(spec: str, registry: "Registry[Any]") -> tuple[type, dict[str, Any]]:

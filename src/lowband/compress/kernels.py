@@ -20,16 +20,19 @@ convert) and decodes in three (convert, multiply, add); :func:`quantize` and :fu
 each one vectorised loop doing the same fp32 operations in the same order (no fused multiply-add:
 numba compiles without fastmath), so the same bytes.
 
-numba (``pip install lowband[cpu]``; ``make setup`` installs it) compiles them on first use,
-~0.3 s a signature, then from its cache beside this file (or its user cache when that is not
-writable). Without numba, or with ``LOWBAND_KERNELS=numpy`` in the environment, :func:`loaded`
-returns None and the NumPy passes run; both give the same bytes (tests/test_kernels.py).
+The loops live in ``_numba_loops.py``, imported on first use only. numba (``pip install lowband[cpu]``;
+``make setup`` installs it) compiles them then, ~0.3 s a signature, and later processes load them
+from its cache beside that file (or its user cache when that is not writable). Without numba, or
+with ``LOWBAND_KERNELS=numpy`` in the environment, :func:`loaded` returns None and the NumPy passes
+run; both give the same bytes (tests/test_kernels.py, tests/test_compress_fast_paths.py).
 Kernels release the GIL (``nogil``), so a large tensor's chunks run on every thread
 (:func:`lowband.compress.select.parallel`).
 """
 
 from __future__ import annotations
 
+import importlib.util
+import logging
 import os
 import types
 from typing import Any
@@ -37,100 +40,45 @@ from typing import Any
 import numpy as np
 
 ENV = "LOWBAND_KERNELS"  # "numpy": never load the compiled kernels
-FLOATS = (np.dtype(np.float32), np.dtype(np.float64))  # what pack_at_least compares in
+NAMES = ("count_at_least", "pack_at_least", "expand_bits", "quantize", "dequantize")
 _LOADED: list[types.SimpleNamespace | None] = []
+log = logging.getLogger(__name__)
 
 
 def loaded() -> types.SimpleNamespace | None:
     """The compiled kernels (``count_at_least``, ``pack_at_least``, ``expand_bits``, ``quantize``, ``dequantize``),
-    or None where numba is
-    missing, fails to import, or ``LOWBAND_KERNELS=numpy``; decided once per process."""
+    or None where numba is missing or fails, or with ``LOWBAND_KERNELS=numpy``; decided once per process."""
     if not _LOADED:
-        _LOADED.append(None if os.environ.get(ENV, "").lower() == "numpy" else _compile())
+        _LOADED.append(None if os.environ.get(ENV, "").lower() == "numpy" else _load())
     return _LOADED[0]
 
 
-def _compile() -> types.SimpleNamespace | None:
-    try:
-        import numba
-    except Exception:  # noqa: BLE001 - any broken numba install means the NumPy path, not a failure
+def _load() -> types.SimpleNamespace | None:
+    """The kernels, compiled (from numba's cache when it has them) and each run once on a few fp32 elements, so
+    that a compiler failure shows here, once, and not inside a training step; None (the NumPy path) on any."""
+    if importlib.util.find_spec("numba") is None:
         return None
-    jit: Any = numba.njit(cache=True, nogil=True, boundscheck=False)
+    try:
+        from lowband.compress import _numba_loops as fast
 
-    @jit
-    def count_at_least(src: np.ndarray, tau: float) -> int:  # pragma: no cover - compiled
-        k = 0
-        for i in range(src.size):
-            k += abs(src[i]) >= tau
-        return k
+        _smoke(fast)
+        return types.SimpleNamespace(**{name: getattr(fast, name) for name in NAMES})
+    except Exception as err:  # noqa: BLE001 - a broken numba means the NumPy path, with a warning
+        log.warning("lowband: numba kernels unavailable (%s: %s); using the NumPy path", type(err).__name__, err)
+        return None
 
-    @jit
-    def pack_tail(src: np.ndarray, tau: float, values: np.ndarray, bits: np.ndarray, b: int, k: int
-                  ) -> int:  # pragma: no cover - compiled
-        n, room = src.size, values.size
-        while 8 * b < n:  # from byte b on, each write checked
-            byte, at = 0, 8 * b
-            for j in range(min(8, n - at)):
-                x = src[at + j]
-                keep = abs(x) >= tau
-                if keep and k < room:
-                    values[k] = x
-                k += keep
-                byte |= keep << j
-            bits[b] = byte
-            b += 1
-        return k
 
-    @jit
-    def pack_at_least(src: np.ndarray, tau: float, values: np.ndarray, bits: np.ndarray) -> int:  # pragma: no cover
-        n, room, k, b = src.size, values.size, 0, 0
-        while b < n // 8 and k + 8 <= room:  # whole bytes while every slot they may write is free: no checks
-            byte, at = 0, 8 * b
-            for j in range(8):
-                x = src[at + j]
-                keep = abs(x) >= tau
-                values[k] = x
-                k += keep
-                byte |= keep << j
-            bits[b] = byte
-            b += 1
-        return pack_tail(src, tau, values, bits, b, k)  # (its own function: the loop above compiles tighter)
-
-    @jit
-    def expand_tail(bits: np.ndarray, values: np.ndarray, dst: np.ndarray, b: int, k: int
-                    ) -> int:  # pragma: no cover - compiled
-        n, room = dst.size, values.size
-        while 8 * b < n:  # from byte b on, each read checked
-            byte, at = bits[b], 8 * b
-            for j in range(min(8, n - at)):
-                bit = (byte >> j) & 1
-                dst[at + j] = values[k] if bit and k < room else 0
-                k += bit
-            b += 1
-        return k
-
-    @jit
-    def expand_bits(bits: np.ndarray, values: np.ndarray, dst: np.ndarray) -> int:  # pragma: no cover - compiled
-        n, room, k, b = dst.size, values.size, 0, 0
-        while b < n // 8 and k + 8 <= room:  # whole bytes whose values all lie within: no checks
-            byte, at = bits[b], 8 * b
-            for j in range(8):
-                bit = (byte >> j) & 1
-                value = values[k]
-                dst[at + j] = value if bit else 0
-                k += bit
-            b += 1
-        return expand_tail(bits, values, dst, b, k)
-
-    @jit
-    def quantize(src: np.ndarray, lo: float, inv: float, out: np.ndarray) -> None:  # pragma: no cover - compiled
-        for i in range(src.size):
-            out[i] = np.uint8(np.rint((src[i] - lo) * inv))
-
-    @jit
-    def dequantize(codes: np.ndarray, step: float, lo: float, out: np.ndarray) -> None:  # pragma: no cover
-        for i in range(codes.size):
-            out[i] = np.float32(codes[i]) * step + lo
-
-    return types.SimpleNamespace(count_at_least=count_at_least, pack_at_least=pack_at_least,
-                                 expand_bits=expand_bits, quantize=quantize, dequantize=dequantize)
+def _smoke(fast: Any) -> None:
+    """One call of each kernel on 11 fp32 elements, checked against NumPy (compiles the common signatures)."""
+    x = np.linspace(-1, 1, 11, dtype=np.float32)
+    tau, keep = np.float32(0.5), np.abs(np.linspace(-1, 1, 11, dtype=np.float32)) >= np.float32(0.5)
+    k = fast.count_at_least(x, tau)
+    values, bits, back = np.empty(k, np.float32), np.empty(2, np.uint8), np.empty(11, np.float32)
+    fast.pack_at_least(x, tau, values, bits)
+    fast.expand_bits(bits, values.view(np.int32), back.view(np.int32))
+    codes, decoded = np.empty(11, np.uint8), np.empty(11, np.float32)
+    fast.quantize(x, np.float32(-1), np.float32(5), codes)
+    fast.dequantize(codes, np.float32(0.2), np.float32(-1), decoded)
+    if (k != keep.sum() or not (values == x[keep]).all() or not (back == np.where(keep, x, 0)).all()
+            or not (codes == np.rint((x + 1) * 5)).all() or not np.allclose(decoded, x, atol=1e-6)):
+        raise RuntimeError("the compiled kernels disagree with NumPy on a smoke test")
