@@ -29,7 +29,7 @@ from lowband import devices
 from lowband.compress import scratch
 from lowband.compress.base import Compressor, CompressorOptions
 from lowband.compress.packing import pack_numpy, packed_nbytes
-from lowband.compress.select import chunked
+from lowband.compress.select import CHUNK, InOrder, chunked
 
 Ctx = tuple[torch.Size, torch.dtype]
 NOISE_SCALE = 2.0 ** -16  # one step of the 16-bit uniform
@@ -121,16 +121,21 @@ class SeededCompressor(Compressor):
         chunks on every thread (:func:`lowband.compress.select.chunked`): ``shifted(lo, hi, y)`` writes value +
         ``NOISE_OFFSET`` of elements ``[lo, hi)`` into ``y`` (finite). The same generator draws and the same IEEE
         operations (the noise ``k / 65536`` is exact in fp32, so adding it rounds once either way), so the same
-        bytes as the torch ops; the values pass through the cache once instead of once per op."""
+        bytes as the torch ops; the values pass through the cache once instead of once per op. The generator
+        draws each chunk's words in chunk order (:class:`~lowband.compress.select.InOrder`: the CPU generator
+        is serial, its stream the same whether drawn at once or in pieces), while the other threads round and
+        pack the chunks already drawn: the draw, the largest single step, no longer runs alone before them."""
         cpu = torch.device("cpu")
+        generator = self._generator_on(cpu)
         words = scratch.buffer("noise.words", (n + 3) // 4, torch.int64, cpu)
-        words.random_(-2 ** 63, None, generator=self._generator_on(cpu))  # as round_stochastic draws
         noise = words.numpy().view(np.int16)
         per = 8 // bits
         out = scratch.fresh(packed_nbytes(n, bits), torch.uint8, cpu)
-        packed = out.numpy()
+        packed, order = out.numpy(), InOrder()
 
         def body(lo: int, hi: int) -> None:
+            with order.turn(lo // CHUNK):  # as round_stochastic draws, a chunk's words at a time
+                words[lo // 4:(hi + 3) // 4].random_(-2 ** 63, None, generator=generator)
             m, whole = hi - lo, -(-(hi - lo) // per) * per
             y = scratch.array("round.y", m, np.float32)
             shifted(lo, hi, y)

@@ -37,11 +37,12 @@ pool threads join as they wake, each claiming the next task (see its docstring f
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import math
 import threading
 from concurrent.futures import ThreadPoolExecutor
-from typing import Callable
+from typing import Callable, Iterator
 
 import numpy as np
 import torch
@@ -211,6 +212,26 @@ def parallel(count: int, task: Callable[[int], None], numel: int, min_numel: int
     finished.wait()
     if errors:
         raise errors[0]
+
+
+class InOrder:
+    """A step the tasks of one :func:`parallel` call take strictly in task order (a serial generator's draws), the
+    rest of each task running alongside: ``with order.turn(j): ...`` waits until tasks ``< j`` have taken theirs.
+    Tasks are claimed in order and each starts on its claim, so the earlier turns are always under way."""
+
+    def __init__(self) -> None:
+        self._next, self._changed = 0, threading.Condition()
+
+    @contextlib.contextmanager
+    def turn(self, j: int) -> Iterator[None]:
+        with self._changed:
+            self._changed.wait_for(lambda: self._next >= j)
+        try:
+            yield
+        finally:  # (on an error too: the later tasks go on, parallel raises it at the end)
+            with self._changed:
+                self._next = j + 1
+                self._changed.notify_all()
 
 
 def chunked(n: int, body: Callable[[int, int], None]) -> None:
