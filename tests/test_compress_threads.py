@@ -75,3 +75,32 @@ def test_chunked_covers_every_element_once() -> None:
     hits = np.zeros(n, dtype=np.int8)
     chunked(n, lambda lo, hi: hits[lo:hi].__iadd__(1))
     assert (hits == 1).all()
+
+
+@pytest.mark.usefixtures("two_threads")
+def test_in_order_turns_follow_the_task_order_whichever_thread_runs_a_task() -> None:
+    order, turns = select.InOrder(), []
+
+    def task(j: int) -> None:
+        with order.turn(j):
+            turns.append(j)  # (a serial generator's draw)
+        if j % 3 == 0:
+            threading.Event().wait(0.002)  # uneven work after the turn
+
+    parallel(40, task, numel=1 << 30)
+    assert turns == list(range(40))
+
+
+@pytest.mark.usefixtures("two_threads")
+def test_an_error_in_a_turn_lets_the_later_turns_go_on() -> None:
+    order, turns = select.InOrder(), []
+
+    def task(j: int) -> None:
+        with order.turn(j):
+            if j == 5:
+                raise RuntimeError("draw failed")
+            turns.append(j)
+
+    with pytest.raises(RuntimeError, match="draw failed"):
+        parallel(12, task, numel=1 << 30)
+    assert turns == [j for j in range(12) if j != 5]
