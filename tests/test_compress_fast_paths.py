@@ -347,3 +347,26 @@ def test_batched_stochastic_rounding_stays_unbiased(spec: str) -> None:
     for i, x in enumerate(xs):
         mean = torch.stack([d[i] for d in draws]).mean(0)
         assert float((mean - x).norm() / x.norm()) < 0.25  # one draw's error is ~1-4x the norm
+
+
+@pytest.mark.parametrize("n", [1, 13, 5000, 3 * CHUNK + 3])
+def test_sign_decodes_alike_on_every_path(n: int, kernel_path: str) -> None:
+    x = torch.randn(n, generator=torch.Generator().manual_seed(n))
+    x[0] = 0.0  # a zero sends the sign bit clear: +scale
+    c = build("sign", COMPRESSORS)
+    payloads = c.encode_many([x, x[:7]], ["a", "b"])
+    for p, part in zip(payloads, (x, x[:7])):
+        scale = part.abs().mean()
+        want = torch.where(part < 0, -scale, scale)
+        assert torch.allclose(c.decode(p), want, rtol=1e-6) and torch.equal(c.decode(p), c.decode_many([p])[0])
+        assert torch.equal(c.decode(p).abs(), torch.full_like(part, float(p.tensors[0])))
+
+
+@pytest.mark.parametrize("spec", ["sign", "int8"])
+def test_a_payload_of_the_wrong_length_is_refused_on_every_path(spec: str, kernel_path: str) -> None:
+    c = build(spec, COMPRESSORS)
+    x = torch.randn(1000, generator=torch.Generator().manual_seed(3))
+    payload = c.encode(x, "w")
+    payload.tensors[1] = torch.cat([payload.tensors[1], payload.tensors[1]])  # twice the codes the shape takes
+    with pytest.raises((ValueError, RuntimeError)):
+        c.decode(payload)

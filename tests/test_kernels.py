@@ -66,6 +66,25 @@ def test_packing_into_fewer_slots_than_kept_writes_none_past_them(fast: object) 
     assert (values[:50] == 1).all() and (values[50:] == 0).all()
 
 
+@pytest.mark.parametrize("n", [0, 5, 8, 77, 1024])
+def test_signs_and_quantised_codes_stay_inside_their_arrays(fast: object, n: int) -> None:
+    x = _data(n, np.float32, n + 1)
+    x[~np.isfinite(x)] = 0
+    bits = np.packbits(x < 0, bitorder="little")
+    out = np.full(n + 3, 9, np.float32)
+    fast.expand_signs(bits, np.float32(0.25), np.float32(-0.25), out[:n])
+    np.testing.assert_array_equal(out[:n], np.where(x < 0, -0.25, 0.25).astype(np.float32))
+    assert (out[n:] == 9).all()
+    fast.expand_signs(bits[:n // 16], np.float32(1), np.float32(-1), out[:n])  # too few bits: only what they cover
+    codes = np.full(n + 2, 7, np.uint8)
+    fast.quantize(np.abs(x), np.float32(0), np.float32(10), codes[:n])
+    np.testing.assert_array_equal(codes[:n], np.rint(np.abs(x) * np.float32(10)).astype(np.uint8))
+    assert (codes[n:] == 7).all()
+    decoded = np.full(n + 2, 9, np.float32)
+    fast.dequantize(codes, np.float32(0.1), np.float32(0), decoded[:n])  # more codes than room: n written
+    assert (decoded[n:] == 9).all()
+
+
 def test_the_environment_switch_keeps_the_numpy_path(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(kernels, "_LOADED", [])
     monkeypatch.setenv(kernels.ENV, "numpy")

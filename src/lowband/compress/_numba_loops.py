@@ -84,11 +84,22 @@ def expand_bits(bits: np.ndarray, values: np.ndarray, dst: np.ndarray) -> int:
 
 @jit
 def quantize(src: np.ndarray, lo: float, inv: float, out: np.ndarray) -> None:
-    for i in range(src.size):
+    for i in range(min(src.size, out.size)):  # (never past either array, whatever the caller passes)
         out[i] = np.uint8(np.rint((src[i] - lo) * inv))
 
 
 @jit
 def dequantize(codes: np.ndarray, step: float, lo: float, out: np.ndarray) -> None:
-    for i in range(codes.size):
+    for i in range(min(codes.size, out.size)):
         out[i] = np.float32(codes[i]) * step + lo
+
+
+@jit
+def expand_signs(bits: np.ndarray, low: float, high: float, out: np.ndarray) -> None:
+    n = min(out.size, 8 * bits.size)
+    for b in range(n // 8):  # whole bytes: the eight selects unroll and vectorise
+        byte = bits[b]
+        for j in range(8):
+            out[8 * b + j] = high if (byte >> j) & 1 else low
+    for i in range(n // 8 * 8, n):
+        out[i] = high if (bits[i >> 3] >> (i & 7)) & 1 else low

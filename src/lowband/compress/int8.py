@@ -181,7 +181,9 @@ def _decode_cpu(payloads: list[Payload], numels: list[int]) -> list[torch.Tensor
     out = scratch.fresh(sum(numels), torch.float32, torch.device("cpu"))
     values, first = out.numpy(), 0
     for payload, n, (lo, _), step in zip(payloads, numels, bounds, steps):
-        codes, part, first = payload.tensors[1].numpy(), values[first:first + n], first + n
+        codes, part, first = payload.tensors[1].numpy().reshape(-1), values[first:first + n], first + n
+        if codes.size != n:
+            raise ValueError(f"int8 payload of {n} elements carries {codes.size} codes")
         if not np.isfinite(step):  # what lo + 0 * step gives
             part.fill(np.nan)
         else:

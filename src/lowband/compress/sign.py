@@ -31,7 +31,7 @@ import numpy as np
 import torch
 
 from lowband import devices
-from lowband.compress import batched, bitmaps, scratch
+from lowband.compress import batched, bitmaps, kernels, scratch
 from lowband.compress.base import COMPRESSORS, Compressor, CompressorOptions, Payload, per_matrix
 from lowband.compress.packing import decode_levels, pack
 from lowband.compress.quant import flat_fp32, restore
@@ -61,6 +61,8 @@ class Sign(Compressor):
         scale, packed = payload.tensors
         shape, _ = payload.ctx
         n = math.prod(shape)
+        if packed.is_cpu and kernels.loaded():
+            return restore(_decode_cpu([payload], [n])[0], payload.ctx)
         signs = devices.cached(_SIGNS, packed.device, lambda d: torch.tensor([1.0, -1.0], device=d))
         out = scratch.fresh(n, torch.float32, packed.device)
         return restore(decode_levels(packed, 1, n, signs * scale.to(torch.float32), out), payload.ctx)
@@ -79,7 +81,8 @@ class Sign(Compressor):
 
     def decode_many(self, payloads: Sequence[Payload]) -> list[torch.Tensor]:
         """:meth:`decode` of each, the small ones in one table gather (a table of levels per tensor, scale included)."""
-        return batched.decode_many(self, payloads, batched.BLOCK, 8, self._decode_batch)
+        return batched.decode_many(self, payloads, batched.BLOCK, 8, self._decode_batch,
+                                   _decode_cpu if kernels.loaded() else None)
 
     def _decode_batch(self, scales: torch.Tensor, packed: torch.Tensor, lay: batched.Layout) -> torch.Tensor:
         signs = devices.cached(_SIGNS, packed.device, lambda d: torch.tensor([1.0, -1.0], device=d))
@@ -90,24 +93,33 @@ class Sign(Compressor):
 
 
 def _encode_cpu(flats: list[torch.Tensor]) -> list[list[torch.Tensor]]:
-    """:meth:`Sign.encode`'s payload of contiguous fp32 CPU tensors: the bits in NumPy
-    (:func:`lowband.compress.bitmaps.negative`), all in one new buffer (each payload a view); the scale by torch
-    on a large tensor (on every thread), by NumPy and BLAS on a small one (fp32 sums in another order: the
-    last bits may differ from the GPU's 1-norm)."""
+    """:meth:`Sign.encode`'s payload of contiguous fp32 CPU tensors: the bits and the 1-norm in NumPy, in one read
+    of each tensor (:func:`lowband.compress.bitmaps.negative`: a large one by chunks on every thread), all bits in
+    one new buffer (each payload a view). The 1-norm adds BLAS sums of chunks: fp32 sums in another order than
+    torch's, so the scale's last bits may differ from the GPU's."""
     sources = [flat.numpy() for flat in flats]
     nbytes = [(src.size + 7) // 8 for src in sources]
     bits = scratch.fresh(sum(nbytes), torch.uint8, flats[0].device)
     raw, first = bits.numpy(), 0
     scales = np.empty(len(sources), dtype=np.float32)
-    for i, (flat, src, size) in enumerate(zip(flats, sources, nbytes)):
-        n = src.size
-        if n >= batched.BATCH_MAX_NUMEL:
-            magnitudes = torch.abs(flat, out=scratch.buffer("sign.abs", n, torch.float32, flat.device))
-            scales[i] = magnitudes.sum() / n
-        else:  # the 1-norm as a BLAS dot with ones: half the time of NumPy's pairwise sum here
-            magnitudes_np = np.abs(src, out=scratch.array("sign.abs_small", n, np.float32))
-            scales[i] = np.dot(magnitudes_np, scratch.constant(1.0, n, np.float32))
-            scales[i] /= np.float32(max(n, 1))
-        bitmaps.negative(src, raw[first:first + size])
+    for i, (src, size) in enumerate(zip(sources, nbytes)):
+        scales[i] = bitmaps.negative(src, raw[first:first + size]) / max(src.size, 1)
         first += size
     return [list(pair) for pair in zip(torch.from_numpy(scales).split(1), bits.split(nbytes))]
+
+
+def _decode_cpu(payloads: list[Payload], numels: list[int]) -> list[torch.Tensor]:
+    """:meth:`Sign.decode` of CPU payloads by the compiled loop (:func:`lowband.compress.kernels.loaded` not None),
+    into one new array: ``scale`` where a bit is clear, ``-scale`` where set, the values the torch table holds."""
+    fast = kernels.loaded()
+    assert fast is not None
+    out = scratch.fresh(sum(numels), torch.float32, torch.device("cpu"))
+    values, first = out.numpy(), 0
+    for payload, n in zip(payloads, numels):
+        scale, bits = payload.tensors[0].to(torch.float32).numpy().reshape(-1), payload.tensors[1].numpy().reshape(-1)
+        if scale.size != 1 or bits.size != (n + 7) // 8:
+            raise ValueError(f"sign payload of {n} elements: expected 1 scale and {(n + 7) // 8} bytes, "
+                             f"got {scale.size} and {bits.size}")
+        fast.expand_signs(bits, scale[0], -scale[0], values[first:first + n])
+        first += n
+    return list(out.split(numels))
