@@ -58,6 +58,18 @@ def test_expanding_more_bits_than_values_reads_none_past_them(fast: object, n: i
     assert (dst[room:] == 0).all()
 
 
+def test_a_short_bitmap_is_read_no_further_and_the_rest_is_zero(fast: object) -> None:
+    values = np.arange(1, 101, dtype=np.int32)
+    dst = np.full(100, -1, np.int32)
+    assert fast.expand_bits(np.full(3, 0xFF, np.uint8), values, dst) == 24  # 3 bytes: 24 elements covered
+    np.testing.assert_array_equal(dst[:24], values[:24])
+    assert (dst[24:] == 0).all()
+    bits = np.zeros(2, np.uint8)
+    x = np.ones(100, np.float32)
+    assert fast.pack_at_least(x, np.float32(0.5), np.zeros(100, np.float32), bits) == 16  # 2 bytes' worth
+    assert (bits == 0xFF).all()
+
+
 def test_packing_into_fewer_slots_than_kept_writes_none_past_them(fast: object) -> None:
     x = np.ones(100, np.float32)
     values = np.zeros(60, np.float32)

@@ -24,7 +24,7 @@ def count_at_least(src: np.ndarray, tau: float) -> int:
 
 @jit
 def pack_tail(src: np.ndarray, tau: float, values: np.ndarray, bits: np.ndarray, b: int, k: int) -> int:
-    n, room = src.size, values.size
+    n, room = min(src.size, 8 * bits.size), values.size
     while 8 * b < n:  # from byte b on, each write checked
         byte, at = 0, 8 * b
         for j in range(min(8, n - at)):
@@ -41,7 +41,7 @@ def pack_tail(src: np.ndarray, tau: float, values: np.ndarray, bits: np.ndarray,
 
 @jit
 def pack_at_least(src: np.ndarray, tau: float, values: np.ndarray, bits: np.ndarray) -> int:
-    n, room, k, b = src.size, values.size, 0, 0
+    n, room, k, b = min(src.size, 8 * bits.size), values.size, 0, 0  # (never past an array: the caller sizes them)
     while b < n // 8 and k + 8 <= room:  # whole bytes while every slot they may write is free: no checks
         byte, at = 0, 8 * b
         for j in range(8):
@@ -57,7 +57,7 @@ def pack_at_least(src: np.ndarray, tau: float, values: np.ndarray, bits: np.ndar
 
 @jit
 def expand_tail(bits: np.ndarray, values: np.ndarray, dst: np.ndarray, b: int, k: int) -> int:
-    n, room = dst.size, values.size
+    n, room = min(dst.size, 8 * bits.size), values.size
     while 8 * b < n:  # from byte b on, each read checked
         byte, at = bits[b], 8 * b
         for j in range(min(8, n - at)):
@@ -70,7 +70,8 @@ def expand_tail(bits: np.ndarray, values: np.ndarray, dst: np.ndarray, b: int, k
 
 @jit
 def expand_bits(bits: np.ndarray, values: np.ndarray, dst: np.ndarray) -> int:
-    n, room, k, b = dst.size, values.size, 0, 0
+    n, room, k, b = min(dst.size, 8 * bits.size), values.size, 0, 0
+    dst[n:] = 0  # elements no bit covers (a short bitmap): zero, never what the memory held
     while b < n // 8 and k + 8 <= room:  # whole bytes whose values all lie within: no checks
         byte, at = bits[b], 8 * b
         for j in range(8):
@@ -97,6 +98,7 @@ def dequantize(codes: np.ndarray, step: float, lo: float, out: np.ndarray) -> No
 @jit
 def expand_signs(bits: np.ndarray, low: float, high: float, out: np.ndarray) -> None:
     n = min(out.size, 8 * bits.size)
+    out[n:] = 0  # elements no bit covers (a short bitmap)
     for b in range(n // 8):  # whole bytes: the eight selects unroll and vectorise
         byte = bits[b]
         for j in range(8):

@@ -14,7 +14,8 @@ each direction in one pass over the elements, with no branch on the data:
   slot by the bit. Values move as unsigned integers of their width (any float dtype, and the
   bits of a NaN unchanged); the slot read is clamped to the last value, so a bitmap that holds
   more bits than values never reads past them. It returns the bits it found: the caller checks
-  that count before trusting the output.
+  that count before trusting the output. A bitmap shorter than the output covers only its own
+  elements; the rest are written 0, never left as the memory held them.
 
 int8 (:mod:`lowband.compress.int8`) quantises in NumPy in four passes (subtract, multiply, round,
 convert) and decodes in three (convert, multiply, add); :func:`quantize` and :func:`dequantize` are
