@@ -25,7 +25,7 @@ from lowband.adversity.poison import DataAttack
 from lowband.comm.aggregate import Aggregator
 from lowband.comm.comm import Comm
 from lowband.comm.robust import RULES
-from lowband.compress import COMPRESSORS, build
+from lowband.compress import COMPRESSORS, build, kernels
 from lowband.feedback import FEEDBACK
 
 # a few non-default options whose code paths differ (bitmap indices, dense sketches, 8-bit QSGD)
@@ -70,12 +70,17 @@ def _exchange(compressor: Any, x: torch.Tensor, key: str) -> tuple[list[torch.Te
     return first, mean, own
 
 
+def _no_cpu_loops() -> None:
+    raise AssertionError("a device path asked for the compiled CPU loops (lowband.compress.kernels)")
+
+
 @pytest.mark.parametrize("spec", SPECS)
 def test_compressor_stays_on_device(spec: str, monkeypatch: pytest.MonkeyPatch) -> None:
     inputs = _inputs()
     on_cpu, on_device = build(spec, COMPRESSORS), build(spec, COMPRESSORS)
     expected = {(step, k): _exchange(on_cpu, x, k) for step in range(2) for k, x in inputs.items()}
     with fakecuda.fake_accelerator(monkeypatch) as mode:
+        monkeypatch.setattr(kernels, "loaded", _no_cpu_loops)
         for step in range(2):
             for key, x in inputs.items():
                 payload, mean, own = _exchange(on_device, fakecuda.to_device(x), key)
@@ -130,6 +135,7 @@ def test_aggregator_hands_the_wire_device_tensors(spec: str, feedback: str, extr
     if "attack" in extra:
         options["attack"] = build(extra["attack"] + (":ranks=0" if extra["attack"] != "none" else ""), ATTACKS)
     with fakecuda.fake_accelerator(monkeypatch) as mode:
+        monkeypatch.setattr(kernels, "loaded", _no_cpu_loops)
         comm = TwinComm()
         agg = Aggregator(comm, build(spec, COMPRESSORS), build(feedback, FEEDBACK), small_numel=100, **options)
         tensors = {k: fakecuda.to_device(x) for k, x in _inputs().items()}

@@ -81,8 +81,9 @@ class Sign(Compressor):
 
     def decode_many(self, payloads: Sequence[Payload]) -> list[torch.Tensor]:
         """:meth:`decode` of each, the small ones in one table gather (a table of levels per tensor, scale included)."""
+        on_cpu = bool(payloads) and payloads[0].tensors[1].is_cpu  # (a GPU run never loads the compiled loops)
         return batched.decode_many(self, payloads, batched.BLOCK, 8, self._decode_batch,
-                                   _decode_cpu if kernels.loaded() else None)
+                                   _decode_cpu if on_cpu and kernels.loaded() else None)
 
     def _decode_batch(self, scales: torch.Tensor, packed: torch.Tensor, lay: batched.Layout) -> torch.Tensor:
         signs = devices.cached(_SIGNS, packed.device, lambda d: torch.tensor([1.0, -1.0], device=d))
