@@ -11,9 +11,9 @@ each direction in one pass over the elements, with no branch on the data:
 * :func:`pack_at_least`: per element, write ``x`` at the next value slot and advance the slot by
   ``|x| >= tau`` (0 or 1); the same 0/1 is the element's bit, eight of them make a bitmap byte;
 * :func:`expand_bits`: per element, its bit picks the next value or 0, and advances the value
-  slot by the bit. Values move as unsigned integers of their width (any float dtype, and the
-  bits of a NaN unchanged); the slot read is clamped to the last value, so a bitmap that holds
-  more bits than values never reads past them. It returns the bits it found: the caller checks
+  slot by the bit. Values move as integers of their width (any float dtype, and the bits of a
+  NaN unchanged); past the last whole byte whose values all lie within, each read is checked, so
+  a bitmap that holds more bits than values never reads past them. It returns the bits it found: the caller checks
   that count before trusting the output. A bitmap shorter than the output covers only its own
   elements; the rest are written 0, never left as the memory held them.
 
@@ -77,7 +77,8 @@ def _load() -> types.SimpleNamespace | None:
 def _smoke(fast: Any) -> None:
     """One call of each kernel on 11 fp32 elements, checked against NumPy (compiles the common signatures)."""
     x = np.linspace(-1, 1, 11, dtype=np.float32)
-    tau, keep = np.float32(0.5), np.abs(np.linspace(-1, 1, 11, dtype=np.float32)) >= np.float32(0.5)
+    tau = np.float32(0.5)
+    keep = np.abs(x) >= tau
     k = fast.count_at_least(x, tau)
     values, bits, back = np.empty(k, np.float32), np.empty(2, np.uint8), np.empty(11, np.float32)
     fast.pack_at_least(x, tau, values, bits)
