@@ -95,7 +95,7 @@ class Sign(Compressor):
 
 def _encode_cpu(flats: list[torch.Tensor]) -> list[list[torch.Tensor]]:
     """:meth:`Sign.encode`'s payload of contiguous fp32 CPU tensors: the bits and the 1-norm in NumPy, in one read
-    of each tensor (:func:`lowband.compress.bitmaps.negative`: a large one by chunks on every thread), all bits in
+    of each tensor (:func:`lowband.compress.bitmaps.negative`: by chunks, in the calling thread), all bits in
     one new buffer (each payload a view). The 1-norm adds BLAS sums of chunks: fp32 sums in another order than
     torch's, so the scale's last bits may differ from the GPU's."""
     sources = [flat.numpy() for flat in flats]
