@@ -32,7 +32,6 @@ torch path for the others, and for payloads whose positions travel as an index l
 from __future__ import annotations
 
 import itertools
-import math
 import types
 from typing import Callable, Sequence
 
@@ -173,23 +172,6 @@ def _compiled(flat: torch.Tensor) -> types.SimpleNamespace | None:
     """The compiled kernels (:mod:`lowband.compress.kernels`) where they take ``flat``'s dtype; else None."""
     fast = kernels.loaded()
     return fast if fast is not None and flat.dtype in (torch.float32, torch.float64) else None
-
-
-def negative(src: np.ndarray, out: np.ndarray) -> float:
-    """``out`` (``ceil(n / 8)`` uint8 bytes) = the bitmap of ``src < 0`` (fp32), least significant bit first; returns
-    ``||src||_1``. By chunks, in one read of ``src``: NumPy's compare and ``packbits`` cost a fraction of torch's
-    ``lt`` and bit packing on a CPU, and each chunk's 1-norm is a BLAS dot of its ``|x|`` (in the cache) with ones,
-    the chunks' sums added exactly (``math.fsum``). In the calling thread: bound by the read of ``src``, a second
-    thread made it slower here (11.2M elements: 4.6 ms on one thread, 6.0 ms on two; hand-timed, a lead)."""
-    below = scratch.array("bitmaps.negative", min(src.size, CHUNK), np.bool_)
-    magnitudes = scratch.array("bitmaps.abs", min(src.size, CHUNK), src.dtype)
-    ones = scratch.constant(1.0, min(src.size, CHUNK), src.dtype)
-    sums = []
-    for c0 in range(0, src.size, CHUNK):  # (a loop of its own: a small tensor, one step, is the common call)
-        part = src[c0:c0 + CHUNK]
-        out[c0 // 8:(c0 + part.size + 7) // 8] = np.packbits(np.less(part, 0, out=below[:part.size]), bitorder="little")
-        sums.append(float(np.dot(np.abs(part, out=magnitudes[:part.size]), ones[:part.size])))
-    return math.fsum(sums)
 
 
 def _check(count: int, expected: int) -> None:

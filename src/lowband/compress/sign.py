@@ -35,6 +35,7 @@ from lowband.compress import batched, bitmaps, kernels, scratch
 from lowband.compress.base import COMPRESSORS, Compressor, CompressorOptions, Payload, per_matrix
 from lowband.compress.packing import decode_levels, pack
 from lowband.compress.quant import flat_fp32, restore
+from lowband.compress.select import CHUNK
 
 _SIGNS: dict[torch.device, torch.Tensor] = {}
 
@@ -95,18 +96,35 @@ class Sign(Compressor):
 
 def _encode_cpu(flats: list[torch.Tensor]) -> list[list[torch.Tensor]]:
     """:meth:`Sign.encode`'s payload of contiguous fp32 CPU tensors: the bits and the 1-norm in NumPy, in one read
-    of each tensor (:func:`lowband.compress.bitmaps.negative`: by chunks, in the calling thread), all bits in
-    one new buffer (each payload a view). The 1-norm adds BLAS sums of chunks: fp32 sums in another order than
-    torch's, so the scale's last bits may differ from the GPU's."""
+    of each tensor (:func:`_bits_and_norm`: by chunks, in the calling thread), all bits in one new buffer (each
+    payload a view). The 1-norm adds BLAS sums of chunks: fp32 sums in another order than torch's, so the scale's
+    last bits may differ from the GPU's."""
     sources = [flat.numpy() for flat in flats]
     nbytes = [(src.size + 7) // 8 for src in sources]
     bits = scratch.fresh(sum(nbytes), torch.uint8, flats[0].device)
     raw, first = bits.numpy(), 0
     scales = np.empty(len(sources), dtype=np.float32)
     for i, (src, size) in enumerate(zip(sources, nbytes)):
-        scales[i] = bitmaps.negative(src, raw[first:first + size]) / max(src.size, 1)
+        scales[i] = _bits_and_norm(src, raw[first:first + size]) / max(src.size, 1)
         first += size
     return [list(pair) for pair in zip(torch.from_numpy(scales).split(1), bits.split(nbytes))]
+
+
+def _bits_and_norm(src: np.ndarray, out: np.ndarray) -> float:
+    """``out`` (``ceil(n / 8)`` uint8 bytes) = the bitmap of ``src < 0`` (fp32), least significant bit first; returns
+    ``||src||_1``. By chunks, in one read of ``src``: NumPy's compare and ``packbits`` cost a fraction of torch's
+    ``lt`` and bit packing on a CPU, and each chunk's 1-norm is a BLAS dot of its ``|x|`` (in the cache) with ones,
+    the chunks' sums added exactly (``math.fsum``). In the calling thread: bound by the read of ``src``, a second
+    thread made it slower here (11.2M elements: 4.6 ms on one thread, 6.0 ms on two; hand-timed, a lead)."""
+    below = scratch.array("sign.below", min(src.size, CHUNK), np.bool_)
+    magnitudes = scratch.array("sign.abs", min(src.size, CHUNK), src.dtype)
+    ones = scratch.constant(1.0, min(src.size, CHUNK), src.dtype)
+    sums = []
+    for c0 in range(0, src.size, CHUNK):  # (a loop of its own: a small tensor, one step, is the common call)
+        part = src[c0:c0 + CHUNK]
+        out[c0 // 8:(c0 + part.size + 7) // 8] = np.packbits(np.less(part, 0, out=below[:part.size]), bitorder="little")
+        sums.append(float(np.dot(np.abs(part, out=magnitudes[:part.size]), ones[:part.size])))
+    return math.fsum(sums)
 
 
 def _decode_cpu(payloads: list[Payload], numels: list[int]) -> list[torch.Tensor]:
